@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Local single-node Ray head for the ray_jobs tests.
+#   bash testbed/ray.sh start|stop|kill-head|status
+# Uses the Python env in $VENV (default <repo>/.venv); installs nothing (ray[default] comes
+# from the package extra). Writes testbed/.state/ray.env with TORCHX_EXT_TEST_RAY_DASHBOARD
+# and TORCHX_EXT_TEST_RAY_ADDRESS.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+[[ "$VENV" = /* ]] || VENV="$ROOT/$VENV"
+PY="$VENV/bin/python"
+STATE="$ROOT/testbed/.state"
+ENV_FILE="$STATE/ray.env"   # for the tests
+VARS="$STATE/ray.vars"      # private: temp dir and ports of this head
+
+# Ray turns --node-ip-address 127.0.0.1 into the host's routable IP unless this is 0 (the
+# single-machine mode Ray uses on macOS); with it, every address Ray advertises and every
+# server (GCS, raylet, dashboard, agents, metrics, client server) listens on 127.0.0.1 only.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_USAGE_STATS_ENABLED=0
+
+load() { [[ -f "$VARS" ]] && source "$VARS"; }
+
+dashboard_up() {  # the Jobs API (not just the web UI) answers
+  load || return 1
+  "$PY" - "$DASH_PORT" <<'EOF'
+import sys, urllib.request
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/jobs/", timeout=3).read()
+EOF
+}
+
+# PIDs of this head: processes naming our temp dir or GCS port on their command line, plus
+# all their descendants (workers, job drivers and their children rename themselves or start
+# new sessions, so neither cmdline nor process group alone finds them). $1: extra regex
+# restricting the roots (e.g. only GCS + dashboard for kill-head).
+head_pids() {
+  load || return 0
+  ps -eo pid=,ppid=,args= | awk -v tmp="$TMPD" -v gcs="127.0.0.1:$GCS_PORT" -v only="${1:-}" -v self=$$ '
+    { pid[NR]=$1; ppid[NR]=$2; $1=$2=""; args=$0
+      if ($0 !~ /awk -v tmp/ && (index(args, tmp) || index(args, gcs)) && (only=="" || args ~ only)) mark[pid[NR]]=1 }
+    END { do { n=0; for (i=1;i<=NR;i++) if (!(pid[i] in mark) && (ppid[i] in mark)) { mark[pid[i]]=1; n++ } } while (n)
+          for (p in mark) if (p != self) print p }'
+}
+
+kill_pids() { local p; for p in "$@"; do kill -9 "$p" 2>/dev/null || true; done; }
+
+free_ports() {  # $1 single free loopback ports, then the base of a free block of 200
+  "$PY" - "$1" <<'EOF'
+import random, socket, sys
+def free(p):
+    s = socket.socket()
+    try: s.bind(("127.0.0.1", p)); return True
+    except OSError: return False
+    finally: s.close()
+socks, ports = [], []
+for _ in range(int(sys.argv[1])):  # hold them open so we never get the same one twice
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s); ports.append(s.getsockname()[1])
+for _ in range(200):  # worker ports: below the ephemeral range (32768+) the other ports use
+    base = random.randrange(20000, 32000, 200)
+    if all(free(p) for p in range(base, base + 200)): break
+print(*ports, base)
+EOF
+}
+
+start() {
+  if dashboard_up 2>/dev/null; then echo "ray head already up: $(cat "$ENV_FILE")"; return 0; fi
+  stop >/dev/null  # leftovers of a dead head
+  [[ -x "$PY" ]] || { echo "no python at $PY (set VENV)" >&2; exit 1; }
+  mkdir -p "$STATE"
+  read -r GCS_PORT DASH_PORT AGENT_HTTP AGENT_GRPC RTENV CLIENT NM OM METRICS DMETRICS AMETRICS WBASE \
+    <<<"$(free_ports 11)"
+  # Short temp dir: Ray's unix sockets live under it (108-byte sun_path limit).
+  TMPD="$(mktemp -d /tmp/rtx-XXXXXX)"
+  printf 'TMPD=%s\nGCS_PORT=%s\nDASH_PORT=%s\n' "$TMPD" "$GCS_PORT" "$DASH_PORT" >"$VARS"
+  # Fixed default ports (44217/44227) would clash with a second head.
+  export AUTOSCALER_METRIC_PORT="$AMETRICS" DASHBOARD_METRIC_PORT="$DMETRICS"
+  # --num-cpus 8 on 2 cores: Ray CPUs are only admission accounting; tests run several small
+  # jobs (each driver holds entrypoint_num_cpus) plus gangs of 1-CPU replicas at once.
+  # "sandbox" resource and node label let tests exercise entrypoint_resources and
+  # entrypoint_label_selector. Small object store: tests move no data.
+  if ! "$VENV/bin/ray" start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" \
+      --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --include-dashboard true \
+      --dashboard-agent-listen-port "$AGENT_HTTP" --dashboard-agent-grpc-port "$AGENT_GRPC" \
+      --runtime-env-agent-port "$RTENV" --ray-client-server-port "$CLIENT" \
+      --node-manager-port "$NM" --object-manager-port "$OM" --metrics-export-port "$METRICS" \
+      --min-worker-port "$WBASE" --max-worker-port "$((WBASE + 199))" \
+      --num-cpus 8 --resources '{"sandbox": 4}' --labels testbed=ray \
+      --object-store-memory 200000000 --temp-dir "$TMPD" --disable-usage-stats \
+      >"$STATE/ray-start.log" 2>&1; then
+    cat "$STATE/ray-start.log" >&2; stop >/dev/null; exit 1
+  fi
+  for _ in $(seq 60); do
+    if dashboard_up 2>/dev/null; then
+      printf 'export TORCHX_EXT_TEST_RAY_DASHBOARD=http://127.0.0.1:%s\nexport TORCHX_EXT_TEST_RAY_ADDRESS=127.0.0.1:%s\n' \
+        "$DASH_PORT" "$GCS_PORT" >"$ENV_FILE"
+      cat "$ENV_FILE"; return 0
+    fi
+    sleep 1
+  done
+  echo "ray dashboard did not answer on port $DASH_PORT within 60 s" >&2
+  cat "$STATE/ray-start.log" >&2
+  tail -n 30 "$TMPD"/session_latest/logs/{dashboard.log,gcs_server.out,raylet.out} >&2 || true
+  stop >/dev/null; exit 1
+}
+
+# Not `ray stop --force`: it kills every Ray process on the machine, other heads included.
+stop() {
+  load || { rm -f "$ENV_FILE"; return 0; }
+  kill_pids $(head_pids)
+  rm -rf "$TMPD" "$ENV_FILE" "$VARS"
+  echo "ray head stopped"
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  # Abrupt loss of the head's control plane: SIGKILL GCS and dashboard (with its module
+  # subprocesses); raylet and workers are left to notice on their own.
+  kill-head) load || { echo "no ray head" >&2; exit 1; }
+             kill_pids $(head_pids 'gcs_server|dashboard/dashboard\.py') ;;
+  status) dashboard_up 2>/dev/null ;;
+  *) echo "usage: $0 start|stop|kill-head|status" >&2; exit 2 ;;
+esac

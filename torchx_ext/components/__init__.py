@@ -1,0 +1,1 @@
+"""Components that build heterogeneous groups (see :mod:`torchx_ext.components.group`)."""

@@ -1,0 +1,221 @@
+"""Typed executors and the open executor → scheduler lookup.
+
+An *executor* is a dataclass whose fields ARE a scheduler's run options: the scheduler builds its
+``runopts`` from the fields (:func:`runopts_for`), and ``executor.to_run_args()`` gives
+``(scheduler_name, cfg)`` for ``get_runner().run(app, *executor.to_run_args())``. One source of
+truth, no second list of option names to keep in sync.
+
+The lookup is open (NeMo-Run's is a closed dict looked up by exact class):
+
+* executors register through the ``torchx_ext.executors`` entry point group
+  (``<scheduler name> = package.module:ExecutorClass``) or :meth:`ExecutorRegistry.register`;
+* lookup of an instance or class walks its MRO, so a subclass of a registered executor resolves
+  to its parent's scheduler without registering anything;
+* :func:`capabilities` answers "does this scheduler run heterogeneous groups / dependencies /
+  keep status across processes?" from the executor class, without creating a scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Mapping, Optional, Type, Union
+
+from torchx.specs import runopts
+
+from torchx_ext.errors import UnknownExecutorError, UnknownOptionError
+
+ENTRY_POINT_GROUP = "torchx_ext.executors"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a scheduler can do, declared by its executor class."""
+
+    heterogeneous_groups: bool = False
+    services: bool = False
+    dependencies: bool = False
+    persistent_status: bool = False
+    discovery_env: bool = False
+
+
+def option(default: Any = None, help: str = "", required: bool = False) -> Any:
+    """A dataclass field that is also a run option (``help`` becomes ``torchx runopts`` text)."""
+    if isinstance(default, (list, dict)):
+        kind = type(default)
+        return field(default_factory=lambda: kind(default), metadata={"help": help, "required": required})
+    return field(default=default, metadata={"help": help, "required": required})
+
+
+@dataclass
+class Executor:
+    """Base of all executors. Subclasses set ``scheduler`` and ``capabilities``."""
+
+    scheduler: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    dependencies: Optional[list[str]] = option(
+        None,
+        help="app handles or ids (of this scheduler) that must SUCCEED before this app starts "
+        "(afterok); a failed or cancelled dependency fails this app",
+    )
+
+    def to_cfg(self) -> dict[str, Any]:
+        """The run options as a cfg mapping (None values left out, so defaults apply)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def to_run_args(self) -> tuple[str, dict[str, Any]]:
+        """``(scheduler_name, cfg)`` for ``get_runner().run(app, *executor.to_run_args())``."""
+        name = ExecutorRegistry.default().scheduler_for(self)
+        return name, self.to_cfg()
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> "Executor":
+        """Builds the executor from a resolved cfg; unknown keys raise with the valid names."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(cfg) - names
+        if unknown:
+            raise UnknownOptionError(cls.scheduler or cls.__name__, unknown, names)
+        return cls(**{k: v for k, v in cfg.items() if v is not None})
+
+
+_OPT_TYPES = (str, int, float, bool)
+
+
+def _runopt_type(tp: Any) -> Any:
+    """Maps a field annotation to the type torchx runopts accepts."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _runopt_type(args[0])
+    if origin in (list, typing.List):
+        return typing.List[str]
+    if origin in (dict, typing.Dict):
+        return typing.Dict[str, str]
+    if tp in _OPT_TYPES:
+        return tp
+    raise TypeError(f"unsupported run option type {tp!r}")
+
+
+def runopts_for(executor_cls: Type[Executor]) -> runopts:
+    """The ``runopts`` of a scheduler, generated from its executor's fields."""
+    opts = runopts()
+    hints = typing.get_type_hints(executor_cls)
+    for f in fields(executor_cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        required = bool(f.metadata.get("required"))
+        opts.add(
+            f.name,
+            type_=_runopt_type(hints[f.name]),
+            help=f.metadata.get("help", ""),
+            default=None if required else default,
+            required=required,
+        )
+    return opts
+
+
+def check_options(scheduler: str, cfg: Mapping[str, Any], opts: runopts) -> None:
+    """Rejects keys that are not run options of ``scheduler`` (torchx itself ignores them)."""
+    valid = {name for name, _ in opts}
+    unknown = {k for k in cfg if k not in valid}
+    if unknown:
+        raise UnknownOptionError(scheduler, unknown, valid)
+
+
+ExecutorLike = Union[Executor, Type[Executor]]
+
+
+class ExecutorRegistry:
+    """Maps executor classes to scheduler names; entry points are read once, lazily."""
+
+    _default: ClassVar[Optional["ExecutorRegistry"]] = None
+
+    def __init__(self, load_entry_points: bool = True) -> None:
+        self._by_scheduler: dict[str, Type[Executor]] = {}
+        self._loaded = not load_entry_points
+        self._errors: dict[str, str] = {}
+
+    @classmethod
+    def default(cls) -> "ExecutorRegistry":
+        if cls._default is None:
+            cls._default = cls()
+        return cls._default
+
+    def register(self, executor_cls: Type[Executor], scheduler: Optional[str] = None) -> None:
+        """Registers ``executor_cls`` for ``scheduler`` (default: ``executor_cls.scheduler``)."""
+        name = scheduler or executor_cls.scheduler
+        if not name:
+            raise ValueError(f"{executor_cls.__name__} names no scheduler; pass scheduler=")
+        self._by_scheduler[name] = executor_cls
+
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for ep in importlib.metadata.entry_points().select(group=ENTRY_POINT_GROUP):
+            if ep.name in self._by_scheduler:
+                continue  # explicit registration wins over the entry point
+            try:
+                self._by_scheduler[ep.name] = ep.load()
+            except Exception as e:  # a broken plugin must not hide the others
+                self._errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+
+    def registered(self) -> dict[str, Type[Executor]]:
+        self._ensure_loaded()
+        return dict(self._by_scheduler)
+
+    def scheduler_for(self, executor: ExecutorLike) -> str:
+        """The scheduler name of an executor instance or class, resolving subclasses."""
+        self._ensure_loaded()
+        cls = executor if isinstance(executor, type) else type(executor)
+        for klass in cls.__mro__:
+            for name, registered in self._by_scheduler.items():
+                if registered is klass:
+                    return name
+        raise UnknownExecutorError(
+            f"no scheduler is registered for executor {cls.__module__}.{cls.__qualname__}. "
+            f"Registered executors: {self._describe()}"
+        )
+
+    def executor_for(self, scheduler: str) -> Type[Executor]:
+        self._ensure_loaded()
+        if scheduler in self._by_scheduler:
+            return self._by_scheduler[scheduler]
+        hint = f" (failed to load: {self._errors[scheduler]})" if scheduler in self._errors else ""
+        raise UnknownExecutorError(
+            f"no executor is registered for scheduler '{scheduler}'{hint}. "
+            f"Registered executors: {self._describe()}"
+        )
+
+    def capabilities(self, target: Union[str, ExecutorLike]) -> Capabilities:
+        """Capabilities of a scheduler name, executor instance or executor class."""
+        if isinstance(target, str):
+            return self.executor_for(target).capabilities
+        cls = target if isinstance(target, type) else type(target)
+        self.scheduler_for(cls)  # raises with the registered list if unknown
+        return cls.capabilities
+
+    def _describe(self) -> str:
+        items = [f"{n} ({c.__module__}.{c.__qualname__})" for n, c in sorted(self._by_scheduler.items())]
+        return ", ".join(items) or "none"
+
+
+def register_executor(executor_cls: Type[Executor], scheduler: Optional[str] = None) -> None:
+    """Registers an executor class in the default registry (entry points are the other way)."""
+    ExecutorRegistry.default().register(executor_cls, scheduler)
+
+
+def scheduler_for(executor: ExecutorLike) -> str:
+    return ExecutorRegistry.default().scheduler_for(executor)
+
+
+def executor_for(scheduler: str) -> Type[Executor]:
+    return ExecutorRegistry.default().executor_for(scheduler)
+
+
+def capabilities(target: Union[str, ExecutorLike]) -> Capabilities:
+    return ExecutorRegistry.default().capabilities(target)

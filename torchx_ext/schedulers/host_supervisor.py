@@ -1,0 +1,321 @@
+"""The detached supervisor of one ``host`` app, and the state files it shares with the scheduler.
+
+``python -m torchx_ext.schedulers.host_supervisor APP_DIR`` runs in its own session, outliving the
+``torchx run`` that started it. It waits for the app's dependencies, starts every replica (all or
+nothing), pumps their output into timestamped log files, applies the group rules of
+:mod:`torchx_ext.groups`, and records everything in ``APP_DIR/state.json``.
+
+Layout of APP_DIR (under ``$TORCHX_EXT_HOME/host/``):
+  spec.json      the request (written once by ``schedule``; never holds secrets from os.environ)
+  state.json     app + replica states, pids, exit codes, times (atomic replace, under ``lock``)
+  lock           fcntl lock file serialising read-modify-write of state.json
+  logs/ROLE/N/   stdout.log, stderr.log, combined.log: each line ``<unix time> <text>``
+  supervisor.log the supervisor's own output (tracebacks land here, never lost)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+STOP_GRACE_S = 3.0
+POLL_S = 0.2
+
+
+# ---------------------------------------------------------------- state files (shared) ----
+def home() -> str:
+    return os.path.expanduser(os.environ.get("TORCHX_EXT_HOME") or "~/.torchx_ext")
+
+
+@contextmanager
+def locked(app_dir: str) -> Iterator[None]:
+    with open(os.path.join(app_dir, "lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_json(path: str) -> Optional[dict[str, Any]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path: str, data: dict[str, Any]) -> None:
+    # write + rename: readers never see a half-written file, even without the lock
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def update_state(app_dir: str, **changes: Any) -> dict[str, Any]:
+    with locked(app_dir):
+        path = os.path.join(app_dir, "state.json")
+        state = read_json(path) or {}
+        state.update(changes)
+        write_json(path, state)
+        return state
+
+
+def pid_alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not alive for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_group(pgid: Optional[int], sig: int) -> None:
+    if pgid:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def log_dir(app_dir: str, role: str, replica_id: int) -> str:
+    return os.path.join(app_dir, "logs", role, str(replica_id))
+
+
+# ---------------------------------------------------------------------- the supervisor ----
+class _Replica:
+    def __init__(self, spec: dict[str, Any], app_dir: str) -> None:
+        self.spec = spec
+        self.key = f"{spec['role']}/{spec['replica_id']}"
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.dir = log_dir(app_dir, spec["role"], spec["replica_id"])
+        os.makedirs(self.dir, exist_ok=True)
+        self.files = {
+            name: open(os.path.join(self.dir, f"{name}.log"), "ab")
+            for name in ("stdout", "stderr", "combined")
+        }
+        self.partial = {"stdout": b"", "stderr": b""}
+
+    def write(self, stream: str, data: bytes, final: bool = False) -> None:
+        buf = self.partial[stream] + data
+        *lines, rest = buf.split(b"\n")
+        if final and rest:
+            lines, rest = lines + [rest], b""
+        self.partial[stream] = rest
+        if not lines:
+            return
+        stamp = f"{time.time():.6f} ".encode()
+        out = b"".join(stamp + line + b"\n" for line in lines)
+        self.files[stream].write(out)
+        self.files["combined"].write(out)
+        self.files[stream].flush()
+        self.files["combined"].flush()
+
+
+class Supervisor:
+    def __init__(self, app_dir: str) -> None:
+        self.app_dir = app_dir
+        spec = read_json(os.path.join(app_dir, "spec.json"))
+        if spec is None:
+            raise RuntimeError(f"{app_dir}/spec.json is missing or unreadable")
+        self.spec = spec
+        self.replicas = [_Replica(r, app_dir) for r in spec["replicas"]]
+        self.sel = selectors.DefaultSelector()
+        self.cancelled = False
+        self.replica_state: dict[str, dict[str, Any]] = {
+            r.key: {"role": r.spec["role"], "replica_id": r.spec["replica_id"],
+                    "service": r.spec["service"], "state": "PENDING", "host": "127.0.0.1"}
+            for r in self.replicas
+        }
+
+    # -- state ------------------------------------------------------------------------
+    def _save(self, **changes: Any) -> None:
+        update_state(self.app_dir, replicas=self.replica_state, **changes)
+
+    def _finish(self, state: str, msg: str) -> None:
+        self._stop_all()
+        self._save(state=state, msg=msg, ended=time.time())
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.cancelled = True
+
+    # -- dependencies -----------------------------------------------------------------
+    def _wait_for_dependencies(self) -> bool:
+        deps = self.spec.get("dependencies", [])
+        if not deps:
+            return True
+        self._save(state="PENDING", msg=f"waiting for dependencies: {', '.join(deps)}")
+        root = os.path.dirname(self.app_dir)
+        while True:
+            if self.cancelled:
+                self._finish("CANCELLED", "cancelled while waiting for dependencies")
+                return False
+            pending = []
+            for dep in deps:
+                dep_state = read_json(os.path.join(root, dep, "state.json"))
+                if dep_state is None:
+                    self._finish("FAILED", f"dependency '{dep}' no longer exists")
+                    return False
+                s = dep_state.get("state")
+                if s in ("FAILED", "CANCELLED"):
+                    why = dep_state.get("msg") or ""
+                    self._finish(
+                        "FAILED", f"dependency '{dep}' ended {s}" + (f" ({why})" if why else "")
+                    )
+                    return False
+                if s == "UNKNOWN" or (s not in TERMINAL and not pid_alive(dep_state.get("supervisor_pid"))):
+                    self._finish("FAILED", f"dependency '{dep}' lost its supervisor; its outcome is unknown")
+                    return False
+                if s != "SUCCEEDED":
+                    pending.append(dep)
+            if not pending:
+                return True
+            time.sleep(POLL_S)
+
+    # -- replicas ---------------------------------------------------------------------
+    def _start_all(self) -> bool:
+        for r in self.replicas:
+            env = dict(os.environ)
+            env.update(r.spec["env"])
+            try:
+                r.proc = subprocess.Popen(
+                    r.spec["cmd"], env=env, cwd=r.spec["cwd"], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                )
+            except OSError as e:
+                rs = self.replica_state[r.key]
+                rs.update(state="FAILED", reason=f"failed to start: {e}", ended=time.time())
+                self._finish(
+                    "FAILED",
+                    f"role '{r.spec['role']}' replica {r.spec['replica_id']} failed to start: {e}; "
+                    "the group was stopped (all or nothing)",
+                )
+                return False
+            assert r.proc.stdout is not None and r.proc.stderr is not None
+            self.sel.register(r.proc.stdout, selectors.EVENT_READ, (r, "stdout"))
+            self.sel.register(r.proc.stderr, selectors.EVENT_READ, (r, "stderr"))
+            self.replica_state[r.key].update(
+                state="RUNNING", pid=r.proc.pid, pgid=r.proc.pid, started=time.time()
+            )
+        self._save(state="RUNNING", msg="", started=time.time())
+        return True
+
+    def _pump(self, timeout: float) -> None:
+        for key, _ in self.sel.select(timeout):
+            r, stream = key.data
+            data = os.read(key.fd, 65536)
+            if data:
+                r.write(stream, data)
+            else:
+                r.write(stream, b"", final=True)
+                self.sel.unregister(key.fileobj)
+                key.fileobj.close()
+
+    def _poll_exits(self) -> bool:
+        changed = False
+        for r in self.replicas:
+            rs = self.replica_state[r.key]
+            if r.proc is None or rs["state"] != "RUNNING":
+                continue
+            code = r.proc.poll()
+            if code is not None:
+                rs.update(state="SUCCEEDED" if code == 0 else "FAILED", exit_code=code, ended=time.time())
+                changed = True
+        return changed
+
+    def _stop_all(self) -> None:
+        """SIGTERM every running replica's process group, SIGKILL after a grace period."""
+        running = [r for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+        for r in running:
+            kill_group(r.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        deadline = time.time() + STOP_GRACE_S
+        while time.time() < deadline and any(r.proc.poll() is None for r in running):  # type: ignore[union-attr]
+            self._pump(0.05)
+        for r in self.replicas:
+            if r.proc is not None:
+                # also reaps grandchildren left in the group after the leader exited
+                kill_group(r.proc.pid, signal.SIGKILL)
+        for r in running:
+            r.proc.wait()  # type: ignore[union-attr]
+            rs = self.replica_state[r.key]
+            if rs["state"] == "RUNNING":
+                rs.update(state="CANCELLED", exit_code=r.proc.returncode, ended=time.time())  # type: ignore[union-attr]
+        # drain what is left in the pipes, bounded: a daemonised grandchild could hold them open
+        deadline = time.time() + 1.0
+        while self.sel.get_map() and time.time() < deadline:
+            self._pump(0.05)
+        for r in self.replicas:
+            for stream in ("stdout", "stderr"):
+                r.write(stream, b"", final=True)
+
+    def _group_state(self) -> tuple[str, str]:
+        from torchx.specs import AppState
+
+        from torchx_ext.groups import ReplicaOutcome, group_state
+
+        outcomes = [
+            ReplicaOutcome(rs["role"], rs["replica_id"], rs["service"], AppState[rs["state"]],
+                           rs.get("exit_code"), rs.get("reason", ""))
+            for rs in self.replica_state.values()
+        ]
+        state, msg = group_state(outcomes)
+        return state.name, msg
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, self._on_sigterm)
+        self._save(supervisor_pid=os.getpid())
+        if not self._wait_for_dependencies():
+            return
+        if self.cancelled:
+            self._finish("CANCELLED", "cancelled before start")
+            return
+        if not self._start_all():
+            return
+        while True:
+            self._pump(POLL_S)
+            if self.cancelled:
+                self._finish("CANCELLED", "cancelled by user")
+                return
+            if self._poll_exits():
+                state, msg = self._group_state()
+                if state in TERMINAL:
+                    # non-service roles are done (or one failed): stop the rest, keep the verdict
+                    self._finish(state, msg)
+                    return
+                self._save()
+
+
+def main(argv: list[str]) -> int:
+    app_dir = argv[1]
+    try:
+        Supervisor(app_dir).run()
+    except Exception:
+        traceback.print_exc()
+        update_state(app_dir, state="FAILED", msg="supervisor crashed; see supervisor.log",
+                     ended=time.time())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
