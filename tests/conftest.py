@@ -1,0 +1,51 @@
+"""Test-session plumbing: testbed env files, an isolated TORCHX_EXT_HOME, and "a skip fails in CI"."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_testbed_env() -> None:
+    """Reads ``testbed/.state/*.env`` (written by ``testbed/<backend>.sh start``) into os.environ."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "testbed", ".state", "*.env"))):
+        with open(path) as f:
+            for line in f:
+                words = shlex.split(line, comments=True)
+                if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+                    key, _, value = words[1].partition("=")
+                    os.environ.setdefault(key, value)
+
+
+_load_testbed_env()
+# every app of this session (and of the CLI subprocesses it starts) lives in a throwaway home
+os.environ["TORCHX_EXT_HOME"] = tempfile.mkdtemp(prefix="torchx_ext_test_home_")
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_backend(env_var: str, what: str) -> str:
+    """The testbed value for a backend; skips outside CI, fails in CI (no backend may skip there)."""
+    value = os.environ.get(env_var)
+    if not value:
+        msg = f"{what} testbed is not running ({env_var} unset): run testbed/*.sh start, or bash test.sh"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return value
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        # CI runs every backend: a skip there means a test silently did not run
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which counts as a failure: {report.longrepr}"
