@@ -144,6 +144,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   restart-ctld) restart_ctld ;;
-  status) timeout 10 sinfo >/dev/null 2>&1 ;;
+  status) timeout 5 sinfo >/dev/null 2>&1 ;;
   *) echo "usage: $0 install|start|stop|restart-ctld|status" >&2; exit 2 ;;
 esac

@@ -1,0 +1,87 @@
+"""Installing torchx-ext must leave every built-in scheduler and component of torchx working."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
+
+import torchx.schedulers as ts
+
+from torchx_ext import _builtin_entry_points as bep
+
+TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
+OURS = {"host", "ray_jobs", "slurm_jobs", "docker_jobs"}
+
+
+def _cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:
+        # torchx 0.7.0's own ray module raises NameError without ray installed, with or
+        # without torchx-ext: that built-in is broken "exactly as before", not by us
+        return False
+
+
+def test_every_builtin_scheduler_is_listed_once_with_ours() -> None:
+    code = "from torchx.schedulers import get_scheduler_factories as g; print(' '.join(g()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    listed = out.stdout.split()
+    builtins = set(ts.DEFAULT_SCHEDULER_MODULES)
+    assert builtins <= set(listed), f"missing built-ins: {builtins - set(listed)}"
+    assert OURS <= set(listed)
+    assert len(listed) == len(set(listed)), f"listed twice: {listed}"
+    for name in listed:
+        module = ts.DEFAULT_SCHEDULER_MODULES.get(name)
+        if module and not _importable(module):
+            continue
+        opts = _cli("runopts", name)
+        assert opts.returncode == 0 and "usage" in opts.stdout, f"runopts {name}: {opts.stderr}"
+
+
+def test_default_scheduler_is_unchanged() -> None:
+    assert ts.get_default_scheduler_name() == next(iter(ts.DEFAULT_SCHEDULER_MODULES))
+
+
+def test_no_entry_point_names_a_missing_module() -> None:
+    for ep in importlib.metadata.entry_points().select(group="torchx.schedulers"):
+        assert importlib.util.find_spec(ep.module) is not None, f"{ep.name} -> {ep.value} does not exist"
+        assert callable(getattr(importlib.import_module(ep.module), ep.attr)), ep.value
+
+
+def test_local_cwd_still_runs(tmp_path: str) -> None:
+    out = _cli("run", "-s", "local_cwd", "utils.echo", "--msg", "hi", cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "hi" in out.stdout
+
+
+def test_builtin_components_are_still_there() -> None:
+    out = _cli("builtins")
+    assert out.returncode == 0, out.stderr
+    for name in ("utils.echo", "utils.sh", "dist.ddp", "group.server_client", "group.roles"):
+        assert f" {name}\n" in out.stdout + "\n", out.stdout
+
+
+def test_finder_lists_nothing_for_a_merging_torchx(tmp_path: str) -> None:
+    os.makedirs(tmp_path / "plugins")
+    (tmp_path / "plugins" / "__init__.py").write_text("")
+    assert bep.builtin_scheduler_entry_points(str(tmp_path)) == {}
+
+
+def test_finder_skips_builtins_whose_module_is_missing(tmp_path: str) -> None:
+    os.makedirs(tmp_path / "schedulers")
+    (tmp_path / "schedulers" / "__init__.py").write_text(
+        'DEFAULT_SCHEDULER_MODULES = {"local_cwd": "torchx.schedulers.local_scheduler",'
+        ' "ray": "torchx.schedulers.ray_scheduler"}\n'
+    )
+    (tmp_path / "schedulers" / "local_scheduler.py").write_text("")
+    assert bep.builtin_scheduler_entry_points(str(tmp_path)) == {
+        "local_cwd": "torchx.schedulers.local_scheduler:create_scheduler"
+    }
