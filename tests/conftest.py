@@ -27,6 +27,11 @@ _load_testbed_env()
 # every app of this session (and of the CLI subprocesses it starts) lives in a throwaway home
 os.environ["TORCHX_EXT_HOME"] = tempfile.mkdtemp(prefix="torchx_ext_test_home_")
 
+# as in an activated venv: replicas find the venv's tools (torchrun, torchx) on PATH
+_VENV_BIN = os.path.dirname(os.path.abspath(__import__("sys").executable))
+if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = _VENV_BIN + os.pathsep + os.environ.get("PATH", "")
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

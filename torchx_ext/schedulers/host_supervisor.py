@@ -196,6 +196,9 @@ class Supervisor:
         for r in self.replicas:
             env = dict(os.environ)
             env.update(r.spec["env"])
+            if "PATH" in r.spec["env"] and os.environ.get("PATH"):
+                # like local_cwd: a role's PATH is prepended, not a replacement
+                env["PATH"] = r.spec["env"]["PATH"] + os.pathsep + os.environ["PATH"]
             try:
                 r.proc = subprocess.Popen(
                     r.spec["cmd"], env=env, cwd=r.spec["cwd"], stdin=subprocess.DEVNULL,

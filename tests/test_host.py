@@ -1,0 +1,233 @@
+"""``host`` beyond the shared contract: the CLI from new processes, concurrency, workspaces,
+TorchX built-in components, GPU assignment, dry-runs and a killed supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from torchx.runner import get_runner
+from torchx.specs import AppDef, AppState, Resource, Role
+
+from contract import wait_terminal
+from torchx_ext.components.group import roles, server_client
+from torchx_ext.errors import InvalidAppError
+from torchx_ext.schedulers import host_supervisor as sup
+from torchx_ext.schedulers.host import assign_gpus
+
+TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
+PY = sys.executable
+
+
+def cli(*args: str, cwd: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def handle_of(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 0, out.stdout + out.stderr
+    return next(line for line in out.stdout.splitlines() if line.startswith("host://"))
+
+
+def cli_wait(handle: str, timeout: float = 60) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = cli("status", handle)
+        for state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            if f"State: {state}" in out.stdout:
+                return state
+        time.sleep(0.3)
+    raise AssertionError(f"{handle} did not finish: {out.stdout}")
+
+
+def test_cli_run_returns_at_once_and_state_survives_the_process(tmp_path: str) -> None:
+    t0 = time.time()
+    out = cli("run", "-s", "host", "utils.sh", "sh", "-c", "sleep 2; echo done-$TORCHX_EXT_ROLE $TORCHX_JOB_ID", cwd=str(tmp_path))
+    took = time.time() - t0
+    handle = handle_of(out)
+    assert took < 30, "torchx run blocked on the app"  # generous: only proves it does not wait 2 s + tail
+    status = cli("status", handle)  # a brand-new process
+    assert "State: RUNNING" in status.stdout or "State: PENDING" in status.stdout or "SUBMITTED" in status.stdout, status.stdout
+    assert cli_wait(handle) == "SUCCEEDED"
+    log = cli("log", handle)
+    assert f"done-sh {handle}" in log.stdout, log.stdout + log.stderr  # macros substituted
+    listed = cli("list", "-s", "host")
+    assert handle in listed.stdout
+
+
+def test_cli_cancel_kills_the_whole_tree(tmp_path: str) -> None:
+    # the replica starts a grandchild; cancel must take it down too
+    out = cli("run", "-s", "host", "utils.sh", "sh", "-c", "sleep 300 & echo $! > child.pid; wait", cwd=str(tmp_path))
+    handle = handle_of(out)
+    pidfile = os.path.join(str(tmp_path), "child.pid")
+    deadline = time.time() + 20
+    while not os.path.exists(pidfile) or not open(pidfile).read().strip():
+        assert time.time() < deadline
+        time.sleep(0.1)
+    child = int(open(pidfile).read())
+    assert sup.pid_alive(child)
+    assert cli("cancel", handle).returncode == 0
+    assert cli_wait(handle) == "CANCELLED"
+    deadline = time.time() + 10
+    while sup.pid_alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not sup.pid_alive(child), "grandchild survived cancel"
+    assert cli("cancel", handle).returncode == 0  # idempotent
+
+
+def test_cli_wait_and_dryrun_shows_services(tmp_path: str) -> None:
+    dry = cli("run", "--dryrun", "-s", "host", "group.server_client", "--server", "sleep 60",
+              "--client", "echo hi", cwd=str(tmp_path))
+    assert dry.returncode == 0, dry.stderr
+    assert '"service": true' in dry.stdout and '"service": false' in dry.stdout, dry.stdout
+    run = cli("run", "--wait", "-s", "host", "group.server_client", "--server", "sleep 60",
+              "--client", "echo hi", cwd=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "SUCCEEDED" in run.stdout + run.stderr
+
+
+def test_builtin_components_run_unchanged(tmp_path: str) -> None:
+    out = cli("run", "--wait", "--log", "-s", "host", "utils.echo", "--msg", "hello-builtin", cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "hello-builtin" in out.stdout + out.stderr
+
+
+def test_dist_ddp_runs_with_a_cpu_backend(tmp_path: str) -> None:
+    pytest.importorskip("torch", reason="torch is installed by test.sh (CPU build)")
+    script = os.path.join(str(tmp_path), "train.py")
+    with open(script, "w") as f:
+        f.write(
+            "import os, torch, torch.distributed as dist\n"
+            "dist.init_process_group('gloo')\n"
+            "t = torch.ones(1) * (dist.get_rank() + 1)\n"
+            "dist.all_reduce(t)\n"
+            "print('RANK', dist.get_rank(), 'SUM', int(t.item()), flush=True)\n"
+        )
+    out = cli("run", "--wait", "-s", "host", "dist.ddp", "-j", "1x2", "--script", "train.py",
+              cwd=str(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    handle = handle_of(out)
+    log = cli("log", handle)
+    assert "SUM 3" in log.stdout, log.stdout + log.stderr
+
+
+def test_workspace_runs_in_a_copy_honouring_torchxignore(tmp_path: str) -> None:
+    ws = os.path.join(str(tmp_path), "ws")
+    os.makedirs(os.path.join(ws, "skipme"))
+    with open(os.path.join(ws, "data.txt"), "w") as f:
+        f.write("from-workspace\n")
+    with open(os.path.join(ws, "skipme", "x"), "w") as f:
+        f.write("x")
+    with open(os.path.join(ws, ".torchxignore"), "w") as f:
+        f.write("skipme\n")
+    out = cli("run", "--wait", "-s", "host", "--workspace", ws, "utils.sh",
+              "sh", "-c", "cat data.txt; pwd; ls skipme 2>&1 || echo no-skipme", cwd=str(tmp_path))
+    handle = handle_of(out)
+    log = cli("log", handle).stdout
+    assert "from-workspace" in log and "no-skipme" in log, log
+    assert ws not in log.split("from-workspace", 1)[1], "ran in the workspace itself, not a copy"
+
+
+def test_eight_concurrent_submissions_do_not_corrupt_state(tmp_path: str) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda i: cli("run", "-s", "host", "utils.echo", "--msg", f"m{i}", cwd=str(tmp_path)), range(8)))
+    handles = [handle_of(o) for o in outs]
+    assert len(set(handles)) == 8
+    runner = get_runner()
+    for h in handles:
+        assert wait_terminal(runner, h, 60).state == AppState.SUCCEEDED
+    listed = {a.app_handle for a in runner.list("host")}
+    assert set(handles) <= listed
+
+
+def test_log_streams_since_until_and_tail(tmp_path: str) -> None:
+    runner = get_runner()
+    code = "import sys, time; print('out1', flush=True); print('err1', file=sys.stderr, flush=True); time.sleep(1.5); print('out2', flush=True)"
+    app = AppDef("logs", roles=[Role("main", image=str(tmp_path), entrypoint=PY, args=["-c", code])])
+    handle = runner.run(app, "host", {})
+    tailed = "".join(runner.log_lines(handle, "main", 0, should_tail=True))  # returns when the app ends
+    assert "out1" in tailed and "err1" in tailed and "out2" in tailed
+    from torchx.schedulers.api import Stream
+
+    assert "err1" not in "".join(runner.log_lines(handle, "main", 0, streams=Stream.STDOUT))
+    assert "out1" not in "".join(runner.log_lines(handle, "main", 0, streams=Stream.STDERR))
+    from datetime import datetime, timedelta
+
+    future = datetime.now() + timedelta(hours=1)
+    assert "".join(runner.log_lines(handle, "main", 0, since=future)) == ""
+    past = datetime.now() - timedelta(hours=1)
+    assert "".join(runner.log_lines(handle, "main", 0, until=past)) == ""
+
+
+def test_killed_supervisor_is_reported_and_cancel_still_cleans_up(tmp_path: str) -> None:
+    runner = get_runner()
+    app = AppDef("orphan", roles=[Role("main", image=str(tmp_path), entrypoint="sleep", args=["300"])])
+    handle = runner.run(app, "host", {})
+    app_id = handle.rsplit("/", 1)[-1]
+    state_file = os.path.join(sup.home(), "host", app_id, "state.json")
+    deadline = time.time() + 20
+    while (sup.read_json(state_file) or {}).get("state") != "RUNNING":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    state = sup.read_json(state_file)
+    os.kill(state["supervisor_pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    status = runner.status(handle)
+    assert status.state == AppState.UNKNOWN and "supervisor" in status.msg, status
+    replica_pid = state["replicas"]["main/0"]["pid"]
+    runner.cancel(handle)
+    assert runner.status(handle).state == AppState.CANCELLED
+    time.sleep(0.3)
+    assert not sup.pid_alive(replica_pid)
+    # the logs are kept
+    assert os.path.isdir(os.path.join(sup.home(), "host", app_id, "logs", "main", "0"))
+
+
+def test_invalid_apps_get_one_readable_error() -> None:
+    runner = get_runner()
+    bad = AppDef("bad", roles=[Role("a-b", image=".", entrypoint="x"),
+                               Role("a_b", image=".", entrypoint="x", env={"BAD NAME": "1"})])
+    with pytest.raises(InvalidAppError) as e:
+        runner.dryrun(bad, "host", {})
+    msg = str(e.value)
+    assert "TORCHX_EXT_HOSTS_A_B" in msg and "'BAD NAME'" in msg, msg
+    with pytest.raises(InvalidAppError, match="at least one role must not be a service"):
+        runner.dryrun(server_client("a", "b").__class__("svc", roles=[server_client("a", "b").roles[0]]), "host", {})
+
+
+def test_cli_errors_are_one_line_and_nonzero(tmp_path: str) -> None:
+    out = cli("run", "-s", "host", "-cfg", "dependencies=host://x/does-not-exist-1", "utils.echo", cwd=str(tmp_path))
+    assert out.returncode != 0
+    assert "does-not-exist-1" in out.stderr
+
+
+def test_gpu_assignment_in_order() -> None:
+    app = AppDef("g", roles=[
+        Role("a", image=".", entrypoint="x", num_replicas=2, resource=Resource(cpu=1, gpu=2, memMB=1)),
+        Role("b", image=".", entrypoint="x", resource=Resource(cpu=1, gpu=1, memMB=1)),
+        Role("c", image=".", entrypoint="x", resource=Resource(cpu=1, gpu=0, memMB=1)),
+    ])
+    assert assign_gpus(app, 5) == {("a", 0): "0,1", ("a", 1): "2,3", ("b", 0): "4"}
+    with pytest.raises(InvalidAppError, match="asks for 5 GPUs .* has 4"):
+        assign_gpus(app, 4)
+    info = get_runner().dryrun(app, "host", {"auto_set_cuda_visible_devices": True, "gpu_count": 5})
+    envs = {(r.role, r.replica_id): r.env.get("CUDA_VISIBLE_DEVICES") for r in info.request.replicas}
+    assert envs[("a", 1)] == "2,3" and envs[("c", 0)] is None
+
+
+def test_roles_component_parses_commands_with_shell_quoting() -> None:
+    app = roles("server=python3 -m http.server 8000", "client=sh -c 'echo \"$X\" a b'",
+                services="server", replicas="client=3")
+    server, client = app.roles
+    assert server.entrypoint == "python3" and server.args == ["-m", "http.server", "8000"]
+    assert client.args == ["-c", 'echo "$X" a b'] and client.num_replicas == 3
+    assert server.metadata["torchx_ext/service"] and not client.metadata["torchx_ext/service"]
+    with pytest.raises(ValueError, match="unknown role"):
+        roles("a=x", services="b")
+    dry = json.loads(repr(get_runner().dryrun(app, "host", {}).request))
+    assert [r["service"] for r in dry["replicas"]] == [True, False, False, False]
