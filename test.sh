@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs everything and runs the whole test suite against a real testbed on this machine:
+# Debian packages (Slurm + munge, Docker engine), a Python env with torchx 0.7.0 and every extra,
+# a Ray head, a two-node Slurm cluster and a Docker engine with locally built images; then the
+# suite on torchx 0.7.0, then the drop-in/host/registry tests on torchx-nightly.
+# With CI=true a skipped test counts as a failure (tests/conftest.py).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv-test}
+NIGHTLY_VENV=${NIGHTLY_VENV:-.venv-nightly}
+PIP_QUIET=(-q --disable-pip-version-check)
+say() { echo "== $(date +%T) $*"; }
+# pip prints one warning per unused local index entry on these machines; keep the log readable
+pipq() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; return "${PIPESTATUS[0]}"; }
+
+say "system packages (Slurm, Docker)"
+bash testbed/slurm.sh install
+bash testbed/docker.sh install
+
+say "python env $VENV (torchx 0.7.0, all extras, torch CPU for dist.ddp)"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+pipq "$VENV/bin/pip" install "${PIP_QUIET[@]}" "torchx==0.7.0" ".[all,test]" "torch==2.13.0"
+
+# start what is not running yet; stop at exit only what we started
+started=()
+cleanup() {
+    for tb in "${started[@]}"; do bash "testbed/$tb.sh" stop >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+for tb in ray slurm docker; do
+    if ! VENV="$VENV" bash "testbed/$tb.sh" status >/dev/null 2>&1; then
+        say "starting $tb testbed"
+        VENV="$VENV" bash "testbed/$tb.sh" start
+        started+=("$tb")
+    fi
+done
+
+say "test suite on torchx 0.7.0"
+"$VENV/bin/python" -m pytest -p no:cacheprovider tests
+
+say "drop-in, host and registry tests on torchx-nightly"
+[ -x "$NIGHTLY_VENV/bin/python" ] || python3 -m venv "$NIGHTLY_VENV"
+pipq "$NIGHTLY_VENV/bin/pip" install "${PIP_QUIET[@]}" torchx-nightly fsspec pytest pytest-timeout "torch==2.13.0"
+# --no-deps: our torchx>=0.7.0 requirement would otherwise install stable torchx over the nightly
+pipq "$NIGHTLY_VENV/bin/pip" install "${PIP_QUIET[@]}" --no-deps --force-reinstall .
+"$NIGHTLY_VENV/bin/python" -m pytest -p no:cacheprovider \
+    tests/test_dropin.py tests/test_registry.py tests/test_host_contract.py tests/test_host.py tests/test_unit.py
+say "all green"

@@ -1,0 +1,72 @@
+"""Pure parts of the group contract, logs and compat: no backend needed."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from torchx.specs import AppDef, AppState, Role
+
+from torchx_ext import compat
+from torchx_ext.errors import InvalidAppError
+from torchx_ext.groups import (
+    ReplicaOutcome as R,
+    app_handle_id,
+    command_line,
+    discovery_env,
+    group_state,
+    hosts_env_name,
+    mark_service,
+    validate_app,
+)
+from torchx_ext.logs import filter_lines
+
+S, F, C, RUN, P = AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED, AppState.RUNNING, AppState.PENDING
+
+
+def test_env_names_and_discovery() -> None:
+    assert hosts_env_name("vllm-server.v2") == "TORCHX_EXT_HOSTS_VLLM_SERVER_V2"
+    env = discovery_env("app-1", "client", 1, 2, {"server": ["h1", "h2"], "client": ["c0", "c1"]})
+    assert env == {
+        "TORCHX_EXT_APP_ID": "app-1", "TORCHX_EXT_ROLE": "client", "TORCHX_EXT_REPLICA_ID": "1",
+        "TORCHX_EXT_NUM_REPLICAS": "2", "TORCHX_EXT_HOSTS_SERVER": "h1,h2", "TORCHX_EXT_HOSTS_CLIENT": "c0,c1",
+    }
+
+
+@pytest.mark.parametrize("outcomes, state, msg", [
+    ([R("c", 0, False, S), R("s", 0, True, RUN)], S, ""),
+    ([R("c", 0, False, RUN), R("s", 0, True, F, 3)], F, "service role 's' replica 0 ended early with exit code 3"),
+    ([R("c", 0, False, F, 2), R("c", 1, False, RUN)], F, "role 'c' replica 0 failed with exit code 2"),
+    ([R("c", 0, False, S), R("c", 1, False, RUN)], RUN, ""),
+    ([R("c", 0, False, P)], P, ""),
+    ([R("c", 0, False, C)], C, "role 'c' replica 0 was cancelled"),
+])
+def test_group_state(outcomes: list, state: AppState, msg: str) -> None:
+    assert group_state(outcomes) == (state, msg)
+
+
+def test_validate_app_lists_every_problem() -> None:
+    app = AppDef("x", roles=[
+        mark_service(Role("a", image=".", entrypoint="x")),
+        mark_service(Role("a", image=".", entrypoint="", num_replicas=0)),
+    ])
+    with pytest.raises(InvalidAppError) as e:
+        validate_app(app)
+    msg = str(e.value)
+    for part in ("unique", "no entrypoint", "num_replicas=0", "every role is a service"):
+        assert part in msg, msg
+    with pytest.raises(InvalidAppError, match="no roles"):
+        validate_app(AppDef("empty"))
+
+
+def test_handles_lists_and_quoting() -> None:
+    assert app_handle_id("host://s/app-1") == "app-1" and app_handle_id("app-1") == "app-1"
+    assert compat.as_list("a, b;c,") == ["a", "b", "c"] and compat.as_list(None) == []
+    assert command_line("echo", ["a'; echo x", "$(id)"]) == "echo 'a'\"'\"'; echo x' '$(id)'"
+
+
+def test_filter_lines() -> None:
+    lines = [(100.0, "a1"), (200.0, "b2"), (None, "c3"), (300.0, "a4\n")]
+    assert list(filter_lines(lines, regex="^a")) == ["a1\n", "a4\n"]
+    since, until = datetime.fromtimestamp(150), datetime.fromtimestamp(250)
+    assert list(filter_lines(lines, since=since, until=until)) == ["b2\n", "c3\n"]
