@@ -272,5 +272,6 @@ class SchedulerContract:
 
     def test_unknown_option_lists_valid_ones(self, runner: Runner, backend: Backend) -> None:
         app = AppDef("opt", roles=[self.role(backend, "main", "print(1)")])
-        with pytest.raises(ValueError, match="Valid options: .*dependencies"):
+        # ours is a ValueError; the nightly's runopts rejects it first with its own exception type
+        with pytest.raises(Exception, match=r"(?s)Valid options( are)?: .*dependencies"):
             self.run(runner, backend, app, dependencis=["x"])

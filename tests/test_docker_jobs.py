@@ -1,0 +1,318 @@
+"""``docker_jobs`` on the real Docker engine of ``testbed/docker.sh``: the shared contract, the CLI
+from new processes (dependencies included), a daemon restart, OOM, a dead watcher, workspaces,
+mounts, and no pulls of local images. Every app, network and volume made here is removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any, Iterator
+
+import pytest
+from torchx.runner import Runner, get_runner
+from torchx.specs import AppDef, AppState, BindMount, Resource, Role, VolumeMount
+
+from conftest import ROOT, require_backend
+from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
+from torchx_ext.groups import mark_service
+from torchx_ext.schedulers import docker_jobs_watcher as w
+from torchx_ext.schedulers.docker_jobs import DockerJobsScheduler, create_scheduler
+
+TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
+SMALL = Resource(cpu=1, gpu=0, memMB=256)
+
+
+def python_image() -> str:
+    require_backend("TORCHX_EXT_TEST_DOCKER", "Docker")
+    return require_backend("TORCHX_EXT_TEST_DOCKER_PYTHON", "Docker python image")
+
+
+def app_id(handle: str) -> str:
+    return handle.rsplit("/", 1)[-1]
+
+
+def running_containers(app: str) -> list[dict[str, Any]]:
+    return w.client().containers(filters=w.app_filter(app))  # running only
+
+
+def nothing_running(handle: str) -> bool:
+    return not running_containers(app_id(handle))
+
+
+def watcher_pids(app: str = "") -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()
+            if "docker_jobs_watcher" in line and app in line and "ps -eo" not in line]
+
+
+@pytest.fixture(scope="module")
+def sched() -> Iterator[DockerJobsScheduler]:
+    """Leaves the daemon as it found it: apps made by this module are deleted at the end."""
+    python_image()
+    s = create_scheduler("test")
+    before = set(s.app_ids())
+    yield s
+    for a in set(s.app_ids()) - before:
+        s.delete(a)
+    leftovers = set(s.app_ids()) - before
+    api = w.client()
+    nets = [n["Name"] for n in api.networks(filters={"label": f"{w.L_SCHEDULER}={w.SCHEDULER}"})
+            if n["Labels"].get(w.L_APP_ID) not in before]
+    deadline = time.time() + 10
+    while watcher_pids() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not leftovers and not nets, f"left behind: apps {leftovers}, networks {nets}"
+    assert not watcher_pids(), "watcher processes outlived their deleted apps"
+
+
+@pytest.fixture(autouse=True)
+def delete_apps_of_each_test(sched: DockerJobsScheduler) -> Iterator[None]:
+    # per test, not per module: every container costs a full rootfs copy with the vfs driver,
+    # and bridge networks come from a small address pool
+    before = set(sched.app_ids())
+    yield
+    for a in set(sched.app_ids()) - before:
+        sched.delete(a)
+
+
+@pytest.fixture
+def runner() -> Iterator[Runner]:
+    r = get_runner()
+    yield r
+    r.close()
+
+
+class TestDockerContract(SchedulerContract):
+    @pytest.fixture
+    def backend(self) -> Backend:
+        return Backend(scheduler="docker_jobs", image=python_image(), python="python3",
+                       resource=SMALL, timeout=90, nothing_running=nothing_running)
+
+
+# ------------------------------------------------------------------------------ helpers -----
+def role(name: str, code: str, *args: str, service: bool = False, **kw: Any) -> Role:
+    r = Role(name=name, image=python_image(), entrypoint="python3", args=["-c", code, *args],
+             resource=kw.pop("resource", SMALL), **kw)
+    return mark_service(r, service)
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=timeout, cwd="/tmp")
+
+
+def cli_handle(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 0, out.stdout + out.stderr
+    return next(line for line in out.stdout.splitlines() if line.startswith("docker_jobs://"))
+
+
+def cli_state(handle: str) -> str:
+    out = cli("status", handle)
+    assert out.returncode == 0, out.stderr
+    return next(line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("State:"))
+
+
+def cli_wait(handle: str, want: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    state = ""
+    while time.time() < deadline:
+        state = cli_state(handle)
+        if state == want:
+            return
+        assert state not in {"SUCCEEDED", "FAILED", "CANCELLED"} - {want}, f"{handle}: {state}"
+        time.sleep(0.3)
+    raise AssertionError(f"{handle} never reached {want}; last {state}")
+
+
+# -------------------------------------------------------------------------------- tests -----
+def test_cli_end_to_end_from_new_processes() -> None:
+    img = python_image()
+    first = cli_handle(cli("run", "-s", "docker_jobs", "group.roles", "--image", img,
+                           "main=sh -c 'sleep 2; echo first-done-$TORCHX_EXT_ROLE'"))
+    # the dependant is submitted by a process that exits at once: the watcher starts it later
+    second = cli_handle(cli("run", "-s", "docker_jobs", "-cfg", f"dependencies={first}", "group.roles",
+                            "--image", img, "main=python3 -c \"import time; print('T', time.time())\""))
+    sleeper = cli_handle(cli("run", "-s", "docker_jobs", "group.roles", "--image", img,
+                             "main=sh -c 'echo up; sleep 300'"))
+    assert cli_state(second) == "PENDING"
+    cli_wait(sleeper, "RUNNING")
+    listed = cli("list", "-s", "docker_jobs").stdout
+    assert first in listed and second in listed and sleeper in listed, listed
+    assert cli("cancel", sleeper).returncode == 0
+    assert cli_state(sleeper) == "CANCELLED"
+    assert cli("cancel", sleeper).returncode == 0  # idempotent
+    assert nothing_running(sleeper)
+    cli_wait(second, "SUCCEEDED")
+    assert cli_state(first) == "SUCCEEDED"
+    out = cli("log", f"{first}/main/0")
+    assert "first-done-main" in out.stdout, out.stdout + out.stderr
+    t_second = float(cli("log", "--regex", "^T ", f"{second}/main/0").stdout.split()[-1])
+    finished = w.client().inspect_container(f"{app_id(first)}-main-0")["State"]["FinishedAt"]
+    assert t_second > w.parse_ts(finished), "the dependant started before its dependency ended"  # type: ignore[operator]
+    assert "up" in cli("log", f"{sleeper}/main/0").stdout
+
+
+def test_cli_dryrun_imports_no_docker_and_hides_copied_env() -> None:
+    code = (
+        "import sys; from torchx.runner import get_runner; from torchx.specs import AppDef, Role\n"
+        "app = AppDef('d', roles=[Role('main', image='img', entrypoint='echo', args=['hi'])])\n"
+        "info = get_runner().dryrun(app, 'docker_jobs', {'copy_env': ['TXE_SECRET*']})\n"
+        "assert 'TXE_SECRET' in repr(info.request) and 'hunter2' not in repr(info.request)\n"
+        "assert 'docker' not in sys.modules, 'dry-run imported docker'\n"
+    )
+    env = dict(os.environ, TXE_SECRET_TOKEN="hunter2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_secret_copied_into_the_container_only(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TXE_SECRET_TOKEN", "hunter2")
+    app = AppDef("secret", roles=[role("main", "import os; print('len', len(os.environ['TXE_SECRET_TOKEN']))")])
+    handle = runner.run(app, "docker_jobs", {"copy_env": ["TXE_SECRET*"]})
+    assert wait_terminal(runner, handle, 60).state == AppState.SUCCEEDED
+    assert "len 7" in logs(runner, handle, "main")
+    labels = json.dumps(w.client().inspect_container(f"{app_id(handle)}-main-0")["Config"]["Labels"])
+    assert "hunter2" not in labels
+
+
+def test_daemon_restart_while_the_app_runs(runner: Runner) -> None:
+    app = AppDef("restart", roles=[
+        role("server", "import time; time.sleep(600)", service=True),
+        role("main", "import time; print('before', flush=True); time.sleep(8); print('after', flush=True)"),
+    ])
+    handle = runner.run(app, "docker_jobs", {})
+    wait_state(runner, handle, AppState.RUNNING, 60)
+    restart = subprocess.Popen(["bash", os.path.join(ROOT, "testbed", "docker.sh"), "restart"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    states = []
+    while restart.poll() is None:  # describe during the gap retries instead of failing
+        states.append(runner.status(handle).state)
+        time.sleep(0.2)
+    assert restart.returncode == 0, restart.stdout.read()  # type: ignore[union-attr]
+    assert set(states) <= {AppState.RUNNING}, states
+    assert runner.status(handle).state == AppState.RUNNING
+    status = wait_terminal(runner, handle, 60)
+    assert status.state == AppState.SUCCEEDED, status
+    out = logs(runner, handle, "main")
+    assert "before" in out and "after" in out
+    assert nothing_running(handle)
+
+
+def test_oom_killed_container_fails_the_app_with_the_reason(runner: Runner) -> None:
+    tiny = Resource(cpu=1, gpu=0, memMB=32)
+    app = AppDef("oom", roles=[role("hog", "x = bytearray(200 * 1024 * 1024); print('survived')", resource=tiny)])
+    handle = runner.run(app, "docker_jobs", {})
+    status = wait_terminal(runner, handle, 60)
+    assert status.state == AppState.FAILED, status
+    assert "OOMKilled" in status.msg and "hog" in status.msg, status.msg
+
+
+def test_dead_watcher_describe_still_converges(runner: Runner) -> None:
+    app = AppDef("orphan", roles=[
+        role("server", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+             service=True),
+        role("main", "import time; time.sleep(2)"),
+    ])
+    handle = runner.run(app, "docker_jobs", {"stop_timeout": 1})
+    pids = watcher_pids(app_id(handle))
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    status = wait_terminal(runner, handle, 60)  # describe pins SUCCEEDED, then kills the service
+    assert status.state == AppState.SUCCEEDED, status
+    assert nothing_running(handle)
+
+
+def test_workspace_builds_an_image_locally(runner: Runner, tmp_path: Any) -> None:
+    api = w.client()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "hello.py").write_text("print('hello from the workspace')\n")
+    (plain / "big.bin").write_text("x" * 1000)
+    (plain / ".dockerignore").write_text("big.bin\n")
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "hello.py").write_text("import os; print('custom', os.getcwd(), os.environ['FROM_DOCKERFILE'])\n")
+    (custom / "Dockerfile.torchx").write_text("ARG IMAGE\nFROM $IMAGE\nCOPY . /app\nWORKDIR /app\nENV FROM_DOCKERFILE=yes\n")
+    images = []
+    try:
+        for ws, code, want in (
+            (plain, "import os, runpy; print(os.path.exists('/big.bin')); runpy.run_path('/hello.py')",
+             "False\nhello from the workspace"),
+            (custom, "import runpy; runpy.run_path('hello.py')", "custom /app yes"),
+        ):
+            app = AppDef("ws", roles=[role("main", code)])
+            handle = runner.run(app, "docker_jobs", {}, workspace=str(ws))
+            images.append(app.roles[0].image)
+            assert app.roles[0].image.startswith("sha256:"), app.roles[0].image
+            assert wait_terminal(runner, handle, 60).state == AppState.SUCCEEDED, logs(runner, handle, "main")
+            assert want in logs(runner, handle, "main")
+    finally:
+        s = create_scheduler("t")
+        for a in s.app_ids():
+            snap = w.fetch(api, a)
+            if snap and any(r.get("image") in images for r in snap.roles):
+                s.delete(a)  # before the images it runs
+        for img in images:
+            api.remove_image(img, force=True)
+
+
+def test_mounts_bind_volume_tmpfs(runner: Runner, tmp_path: Any) -> None:
+    (tmp_path / "data.txt").write_text("bound data\n")
+    vol = f"txe-test-{uuid.uuid4().hex[:8]}"
+    code = (
+        "import os\n"
+        "print(open('/data/data.txt').read().strip())\n"
+        "try:\n    open('/data/new', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)\n"
+        "open('/vol/x', 'w').write('v'); print('volume ok')\n"
+        "line = [l for l in open('/proc/mounts') if ' /scratch ' in l][0]; print('scratch', line.split()[2])\n"
+    )
+    r = role("main", code)
+    r.mounts = [BindMount(src_path=str(tmp_path), dst_path="/data", read_only=True),
+                VolumeMount(src=vol, dst_path="/vol")]
+    handle = runner.run(AppDef("mounts", roles=[r]), "docker_jobs", {"tmpfs": ["/scratch:size=8m"]})
+    try:
+        assert wait_terminal(runner, handle, 60).state == AppState.SUCCEEDED, logs(runner, handle, "main")
+        out = logs(runner, handle, "main")
+        assert "bound data" in out and "read-only 30" in out and "volume ok" in out and "scratch tmpfs" in out, out
+    finally:
+        create_scheduler("t").delete(app_id(handle))  # the volume is in use until then
+        w.client().remove_volume(vol, force=True)
+
+
+def test_create_failure_leaves_nothing(runner: Runner, sched: DockerJobsScheduler) -> None:
+    before = set(sched.app_ids())
+    r = role("broken", "print(1)")
+    r.mounts = [BindMount(src_path="/nonexistent/torchx-ext-src", dst_path="/x")]
+    app = AppDef("createfail", roles=[role("fine", "print(1)"), r])
+    with pytest.raises(RuntimeError, match="role 'broken'.*nothing was started"):
+        runner.run(app, "docker_jobs", {})
+    assert set(sched.app_ids()) == before
+    api = w.client()
+    assert not [n for n in api.networks(filters={"label": f"{w.L_SCHEDULER}={w.SCHEDULER}"})
+                if n["Labels"].get(w.L_APP_NAME) == "createfail"]
+
+
+def test_local_images_are_never_pulled() -> None:
+    s = create_scheduler("nopull")
+    api = s._api()
+    pulls: list[Any] = []
+    real_pull = api.pull
+    api.pull = lambda *a, **k: pulls.append((a, k)) or real_pull(*a, **k)  # a spy, not a fake
+    since = int(time.time()) - 1
+    info = s.submit_dryrun(AppDef("nopull", roles=[role("main", "print('ran')")]), {})
+    app = s.schedule(info)
+    deadline = time.time() + 60
+    while s.describe(app).state != AppState.SUCCEEDED:  # type: ignore[union-attr]
+        assert time.time() < deadline
+        time.sleep(0.3)
+    events = list(api.events(since=since, until=int(time.time()) + 1, decode=True, filters={"type": "image"}))
+    assert not pulls and not [e for e in events if e.get("Action") == "pull"], (pulls, events)
+    missing = s.submit_dryrun(AppDef("missing", roles=[Role("main", image="torchx-ext-test/absent:1", entrypoint="true")]),
+                              {"pull_policy": "never"})
+    with pytest.raises(ValueError, match="not present locally"):
+        s.schedule(missing)
+    assert not pulls
