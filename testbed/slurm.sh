@@ -62,8 +62,14 @@ MinJobAge=3600
 ReturnToService=2
 InactiveLimit=0
 KillWait=5
-NodeName=n1 NodeHostname=${host} NodeAddr=127.0.0.1 Port=17001 CPUs=1 RealMemory=4000 State=UNKNOWN
-NodeName=n2 NodeHostname=${host} NodeAddr=127.0.0.1 Port=17002 CPUs=1 RealMemory=4000 State=UNKNOWN
+# No mail here; jobs with --mail-user/--mail-type still run (mail is dropped).
+MailProg=/bin/true
+# CPUs are bookkeeping only (both nodes share this host's cores): 4 per node lets a test run a
+# two-replica role next to another role, or a dependency pair, without waiting for resources.
+# config_overrides: slurmd reports these values instead of the real hardware (else INVALID_REG).
+SlurmdParameters=config_overrides
+NodeName=n1 NodeHostname=${host} NodeAddr=127.0.0.1 Port=17001 CPUs=4 RealMemory=4000 State=UNKNOWN
+NodeName=n2 NodeHostname=${host} NodeAddr=127.0.0.1 Port=17002 CPUs=4 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -113,7 +119,11 @@ start() {
   scontrol reconfigure >/dev/null 2>&1 || true
   local i
   for i in $(seq 60); do
-    [[ "$(sinfo -h -N -p debug -o '%N %t' 2>/dev/null | sort -u | grep -c ' idle$')" == 2 ]] && break
+    [[ "$(sinfo -h -N -p debug -o '%N %t' 2>/dev/null | sort -u | grep -cE ' (idle|mix|alloc|comp)$')" == 2 ]] && break
+    # A node drained by an earlier config (saved in StateSaveLocation) stays drained: resume it.
+    for n in $(sinfo -h -N -p debug -t drain,drng,down -o '%N' 2>/dev/null | sort -u); do
+      scontrol update NodeName="$n" State=RESUME 2>/dev/null || true
+    done
     if [[ $i == 60 ]]; then
       log "nodes not idle after 60 s"; sinfo -N >&2 || true
       tail -n 30 "$LOGDIR"/slurmctld.log "$LOGDIR"/slurmd-*.log >&2 || true
@@ -127,6 +137,8 @@ start() {
 }
 
 stop() {
+  # The tests read this file to know the cluster is up: it goes first.
+  rm -f "$STATE_DIR/slurm.env"
   # slurmd lingers ~10 s on SIGTERM when slurmctld is already gone: stop the nodes first.
   stop_pidfiles /run/slurmd-n1.pid /run/slurmd-n2.pid
   stop_pidfiles "$CTLD_PID"

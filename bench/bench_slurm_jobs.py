@@ -1,0 +1,103 @@
+"""``slurm_jobs`` against raw Slurm commands, in the same run, on the testbed cluster.
+
+    bash testbed/slurm.sh start && .venv/bin/python bench/bench_slurm_jobs.py [--jobs 500] [--submits 10]
+
+1. submit: ``get_runner().run(app, "slurm_jobs")`` (dry-run, script, sbatch, record) against
+   ``sbatch --parsable`` of the very same script; median of N each (jobs are held, then cancelled);
+2. status of many jobs: ``SlurmJobsScheduler.list()`` (ONE ``squeue --json`` call, target < 1 s)
+   against one ``scontrol show job`` per job, over the same held jobs.
+
+Everything submitted here is cancelled at the end, also when the benchmark fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from torchx.runner import get_runner
+from torchx.specs import AppDef, Resource, Role
+
+from torchx_ext.schedulers.slurm_jobs import create_scheduler
+from torchx_ext.schedulers.slurm_jobs_script import MARKER
+
+
+def _sbatch(script: str, *extra: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *extra], input=script, capture_output=True, text=True, check=True)
+    return proc.stdout.strip().split(";")[0]
+
+
+def _table(rows: list[tuple[str, float, float]]) -> None:
+    print(f"\n{'measure':<44} {'slurm_jobs':>12} {'raw Slurm':>12} {'ratio':>8}")
+    for name, ours, raw in rows:
+        print(f"{name:<44} {ours * 1000:>10.1f}ms {raw * 1000:>10.1f}ms {ours / raw:>7.2f}x")
+    print("(ratio = slurm_jobs / raw; below 1 means ours is faster)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--submits", type=int, default=10, help="submissions timed on each side")
+    parser.add_argument("--jobs", type=int, default=500, help="jobs whose status is read")
+    parser.add_argument("--partition", default=os.environ.get("TORCHX_EXT_TEST_SLURM_PARTITION", "debug"))
+    args = parser.parse_args()
+    if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
+        print("Slurm is not running: bash testbed/slurm.sh start", file=sys.stderr)
+        return 2
+    own_home = "TORCHX_EXT_HOME" not in os.environ
+    if own_home:  # records and job dirs of the benchmark's apps, removed at the end
+        os.environ["TORCHX_EXT_HOME"] = tempfile.mkdtemp(prefix="bench_slurm_jobs_")
+    cfg = {"partition": args.partition, "sbatch_args": ["--hold"]}  # held: nothing runs, nothing waits
+    app = AppDef("bench", roles=[Role("main", image=os.getcwd(), entrypoint=sys.executable, args=["-c", "pass"],
+                                      resource=Resource(cpu=1, gpu=0, memMB=100))])
+    runner = get_runner()
+    sched = create_scheduler("bench")
+    script = repr(sched.submit_dryrun(app, cfg).request)
+    submitted: list[str] = []
+    try:
+        ours, raw = [], []
+        for _ in range(args.submits):  # interleaved, so drift in slurmctld hits both sides alike
+            t0 = time.perf_counter()
+            submitted.append(runner.run(app, "slurm_jobs", cfg).rsplit("/", 1)[-1])
+            ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            submitted.append(_sbatch(script))
+            raw.append(time.perf_counter() - t0)
+        rows = [(f"submit, median of {args.submits}", statistics.median(ours), statistics.median(raw))]
+
+        more = args.jobs - len(submitted)
+        print(f"submitting {more} more held jobs ...", file=sys.stderr)
+        with ThreadPoolExecutor(8) as pool:
+            submitted += pool.map(lambda _: _sbatch(script, "--hold", f"--comment={MARKER}"), range(more))
+        ids = set(submitted)
+
+        t0 = time.perf_counter()
+        listed = {a.app_id for a in sched.list()}
+        t_list = time.perf_counter() - t0
+        assert ids <= listed, f"{len(ids - listed)} of our jobs missing from list()"
+        t0 = time.perf_counter()
+        for job_id in submitted:
+            subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, check=True)
+        t_each = time.perf_counter() - t0
+        rows.append((f"status of {len(ids)} jobs (1 squeue vs {len(ids)} scontrol)", t_list, t_each))
+        _table(rows)
+        print(f"\nlist() of {len(listed)} apps took {t_list:.3f}s (target < 1 s): "
+              f"{'OK' if t_list < 1 else 'TOO SLOW'}")
+    finally:
+        runner.close()
+        for i in range(0, len(submitted), 200):
+            subprocess.run(["scancel", *submitted[i:i + 200]], capture_output=True)
+        print(f"cancelled {len(submitted)} jobs", file=sys.stderr)
+        if own_home:
+            shutil.rmtree(os.environ["TORCHX_EXT_HOME"], ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""``slurm_jobs`` on the real two-node Slurm testbed (``bash testbed/slurm.sh start``).
+
+The shared contract, then what only Slurm has: the CLI from new processes, one heterogeneous job
+per group, slurmctld restarted under a running job, a replica killed on its node.
+Pure script tests (reference scripts, quoting) live in ``test_slurm_jobs_unit.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Iterator, Optional
+
+import pytest
+from torchx.runner import Runner, get_runner
+from torchx.specs import AppDef, AppState, Resource
+
+from conftest import ROOT, require_backend
+from contract import CLIENT, SERVER, Backend, SchedulerContract, free_port, logs, wait_state, wait_terminal
+
+SCHEDULER = "slurm_jobs"
+TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
+RESOURCE = Resource(cpu=1, gpu=0, memMB=500)
+TIMEOUT = 60.0
+
+
+def _app_id(handle: str) -> str:
+    return handle.rsplit("/", 1)[-1]
+
+
+def _scontrol(job_id: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+
+
+def _processes_of(app_id: str) -> list[int]:
+    """Pids on this host whose environment belongs to the app (its batch script or replicas)."""
+    needles = (f"SLURM_JOB_ID={app_id}\0".encode(), f"TORCHX_EXT_APP_ID={app_id}\0".encode())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if any(n in env for n in needles):
+            pids.append(int(entry))
+    return pids
+
+
+def nothing_running(handle: str, timeout: float = 30.0) -> bool:
+    """True once Slurm has finished the job (not COMPLETING) and none of its processes is left."""
+    app_id = _app_id(handle)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = re.search(r"JobState=(\S+)", _scontrol(app_id))
+        if state and state.group(1) not in ("RUNNING", "COMPLETING", "PENDING") and not _processes_of(app_id):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@pytest.fixture(scope="module")
+def partition() -> str:
+    return require_backend("TORCHX_EXT_TEST_SLURM_PARTITION", "Slurm")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_jobs(partition: str) -> Iterator[None]:
+    """Cancels what this session's apps left queued or running (also when a test fails)."""
+    yield
+    from torchx_ext.schedulers import host_supervisor as sup
+
+    try:
+        ours = set(os.listdir(os.path.join(sup.home(), SCHEDULER)))  # this session's records only
+    except FileNotFoundError:
+        return
+    runner = get_runner()
+    for app in runner.list(SCHEDULER):
+        if app.app_id in ours and app.state not in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED):
+            runner.cancel(app.app_handle)
+    runner.close()
+
+
+class TestSlurmContract(SchedulerContract):
+    @pytest.fixture
+    def backend(self, partition: str) -> Backend:
+        return Backend(scheduler=SCHEDULER, image=os.getcwd(), python=sys.executable,
+                       cfg={"partition": partition}, resource=RESOURCE, timeout=TIMEOUT,
+                       nothing_running=nothing_running)
+
+
+@pytest.fixture
+def runner(partition: str) -> Iterator[Runner]:
+    r = get_runner()
+    yield r
+    r.close()
+
+
+def _role_app(name: str, code: str, *roles: tuple[str, str]) -> AppDef:
+    from torchx_ext.components.group import roles as group_roles
+
+    specs = [f"main={sys.executable} -c {_sh(code)}"] + [f"{n}={sys.executable} -c {_sh(c)}" for n, c in roles]
+    return group_roles(*specs, image=os.getcwd(), cpu=1, memMB=500, name=name)
+
+
+def _sh(s: str) -> str:
+    return shlex.quote(s)
+
+
+# ---------------------------------------------------------------------- the CLI, new processes --
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def _cli_ok(*args: str) -> str:
+    proc = _cli(*args)
+    assert proc.returncode == 0, f"torchx {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _cli_state(handle: str) -> str:
+    out = _cli_ok("status", handle)
+    m = re.search(r"State:\s*(\w+)", out)
+    assert m, out
+    return m.group(1)
+
+
+def test_cli_end_to_end(partition: str) -> None:
+    code = ("import sys, time; print('cli-hello', flush=True); "
+            "print('cli-err', file=sys.stderr, flush=True); time.sleep(300)")
+    out = _cli_ok("run", "-s", SCHEDULER, "-cfg", f"partition={partition}", "group.roles",
+                  "--cpu", "1", "--memMB", "300", "--image", ROOT, f"main={sys.executable} -c {_sh(code)}")
+    handle = next(line for line in out.splitlines() if line.startswith(f"{SCHEDULER}://"))
+    deadline = time.time() + TIMEOUT
+    while _cli_state(handle) != "RUNNING":
+        assert time.time() < deadline, _cli_ok("status", handle)
+        time.sleep(0.5)
+    while "cli-hello" not in _cli_ok("log", handle):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    assert "cli-err" in _cli_ok("log", "--streams", "stderr", f"{handle}/main/0")
+    assert "cli-err" not in _cli_ok("log", "--streams", "stdout", f"{handle}/main/0")
+    assert handle in _cli_ok("list", "-s", SCHEDULER)
+    _cli_ok("cancel", handle)
+    while _cli_state(handle) != "CANCELLED":
+        assert time.time() < deadline, _cli_ok("status", handle)
+        time.sleep(0.5)
+    _cli_ok("cancel", handle)  # idempotent
+    assert nothing_running(handle)
+
+
+def test_dryrun_prints_script_without_submitting(partition: str) -> None:
+    before = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout
+    out = _cli_ok("run", "--dryrun", "-s", SCHEDULER, "-cfg",
+                  f"partition={partition},container_image=nvcr.io#nvidia/pytorch:24.01-py3",
+                  "group.server_client", "--server", "python3 -m http.server", "--client", "true")
+    assert "#SBATCH hetjob" in out and "--container-image=nvcr.io#nvidia/pytorch:24.01-py3" in out
+    after = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout
+    assert before == after
+
+
+# ---------------------------------------------------------------------- Slurm-specific ----------
+def test_server_client_is_one_heterogeneous_job(runner: Runner, partition: str) -> None:
+    from torchx_ext.components.group import server_client
+
+    port = free_port()
+    app = server_client(server="x", client="x", image=os.getcwd(), cpu=1, memMB=500)
+    server, client = app.roles
+    server.entrypoint, server.args = sys.executable, ["-c", SERVER, str(port)]
+    client.entrypoint, client.args = sys.executable, ["-c", CLIENT, str(port)]
+    handle = runner.run(app, SCHEDULER, {"partition": partition})
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.SUCCEEDED, (status, logs(runner, handle, "client"))
+    assert "GOT hello from server" in logs(runner, handle, "client")
+    text = _scontrol(_app_id(handle))
+    lines = [line for line in text.splitlines() if line.startswith("JobId=")]
+    assert len(lines) == 2, text  # one het job: a component per role, started together
+    assert all(f"HetJobId={_app_id(handle)}" in line for line in lines), text
+    assert [r.role for r in status.roles] == ["server", "client"]
+    # the server was stopped once the client was done: shown as succeeded, the app too
+    assert status.roles[0].replicas[0].state == AppState.SUCCEEDED
+
+
+def test_failure_names_role_and_exit_code(runner: Runner, partition: str) -> None:
+    app = _role_app("fail", "import sys; sys.exit(7)")
+    handle = runner.run(app, SCHEDULER, {"partition": partition})
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.FAILED, status
+    assert "'main'" in status.msg and "exit code 7" in status.msg, status.msg
+    assert status.roles[0].replicas[0].state == AppState.FAILED
+
+
+def _wait_for_line(runner: Runner, handle: str, role: str, needle: str) -> None:
+    deadline = time.time() + TIMEOUT
+    while needle not in logs(runner, handle, role):
+        assert time.time() < deadline, f"{needle!r} never appeared in {role}'s log"
+        time.sleep(0.3)
+
+
+def test_slurmctld_restart_while_running(runner: Runner, partition: str) -> None:
+    code = "import time; print('up', flush=True); time.sleep(6); print('finished', flush=True)"
+    handle = runner.run(_role_app("restart", code), SCHEDULER, {"partition": partition})
+    _wait_for_line(runner, handle, "main", "up")
+    restart = subprocess.Popen(["bash", os.path.join(ROOT, "testbed", "slurm.sh"), "restart-ctld"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = set()
+    while restart.poll() is None:  # status keeps answering while slurmctld is away
+        seen.add(runner.status(handle).state)
+        time.sleep(0.2)
+    assert restart.returncode == 0, restart.stdout.read() if restart.stdout else ""
+    assert seen <= {AppState.RUNNING, AppState.UNKNOWN}, seen
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.SUCCEEDED, status
+    assert "finished" in logs(runner, handle, "main")
+
+
+def _replica_pid(app_id: str, token: str) -> Optional[int]:
+    for pid in _processes_of(app_id):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if token.encode() in f.read():
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_replica_killed_on_node_fails_app(runner: Runner, partition: str) -> None:
+    token = f"victim-{time.time_ns()}"
+    code = "import sys, time; print('up', flush=True); time.sleep(300)"
+    app = _role_app("killed", code)
+    app.roles[0].args.append(token)  # marks the replica's command line, to find its process
+    handle = runner.run(app, SCHEDULER, {"partition": partition})
+    _wait_for_line(runner, handle, "main", "up")
+    pid = _replica_pid(_app_id(handle), token)
+    assert pid is not None, "the replica's process was not found on this host"
+    os.kill(pid, signal.SIGKILL)
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.FAILED, status
+    assert "exit code 137" in status.msg and "SIGKILL" in status.msg, status.msg
+    assert nothing_running(handle)
+
+
+def test_bad_partition_and_unknown_dependency_rejected(runner: Runner, partition: str) -> None:
+    before = {a.app_handle for a in runner.list(SCHEDULER)}
+    with pytest.raises(ValueError, match="sbatch rejected the job: .*partition"):
+        runner.run(_role_app("badpart", "print(1)"), SCHEDULER, {"partition": "no-such-partition"})
+    with pytest.raises(Exception, match="999999"):
+        runner.run(_role_app("dep", "print(1)"), SCHEDULER, {"partition": partition, "dependencies": ["999999"]})
+    assert {a.app_handle for a in runner.list(SCHEDULER)} == before
+
+
+def _forgotten_app(job_id: str, result: str) -> None:
+    """The record a finished app leaves once slurmctld has forgotten it (MinJobAge, no sacct)."""
+    from torchx_ext.schedulers import host_supervisor as sup
+
+    record_dir = os.path.join(sup.home(), SCHEDULER, job_id)
+    os.makedirs(record_dir, exist_ok=True)
+    with open(os.path.join(record_dir, "result"), "w") as f:
+        f.write(result)
+    sup.write_json(os.path.join(record_dir, "app.json"), {
+        "app_id": job_id, "app_name": "old", "job_dir": record_dir, "job_root": os.path.dirname(record_dir),
+        "roles": [{"name": "main", "dirname": "main", "image": "", "entrypoint": "x", "num_replicas": 1,
+                   "service": False}], "dependencies": [],
+    })
+
+
+def test_dependency_slurm_has_forgotten(runner: Runner, partition: str) -> None:
+    _forgotten_app("999990", "0 \n")
+    _forgotten_app("999991", "3 main/0\n")
+    assert runner.status(f"{SCHEDULER}://torchx/999990").state == AppState.SUCCEEDED
+    assert runner.status(f"{SCHEDULER}://torchx/999991").state == AppState.FAILED
+    with pytest.raises(Exception, match="999991 ended FAILED"):
+        runner.run(_role_app("dep", "print(1)"), SCHEDULER, {"partition": partition, "dependencies": ["999991"]})
+    # a dependency known to have succeeded is satisfied: the app runs at once
+    handle = runner.run(_role_app("dep", "print('ran')"), SCHEDULER,
+                        {"partition": partition, "dependencies": ["999990"]})
+    assert wait_terminal(runner, handle, TIMEOUT).state == AppState.SUCCEEDED
+
+
+def test_hostile_sbatch_values_and_job_dir_reach_slurm(runner: Runner, partition: str, tmp_path: str) -> None:
+    comment = 'a "b" \\c #d $HOME it\'s'
+    job_dir = os.path.join(str(tmp_path), "my jobs %x $HOME")
+    handle = runner.run(_role_app("quoted", "print('in odd dir')"), SCHEDULER,
+                        {"partition": partition, "sbatch_args": [f"--comment={comment}"], "job_dir": job_dir})
+    assert wait_terminal(runner, handle, TIMEOUT).state == AppState.SUCCEEDED
+    assert f"Comment={comment}" in _scontrol(_app_id(handle))
+    assert "in odd dir" in logs(runner, handle, "main")
+    assert os.path.isfile(os.path.join(job_dir, f"slurm-{_app_id(handle)}.out"))
+    assert handle in {a.app_handle for a in runner.list(SCHEDULER)}  # found by its record
+
+
+def test_log_tail_since_until(runner: Runner, partition: str) -> None:
+    from datetime import datetime
+
+    code = ("import time\n"
+            "for w in ('early', 'middle', 'late'):\n"
+            "    print(w, '%.6f' % time.time(), flush=True); time.sleep(1.0)\n")
+    handle = runner.run(_role_app("tail", code), SCHEDULER, {"partition": partition})
+    wait_state(runner, handle, AppState.RUNNING, TIMEOUT)
+    tailed = "".join(runner.log_lines(handle, "main", 0, should_tail=True))  # returns when the app ends
+    assert [line.split()[0] for line in tailed.splitlines()] == ["early", "middle", "late"]
+    stamps = {line.split()[0]: float(line.split()[1]) for line in tailed.splitlines()}
+    cut = datetime.fromtimestamp((stamps["early"] + stamps["middle"]) / 2)
+    assert logs(runner, handle, "main", since=cut).split()[::2] == ["middle", "late"]
+    assert logs(runner, handle, "main", until=cut).split()[::2] == ["early"]

@@ -1,0 +1,314 @@
+"""``slurm_jobs`` without a cluster: the generated sbatch scripts against saved references, the
+quoting of every user value, the bash runtime's helpers, and the parsers of Slurm's output.
+
+Reference scripts live in ``tests/slurm_reference/``; after an intended change regenerate them with
+``UPDATE_REFERENCE=1 .venv/bin/python -m pytest tests/test_slurm_jobs_unit.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+from typing import Any
+
+import pytest
+from torchx.specs import AppDef, AppState, Resource, Role
+
+from contract import HOSTILE_ARGS
+from torchx_ext.errors import DependencyError, UnknownOptionError
+from torchx_ext.executors import capabilities, executor_for
+from torchx_ext.groups import mark_service
+from torchx_ext.schedulers import slurm_jobs_script as script
+from torchx_ext.schedulers.slurm_jobs import SlurmJobsExecutor, _StampedReader, create_scheduler
+from torchx_ext.schedulers.slurm_jobs_script import app_state_of, parse_sacct, parse_scontrol_job, signal_reason
+
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slurm_reference")
+RES = Resource(cpu=2, gpu=0, memMB=1000)
+
+
+def _role(name: str, *args: str, replicas: int = 1, service: bool = False, image: str = "/tmp",
+          env: dict[str, str] | None = None, resource: Resource = RES) -> Role:
+    role = Role(name=name, image=image, entrypoint="python3", args=list(args), num_replicas=replicas,
+                env=dict(env or {}), resource=resource)
+    return mark_service(role, service)
+
+
+def _dryrun(app: AppDef, **cfg: Any) -> str:
+    cfg.setdefault("job_dir", "/shared/jobs")
+    return repr(create_scheduler("test").submit_dryrun(app, cfg).request)
+
+
+CASES = {
+    # one role, replicas as tasks of one job, every job-level option
+    "single_role_all_options": lambda: _dryrun(
+        AppDef("train", roles=[_role("trainer", "-m", "train", "--rank", "${replica_id}", replicas=4,
+                                     resource=Resource(cpu=8, gpu=2, memMB=32000))]),
+        partition="gpu", time="2:00:00", account="proj", qos="high", constraint="a100&ib", exclusive=True,
+        ntasks_per_node=2, mail_user="me@example.com", mail_type="END,FAIL",
+        sbatch_args=["--reservation=maint", "--comment=with space"], srun_args=["--mpi=pmix"],
+    ),
+    # two roles: one heterogeneous job, a service, dependencies (afterok + kill-on-invalid-dep)
+    "group_with_service_and_dependencies": lambda: _dryrun(
+        AppDef("serve", roles=[
+            _role("vllm-server", "-m", "server", "--port", "8000", service=True,
+                  resource=Resource(cpu=4, gpu=1, memMB=16000)),
+            _role("client", "-m", "client", "--app", "${app_id}", replicas=2, env={"MODE": "eval"}),
+        ]),
+        partition="batch", dependencies=["slurm_jobs://torchx/101", "102"], gpus_per_node=8,
+    ),
+    # pyxis: container image + mounts on every srun; an absolute image is the container workdir
+    "pyxis_container": lambda: _dryrun(
+        AppDef("box", roles=[_role("main", "-c", "print(1)", image="/workspace/code")]),
+        container_image="nvcr.io#nvidia/pytorch:24.01-py3",
+        container_mounts=["/data:/data:ro", "/scratch:/scratch"],
+    ),
+    # hostile arguments, env values, app name and sbatch values: quoted, never interpreted
+    "hostile_values": lambda: _dryrun(
+        AppDef("a'; rm -rf / #", roles=[_role("main", "-c", "pass", *HOSTILE_ARGS,
+                                              env={"HOSTILE": "".join(HOSTILE_ARGS), "EMPTY": ""})]),
+        sbatch_args=['--comment=a "b" \\c #d $HOME'], job_dir="/shared/my jobs/$USER",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reference_script(case: str) -> None:
+    text = CASES[case]()
+    path = os.path.join(REFERENCE_DIR, f"{case}.sbatch")
+    if os.environ.get("UPDATE_REFERENCE") == "1":
+        os.makedirs(REFERENCE_DIR, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    with open(path, encoding="utf-8") as f:
+        expected = f.read()
+    assert text == expected, (
+        f"the generated script differs from {path}. If the change is intended, regenerate with "
+        f"UPDATE_REFERENCE=1 .venv/bin/python -m pytest {__file__} and review the diff"
+    )
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reference_script_is_valid_bash(case: str) -> None:
+    proc = subprocess.run(["bash", "-n"], input=CASES[case](), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _bash_words(words: str, env: dict[str, str] | None = None) -> list[str]:
+    """What bash makes of ``words`` as the arguments of a command."""
+    proc = subprocess.run(["bash", "-c", f"printf '%s\\0' {words}"], capture_output=True,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0
+    return proc.stdout.decode().split("\0")[:-1]
+
+
+def test_sh_word_round_trips_hostile_values() -> None:
+    assert _bash_words(" ".join(script.sh_word(a) for a in HOSTILE_ARGS)) == HOSTILE_ARGS
+
+
+def test_app_id_macro_becomes_the_job_id() -> None:
+    word = script.sh_word(f"run-{script.APP_ID_TOKEN}/{script.APP_ID_TOKEN}'$x")
+    assert _bash_words(word, {"SLURM_JOB_ID": "4242"}) == ["run-4242/4242'$x"]
+
+
+@pytest.mark.parametrize("value", ["plain", "a b", 'a"b', "a\\b", "x#y", "$HOME", "it's"])
+def test_sbatch_word_quotes_for_sbatch(value: str) -> None:
+    word = script.sbatch_word(value)
+    assert word == value or (word.startswith('"') and word.endswith('"'))
+    if word != value:  # sbatch's reading: double quotes, backslash escapes
+        inner = word[1:-1]
+        out, i = [], 0
+        while i < len(inner):
+            if inner[i] == "\\":
+                i += 1
+            out.append(inner[i])
+            i += 1
+        assert "".join(out) == value
+
+
+def test_newline_in_an_sbatch_value_is_one_clear_error() -> None:
+    app = AppDef("x", roles=[_role("main", "-c", "1")])
+    with pytest.raises(ValueError, match="line break"):
+        _dryrun(app, partition="a\nb")
+
+
+def test_options_and_dependencies_are_checked_in_the_dryrun() -> None:
+    app = AppDef("x", roles=[_role("main", "-c", "1")])
+    with pytest.raises(UnknownOptionError, match="Valid options: .*partition"):
+        _dryrun(app, partiton="x")
+    with pytest.raises(DependencyError, match="belongs to scheduler 'host'"):
+        _dryrun(app, dependencies=["host://s/abc"])
+    with pytest.raises(DependencyError, match="no-such-dep"):
+        _dryrun(app, dependencies=["slurm_jobs://torchx/no-such-dep"])
+
+
+def test_executor_is_registered_with_capabilities() -> None:
+    assert executor_for("slurm_jobs") is SlurmJobsExecutor
+    caps = capabilities(SlurmJobsExecutor)
+    assert caps.heterogeneous_groups and caps.services and caps.dependencies
+    assert caps.persistent_status and caps.discovery_env
+    name, cfg = SlurmJobsExecutor(partition="debug", exclusive=True).to_run_args()
+    assert name == "slurm_jobs" and cfg["partition"] == "debug" and cfg["exclusive"] is True
+
+
+def test_unknown_ids_are_none_without_asking_slurm() -> None:
+    sched = create_scheduler("t")
+    assert sched.describe("not-a-job-id") is None
+    assert sched.describe("") is None
+
+
+# ---------------------------------------------------------------------- the bash runtime --------
+def _runtime(body: str, tmp_path: Any, env: dict[str, str] | None = None) -> str:
+    """Runs ``body`` after the script's runtime, with a fake ``srun``/``scontrol`` on PATH."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bindir / "scontrol").write_text(textwrap.dedent("""\
+        #!/bin/bash
+        # a fake for edge cases: "show hostnames n[1-3]" and "show node -o NODE"
+        if [[ $1 == show && $2 == hostnames ]]; then printf '%s\\n' n1 n2 n3
+        elif [[ $1 == show && $2 == node ]]; then echo "NodeName=$4 Arch=x NodeAddr=10.0.0.${4#n} X=y"
+        fi
+    """))
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    full = script.RUNTIME + "\n" + body
+    proc = subprocess.run(["bash", "-c", full], capture_output=True,
+                          env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", **(env or {})})
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("tasks,n,expected", [
+    ("2(x2),1", 5, "n1 n1 n2 n2 n3"),
+    ("1,3,1", 5, "n1 n2 n2 n2 n3"),
+    ("", 4, "n1 n2 n3 n1"),  # unknown layout: round robin
+])
+def test_replica_placement_follows_slurm_layout(tasks: str, n: int, expected: str, tmp_path: Any) -> None:
+    out = _runtime(f'_txe_nodes "n[1-3]" "{tasks}" {n} | tr "\\n" " "', tmp_path)
+    assert out.strip() == expected
+
+
+def test_hosts_are_node_addresses(tmp_path: Any) -> None:
+    assert _runtime("_txe_hosts n1 n3 n1", tmp_path).strip() == "10.0.0.1,10.0.0.3,10.0.0.1"
+
+
+@pytest.mark.parametrize("perl", [True, False])
+def test_stamp_keeps_bytes_and_the_last_partial_line(perl: bool, tmp_path: Any) -> None:
+    body = "" if perl else "_TXE_PERL=\n"
+    body += "printf 'a  b\\\\n\\tc\\n\\xff\\xfe ünï\\nno newline' | _txe_stamp E"
+    out = _runtime(body, tmp_path).splitlines()
+    assert [line.split(" ", 2)[1:] for line in out] == [
+        ["E", "a  b\\n\tc"], ["E", "\ufffd\ufffd ünï"], ["E", "no newline"],
+    ]
+    assert all(float(line.split(" ", 1)[0]) > 1e9 for line in out)
+
+
+# ---------------------------------------------------------------------- parsers -----------------
+SCONTROL = (
+    "JobId=41 HetJobId=41 HetJobOffset=0 JobName=x JobState=FAILED Reason=NonZeroExitCode "
+    "Dependency=(null) ExitCode=137:0 Comment=fake JobState=COMPLETED Reason=None\n"
+    "JobId=42 HetJobId=41 HetJobOffset=1 JobName=x JobState=RUNNING Reason=None ExitCode=0:0\n"
+)
+
+
+def test_parse_scontrol_reads_the_leader_and_ignores_later_text() -> None:
+    job = parse_scontrol_job(SCONTROL, "41")
+    assert job is not None
+    assert (job.state, job.reason, job.exit_code, job.dependency) == ("FAILED", "NonZeroExitCode", 137, "")
+    assert parse_scontrol_job(SCONTROL, "7") is None
+
+
+def test_signal_reason() -> None:
+    assert signal_reason(137) == "killed by signal 9 (SIGKILL)"
+    assert signal_reason(2) == "" and signal_reason(None) == ""
+
+
+def test_parse_sacct() -> None:
+    job = parse_sacct("12+0|CANCELLED by 0|0:15|None\n12+1|CANCELLED by 0|0:15|None\n", "12")
+    assert job is not None and job.app_state == AppState.CANCELLED and job.signal == 15
+
+
+@pytest.mark.parametrize("state,reason,expected", [
+    ("COMPLETED", "None", AppState.SUCCEEDED),
+    ("CANCELLED", "DependencyNeverSatisfied", AppState.FAILED),
+    ("CANCELLED by 0", "None", AppState.CANCELLED),
+    ("TIMEOUT", "TimeLimit", AppState.FAILED),
+    ("COMPLETING", "None", AppState.RUNNING),
+    ("WHATEVER", "", AppState.UNKNOWN),
+])
+def test_state_table(state: str, reason: str, expected: AppState) -> None:
+    assert app_state_of(state, reason) == expected
+
+
+def test_log_reader_splits_streams_and_waits_for_whole_lines(tmp_path: Any) -> None:
+    log = tmp_path / "log"
+    log.write_bytes(b"100.5 O out one\n101.0 E err one\nnot stamped\n102.0 O partial")
+    both, out, err = (_StampedReader(str(log), t) for t in (None, b"O", b"E"))
+    assert both.read_new() == [(100.5, "out one"), (101.0, "err one"), (None, "not stamped")]
+    assert out.read_new() == [(100.5, "out one")]
+    assert err.read_new() == [(101.0, "err one")]
+    with open(log, "ab") as f:
+        f.write(b" line\n")
+    assert out.read_new() == [(102.0, "partial line")]
+
+
+# ---------------------------------------------------------------------- Slurm away / forgotten --
+def _fake_slurm(tmp_path: Any, monkeypatch: Any, scontrol_err: str) -> str:
+    """A PATH whose scontrol fails with ``scontrol_err`` and whose sacct has no accounting."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    (bindir / "scontrol").write_text(f"#!/bin/sh\necho '{scontrol_err}' >&2\nexit 1\n")
+    (bindir / "sacct").write_text("#!/bin/sh\necho 'Slurm accounting storage is disabled' >&2\nexit 1\n")
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    home = tmp_path / "home"
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(home))
+    return str(home)
+
+
+def _record(home: str, job_id: str, result: str | None) -> None:
+    from torchx_ext.schedulers import host_supervisor as sup
+
+    job_dir = os.path.join(home, "slurm_jobs", job_id)
+    os.makedirs(os.path.join(job_dir, "main", "0"))
+    if result is not None:
+        with open(os.path.join(job_dir, "result"), "w") as f:
+            f.write(result)
+        with open(os.path.join(job_dir, "main", "0", "exit"), "w") as f:
+            f.write(result.split()[0])
+    sup.write_json(os.path.join(job_dir, "app.json"), {
+        "app_id": job_id, "app_name": "a", "job_dir": job_dir, "job_root": os.path.dirname(job_dir),
+        "roles": [{"name": "main", "dirname": "main", "image": "", "entrypoint": "x", "num_replicas": 1,
+                   "service": False}], "dependencies": [],
+    })
+
+
+def test_slurmctld_unreachable(tmp_path: Any, monkeypatch: Any) -> None:
+    from torchx_ext.errors import SchedulerUnavailable
+
+    error = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
+    home = _fake_slurm(tmp_path, monkeypatch, error)
+    _record(home, "77", None)
+    _record(home, "78", "5 main/0\n")
+    sched = create_scheduler("t")
+    running = sched.describe("77")
+    assert running is not None and running.state == AppState.UNKNOWN and "unreachable" in running.msg
+    done = sched.describe("78")  # the batch script's verdict is there: no need for slurmctld
+    assert done is not None and done.state == AppState.FAILED and "exit code 5" in done.msg
+    with pytest.raises(SchedulerUnavailable, match="Unable to contact"):
+        sched.describe("79")
+
+
+def test_job_forgotten_by_slurm_without_accounting(tmp_path: Any, monkeypatch: Any) -> None:
+    home = _fake_slurm(tmp_path, monkeypatch, "slurm_load_jobs error: Invalid job id specified")
+    _record(home, "80", None)
+    _record(home, "81", "0 \n")
+    sched = create_scheduler("t")
+    lost = sched.describe("80")
+    assert lost is not None and lost.state == AppState.UNKNOWN and "no accounting" in lost.msg
+    ok = sched.describe("81")
+    assert ok is not None and ok.state == AppState.SUCCEEDED
+    assert ok.roles_statuses[0].replicas[0].state == AppState.SUCCEEDED
+    assert sched.describe("82") is None  # neither Slurm nor we know it

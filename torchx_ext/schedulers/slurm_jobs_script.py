@@ -1,0 +1,400 @@
+"""The pure half of ``slurm_jobs``: the sbatch script it submits and the reading of Slurm's answers.
+
+Nothing here runs a command or touches the cluster, so all of it is tested without Slurm.
+
+The script is what ``--dryrun`` prints and what ``sbatch`` receives, byte for byte; tests compare it
+with reference files under ``tests/slurm_reference/``. Layout of what it writes, under
+``<job_dir>/<job id>/`` (``<job_dir>`` defaults to ``$TORCHX_EXT_HOME/slurm_jobs``)::
+
+    <role>/<replica>/log    every output line as "<unix time> <O|E> <text>" (O: stdout, E: stderr)
+    <role>/<replica>/exit   the replica's exit code (srun's: 128+N when killed by signal N)
+    <role>/<replica>/host   "<node> <address>" it ran on
+    <role>/<replica>/stopped present when the group stopped it (services at the end, or the
+                            rest of the group after a failure)
+    result                  "<exit code> <role>/<replica that decided it>", written last
+
+The batch script's own output goes to ``<job_dir>/slurm-<job id>.out`` (Slurm needs an existing
+directory for it before the job id is known).
+
+Quoting: the body is bash, every user value goes through :func:`shlex.quote`; ``#SBATCH`` lines are
+read by sbatch's own tokenizer (double quotes with backslash escapes, see :func:`sbatch_word`).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from torchx.specs import AppState
+
+# Stands for the Slurm job id in argv/env until the script is rendered (TorchX's ${app_id} macro):
+# the id only exists once sbatch has answered, so the script reads it from $SLURM_JOB_ID.
+APP_ID_TOKEN = "\x00TORCHX_EXT_APP_ID\x00"
+MARKER = "torchx-ext:slurm_jobs"  # --comment of our jobs: `list` finds them in one squeue call
+
+_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]*$")
+
+
+def sbatch_word(value: str) -> str:
+    """One word of an ``#SBATCH`` line, as sbatch's tokenizer reads it back.
+
+    sbatch splits ``#SBATCH`` lines on whitespace, honours double quotes and backslash escapes,
+    and stops at ``#``. A newline cannot be carried at all, so it is an error.
+    """
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"an sbatch option cannot contain a line break: {value!r}")
+    if _SBATCH_SAFE.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sh_word(value: str) -> str:
+    """A bash word for ``value``; :data:`APP_ID_TOKEN` becomes ``"$SLURM_JOB_ID"``."""
+    if APP_ID_TOKEN not in value:
+        return shlex.quote(value)
+    parts = value.split(APP_ID_TOKEN)
+    return '"$SLURM_JOB_ID"'.join(shlex.quote(p) if p else "" for p in parts)
+
+
+@dataclass
+class ReplicaCommand:
+    """One replica: its command line and its own environment (discovery env is added at run time)."""
+
+    replica_id: int
+    argv: list[str]
+    env: dict[str, str]
+
+
+@dataclass
+class RoleComponent:
+    """One role = one component of the (heterogeneous) job."""
+
+    name: str
+    dirname: str  # the role's directory under the job dir (a filesystem-safe role name)
+    env_suffix: str  # TORCHX_EXT_HOSTS_<env_suffix>
+    service: bool
+    num_replicas: int
+    sbatch_opts: list[str]  # this component's resources and placement
+    srun_opts: list[str]  # every replica's step options (resources, chdir, container, ...)
+    replicas: list[ReplicaCommand] = field(default_factory=list)
+
+
+@dataclass
+class ScriptSpec:
+    """Everything the script is made of. ``job_opts`` go to the first component only."""
+
+    app_name: str
+    job_root: str
+    job_opts: list[str]
+    shared_opts: list[str]  # repeated in every component (partition, time, account, ...)
+    dependencies: list[str]
+    components: list[RoleComponent]
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len(self.components) > 1
+
+
+# The runtime part of every script: plain bash (4.2+), no Python needed on the nodes. Kept
+# verbatim in the script so a user can read (and re-submit) exactly what ran.
+RUNTIME = r"""
+# ---- torchx-ext runtime: identical in every script -----------------------------------------
+_TXE_SRUN=$(command -v srun) || { echo "torchx-ext: srun not found on $(hostname)" >&2; exit 1; }
+_TXE_PERL=$(command -v perl || true)
+
+# _txe_stamp TAG: prefixes each line of stdin with "<unix time> TAG " (perl if present: fast).
+_txe_stamp() {
+  if [[ -n $_TXE_PERL ]]; then
+    "$_TXE_PERL" -MTime::HiRes=time -e '$|=1; my $t = shift;
+      while (<STDIN>) { $_ .= "\n" unless /\n\z/; printf "%.6f %s %s", time, $t, $_ }' "$1"
+  else
+    local LC_ALL=C line
+    while IFS= read -r line || [[ -n $line ]]; do
+      printf '%s %s %s\n' "${EPOCHREALTIME:-$(date +%s)}" "$1" "$line"
+    done
+  fi
+}
+
+# _txe_nodes NODELIST TASKS_PER_NODE N: the node of each of N replicas, one per line, in the
+# block order Slurm allocated the tasks (TASKS_PER_NODE looks like "2(x3),1").
+_txe_nodes() {
+  local nodes=() counts=() part k i=0 c
+  mapfile -t nodes < <(scontrol show hostnames "$1")
+  IFS=, read -ra parts <<<"$2"
+  for part in "${parts[@]}"; do
+    if [[ $part =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
+      for ((k = 0; k < BASH_REMATCH[2]; k++)); do counts+=("${BASH_REMATCH[1]}"); done
+    else
+      counts+=("$part")
+    fi
+  done
+  for ((k = 0; k < ${#nodes[@]} && i < $3; k++)); do
+    for ((c = 0; c < ${counts[k]:-1} && i < $3; c++, i++)); do echo "${nodes[k]}"; done
+  done
+  for ((; i < $3; i++)); do echo "${nodes[i % ${#nodes[@]}]}"; done  # layout unknown: round robin
+}
+
+# _txe_addr NODE: the address others reach NODE at (its NodeAddr; the name if unknown).
+declare -A _TXE_ADDR_CACHE
+_txe_addr() {
+  if [[ -z ${_TXE_ADDR_CACHE[$1]:-} ]]; then
+    local out; out=$(scontrol show node -o "$1" 2>/dev/null)
+    if [[ $out =~ (^|[[:space:]])NodeAddr=([^[:space:]]+) ]]; then
+      _TXE_ADDR_CACHE[$1]=${BASH_REMATCH[2]}
+    else
+      _TXE_ADDR_CACHE[$1]=$1
+    fi
+  fi
+  echo "${_TXE_ADDR_CACHE[$1]}"
+}
+
+# _txe_hosts NODE...: comma-separated addresses of the nodes, in order.
+_txe_hosts() {
+  local out=() n
+  for n in "$@"; do out+=("$(_txe_addr "$n")"); done
+  (IFS=,; echo "${out[*]}")
+}
+
+# _txe_replica DIR NODE COMMAND...: starts one replica's step in the background; its output is
+# stamped into DIR/log, its exit code lands in DIR/exit (written last, atomically).
+_txe_replica() {
+  local dir=$1 node=$2; shift 2
+  mkdir -p "$dir"
+  echo "$node $(_txe_addr "$node")" >"$dir/host"
+  (
+    set -o pipefail
+    { { "$@" 2>&1 1>&3 3>&- </dev/null & echo "$!" >"$dir/pid"; wait "$!"; } \
+        | _txe_stamp E >>"$dir/log"; } 3>&1 | _txe_stamp O >>"$dir/log"
+    echo "$?" >"$dir/exit.tmp" && mv -f "$dir/exit.tmp" "$dir/exit"
+  ) &
+}
+
+# _txe_group: the group rules. Ends when every main replica succeeded, any main replica failed,
+# or a service ended early; stops what still runs; records the verdict; exits with its code.
+_txe_group() {
+  local d c code=0 culprit= pending i
+  while :; do
+    pending=0
+    for d in "${_TXE_MAIN[@]}"; do
+      if [[ -f $d/exit ]]; then
+        read -r c <"$d/exit"
+        if [[ $c != 0 ]]; then code=$c; culprit=$d; break 2; fi
+      else
+        pending=1
+      fi
+    done
+    [[ $pending == 0 ]] && break
+    for d in "${_TXE_SERVICES[@]}"; do
+      if [[ -f $d/exit ]]; then
+        read -r c <"$d/exit"; code=$c; [[ $c == 0 ]] && code=1; culprit=$d; break 2
+      fi
+    done
+    sleep 0.5
+  done
+  for d in "${_TXE_MAIN[@]}" "${_TXE_SERVICES[@]}"; do
+    [[ -f $d/exit ]] && continue
+    : >"$d/stopped"
+    [[ -f $d/pid ]] && kill -TERM "$(<"$d/pid")" 2>/dev/null
+  done
+  for ((i = 0; i < 120; i++)); do  # srun ends its step (SIGTERM, then SIGKILL after KillWait)
+    pending=0
+    for d in "${_TXE_MAIN[@]}" "${_TXE_SERVICES[@]}"; do [[ -f $d/exit ]] || pending=1; done
+    [[ $pending == 0 ]] && break
+    sleep 0.5
+  done
+  echo "$code ${culprit#"$_TXE_DIR/"}" >"$_TXE_DIR/result.tmp" && mv -f "$_TXE_DIR/result.tmp" "$_TXE_DIR/result"
+  if ((code > 255)); then code=1; fi
+  exit "$code"
+}
+# ---- end of the runtime --------------------------------------------------------------------
+"""
+
+
+def _sbatch_line(words: list[str]) -> str:
+    return "#SBATCH " + " ".join(sbatch_word(w) for w in words)
+
+
+def render(spec: ScriptSpec) -> str:
+    """The complete sbatch script of ``spec``."""
+    out = [
+        "#!/bin/bash",
+        f"# torchx-ext slurm_jobs: app {spec.app_name!r}, "
+        f"{len(spec.components)} role(s); generated from the AppDef, do not edit by hand.",
+    ]
+    first = list(spec.job_opts)
+    if spec.dependencies:
+        # afterok, and let Slurm cancel us at once if a dependency fails (never pending forever)
+        first += [f"--dependency=afterok:{':'.join(spec.dependencies)}", "--kill-on-invalid-dep=yes"]
+    for g, comp in enumerate(spec.components):
+        if g:
+            out.append("#SBATCH hetjob")
+        if g == 0:
+            out.extend(_sbatch_line([w]) for w in first)
+        kind = "service role" if comp.service else "role"
+        out.append(f"# {kind} {comp.name!r}: {comp.num_replicas} replica(s)")
+        out.extend(_sbatch_line([w]) for w in [*spec.shared_opts, *comp.sbatch_opts])
+    out.append("")
+    out.append(f"_TXE_DIR={sh_word(spec.job_root)}/\"$SLURM_JOB_ID\"")
+    out.append('mkdir -p "$_TXE_DIR" || exit 1')
+    out.append(RUNTIME.strip("\n"))
+    out.append("")
+    out.append("# a requeued job starts over: forget the previous run's exit codes (logs are kept)")
+    dirs = " ".join(f'"$_TXE_DIR"/{sh_word(c.dirname)}' for c in spec.components)
+    out.append(f'rm -f "$_TXE_DIR/result"; for _d in {dirs}; do rm -f "$_d"/*/{{exit,pid,stopped,host}}; done')
+    out.append("")
+    out.append("# where each replica runs, and the discovery environment every replica gets")
+    env_words = ['TORCHX_EXT_APP_ID="$SLURM_JOB_ID"']
+    for g, comp in enumerate(spec.components):
+        sfx = f"_HET_GROUP_{g}" if spec.heterogeneous else ""
+        out.append(
+            f'mapfile -t _TXE_NODES_{g} < <(_txe_nodes "$SLURM_JOB_NODELIST{sfx}" '
+            f'"$SLURM_TASKS_PER_NODE{sfx}" {comp.num_replicas})'
+        )
+        out.append(f'_TXE_HOSTS_{g}=$(_txe_hosts "${{_TXE_NODES_{g}[@]}}")')
+        env_words.append(f'TORCHX_EXT_HOSTS_{comp.env_suffix}="$_TXE_HOSTS_{g}"')
+    out.append("_TXE_ENV=(" + " ".join(env_words) + ")")
+    out.append("")
+    main: list[str] = []
+    services: list[str] = []
+    for g, comp in enumerate(spec.components):
+        het = [f"--het-group={g}"] if spec.heterogeneous else []
+        for rep in comp.replicas:
+            rdir = f'"$_TXE_DIR"/{sh_word(comp.dirname)}/{rep.replica_id}'
+            (services if comp.service else main).append(rdir)
+            # the discovery variables come last: `env` applies assignments in order, so they win
+            env = [
+                f'TORCHX_RANK0_HOST="${{_TXE_HOSTS_{g}%%,*}}"',
+                *[sh_word(f"{k}={v}") for k, v in rep.env.items()],
+                '"${_TXE_ENV[@]}"',
+                f"TORCHX_EXT_ROLE={sh_word(comp.name)}",
+                f"TORCHX_EXT_REPLICA_ID={rep.replica_id}",
+                f"TORCHX_EXT_NUM_REPLICAS={comp.num_replicas}",
+            ]
+            srun = [*het, f'--nodelist="${{_TXE_NODES_{g}[{rep.replica_id}]}}"',
+                    *[sh_word(o) for o in comp.srun_opts]]
+            out.append(f"# role {comp.name!r} replica {rep.replica_id}")
+            out.append(
+                f'_txe_replica {rdir} "${{_TXE_NODES_{g}[{rep.replica_id}]}}" \\\n'
+                f'  env -- {" ".join(env)} \\\n'
+                f'  "$_TXE_SRUN" {" ".join(srun)} \\\n'
+                f"  {' '.join(sh_word(a) for a in rep.argv)}"
+            )
+    out.append("")
+    out.append("_TXE_MAIN=(" + " ".join(main) + ")")
+    out.append("_TXE_SERVICES=(" + " ".join(services) + ")")
+    out.append("_txe_group")
+    return "\n".join(out) + "\n"
+
+
+def parse_result(text: Optional[str]) -> Optional[tuple[int, str]]:
+    """``"137 main/0"`` → ``(137, "main/0")``; None when absent or malformed."""
+    if not text:
+        return None
+    code, _, culprit = text.strip().partition(" ")
+    try:
+        return int(code), culprit
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------- Slurm's answers --------
+# Slurm job state → AppState (one table, read with .get(state, UNKNOWN))
+SLURM_STATES: Mapping[str, AppState] = {
+    "BOOT_FAIL": AppState.FAILED,
+    "CANCELLED": AppState.CANCELLED,
+    "COMPLETED": AppState.SUCCEEDED,
+    "COMPLETING": AppState.RUNNING,
+    "CONFIGURING": AppState.PENDING,
+    "DEADLINE": AppState.FAILED,
+    "FAILED": AppState.FAILED,
+    "NODE_FAIL": AppState.FAILED,
+    "OUT_OF_MEMORY": AppState.FAILED,
+    "PENDING": AppState.PENDING,
+    "PREEMPTED": AppState.FAILED,
+    "REQUEUED": AppState.PENDING,
+    "REQUEUE_FED": AppState.PENDING,
+    "REQUEUE_HOLD": AppState.PENDING,
+    "RESIZING": AppState.RUNNING,
+    "RUNNING": AppState.RUNNING,
+    "SIGNALING": AppState.RUNNING,
+    "STAGE_OUT": AppState.RUNNING,
+    "STOPPED": AppState.RUNNING,
+    "SUSPENDED": AppState.PENDING,
+    "TIMEOUT": AppState.FAILED,
+}
+DEP_NEVER = "DependencyNeverSatisfied"
+
+
+@dataclass
+class SlurmJob:
+    """What slurmctld (or sacct) says about a job: its (leader) state."""
+
+    job_id: str
+    state: str
+    reason: str = ""
+    exit_code: int = 0  # the batch script's exit code
+    signal: int = 0
+    dependency: str = ""
+
+    @property
+    def app_state(self) -> AppState:
+        return app_state_of(self.state, self.reason)
+
+
+def app_state_of(state: str, reason: str = "") -> AppState:
+    """A Slurm state (``"CANCELLED by 0"``, ``"RUNNING"``, ...) as an AppState.
+
+    A job Slurm cancelled because a dependency failed is FAILED: nobody cancelled it.
+    """
+    base = state.split()[0].split("+")[0] if state else ""
+    if base == "CANCELLED" and reason == DEP_NEVER:
+        return AppState.FAILED
+    return SLURM_STATES.get(base, AppState.UNKNOWN)
+
+
+_SCONTROL_KEYS = re.compile(r"(?:^|\s)(JobId|JobState|Reason|ExitCode|Dependency)=(\S*)")
+
+
+def parse_scontrol_job(text: str, job_id: str) -> Optional[SlurmJob]:
+    """The line of ``scontrol show job -o`` output whose JobId is ``job_id`` (a het job's leader).
+
+    The keys read here come before any free-text field (Comment, Command, WorkDir); the first
+    occurrence of each key wins, so text inside later fields cannot fool the parser.
+    """
+    for line in text.splitlines():
+        fields: dict[str, str] = {}
+        for key, value in _SCONTROL_KEYS.findall(line):
+            fields.setdefault(key, value)
+        if fields.get("JobId") != job_id:
+            continue
+        code, _, sig = fields.get("ExitCode", "0:0").partition(":")
+        dep = fields.get("Dependency", "")
+        return SlurmJob(
+            job_id=job_id, state=fields.get("JobState", ""), reason=fields.get("Reason", ""),
+            exit_code=int(code or 0), signal=int(sig or 0), dependency="" if dep == "(null)" else dep,
+        )
+    return None
+
+
+def parse_sacct(text: str, job_id: str) -> Optional[SlurmJob]:
+    """``sacct -n -P -X -o JobID,State,ExitCode,Reason`` output → the job (its het leader row)."""
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) >= 3 and parts[0] in (job_id, f"{job_id}+0"):
+            code, _, sig = parts[2].partition(":")
+            return SlurmJob(job_id=job_id, state=parts[1], reason=parts[3] if len(parts) > 3 else "",
+                            exit_code=int(code or 0), signal=int(sig or 0))
+    return None
+
+
+def signal_reason(code: Optional[int]) -> str:
+    """``137`` → ``"killed by signal 9 (SIGKILL)"`` (srun reports 128+N); "" otherwise."""
+    if code is None or code <= 128 or code > 128 + 64:
+        return ""
+    try:
+        return f"killed by signal {code - 128} ({signal.Signals(code - 128).name})"
+    except ValueError:
+        return f"killed by signal {code - 128}"
