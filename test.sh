@@ -28,11 +28,11 @@ cleanup() {
 }
 trap cleanup EXIT
 for tb in slurm docker; do  # ray: its head joins when ray_jobs lands (issue 3)
-    if ! VENV="$VENV" bash "testbed/$tb.sh" status >/dev/null 2>&1; then
-        say "starting $tb testbed"
-        VENV="$VENV" bash "testbed/$tb.sh" start
-        started+=("$tb")
-    fi
+    # start is idempotent and writes testbed/.state/$tb.env for this checkout even when the
+    # daemons were already up (another checkout); only what was down is stopped at exit
+    VENV="$VENV" bash "testbed/$tb.sh" status >/dev/null 2>&1 || started+=("$tb")
+    say "starting $tb testbed"
+    VENV="$VENV" bash "testbed/$tb.sh" start
 done
 
 say "test suite on torchx 0.7.0"
