@@ -52,8 +52,8 @@ install() {
 start_daemons() {
   # Our own containerd (not dockerd's managed one) so that `restart` restarts dockerd only and
   # running containers keep their shims (live-restore, see docker/daemon.json).
-  if ! running "$CONTAINERD_PID"; then
-    rm -f "$CONTAINERD_SOCK"
+  if ! running "$CONTAINERD_PID" && ! ctr --address "$CONTAINERD_SOCK" version >/dev/null 2>&1; then
+    rm -f "$CONTAINERD_SOCK"  # stale
     setsid containerd --config "$CONF/containerd.toml" >>"$LOG" 2>&1 </dev/null &
     echo $! >"$CONTAINERD_PID"
     wait_for 30 $! ctr --address "$CONTAINERD_SOCK" version
@@ -76,7 +76,7 @@ have_image() {
 }
 
 build_image() {  # build_image busybox|python NAME CMD
-  local dir; dir=$(mktemp -d)
+  local dir; dir=$(mktemp -d /tmp/torchx-ext-rootfs.XXXXXX)
   bash "$CONF/rootfs.sh" "$1" "$dir/rootfs"
   tar -C "$dir/rootfs" -cf - . | $DOCKER import \
     -c "LABEL torchx-ext-test.recipe=$(recipe)" -c 'ENV PATH=/usr/local/bin:/usr/bin:/usr/sbin:/bin:/sbin' \

@@ -11,10 +11,12 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from typing import Any, Iterator
 
 import pytest
 from torchx.runner import Runner, get_runner
+from torchx.schedulers.api import Stream
 from torchx.specs import AppDef, AppState, BindMount, Resource, Role, VolumeMount
 
 from conftest import ROOT, require_backend
@@ -45,9 +47,19 @@ def nothing_running(handle: str) -> bool:
 
 
 def watcher_pids(app: str = "") -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()
-            if "docker_jobs_watcher" in line and app in line and "ps -eo" not in line]
+    """Live watcher processes (of ``app``), read from /proc (ps truncates to $COLUMNS)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, ValueError, IndexError):
+            continue
+        if not zombie and "torchx_ext.schedulers.docker_jobs_watcher" in argv and (not app or app in argv):
+            pids.append(int(entry))
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +144,13 @@ def cli_wait(handle: str, want: str, timeout: float = 60) -> None:
 def test_cli_end_to_end_from_new_processes() -> None:
     img = python_image()
     first = cli_handle(cli("run", "-s", "docker_jobs", "group.roles", "--image", img,
-                           "main=sh -c 'sleep 2; echo first-done-$TORCHX_EXT_ROLE'"))
+                           "main=sh -c 'sleep 6; echo first-done-$TORCHX_EXT_ROLE'"))
     # the dependant is submitted by a process that exits at once: the watcher starts it later
     second = cli_handle(cli("run", "-s", "docker_jobs", "-cfg", f"dependencies={first}", "group.roles",
                             "--image", img, "main=python3 -c \"import time; print('T', time.time())\""))
+    assert cli_state(second) == "PENDING"
     sleeper = cli_handle(cli("run", "-s", "docker_jobs", "group.roles", "--image", img,
                              "main=sh -c 'echo up; sleep 300'"))
-    assert cli_state(second) == "PENDING"
     cli_wait(sleeper, "RUNNING")
     listed = cli("list", "-s", "docker_jobs").stdout
     assert first in listed and second in listed and sleeper in listed, listed
@@ -177,6 +189,24 @@ def test_secret_copied_into_the_container_only(runner: Runner, monkeypatch: pyte
     assert "len 7" in logs(runner, handle, "main")
     labels = json.dumps(w.client().inspect_container(f"{app_id(handle)}-main-0")["Config"]["Labels"])
     assert "hunter2" not in labels
+
+
+def test_logs_streams_since_until_and_tail(runner: Runner) -> None:
+    code = ("import sys, time; print('out1', flush=True); print('err1', file=sys.stderr, flush=True); "
+            "time.sleep(1.5); print('out2', flush=True)")
+    handle = runner.run(AppDef("logs", roles=[role("main", code)]), "docker_jobs", {})
+    tailed = "".join(runner.log_lines(handle, "main", 0, should_tail=True))  # follows until the end
+    assert sorted(tailed.split()) == ["err1", "out1", "out2"], tailed  # out2 came 1.5 s later
+    assert wait_terminal(runner, handle, 60).state == AppState.SUCCEEDED
+    assert logs(runner, handle, "main", streams=Stream.STDERR).split() == ["err1"]
+    assert logs(runner, handle, "main", streams=Stream.STDOUT).split() == ["out1", "out2"]
+    raw = w.client().logs(f"{app_id(handle)}-main-0", timestamps=True).decode().splitlines()
+    t_out2 = w.parse_ts(next(x for x in raw if x.endswith(" out2")).split()[0])
+    assert t_out2 is not None
+    middle = datetime.fromtimestamp(t_out2 - 0.5)
+    assert logs(runner, handle, "main", since=middle).split() == ["out2"]
+    assert sorted(logs(runner, handle, "main", until=middle).split()) == ["err1", "out1"]
+    assert logs(runner, handle, "main", regex="^out").split() == ["out1", "out2"]
 
 
 def test_daemon_restart_while_the_app_runs(runner: Runner) -> None:
@@ -218,7 +248,9 @@ def test_dead_watcher_describe_still_converges(runner: Runner) -> None:
         role("main", "import time; time.sleep(2)"),
     ])
     handle = runner.run(app, "docker_jobs", {"stop_timeout": 1})
-    pids = watcher_pids(app_id(handle))
+    deadline = time.time() + 10
+    while not (pids := watcher_pids(app_id(handle))) and time.time() < deadline:
+        time.sleep(0.05)  # right after exec, /proc/PID/cmdline can still be empty for a moment
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
     status = wait_terminal(runner, handle, 60)  # describe pins SUCCEEDED, then kills the service
@@ -236,7 +268,8 @@ def test_workspace_builds_an_image_locally(runner: Runner, tmp_path: Any) -> Non
     custom = tmp_path / "custom"
     custom.mkdir()
     (custom / "hello.py").write_text("import os; print('custom', os.getcwd(), os.environ['FROM_DOCKERFILE'])\n")
-    (custom / "Dockerfile.torchx").write_text("ARG IMAGE\nFROM $IMAGE\nCOPY . /app\nWORKDIR /app\nENV FROM_DOCKERFILE=yes\n")
+    (custom / "Dockerfile.torchx").write_text(
+        "ARG IMAGE\nFROM $IMAGE\nCOPY . /app\nWORKDIR /app\nENV FROM_DOCKERFILE=yes\n")
     images = []
     try:
         for ws, code, want in (
@@ -301,7 +334,12 @@ def test_local_images_are_never_pulled() -> None:
     api = s._api()
     pulls: list[Any] = []
     real_pull = api.pull
-    api.pull = lambda *a, **k: pulls.append((a, k)) or real_pull(*a, **k)  # a spy, not a fake
+
+    def spy(*a: Any, **k: Any) -> Any:  # records, then lets the real client do it
+        pulls.append((a, k))
+        return real_pull(*a, **k)
+
+    api.pull = spy
     since = int(time.time()) - 1
     info = s.submit_dryrun(AppDef("nopull", roles=[role("main", "print('ran')")]), {})
     app = s.schedule(info)
@@ -311,8 +349,8 @@ def test_local_images_are_never_pulled() -> None:
         time.sleep(0.3)
     events = list(api.events(since=since, until=int(time.time()) + 1, decode=True, filters={"type": "image"}))
     assert not pulls and not [e for e in events if e.get("Action") == "pull"], (pulls, events)
-    missing = s.submit_dryrun(AppDef("missing", roles=[Role("main", image="torchx-ext-test/absent:1", entrypoint="true")]),
-                              {"pull_policy": "never"})
+    absent = Role("main", image="torchx-ext-test/absent:1", entrypoint="true")
+    missing = s.submit_dryrun(AppDef("missing", roles=[absent]), {"pull_policy": "never"})
     with pytest.raises(ValueError, match="not present locally"):
         s.schedule(missing)
     assert not pulls

@@ -1,0 +1,149 @@
+"""Group start on Docker: ``docker_jobs`` vs the same containers started directly with the docker SDK.
+
+    python bench/bench_docker_jobs.py [--reps 5] [--image IMAGE]
+
+Measures, in the same run and alternating, the time from submission until all 4 containers of a
+group (1 service + 3 workers, on a network of their own, reachable by name) are running, as the
+daemon reports it:
+
+* ``docker_jobs``: ``Runner.run(app, "docker_jobs")`` (dry-run, image checks, network, 4 creates,
+  all-or-nothing start, detached watcher);
+* ``sdk (sequential)``: network + 4 ``create_container`` + 4 ``start`` with the low-level SDK, one
+  after the other (the straightforward script);
+* ``sdk (threaded)``: the same with creates and starts in threads (what docker_jobs does).
+
+Prints medians and the ratio docker_jobs / sdk; removes everything it made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_CONTAINERS = 4
+
+
+def load_testbed_env() -> None:
+    path = os.path.join(ROOT, "testbed", ".state", "docker.env")
+    if os.path.exists(path):
+        for line in open(path):
+            words = shlex.split(line, comments=True)
+            if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+                key, _, value = words[1].partition("=")
+                os.environ.setdefault(key, value)
+
+
+def wait_running(api: Any, label: str, n: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while len(api.containers(filters={"label": label, "status": "running"})) < n:
+        if time.time() > deadline:
+            raise RuntimeError(f"{label}: {n} containers not running after {timeout}s")
+        time.sleep(0.01)
+
+
+def run_ours(api: Any, image: str) -> tuple[float, Callable[[], None]]:
+    from torchx.runner import get_runner
+    from torchx.specs import AppDef, Role
+
+    from torchx_ext.groups import mark_service
+    from torchx_ext.schedulers.docker_jobs import create_scheduler
+
+    app = AppDef("bench", roles=[
+        mark_service(Role("server", image=image, entrypoint="sleep", args=["300"]), True),
+        Role("worker", image=image, entrypoint="sleep", args=["300"], num_replicas=N_CONTAINERS - 1),
+    ])
+    runner = get_runner()
+    t0 = time.perf_counter()
+    handle = runner.run(app, "docker_jobs", {"stop_timeout": 1})
+    app_id = handle.rsplit("/", 1)[-1]
+    wait_running(api, f"torchx-ext.app-id={app_id}", N_CONTAINERS)
+    took = time.perf_counter() - t0
+    runner.close()
+    return took, lambda: create_scheduler("bench").delete(app_id)
+
+
+def run_sdk(api: Any, image: str, threaded: bool) -> tuple[float, Callable[[], None]]:
+    tag = f"bench-{uuid.uuid4().hex[:10]}"
+    label = f"torchx-ext-bench={tag}"
+    names = ["server-0"] + [f"worker-{i}" for i in range(N_CONTAINERS - 1)]
+    env = {"TORCHX_EXT_HOSTS_SERVER": "server-0", "TORCHX_EXT_HOSTS_WORKER": ",".join(names[1:])}
+    t0 = time.perf_counter()
+    api.create_network(tag, driver="bridge", labels={"torchx-ext-bench": tag})
+
+    def create(name: str) -> str:
+        return str(api.create_container(
+            image, command=["sleep", "300"], name=f"{tag}-{name}", hostname=name, environment=env,
+            labels={"torchx-ext-bench": tag}, stop_timeout=1,
+            host_config=api.create_host_config(init=True, network_mode=tag),
+            networking_config=api.create_networking_config({tag: api.create_endpoint_config(aliases=[name])}),
+        )["Id"])
+
+    if threaded:
+        with ThreadPoolExecutor(N_CONTAINERS) as pool:
+            ids = list(pool.map(create, names))
+            list(pool.map(api.start, ids))
+    else:
+        ids = [create(n) for n in names]
+        for cid in ids:
+            api.start(cid)
+    wait_running(api, label, N_CONTAINERS)
+    took = time.perf_counter() - t0
+
+    def cleanup() -> None:
+        for cid in ids:
+            api.remove_container(cid, force=True)
+        api.remove_network(tag)
+    return took, cleanup
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--image", default=None, help="default: the testbed's busybox image")
+    args = parser.parse_args()
+    load_testbed_env()
+    image = args.image or os.environ.get("TORCHX_EXT_TEST_DOCKER_BUSYBOX") or "torchx-ext-test/busybox:latest"
+    # an isolated home: the watchers' diagnostics logs do not land in the user's
+    home = tempfile.mkdtemp(prefix="torchx_ext_bench_")
+    os.environ["TORCHX_EXT_HOME"] = home
+    from torchx_ext.schedulers.docker_jobs_watcher import client
+
+    api = client()
+    api.inspect_image(image)  # fail early (and never pull) if the image is missing
+    paths: dict[str, Callable[[], tuple[float, Callable[[], None]]]] = {
+        "docker_jobs": lambda: run_ours(api, image),
+        "sdk (sequential)": lambda: run_sdk(api, image, threaded=False),
+        "sdk (threaded)": lambda: run_sdk(api, image, threaded=True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    run_ours(api, image)[1]()  # warm-up: imports, first network, page cache
+    for rep in range(args.reps):
+        order = list(paths) if rep % 2 == 0 else list(reversed(paths))
+        for name in order:
+            took, cleanup = paths[name]()
+            times[name].append(took)
+            cleanup()
+    print(f"4-container group start (1 service + 3 workers, own network), image {image}, "
+          f"{args.reps} reps, median seconds (submit -> all {N_CONTAINERS} running)")
+    print(f"{'path':<18} {'median':>8} {'min':>8} {'max':>8}")
+    for name, ts in times.items():
+        print(f"{name:<18} {statistics.median(ts):8.3f} {min(ts):8.3f} {max(ts):8.3f}")
+    ours = statistics.median(times["docker_jobs"])
+    for base in ("sdk (sequential)", "sdk (threaded)"):
+        print(f"ratio docker_jobs / {base}: {ours / statistics.median(times[base]):.2f}")
+    shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""``docker_jobs`` without a daemon: the dry-run request, container options, and the group rules of
+:func:`reconcile` on a small in-memory fake of the daemon's low-level API (edge cases that are
+slow or awkward to provoke on a real engine). The real engine is tested in test_docker_jobs.py."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+from typing import Any, Optional
+
+import pytest
+from torchx.specs import AppDef, AppState, BindMount, DeviceMount, Resource, Role, VolumeMount
+
+from contract import HOSTILE_ARGS
+from torchx_ext.errors import DependencyError, UnknownOptionError
+from torchx_ext.executors import capabilities, scheduler_for
+from torchx_ext.groups import mark_service
+from torchx_ext.schedulers import docker_jobs_watcher as w
+from torchx_ext.schedulers.docker_jobs import DockerJobsExecutor, DockerJobsScheduler, DockerRequest
+from torchx_ext.schedulers.docker_jobs_images import launched_by_cli_without_workspace
+
+docker = pytest.importorskip("docker")
+
+
+def request(app: AppDef, **cfg: Any) -> DockerRequest:
+    return DockerJobsScheduler("s").submit_dryrun(app, cfg).request
+
+
+def two_roles() -> AppDef:
+    server = mark_service(Role("Model_Server", image="img", entrypoint="serve", num_replicas=2,
+                               resource=Resource(cpu=2, gpu=1, memMB=512)), True)
+    client = Role("client", image="img", entrypoint="python3", args=["-c", "x", *HOSTILE_ARGS],
+                  env={"A": "1"}, resource=Resource(cpu=0.5, gpu=0, memMB=64))
+    client.mounts = [BindMount("/src", "/dst", read_only=True), VolumeMount("vol", "/v"),
+                     DeviceMount("/dev/fuse", "/dev/fuse")]
+    return AppDef("My App!", roles=[server, client])
+
+
+# --------------------------------------------------------------------------- dry-run ------
+def test_dryrun_names_hosts_labels_and_resources() -> None:
+    req = request(two_roles())
+    assert req.app_id.startswith("my-app-") and req.network == req.app_id == req.network_mode
+    s0, s1, c0 = req.containers
+    assert (s0.name, s0.aliases, s0.hostname) == (f"{req.app_id}-model-server-0", ["model-server-0"], "model-server-0")
+    assert c0.env["TORCHX_EXT_HOSTS_MODEL_SERVER"] == "model-server-0,model-server-1"
+    assert c0.env["TORCHX_EXT_HOSTS_CLIENT"] == "client-0" and c0.env["A"] == "1"
+    assert c0.command == ["python3", "-c", "x", *HOSTILE_ARGS]  # exec form: verbatim, no shell
+    assert (s0.nano_cpus, s0.mem_limit, s0.gpus) == (2_000_000_000, "512m", 1)
+    assert (c0.nano_cpus, c0.mem_limit, c0.gpus) == (500_000_000, "64m", 0)
+    assert c0.mounts == [{"type": "bind", "source": "/src", "target": "/dst", "read_only": True},
+                         {"type": "volume", "source": "vol", "target": "/v", "read_only": False}]
+    assert c0.devices == ["/dev/fuse:/dev/fuse:rwm"]
+    assert s1.labels[w.L_SERVICE] == "true" and c0.labels[w.L_SERVICE] == "false"
+    assert s1.labels[w.L_REPLICA] == "1" and s1.labels[w.L_ROLE] == "Model_Server"
+    roles = json.loads(c0.labels[w.L_ROLES])
+    summary = [(r["name"], r["num_replicas"], r["service"]) for r in roles]
+    assert summary == [("Model_Server", 2, True), ("client", 1, False)]
+    assert json.loads(repr(req))["app_id"] == req.app_id  # --dryrun prints JSON
+
+
+def test_dryrun_network_modes() -> None:
+    host = request(two_roles(), network_mode="host")
+    assert host.network is None and host.containers[0].hostname is None and not host.containers[0].aliases
+    assert host.containers[2].env["TORCHX_EXT_HOSTS_MODEL_SERVER"] == "127.0.0.1,127.0.0.1"
+    shared = request(two_roles(), network_mode="my-net")
+    assert shared.network is None and shared.network_mode == "my-net"
+    assert shared.containers[2].env["TORCHX_EXT_HOSTS_CLIENT"] == shared.containers[2].name
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"pull_policy": "sometimes"}, "pull_policy='sometimes'; valid: never, if-not-present, always"),
+    ({"extra_hosts": ["nohost"]}, "expected HOST:IP"),
+    ({"tmpfs": ["relative"]}, "absolute PATH"),
+    ({"stop_timeout": -1}, "must be >= 0"),
+])
+def test_bad_options_are_one_clear_error(cfg: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        request(two_roles(), **cfg)
+
+
+def test_unknown_option_and_foreign_dependency() -> None:
+    with pytest.raises(UnknownOptionError, match="Valid options: .*pull_policy"):
+        request(two_roles(), pul_policy="never")
+    with pytest.raises(DependencyError, match="belongs to scheduler 'host'"):
+        request(two_roles(), dependencies=["host://s/app-1"])
+    assert request(two_roles(), dependencies=["docker_jobs://s/a-1", "b-2"]).dependencies == ["a-1", "b-2"]
+
+
+def test_executor_is_registered_with_capabilities() -> None:
+    assert scheduler_for(DockerJobsExecutor()) == "docker_jobs"
+    caps = capabilities("docker_jobs")
+    assert caps.heterogeneous_groups and caps.services and caps.dependencies and caps.persistent_status
+    name, cfg = DockerJobsExecutor(pull_policy="never", tmpfs=["/t"]).to_run_args()
+    assert name == "docker_jobs" and cfg["pull_policy"] == "never" and not cfg["privileged"]
+
+
+class Recorder:
+    """Records the low-level calls ``_create`` makes (the SDK's helpers are real)."""
+
+    def __init__(self) -> None:
+        self.api = docker.APIClient(base_url="unix:///nonexistent.sock", version="1.41")
+        self.created: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.api, name)
+
+    def create_container(self, image: str, **kw: Any) -> dict[str, str]:
+        self.created = dict(kw, image=image)
+        return {"Id": "abc"}
+
+
+def test_container_options_reach_the_daemon_call() -> None:
+    req = request(two_roles(), tmpfs=["/scratch:size=8m"], extra_hosts=["db:10.0.0.1"], user="1000",
+                  shm_size="1g", copy_env=["TOKEN*"])
+    rec = Recorder()
+    DockerJobsScheduler._create(rec, req, req.containers[0], {"TOKEN_X": "s3cret", "A": "host"})
+    hc = rec.created["host_config"]
+    assert (hc["NanoCpus"], hc["Memory"], hc["MemorySwap"]) == (2_000_000_000, 512 * 2**20, 512 * 2**20)
+    assert hc["DeviceRequests"][0]["Count"] == 1 and hc["DeviceRequests"][0]["Capabilities"] == [["gpu"]]
+    assert hc["Tmpfs"] == {"/scratch": "size=8m"} and hc["ExtraHosts"] == ["db:10.0.0.1"]
+    assert hc["Init"] is True and not hc.get("Privileged") and hc["ShmSize"] == 2**30
+    assert hc["NetworkMode"] == req.app_id
+    assert rec.created["user"] == "1000" and rec.created["stop_timeout"] == 10
+    assert rec.created["environment"]["TOKEN_X"] == "s3cret"
+    DockerJobsScheduler._create(rec, req, req.containers[2], {"A": "host"})
+    assert rec.created["environment"]["A"] == "1"  # the role's own value wins over copy_env
+    assert [m["Type"] for m in rec.created["host_config"]["Mounts"]] == ["bind", "volume"]
+    assert rec.created["host_config"]["Devices"][0]["PathOnHost"] == "/dev/fuse"
+
+
+@pytest.mark.parametrize("argv, skip", [
+    (["/venv/bin/torchx", "run", "-s", "docker_jobs", "utils.sh", "ls"], True),
+    (["/venv/bin/torchx", "run", "--workspace", ".", "-s", "docker_jobs", "utils.sh"], False),
+    (["/venv/bin/torchx", "run", "--workspace=/src", "utils.sh"], False),
+    (["script.py"], False),  # the Python API passes a workspace only when asked to
+])
+def test_the_cli_default_workspace_is_not_built(monkeypatch: pytest.MonkeyPatch, argv: list[str], skip: bool) -> None:
+    monkeypatch.setattr(sys, "argv", argv)
+    assert launched_by_cli_without_workspace() is skip
+
+
+def test_parse_ts() -> None:
+    assert w.parse_ts("1970-01-01T00:00:01.5Z") == 1.5
+    assert w.parse_ts("2026-11-21T09:54:37.113819260Z") == pytest.approx(1795254877.113819, abs=1e-6)
+    assert w.parse_ts("2026-11-21T10:54:37+01:00") == w.parse_ts("2026-11-21T09:54:37Z")
+    assert w.parse_ts("0001-01-01T00:00:00Z") is None and w.parse_ts("garbage") is None
+
+
+# ----------------------------------------------------------------------- group rules ------
+class FakeDaemon:
+    """Just enough of ``docker.APIClient`` for :func:`w.reconcile`."""
+
+    def __init__(self) -> None:
+        self.containers_: dict[str, dict[str, Any]] = {}
+        self.volumes: dict[str, dict[str, Any]] = {}
+        self.calls: list[tuple[str, str, Any]] = []
+        self.fail_start: set[str] = set()
+
+    def add(self, app: str, role: str, i: int, status: str, code: Optional[int] = None, service: bool = False,
+            roles: Optional[list[dict[str, Any]]] = None, deps: str = "", oom: bool = False, started: bool = True,
+            finished: str = "2026-01-01T00:00:00Z") -> str:
+        cid = f"{app}-{role}-{i}"
+        labels = {w.L_SCHEDULER: w.SCHEDULER, w.L_APP_ID: app, w.L_ROLE: role, w.L_REPLICA: str(i),
+                  w.L_SERVICE: "true" if service else "false", w.L_DEPENDENCIES: deps, w.L_STOP_TIMEOUT: "5",
+                  w.L_ROLES: json.dumps(roles or []), w.L_HOST: f"{role}-{i}"}
+        self.containers_[cid] = {"Id": cid, "Names": [f"/{cid}"], "Labels": labels, "State": {
+            "Status": status, "ExitCode": code, "OOMKilled": oom, "Error": "",
+            "StartedAt": "2026-01-01T00:00:00Z" if started else "0001-01-01T00:00:00Z", "FinishedAt": finished}}
+        return cid
+
+    def containers(self, all: bool = False, filters: Optional[dict[str, list[str]]] = None) -> list[dict[str, Any]]:
+        want = dict(x.split("=", 1) for x in (filters or {}).get("label", []))
+        return [{"Id": c["Id"], "Names": c["Names"], "Labels": c["Labels"], "State": c["State"]["Status"]}
+                for c in self.containers_.values() if builtins.all(c["Labels"].get(k) == v for k, v in want.items())]
+
+    def inspect_container(self, cid: str) -> dict[str, Any]:
+        return {"State": dict(self.containers_[cid]["State"])}
+
+    def inspect_volume(self, name: str) -> dict[str, Any]:
+        if name not in self.volumes:
+            raise docker.errors.NotFound("no volume")
+        return self.volumes[name]
+
+    def create_volume(self, name: str, driver: str = "local",
+                      labels: Optional[dict[str, str]] = None) -> dict[str, Any]:
+        return self.volumes.setdefault(name, {"Name": name, "Labels": dict(labels or {})})
+
+    def start(self, cid: str) -> None:
+        self.calls.append(("start", cid, None))
+        if cid in self.fail_start:
+            self.containers_[cid]["State"]["Error"] = "exec: no such file"
+            raise docker.errors.APIError("400", explanation="exec: no such file")
+        self.containers_[cid]["State"].update(Status="running", StartedAt="2026-01-01T00:00:01Z")
+
+    def stop(self, cid: str, timeout: Optional[int] = None) -> None:
+        self.calls.append(("stop", cid, timeout))
+        st = self.containers_[cid]["State"]
+        if st["Status"] == "running":
+            st.update(Status="exited", ExitCode=137 if timeout == 0 else 143, FinishedAt="2030-01-01T00:00:00Z")
+
+    def logs(self, cid: str, **kw: Any) -> bytes:
+        return b"Traceback...\nZeroDivisionError: division by zero\n"
+
+    def remove_network(self, name: str) -> None:
+        self.calls.append(("remove_network", name, None))
+
+
+ROLES = [{"name": "server", "num_replicas": 1, "service": True},
+         {"name": "client", "num_replicas": 1, "service": False}]
+
+
+def test_service_ending_early_fails_the_app_and_stops_the_rest() -> None:
+    d = FakeDaemon()
+    d.add("a", "server", 0, "exited", 3, service=True, roles=ROLES)
+    d.add("a", "client", 0, "running", roles=ROLES)
+    st = w.reconcile(d, "a", acting=True)
+    assert st is not None and st.state == AppState.FAILED and st.over
+    assert "service role 'server' replica 0 ended early with exit code 3" in st.msg
+    assert ("stop", "a-client-0", 5) in d.calls
+    assert w.displayed_state(st.snapshot.replicas[0], st.snapshot.verdict) == AppState.CANCELLED  # client
+    assert w.reconcile(d, "a", acting=False).state == AppState.FAILED  # type: ignore[union-attr]
+
+
+def test_describe_waits_for_the_watcher_then_kills(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = FakeDaemon()
+    d.add("a", "server", 0, "running", service=True, roles=ROLES)
+    d.add("a", "client", 0, "exited", 0, roles=ROLES)
+    st = w.reconcile(d, "a", acting=False)
+    assert st is not None and st.state == AppState.RUNNING and "stopping server/0; then SUCCEEDED" in st.msg
+    assert not [c for c in d.calls if c[0] == "stop"]  # the watcher's job while it is alive
+    later = w.time.time() + 5 + w.KILL_FALLBACK_S + 1
+    monkeypatch.setattr(w.time, "time", lambda: later)
+    st = w.reconcile(d, "a", acting=False)
+    assert ("stop", "a-server-0", 0) in d.calls and st.state == AppState.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_failed_replica_reason_oom_and_last_stderr_line() -> None:
+    d = FakeDaemon()
+    roles = [{"name": "main", "num_replicas": 2, "service": False}]
+    d.add("a", "main", 0, "exited", 137, roles=roles, oom=True)
+    d.add("a", "main", 1, "exited", 1, roles=roles)
+    st = w.reconcile(d, "a", acting=True)
+    assert st.state == AppState.FAILED and "replica 0 failed with exit code 137: OOMKilled" in st.msg  # type: ignore[union-attr]
+    d2 = FakeDaemon()
+    d2.add("b", "main", 0, "exited", 1, roles=[{"name": "main", "num_replicas": 1}])
+    assert w.reconcile(d2, "b", acting=True).msg.endswith("ZeroDivisionError: division by zero")  # type: ignore[union-attr]
+
+
+def test_start_failure_is_all_or_nothing() -> None:
+    d = FakeDaemon()
+    roles = [{"name": "good", "num_replicas": 1}, {"name": "bad", "num_replicas": 1}]
+    d.add("a", "good", 0, "created", roles=roles, started=False)
+    bad = d.add("a", "bad", 0, "created", roles=roles, started=False)
+    d.fail_start.add(bad)
+    st = w.reconcile(d, "a", acting=True)
+    assert st.state == AppState.FAILED and "role 'bad' replica 0 failed to start: exec: no such file" in st.msg  # type: ignore[union-attr]
+    assert ("stop", "a-good-0", 0) in d.calls and not st.snapshot.running  # type: ignore[union-attr]
+
+
+def test_dependencies_pending_failed_and_succeeded() -> None:
+    d = FakeDaemon()
+    one = [{"name": "main", "num_replicas": 1}]
+    d.add("dep", "main", 0, "running", roles=one)
+    d.add("a", "main", 0, "created", roles=one, deps="dep", started=False)
+    st = w.reconcile(d, "a", acting=True)
+    assert st.state == AppState.PENDING and "waiting for dependencies: dep" in st.msg  # type: ignore[union-attr]
+    d.containers_["dep-main-0"]["State"].update(Status="exited", ExitCode=0)
+    assert w.reconcile(d, "a", acting=True).state == AppState.RUNNING  # type: ignore[union-attr]
+    d.add("b", "main", 0, "created", roles=one, deps="gone", started=False)
+    st = w.reconcile(d, "b", acting=True)
+    assert st.state == AppState.FAILED and "dependency 'gone' no longer exists" in st.msg  # type: ignore[union-attr]
+    d.add("bad", "main", 0, "exited", 4, roles=one)
+    d.add("c", "main", 0, "created", roles=one, deps="bad", started=False)
+    st = w.reconcile(d, "c", acting=True)
+    assert st.state == AppState.FAILED and st.msg.startswith("dependency 'bad' ended FAILED")  # type: ignore[union-attr]
+    assert not [c for c in d.calls if c[0] == "start" and c[1].startswith(("b-", "c-"))]
+
+
+def test_first_verdict_wins_and_missing_container_fails() -> None:
+    d = FakeDaemon()
+    d.add("a", "main", 0, "running", roles=[{"name": "main", "num_replicas": 2}])
+    st = w.reconcile(d, "a", acting=True)
+    assert st.state == AppState.FAILED and "replica 1" in st.msg and "removed" in st.msg  # type: ignore[union-attr]
+    snap = w.fetch(d, "a")
+    assert w.pin_verdict(d, snap, AppState.CANCELLED, "late").state == AppState.FAILED  # type: ignore[arg-type]
+    assert w.fetch(d, "nope") is None and w.reconcile(d, "nope", acting=True) is None
+
+
+class FakeLogs:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks, self.calls = chunks, []  # type: ignore[var-annotated]
+
+    def logs(self, cid: str, **kw: Any) -> bytes:
+        self.calls.append(kw)
+        return self.chunks.pop(0)
+
+
+def test_log_reader_resumes_without_duplicates_or_losses() -> None:
+    from torchx_ext.schedulers.docker_jobs import _LogReader
+
+    t = "2026-01-01T00:00:0"
+    fake = FakeLogs([
+        f"{t}1.000000001Z a\n{t}2.000000001Z b\n".encode(),
+        # the daemon's `since` is inclusive and the float cursor is rounded: b comes again
+        f"{t}2.000000001Z b\n{t}2.000000001Z b2 same instant\n{t}3.5Z c\nno timestamp\n".encode(),
+        b"",
+    ])
+    reader = _LogReader(fake, "cid", None, None, None)
+    assert [x[1] for x in reader.read_new()] == ["a", "b"]
+    assert [x[1] for x in reader.read_new()] == ["b2 same instant", "c", "no timestamp"]
+    assert reader.read_new() == []
+    assert fake.calls[1]["since"] == pytest.approx(w.parse_ts(f"{t}2.000000001Z") - 0.005)  # type: ignore[operator]
+    assert fake.calls[0]["stdout"] and fake.calls[0]["stderr"] and fake.calls[0]["timestamps"]

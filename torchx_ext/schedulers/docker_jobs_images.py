@@ -1,0 +1,100 @@
+"""Images for ``docker_jobs``: the pull policy, and workspace builds on the local daemon.
+
+Nothing here pulls an image that is present locally unless ``pull_policy=always``; workspace builds
+run with ``pull=False`` (TorchX's ``local_docker`` tries a pull before every run and every build).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+import tempfile
+from typing import Any
+
+from torchx.workspace.api import walk_workspace
+
+from torchx_ext.schedulers import docker_jobs_watcher as w
+
+TORCHX_DOCKERFILE = "Dockerfile.torchx"
+DEFAULT_DOCKERFILE = b"ARG IMAGE\nFROM $IMAGE\n\nCOPY . .\n"
+
+
+def launched_by_cli_without_workspace() -> bool:
+    """True when ``torchx run`` was given no ``--workspace`` (it then passes the current dir)."""
+    if os.path.basename(sys.argv[0]) != "torchx":
+        return False
+    return not any(a in ("--workspace", "--buck-target") or a.startswith(("--workspace=", "--buck-target="))
+                   for a in sys.argv[1:])
+
+
+def build_context(workspace: str) -> Any:
+    """A tar of ``workspace`` (minus ``.dockerignore`` matches) with a Dockerfile.torchx in it."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(workspace)
+    f = tempfile.TemporaryFile(prefix="torchx-ext-context-", suffix=".tar")
+    with tarfile.open(fileobj=f, mode="w") as tf:
+        for dirpath, _dirs, files in walk_workspace(fs, root, ".dockerignore"):
+            rel = os.path.relpath(dirpath, root)
+            for name, info in files.items():
+                if info.get("type") != "file":
+                    continue
+                ti = tarfile.TarInfo(name if rel == "." else f"{rel}/{name}")
+                ti.size = int(info["size"])
+                if info.get("mode") is not None:
+                    ti.mode = info["mode"] & 0o777
+                with fs.open(info["name"], "rb") as src:
+                    tf.addfile(ti, src)
+        if TORCHX_DOCKERFILE not in tf.getnames():
+            ti = tarfile.TarInfo(TORCHX_DOCKERFILE)
+            ti.size = len(DEFAULT_DOCKERFILE)
+            tf.addfile(ti, io.BytesIO(DEFAULT_DOCKERFILE))
+    f.seek(0)
+    return f
+
+
+def ensure_image(api: Any, image: str, policy: str) -> None:
+    """Makes ``image`` available by ``policy``; never pulls a local image unless 'always'."""
+    import docker
+
+    if policy != "always" or image.startswith("sha256:"):
+        try:
+            api.inspect_image(image)
+            return
+        except docker.errors.NotFound:
+            if policy == "never" or image.startswith("sha256:"):
+                raise ValueError(f"image '{image}' is not present locally (pull_policy={policy})") from None
+    repo, tag = docker.utils.parse_repository_tag(image)
+    try:
+        api.pull(repo, tag=tag or "latest")
+    except docker.errors.APIError as e:
+        raise RuntimeError(f"could not pull image '{image}' (pull_policy={policy}): {w.explain(e)}") from e
+
+
+def build_workspace(api: Any, image: str, workspace: str) -> str:
+    """Builds ``image`` plus ``workspace`` (TorchX's conventions) and returns the new image's id.
+
+    A ``Dockerfile.torchx`` in the workspace is used (build args ``IMAGE`` and ``WORKSPACE``),
+    else ``FROM $IMAGE`` + ``COPY . .``; ``.dockerignore`` is honoured; the build never pulls.
+    """
+    context = build_context(workspace)
+    image_id, log = None, []
+    try:
+        for event in api.build(
+            fileobj=context, custom_context=True, dockerfile=TORCHX_DOCKERFILE,
+            buildargs={"IMAGE": image, "WORKSPACE": workspace}, pull=False, rm=True,
+            forcerm=True, decode=True, labels={w.L_SCHEDULER: w.SCHEDULER, w.P + "workspace": workspace},
+        ):
+            log.append(str(event.get("stream") or "").rstrip())
+            if "error" in event:
+                tail = "\n".join(x for x in log[-15:] if x)
+                raise RuntimeError(f"building workspace '{workspace}' on '{image}' failed: {event['error']}\n{tail}")
+            if event.get("aux", {}).get("ID"):
+                image_id = event["aux"]["ID"]
+    finally:
+        context.close()
+    if not image_id:
+        raise RuntimeError(f"building workspace '{workspace}' on '{image}' returned no image id")
+    return str(image_id)
