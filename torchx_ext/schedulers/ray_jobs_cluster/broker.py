@@ -1,0 +1,134 @@
+"""Starts dependent apps when their dependencies succeed: ``python -m ray_jobs_cluster.broker``.
+
+One broker job per cluster (submission id ``BROKER_ID``). Why not one waiting driver per app: a
+Ray job costs a job-supervisor actor (~100 MB) plus its driver (~70 MB) for as long as it waits,
+and supervisors start about one per second, so a pipeline of hundreds of pending stages would
+not fit. Instead a dependent app is submitted as a *waiting record*: a Ray job
+``<id>--waiting`` that carries the app's runtime_env and, in its metadata, the app's entrypoint,
+resources and dependencies, and that exits at once. The broker is stateless: every poll it lists
+the cluster's jobs and, for each waiting record whose app job does not exist yet,
+
+* all dependencies SUCCEEDED → submits the app job (submission id ``<id>``) from the record;
+* a dependency FAILED, STOPPED, or gone → submits ``<id>`` as a verdict job that fails at once
+  with metadata naming the dependency (so the app is FAILED with a reason, never stuck);
+* otherwise leaves it waiting.
+
+Submission ids are unique per cluster, so an app id is decided exactly once, even against a
+concurrent ``torchx cancel`` (which claims the id the same way) or a second broker.
+
+Files uploaded with the waiting record (working_dir, py_modules) are kept alive while it waits:
+Ray deletes unreferenced packages once its temporary reference expires (10 min by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, Iterable, Optional
+
+BROKER_ID = "torchx-ext-broker"
+KIND = "torchx_ext_kind"  # metadata: "app", "waiting", "verdict", "broker"
+PIN_EVERY_S = 240.0
+PIN_FOR_S = 900
+
+
+def _uris(runtime_env: Dict[str, Any]) -> Iterable[str]:
+    wd = runtime_env.get("working_dir")
+    if isinstance(wd, str) and "://" in wd:
+        yield wd
+    for m in runtime_env.get("py_modules") or []:
+        if isinstance(m, str) and "://" in m:
+            yield m
+
+
+def dependency_state(dep: str, jobs: Dict[str, Any]) -> str:
+    """SUCCEEDED/FAILED/STOPPED/PENDING/RUNNING/MISSING of the app with submission id ``dep``."""
+    job = jobs.get(dep)
+    if job is not None:
+        return str(job.status)
+    waiting = jobs.get(dep + "--waiting")
+    if waiting is None:
+        return "MISSING"
+    if str(waiting.status) == "FAILED":  # its runtime env could not be set up: never starts
+        return "FAILED"
+    return "PENDING"
+
+
+def decide(record: Any, jobs: Dict[str, Any]) -> Optional[Dict[str, str]]:
+    """None to keep waiting, else {"verdict": "start"} or {"verdict": "fail", "msg": ...}."""
+    meta = record.metadata or {}
+    for dep in json.loads(meta.get("torchx_ext_dependencies", "[]")):
+        state = dependency_state(dep, jobs)
+        if state in ("FAILED", "STOPPED"):
+            return {"verdict": "fail", "msg": f"dependency '{dep}' {state.lower()}; not started"}
+        if state == "MISSING":
+            return {"verdict": "fail", "msg": f"dependency '{dep}' no longer exists; not started"}
+        if state != "SUCCEEDED":
+            return None
+    return {"verdict": "start"}
+
+
+def submit_decided(client: Any, record: Any, decision: Dict[str, str]) -> None:
+    meta = dict(record.metadata or {})
+    app_id = meta["torchx_ext_submission_id"]
+    real_meta = json.loads(meta["torchx_ext_app_metadata"])
+    try:
+        if decision["verdict"] == "start":
+            kwargs = json.loads(meta.get("torchx_ext_submit_kwargs", "{}"))
+            runtime_env = dict(record.runtime_env or {})
+            if "torchx_ext_pip" in meta:  # kept out of the record so that it installs nothing
+                runtime_env["pip"] = json.loads(meta["torchx_ext_pip"])
+            client.submit_job(entrypoint=meta["torchx_ext_entrypoint"], submission_id=app_id,
+                              runtime_env=runtime_env, metadata=real_meta, **kwargs)
+        else:
+            real_meta.update({KIND: "verdict", "torchx_ext_verdict": "FAILED",
+                              "torchx_ext_msg": decision["msg"]})
+            client.submit_job(entrypoint="exit 1", submission_id=app_id, metadata=real_meta)
+        print(f"{time.strftime('%H:%M:%S')} {app_id}: {decision['verdict']} {decision.get('msg', '')}", flush=True)
+    except RuntimeError as e:
+        if "already exists" not in str(e):  # else: cancelled (or decided) concurrently
+            print(f"{app_id}: could not submit: {e}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    ctx = ray.init(log_to_driver=False)
+    client = JobSubmissionClient("http://" + str(ctx.dashboard_url))
+    interval = float(os.environ.get("TORCHX_EXT_BROKER_POLL_S", "0.5"))
+    pinned: Dict[str, float] = {}
+    print(f"torchx-ext broker up, polling {ctx.dashboard_url} every {interval} s", flush=True)
+    while True:
+        try:
+            listed = client.list_jobs()
+        except Exception as e:  # the dashboard restarts: keep going
+            print(f"list_jobs failed: {e}", file=sys.stderr, flush=True)
+            time.sleep(5)
+            continue
+        jobs = {j.submission_id: j for j in listed if j.submission_id}
+        now = time.time()
+        for job in listed:
+            meta = job.metadata or {}
+            if meta.get(KIND) != "waiting" or meta.get("torchx_ext_submission_id") in jobs:
+                continue
+            decision = decide(job, jobs)
+            if decision is not None:
+                submit_decided(client, job, decision)
+                continue
+            for uri in _uris(job.runtime_env or {}):
+                if now - pinned.get(uri, 0) > PIN_EVERY_S:
+                    try:
+                        from ray.experimental.internal_kv import _pin_runtime_env_uri
+
+                        _pin_runtime_env_uri(uri, expiration_s=PIN_FOR_S)
+                        pinned[uri] = now
+                    except Exception as e:
+                        print(f"could not pin {uri}: {e}", file=sys.stderr, flush=True)
+        time.sleep(interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The Ray job entrypoint of every ``ray_jobs`` app: ``python -m ray_jobs_cluster.driver``.
+
+It reads the app's spec (JSON in ``$TORCHX_EXT_RAY_SPEC``, written by the client's dry-run) and:
+
+1. reserves the gang: a single-replica app runs in this process, whose resources Ray already
+   reserved as the job's entrypoint resources; any other app gets one placement group with a
+   bundle per replica, all or nothing, failing after ``placement_timeout_s`` with what is missing;
+2. starts one process per replica (in a Ray actor pinned to its bundle), after learning every
+   replica's node address so each gets the ``TORCHX_EXT_HOSTS_<ROLE>`` discovery variables;
+3. polls the replicas, writes their output to the job log as ``LINE_MARK role replica stream time
+   text`` lines (the client demultiplexes them for ``torchx log``), applies the group rules and,
+   once the group is decided, stops what still runs and writes one verdict line;
+4. on SIGTERM (``ray job stop``) stops every replica within Ray's grace period.
+
+Exit status: 0 when the group SUCCEEDED, 1 otherwise (Ray then reports the job FAILED and keeps
+the verdict line in its message).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import DRIVER_ROLE, LINE_MARK, SPEC_ENV, VERDICT_MARK, rules
+from .replica import Line, ReplicaRunner, node_ip
+
+Result = Tuple[List[Line], Optional[int], str]  # (lines, exit code, error)
+
+
+class Output:
+    """Thread-safe writer of marked lines to the job log (the driver's stdout)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def lines(self, role: str, replica: int, lines: List[Line]) -> None:
+        if not lines:
+            return
+        text = "".join(f"{LINE_MARK}{role} {replica} {s} {ts:.6f} {t}\n" for s, ts, t in lines)
+        with self._lock:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def say(self, text: str) -> None:
+        """A line of the driver's own log (``torchx log <app>/ray-driver``)."""
+        self.lines(DRIVER_ROLE, 0, [("o", time.time(), text)])
+
+    def verdict(self, state: str, msg: str, replicas: List[Dict[str, Any]]) -> int:
+        self.say(f"app {state}" + (f": {msg}" if msg else ""))
+        with self._lock:
+            sys.stdout.write(VERDICT_MARK + json.dumps({"state": state, "msg": msg, "replicas": replicas}) + "\n")
+            sys.stdout.flush()
+        return 0 if state == "SUCCEEDED" else 1
+
+
+class LocalGroup:
+    """A single replica run by the driver itself (it holds the entrypoint resources)."""
+
+    def __init__(self, spec: Dict[str, Any]) -> None:
+        self.runners = [ReplicaRunner()]
+
+    def reserve(self) -> Optional[str]:
+        return None
+
+    def node_ips(self) -> List[str]:
+        return [node_ip()]
+
+    def start(self, cmds: List[Tuple[List[str], Dict[str, str]]]) -> List[Optional[str]]:
+        return [r.start(c, e) for r, (c, e) in zip(self.runners, cmds)]
+
+    def poll(self) -> List[Result]:
+        return [(*r.poll(), "") for r in self.runners]
+
+    def stop(self, indices: List[int]) -> None:
+        for i in indices:
+            self.runners[i].stop()
+
+    def close(self) -> None:
+        pass
+
+
+class GangGroup:
+    """One placement group bundle and one actor per replica."""
+
+    def __init__(self, spec: Dict[str, Any]) -> None:
+        import ray
+
+        self.ray = ray
+        self.spec = spec
+        self.bundles = [dict(role["resources"]) for role in spec["roles"] for _ in role["replicas"]]
+        # log_to_driver=False: the actors print nothing; replica output comes through poll()
+        ray.init(log_to_driver=False)
+        self.pg: Any = None
+        self.actors: List[Any] = []
+
+    def reserve(self) -> Optional[str]:
+        from ray.util.placement_group import placement_group
+
+        ray = self.ray
+        kwargs: Dict[str, Any] = {"strategy": self.spec.get("strategy", "PACK")}
+        if self.spec.get("label_selector"):
+            kwargs["bundle_label_selector"] = [self.spec["label_selector"]] * len(self.bundles)
+        self.pg = placement_group(self.bundles, **kwargs)
+        timeout = float(self.spec.get("placement_timeout_s", 60))
+        try:
+            ray.get(self.pg.ready(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            return f"the group could not be placed within {timeout:g} s: {self._missing()}"
+        runner = ray.remote(ReplicaRunner)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        for i, b in enumerate(self.bundles):
+            custom = {k: v for k, v in b.items() if k not in ("CPU", "GPU", "memory")}
+            self.actors.append(runner.options(
+                num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), memory=b.get("memory"),
+                resources=custom, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote())
+        return None
+
+    def _missing(self) -> str:
+        ray = self.ray
+        need: Dict[str, float] = {}
+        for b in self.bundles:
+            for k, v in b.items():
+                need[k] = need.get(k, 0) + v
+        total, avail = ray.cluster_resources(), ray.available_resources()
+        short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
+        if short:
+            return "the cluster has too little " + ", ".join(
+                f"{k} (the group needs {_fmt(k, v)}, the cluster has {_fmt(k, t)})" for k, (v, t) in sorted(short.items()))
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        for b in self.bundles:
+            if not any(all(n.get(k, 0) >= v for k, v in b.items()) for n in nodes):
+                return f"no node can hold a replica needing {_fmt_res(b)} (strategy {self.spec.get('strategy', 'PACK')})"
+        busy = {k: (v, avail.get(k, 0)) for k, v in need.items() if v > avail.get(k, 0)}
+        return "resources are in use by other jobs: " + ", ".join(
+            f"{k} (the group needs {_fmt(k, v)}, available now {_fmt(k, a)})" for k, (v, a) in sorted(busy.items())
+        ) if busy else f"the group needs {_fmt_res(need)} with strategy {self.spec.get('strategy', 'PACK')}"
+
+    def node_ips(self) -> List[str]:
+        return self.ray.get([a.node_ip.remote() for a in self.actors], timeout=120)
+
+    def start(self, cmds: List[Tuple[List[str], Dict[str, str]]]) -> List[Optional[str]]:
+        refs = [a.start.remote(c, e) for a, (c, e) in zip(self.actors, cmds)]
+        return self.ray.get(refs, timeout=120)
+
+    def poll(self) -> List[Result]:
+        ray = self.ray
+        refs = [a.poll.remote() for a in self.actors]
+        out: List[Result] = []
+        for ref in refs:
+            try:
+                lines, code = ray.get(ref, timeout=60)
+                out.append((lines, code, ""))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                # the node or worker died: the replica is lost (its process died with it)
+                out.append(([], -1, f"its Ray actor was lost: {type(e).__name__}: {str(e).splitlines()[0]}"))
+        return out
+
+    def stop(self, indices: List[int]) -> None:
+        refs = [self.actors[i].stop.remote() for i in indices]
+        try:
+            self.ray.get(refs, timeout=15)
+        except Exception:  # best effort: the actors die with this job anyway
+            pass
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:
+                pass
+
+
+def _fmt(key: str, value: float) -> str:
+    if key == "memory":
+        return f"{value / 2**20:.0f} MiB"
+    return f"{value:g}"
+
+
+def _fmt_res(res: Dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {_fmt(k, v)}" for k, v in sorted(res.items())) + "}"
+
+
+def run(spec: Dict[str, Any], out: Output, stopping: threading.Event) -> int:
+    replicas = [(ri, role, k, rep) for ri, role in enumerate(spec["roles"]) for k, rep in enumerate(role["replicas"])]
+    outcomes = [rules.outcome(role["name"], k, bool(role.get("service")), "PENDING") for _, role, k, _ in replicas]
+
+    def finish(state: str, msg: str) -> int:
+        return out.verdict(state, msg, outcomes)
+
+    group = LocalGroup(spec) if spec["mode"] == "local" else GangGroup(spec)
+    try:
+        out.say(f"reserving {len(replicas)} replica(s) of app {spec['app_id']}")
+        error = group.reserve()
+        if error:
+            return finish("FAILED", error)
+        ips = group.node_ips()
+        hosts: Dict[str, List[str]] = {}
+        for (_, role, _, _), ip in zip(replicas, ips):
+            hosts.setdefault(role["hosts_env"], []).append(ip)
+        cmds = []
+        for (_, role, k, rep), ip in zip(replicas, ips):
+            env = dict(rep["env"])
+            env.update({name: ",".join(h) for name, h in hosts.items()})
+            env["TORCHX_RANK0_HOST"] = hosts[role["hosts_env"]][0]  # TorchX's rank0_env macro
+            cmds.append((rep["cmd"], env))
+            outcomes[len(cmds) - 1]["host"] = ip
+        out.say("hosts: " + json.dumps(hosts))
+        errors = group.start(cmds)
+        failed = [i for i, e in enumerate(errors) if e]
+        if failed:
+            group.stop([i for i, e in enumerate(errors) if not e])
+            for i in failed:
+                outcomes[i].update(state="FAILED", reason=errors[i])
+            first = outcomes[failed[0]]
+            return finish("FAILED", f"role '{first['role']}' replica {first['replica_id']} failed to start: {errors[failed[0]]}")
+        for o in outcomes:
+            o["state"] = "RUNNING"
+        interval = float(spec.get("poll_interval_s", 0.2))
+        while True:
+            for i, (lines, code, err) in enumerate(group.poll()):
+                ri, _, k, _ = replicas[i]
+                out.lines(str(ri), k, lines)
+                if code is not None and outcomes[i]["state"] == "RUNNING":
+                    outcomes[i].update(state="SUCCEEDED" if code == 0 else "FAILED", exit_code=code, reason=err)
+            state, msg = rules.group_state(outcomes)
+            if stopping.is_set() and state not in rules.TERMINAL:
+                state, msg = "CANCELLED", "stopped (the Ray job was stopped)"
+            if state in rules.TERMINAL:
+                live = [i for i, o in enumerate(outcomes) if o["state"] == "RUNNING"]
+                if live:
+                    out.say(f"group is {state}; stopping {len(live)} replica(s) still running")
+                    group.stop(live)
+                    for i, (lines, _code, _err) in enumerate(group.poll()):
+                        out.lines(str(replicas[i][0]), replicas[i][2], lines)
+                    for i in live:
+                        outcomes[i]["state"] = "CANCELLED"
+                return finish(state, msg)
+            stopping.wait(interval)
+    finally:
+        group.close()
+
+
+def main() -> int:
+    spec = json.loads(os.environ.pop(SPEC_ENV))
+    out = Output()
+    stopping = threading.Event()
+    # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S: the loop stops
+    # the replicas (their process groups) in between
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    try:
+        return run(spec, out, stopping)
+    except Exception as e:  # anything unexpected still ends in one verdict line
+        return out.verdict("FAILED", f"the torchx-ext driver failed: {type(e).__name__}: {e}", [])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

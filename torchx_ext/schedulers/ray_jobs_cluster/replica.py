@@ -1,0 +1,124 @@
+"""Runs one replica's process and buffers its output, line by line, with timestamps.
+
+Used in two places: directly inside the driver (a single-replica app, whose resources the driver
+itself holds as entrypoint resources) and as the body of a Ray actor placed in the gang's
+placement group bundle (multi-replica and multi-role apps). The driver polls it; nothing here
+prints, so Ray's actor log prefixes and de-duplication never touch the replicas' output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import SPEC_ENV
+
+Line = Tuple[str, float, str]  # (stream "o"/"e", unix time, text without the newline)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # The replica must not outlive the process running it: Ray SIGKILLs a stopped job's driver
+    # after a grace period and kills actor workers without running Python code.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def node_ip() -> str:
+    """The address other replicas reach this node at (what Ray advertises for it)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except ImportError:
+        pass
+    # In the driver without ray.init: the interface routing to the GCS is the node's address.
+    gcs = os.environ.get("RAY_ADDRESS", "").split("://")[-1].rsplit(":", 1)[0] or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((gcs, 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+class ReplicaRunner:
+    """One replica: ``start`` its process, ``poll`` for output and exit code, ``stop`` it."""
+
+    def __init__(self) -> None:
+        self._proc: Optional[subprocess.Popen] = None
+        self._lines: List[Line] = []
+        self._lock = threading.Lock()
+        self._pumps: List[threading.Thread] = []
+
+    def node_ip(self) -> str:
+        return node_ip()
+
+    def start(self, cmd: Sequence[str], env: Dict[str, str]) -> Optional[str]:
+        """Starts ``cmd`` (an argv list: no shell, arguments arrive verbatim).
+
+        Returns None on success or the reason it could not start.
+        """
+        full_env = {k: v for k, v in os.environ.items() if k != SPEC_ENV}
+        full_env.update(env)
+        try:
+            # own session: stop() signals the whole process tree of the replica
+            self._proc = subprocess.Popen(
+                list(cmd), env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            return f"could not start {cmd[0]!r}: {e}"
+        for stream, pipe in (("o", self._proc.stdout), ("e", self._proc.stderr)):
+            t = threading.Thread(target=self._pump, args=(stream, pipe), daemon=True)
+            t.start()
+            self._pumps.append(t)
+        return None
+
+    def _pump(self, stream: str, pipe: "os._wrap_close") -> None:  # type: ignore[name-defined]
+        for raw in iter(pipe.readline, b""):
+            text = raw.decode("utf-8", errors="replace").rstrip("\n")
+            with self._lock:
+                self._lines.append((stream, time.time(), text))
+        pipe.close()
+
+    def poll(self) -> Tuple[List[Line], Optional[int]]:
+        """New output lines and the exit code (None while running).
+
+        The exit code is only reported once both pipes are drained, so a caller that sees it
+        has also seen the last line.
+        """
+        code = self._proc.poll() if self._proc else None
+        if code is not None:
+            for t in self._pumps:
+                t.join(timeout=5)
+        with self._lock:
+            lines, self._lines = self._lines, []
+        return lines, code
+
+    def stop(self, grace_s: float = 2.0) -> Optional[int]:
+        """SIGTERM to the replica's process group, SIGKILL after ``grace_s``; returns the code."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return proc.poll()
