@@ -17,9 +17,9 @@ say "system packages (Slurm, Docker)"
 bash testbed/slurm.sh install
 bash testbed/docker.sh install
 
-say "python env $VENV (torchx 0.7.0, docker extra, torch CPU for dist.ddp)"
+say "python env $VENV (torchx 0.7.0, every extra (ray, docker), torch CPU for dist.ddp)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-pipq "$VENV/bin/pip" install "${PIP_QUIET[@]}" "torchx==0.7.0" ".[docker,test]" "torch==2.13.0"
+pipq "$VENV/bin/pip" install "${PIP_QUIET[@]}" "torchx==0.7.0" ".[all,test]" "torch==2.13.0"
 
 # start what is not running yet; stop at exit only what we started
 started=()
@@ -27,7 +27,7 @@ cleanup() {
     for tb in "${started[@]}"; do bash "testbed/$tb.sh" stop >/dev/null 2>&1 || true; done
 }
 trap cleanup EXIT
-for tb in slurm docker; do  # ray: its head joins when ray_jobs lands (issue 3)
+for tb in slurm docker ray; do
     # start is idempotent and writes testbed/.state/$tb.env for this checkout even when the
     # daemons were already up (another checkout); only what was down is stopped at exit
     VENV="$VENV" bash "testbed/$tb.sh" status >/dev/null 2>&1 || started+=("$tb")

@@ -46,7 +46,7 @@ head_pids() {
   local roots
   roots="$({ grep -lzx "TORCHX_EXT_RAY_HEAD=$TMPD" /proc/[0-9]*/environ
              find /proc/[0-9]*/cwd -maxdepth 0 \( -lname "$TMPD" -o -lname "$TMPD/*" \); } 2>/dev/null | cut -d/ -f3 | tr '\n' ' ')" || true
-  ps -eo pid=,ppid=,args= | awk -v roots="$roots" -v only="${1:-}" -v self=$$ '
+  ps -wweo pid=,ppid=,args= | awk -v roots="$roots" -v only="${1:-}" -v self=$$ '
     BEGIN { split(roots, r, " "); for (i in r) root[r[i]]=1 }
     { pid[NR]=$1; ppid[NR]=$2; $1=$2=""; if ((pid[NR] in root) && (only=="" || $0 ~ only)) mark[pid[NR]]=1 }
     END { do { n=0; for (i=1;i<=NR;i++) if (!(pid[i] in mark) && (ppid[i] in mark)) { mark[pid[i]]=1; n++ } } while (n)

@@ -18,7 +18,7 @@ from torchx_ext.executors import capabilities, scheduler_for
 from torchx_ext.groups import mark_service
 from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.docker_jobs import DockerJobsExecutor, DockerJobsScheduler, DockerRequest
-from torchx_ext.schedulers.docker_jobs_images import launched_by_cli_without_workspace
+from torchx_ext.compat import launched_by_cli_without_workspace
 
 docker = pytest.importorskip("docker")
 

@@ -13,7 +13,7 @@ import torchx.schedulers as ts
 from torchx_ext import _builtin_entry_points as bep
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
-OURS = {"host", "slurm_jobs", "docker_jobs"}
+OURS = {"host", "slurm_jobs", "docker_jobs", "ray_jobs"}
 
 
 def _cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:

@@ -11,6 +11,8 @@ Differences handled (checked against 0.7.0 and the 2026-10 nightly):
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any, Callable, Optional
 
 from torchx.specs import AppDef, AppDryRunInfo
@@ -35,3 +37,15 @@ def as_list(value: Any) -> list[str]:
 
 def torchx_version() -> str:
     return str(getattr(importlib.import_module("torchx"), "__version__", "unknown"))
+
+
+def launched_by_cli_without_workspace() -> bool:
+    """True when ``torchx run`` was given no ``--workspace`` (it then passes the current dir).
+
+    TorchX offers no signal for "the user asked for this workspace", so the CLI's argv is read:
+    our remote schedulers ship only an explicit workspace (never a whole home directory).
+    """
+    if os.path.basename(sys.argv[0]) != "torchx":
+        return False
+    return not any(a in ("--workspace", "--buck-target") or a.startswith(("--workspace=", "--buck-target="))
+                   for a in sys.argv[1:])

@@ -51,7 +51,8 @@ from torchx_ext.executors import Capabilities, Executor, check_options, option, 
 from torchx_ext.groups import app_handle_id, discovery_env, handle_scheduler, is_service, validate_app
 from torchx_ext.logs import TimedLine, filter_lines, follow
 from torchx_ext.schedulers import docker_jobs_watcher as w
-from torchx_ext.schedulers.docker_jobs_images import build_workspace, ensure_image, launched_by_cli_without_workspace
+from torchx_ext.compat import launched_by_cli_without_workspace
+from torchx_ext.schedulers.docker_jobs_images import build_workspace, ensure_image
 from torchx_ext.schedulers.host_supervisor import home
 
 SCHEDULER = w.SCHEDULER

@@ -10,6 +10,7 @@ import io
 import os
 import sys
 import tarfile
+
 import tempfile
 from typing import Any
 
@@ -19,14 +20,6 @@ from torchx_ext.schedulers import docker_jobs_watcher as w
 
 TORCHX_DOCKERFILE = "Dockerfile.torchx"
 DEFAULT_DOCKERFILE = b"ARG IMAGE\nFROM $IMAGE\n\nCOPY . .\n"
-
-
-def launched_by_cli_without_workspace() -> bool:
-    """True when ``torchx run`` was given no ``--workspace`` (it then passes the current dir)."""
-    if os.path.basename(sys.argv[0]) != "torchx":
-        return False
-    return not any(a in ("--workspace", "--buck-target") or a.startswith(("--workspace=", "--buck-target="))
-                   for a in sys.argv[1:])
 
 
 def build_context(workspace: str) -> Any:

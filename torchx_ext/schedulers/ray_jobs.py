@@ -19,7 +19,10 @@ driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs_cluster>`, uplo
 
 from __future__ import annotations
 
+import base64
 import configparser
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -30,20 +33,20 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Scheduler, Stream
 from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus, macros, runopts
 from torchx.workspace.api import WorkspaceMixin, walk_workspace
 
-from torchx_ext import compat
+from torchx_ext import cli_errors, compat
 from torchx_ext.errors import DependencyError, InvalidAppError, SchedulerUnavailable
 from torchx_ext.executors import Capabilities, Executor, check_options, option, runopts_for
 from torchx_ext.groups import app_handle_id, discovery_env, handle_scheduler, hosts_env_name, is_service, validate_app
 from torchx_ext.logs import TimedLine, filter_lines, follow
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
-from torchx_ext.schedulers.ray_jobs_cluster.broker import BROKER_ID, KIND
+from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
 
 SCHEDULER = "ray_jobs"
 DRIVER_ROLE = "ray-driver"
@@ -114,8 +117,9 @@ class RayJobsRequest:
         out = asdict(self)
         env = dict(out["runtime_env"].get("env_vars", {}))
         for name in self.secret_names:
-            if name in env:
-                env[name] = MASK
+            for key in (name, cluster.ENV_B64_PREFIX + name):
+                if key in env:
+                    env[key] = MASK
         env[cluster.SPEC_ENV] = "<the spec below, as JSON>"
         out["runtime_env"] = {**out["runtime_env"], "env_vars": env}
         return out
@@ -169,8 +173,12 @@ def _torchxconfig() -> dict[str, str]:
 class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
     """TorchX scheduler over the Ray Jobs API. See the module docstring."""
 
-    def __init__(self, session_name: str, **kwargs: Any) -> None:
+    def __init__(self, session_name: str, client_factory: Optional[Callable[[str, Optional[str], float], Any]] = None,
+                 **kwargs: Any) -> None:
+        """``client_factory(url, token_env, timeout)`` replaces :func:`ray_jobs_client.connect`
+        (tests use it for clients that no installed Ray provides, e.g. an old one)."""
         super().__init__(SCHEDULER, session_name)
+        self._connect = client_factory or rc.connect
         self._clients: dict[str, Any] = {}
         self._submitted: set[str] = set()  # app ids this instance submitted (--wait polling)
 
@@ -183,9 +191,15 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
 
     # ------------------------------------------------------------------ workspace ---
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
-        """Copies ``workspace`` minus ``.torchxignore`` matches; it becomes the job's working_dir."""
+        """Copies ``workspace`` minus ``.torchxignore`` matches; it becomes the job's working_dir.
+
+        As with ``docker_jobs``, ``torchx run`` without ``--workspace`` (TorchX then passes the
+        current directory) uploads nothing: pass ``--workspace .`` to ship the current directory.
+        """
         import fsspec
 
+        if compat.launched_by_cli_without_workspace():
+            return
         fs, root = fsspec.core.url_to_fs(workspace)
         home = os.path.dirname(_known_clusters_path())
         target = os.path.join(home, "workspaces", uuid.uuid4().hex[:12])
@@ -193,6 +207,8 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
         size = 0
         for dirpath, _dirs, files in walk_workspace(fs, root):
             rel = os.path.relpath(dirpath, root)
+            if os.path.realpath(os.path.join(root, rel)).startswith(os.path.realpath(home)):
+                continue  # a workspace containing $TORCHX_EXT_HOME must not copy into itself
             for name, info in files.items():
                 if info.get("type") != "file":
                     continue
@@ -243,8 +259,15 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                 env.update(discovery_env(app_id, role.name, k, role.num_replicas, {}))
                 entry["replicas"].append({"cmd": [r.entrypoint, *r.args], "env": env})
             spec["roles"].append(entry)
-        env_vars = {cluster.SPEC_ENV: json.dumps(spec), "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
-        env_vars.update({n: os.environ[n] for n in names})
+        # base64: Ray runs os.path.expandvars on env_vars values (see ray_jobs_cluster.ENV_B64_PREFIX)
+        env_vars = {cluster.SPEC_ENV: base64.b64encode(json.dumps(spec).encode()).decode(),
+                    "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+        for n in names:
+            value = os.environ[n]
+            if "$" in value:
+                env_vars[cluster.ENV_B64_PREFIX + n] = base64.b64encode(value.encode()).decode()
+            else:
+                env_vars[n] = value
         runtime_env: dict[str, Any] = {"env_vars": env_vars, "py_modules": [os.path.dirname(cluster.__file__)]}
         working_dir = app.roles[0].metadata.get(WORKING_DIR_KEY)
         if working_dir:
@@ -310,6 +333,8 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                 self._ensure_broker(client, req)
                 meta = {KIND: "waiting", "torchx_ext_submission_id": req.submission_id,
                         "torchx_ext_dependencies": json.dumps(req.dependencies),
+                        "torchx_ext_dependency_names": json.dumps(
+                            {d: rc.make_app_id(req.dashboard_url, d) for d in req.dependencies}),
                         "torchx_ext_entrypoint": req.entrypoint,
                         "torchx_ext_submit_kwargs": json.dumps(submit_kwargs),
                         "torchx_ext_app_metadata": json.dumps(req.metadata),
@@ -346,15 +371,15 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
 
     def _ensure_broker(self, client: Any, req: RayJobsRequest) -> None:
         """Starts the cluster's dependency broker job unless it runs (a lost race is fine)."""
-        job = self._job(client, BROKER_ID)
+        job = self._job(client, _broker_id())
         if job is not None and _status(job) in ("PENDING", "RUNNING"):
             return
         if job is not None:
-            client.delete_job(BROKER_ID)
+            client.delete_job(_broker_id())
         try:
             client.submit_job(
                 entrypoint=" ".join(shlex.quote(w) for w in [req.entrypoint.split()[0], "-m", "ray_jobs_cluster.broker"]),
-                submission_id=BROKER_ID, metadata={KIND: "broker"},
+                submission_id=_broker_id(), metadata={KIND: "broker"},
                 runtime_env={"py_modules": [os.path.dirname(cluster.__file__)]},
             )
         except RuntimeError as e:
@@ -365,7 +390,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
     def _client(self, url: str, token_env: Optional[str] = None, timeout: float = 10.0) -> Any:
         key = f"{url}|{token_env}"
         if key not in self._clients:
-            self._clients[key] = rc.connect(url, token_env or self._token_env_for(url), timeout)
+            self._clients[key] = self._connect(url, token_env or self._token_env_for(url), timeout)
         return self._clients[key]
 
     def _token_env_for(self, url: str) -> Optional[str]:
@@ -444,11 +469,12 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
         if _status(record) == "FAILED":
             return self._response(app_id, app_meta, AppState.FAILED,
                                   f"could not set up the job's runtime_env: {record.message}", {})
-        deps = json.loads(meta.get("torchx_ext_dependencies", "[]"))
-        broker = self._job(client, BROKER_ID)
+        names = json.loads(meta.get("torchx_ext_dependency_names", "{}"))
+        deps = [names.get(d, d) for d in json.loads(meta.get("torchx_ext_dependencies", "[]"))]
+        broker = self._job(client, _broker_id())
         if broker is None or _status(broker) not in ("PENDING", "RUNNING"):
             return self._response(app_id, app_meta, AppState.UNKNOWN, (
-                f"waiting for {', '.join(deps)}, but the torchx-ext broker job '{BROKER_ID}' is "
+                f"waiting for {', '.join(deps)}, but the torchx-ext broker job '{_broker_id()}' is "
                 f"{_status(broker) if broker else 'gone'}; submitting any ray_jobs app with dependencies restarts it"), {})
         return self._response(app_id, app_meta, AppState.PENDING, f"waiting for dependencies: {', '.join(deps)}", {})
 
@@ -661,6 +687,17 @@ class _JobLogReader:
         return out
 
 
+@functools.lru_cache(maxsize=None)
+def _broker_id() -> str:
+    """The broker job's submission id, versioned by its code: an upgraded client starts its own
+    broker (an older one still running is harmless: every decision claims a unique id)."""
+    digest = hashlib.sha1()
+    for name in ("__init__.py", "broker.py"):
+        with open(os.path.join(os.path.dirname(cluster.__file__), name), "rb") as f:
+            digest.update(f.read())
+    return f"torchx-ext-broker-{digest.hexdigest()[:8]}"
+
+
 def _status(job: Any) -> str:
     return str(getattr(job.status, "value", job.status))
 
@@ -687,4 +724,5 @@ def _ray_version() -> str:
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> RayJobsScheduler:
+    cli_errors.install()
     return RayJobsScheduler(session_name, **kwargs)

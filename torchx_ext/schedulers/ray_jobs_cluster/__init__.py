@@ -15,6 +15,10 @@ and ``ray`` only, and relative imports between these modules.
 
 # The wire format shared with torchx_ext.schedulers.ray_jobs (client side). Version it if changed.
 SPEC_ENV = "TORCHX_EXT_RAY_SPEC"
+# Ray expands $VAR and drops ${VAR} in runtime_env env_vars values (os.path.expandvars, no
+# escape), so the spec and any value containing "$" travel base64-encoded; values of variables
+# named ENV_B64_PREFIX + NAME are decoded into NAME for the replicas.
+ENV_B64_PREFIX = "TORCHX_EXT_B64__"
 # Every line the driver writes for a replica starts with this; the client demultiplexes on it.
 LINE_MARK = "\x1etx "
 VERDICT_MARK = "\x1etx-verdict "

@@ -1,6 +1,6 @@
 """Starts dependent apps when their dependencies succeed: ``python -m ray_jobs_cluster.broker``.
 
-One broker job per cluster (submission id ``BROKER_ID``). Why not one waiting driver per app: a
+One broker job per cluster and version of this code (submission id ``torchx-ext-broker-<hash>``). Why not one waiting driver per app: a
 Ray job costs a job-supervisor actor (~100 MB) plus its driver (~70 MB) for as long as it waits,
 and supervisors start about one per second, so a pipeline of hundreds of pending stages would
 not fit. Instead a dependent app is submitted as a *waiting record*: a Ray job
@@ -28,7 +28,6 @@ import sys
 import time
 from typing import Any, Dict, Iterable, Optional
 
-BROKER_ID = "torchx-ext-broker"
 KIND = "torchx_ext_kind"  # metadata: "app", "waiting", "verdict", "broker"
 PIN_EVERY_S = 240.0
 PIN_FOR_S = 900
@@ -59,12 +58,14 @@ def dependency_state(dep: str, jobs: Dict[str, Any]) -> str:
 def decide(record: Any, jobs: Dict[str, Any]) -> Optional[Dict[str, str]]:
     """None to keep waiting, else {"verdict": "start"} or {"verdict": "fail", "msg": ...}."""
     meta = record.metadata or {}
+    names = json.loads(meta.get("torchx_ext_dependency_names", "{}"))  # submission id -> app id
     for dep in json.loads(meta.get("torchx_ext_dependencies", "[]")):
         state = dependency_state(dep, jobs)
+        name = names.get(dep, dep)
         if state in ("FAILED", "STOPPED"):
-            return {"verdict": "fail", "msg": f"dependency '{dep}' {state.lower()}; not started"}
+            return {"verdict": "fail", "msg": f"dependency '{name}' {state.lower()}; not started"}
         if state == "MISSING":
-            return {"verdict": "fail", "msg": f"dependency '{dep}' no longer exists; not started"}
+            return {"verdict": "fail", "msg": f"dependency '{name}' no longer exists; not started"}
         if state != "SUCCEEDED":
             return None
     return {"verdict": "start"}

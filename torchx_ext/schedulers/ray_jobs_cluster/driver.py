@@ -18,6 +18,7 @@ the verdict line in its message).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -251,7 +252,7 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event) -> int:
 
 
 def main() -> int:
-    spec = json.loads(os.environ.pop(SPEC_ENV))
+    spec = json.loads(base64.b64decode(os.environ.pop(SPEC_ENV)))
     out = Output()
     stopping = threading.Event()
     # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S: the loop stops

@@ -8,6 +8,7 @@ prints, so Ray's actor log prefixes and de-duplication never touch the replicas'
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import os
 import signal
@@ -17,7 +18,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import SPEC_ENV
+from . import ENV_B64_PREFIX, SPEC_ENV
 
 Line = Tuple[str, float, str]  # (stream "o"/"e", unix time, text without the newline)
 
@@ -52,6 +53,15 @@ def node_ip() -> str:
             return "127.0.0.1"
 
 
+def decoded_env(environ: Dict[str, str]) -> Dict[str, str]:
+    """``environ`` without the spec, with base64-shipped values decoded (see ENV_B64_PREFIX)."""
+    out = {k: v for k, v in environ.items() if k != SPEC_ENV and not k.startswith(ENV_B64_PREFIX)}
+    for k, v in environ.items():
+        if k.startswith(ENV_B64_PREFIX):
+            out[k[len(ENV_B64_PREFIX):]] = base64.b64decode(v).decode("utf-8")
+    return out
+
+
 class ReplicaRunner:
     """One replica: ``start`` its process, ``poll`` for output and exit code, ``stop`` it."""
 
@@ -69,7 +79,7 @@ class ReplicaRunner:
 
         Returns None on success or the reason it could not start.
         """
-        full_env = {k: v for k, v in os.environ.items() if k != SPEC_ENV}
+        full_env = decoded_env(os.environ)
         full_env.update(env)
         try:
             # own session: stop() signals the whole process tree of the replica

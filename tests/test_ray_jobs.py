@@ -1,0 +1,269 @@
+"""``ray_jobs`` against the real Ray head of ``testbed/ray.sh``: the shared contract, the CLI end to
+end from new processes, a server/client group, env forwarding with masking, working_dir upload,
+dependencies with the submitter gone, an unreachable dashboard, and the head killed mid-job.
+
+The head-killing test runs last in this module and restarts the head for whatever follows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import pytest
+from torchx.runner import Runner, get_runner
+from torchx.specs import AppDef, AppState, Resource, Role
+
+from conftest import ROOT, require_backend
+from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
+
+TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
+SMALL = Resource(cpu=1, gpu=0, memMB=128)
+TIMEOUT = 90.0
+
+
+def dashboard() -> str:
+    return require_backend("TORCHX_EXT_TEST_RAY_DASHBOARD", "Ray head")
+
+
+def sid(handle: str) -> str:
+    return handle.rsplit("~", 1)[-1]
+
+
+def app_processes(handle: str) -> list[int]:
+    """PIDs of this app's driver and replicas (found by their marker env / argv)."""
+    app_id = handle.rsplit("/", 1)[-1]
+    marker = f"TORCHX_EXT_APP_ID={app_id}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        if marker in env or (b"ray_jobs_cluster.driver" in argv and sid(handle).encode() in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def nothing_running(handle: str) -> bool:
+    deadline = time.time() + 15  # Ray reaps a stopped job's processes asynchronously
+    while app_processes(handle) and time.time() < deadline:
+        time.sleep(0.3)
+    return not app_processes(handle)
+
+
+@pytest.fixture
+def runner() -> Iterator[Runner]:
+    r = get_runner()
+    yield r
+    r.close()
+
+
+class TestRayJobsContract(SchedulerContract):
+    @pytest.fixture
+    def backend(self) -> Backend:
+        return Backend(scheduler="ray_jobs", image="", python=sys.executable,
+                       cfg={"dashboard_url": dashboard()}, resource=SMALL, timeout=TIMEOUT,
+                       nothing_running=nothing_running)
+
+
+# ------------------------------------------------------------------------------ helpers -----
+def role(name: str, code: str, *args: str, **kw: object) -> Role:
+    return Role(name=name, image="", entrypoint=sys.executable, args=["-c", code, *args],
+                resource=kw.pop("resource", SMALL), **kw)  # type: ignore[arg-type]
+
+
+def cli(*args: str, cwd: str = "/tmp", env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **(env or {})})
+
+
+def cli_handle(out: subprocess.CompletedProcess) -> str:
+    assert out.returncode == 0, out.stdout + out.stderr
+    return next(line.strip() for line in out.stdout.splitlines() if line.strip().startswith("ray_jobs://"))
+
+
+def cli_state(handle: str) -> str:
+    out = cli("status", handle)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return next(line.split()[-1] for line in out.stdout.splitlines() if line.strip().startswith("State:"))
+
+
+def cli_wait(handle: str, want: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.time() + timeout
+    state = ""
+    while time.time() < deadline:
+        state = cli_state(handle)
+        if state == want:
+            return
+        assert state not in {"SUCCEEDED", "FAILED", "CANCELLED"} - {want}, f"{handle}: {state}"
+        time.sleep(0.5)
+    raise AssertionError(f"{handle} never reached {want}; last {state}")
+
+
+# ------------------------------------------------------------------------------ CLI ---------
+def test_cli_end_to_end(tmp_path: str) -> None:
+    """run, status from a new process, log (per replica and the driver), list, cancel."""
+    cfg = f"dashboard_url={dashboard()}"
+    out = cli("run", "-s", "ray_jobs", "-cfg", cfg, "utils.echo", "--msg", "hello from ray_jobs", cwd=str(tmp_path))
+    handle = cli_handle(out)
+    cli_wait(handle, "SUCCEEDED")
+    log = cli("log", f"{handle}/echo/0")
+    assert log.returncode == 0, log.stderr
+    assert "hello from ray_jobs" in log.stdout
+    assert "Running entrypoint" not in log.stdout  # Ray's own lines belong to the driver log
+    driver = cli("log", f"{handle}/ray-driver/0")
+    assert "app SUCCEEDED" in driver.stdout, driver.stdout + driver.stderr
+    sleeper = cli_handle(cli("run", "-s", "ray_jobs", "-cfg", cfg, "utils.sh", "sleep", "600", cwd=str(tmp_path)))
+    cli_wait(sleeper, "RUNNING")
+    listed = cli("list", "-s", "ray_jobs")  # no -cfg: the clusters this user submitted to
+    assert listed.returncode == 0, listed.stderr
+    assert handle.rsplit("/", 1)[-1] in listed.stdout and sid(sleeper) in listed.stdout
+    assert cli("cancel", sleeper).returncode == 0
+    cli_wait(sleeper, "CANCELLED")
+    assert cli("cancel", sleeper).returncode == 0  # idempotent
+    assert nothing_running(sleeper)
+
+
+def test_dryrun_masks_forwarded_env_and_imports_no_ray(tmp_path: str) -> None:
+    code = (
+        "import sys; from torchx.runner import get_runner; from torchx.specs import AppDef, Role\n"
+        "app = AppDef('dry', roles=[Role('main', image='', entrypoint='python', args=['-c', 'pass'])])\n"
+        f"info = get_runner().dryrun(app, 'ray_jobs', {{'dashboard_url': {dashboard()!r}, 'env_forward': ['MY_SECRET']}})\n"
+        "print(info)\n"
+        "print('RAY IMPORTED' if 'ray' in sys.modules else 'NO RAY')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
+                         env={**os.environ, "MY_SECRET": "s3cr3t-value"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "NO RAY" in out.stdout
+    assert "s3cr3t-value" not in out.stdout + out.stderr
+    assert '"MY_SECRET": "****"' in out.stdout
+
+
+def test_env_forwarding_reaches_replicas_masked_everywhere(runner: Runner, tmp_path: str) -> None:
+    secret = "tok-$HOME-${USER}-" + os.urandom(6).hex()  # Ray would expand $ in env_vars
+    manifest = f"file://{tmp_path}/manifest.jsonl"
+    os.environ["TORCHX_EXT_TEST_SECRET"] = secret
+    try:
+        app = AppDef("fwd", roles=[role("main", "import os; print('LEN', len(os.environ['TORCHX_EXT_TEST_SECRET']))", num_replicas=2)])
+        handle = runner.run(app, "ray_jobs", {"dashboard_url": dashboard(), "env_forward": ["TORCHX_EXT_TEST_SECRET"],
+                                               "manifest": manifest})
+        status = wait_terminal(runner, handle, TIMEOUT)
+        assert status.state == AppState.SUCCEEDED, status
+        assert f"LEN {len(secret)}" in logs(runner, handle, "main", 1)
+        with pytest.raises(Exception, match="NOT_SET_ANYWHERE"):
+            runner.dryrun(app, "ray_jobs", {"dashboard_url": dashboard(), "env_forward": ["NOT_SET_ANYWHERE"]})
+    finally:
+        del os.environ["TORCHX_EXT_TEST_SECRET"]
+    with open(f"{tmp_path}/manifest.jsonl") as f:
+        text = f.read()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [r["event"] for r in records] == ["submitted", "terminal"], records
+    assert records[0]["job_id"] == sid(handle) and records[1]["state"] == "SUCCEEDED"
+    assert secret not in text
+    assert secret not in logs(runner, handle, "ray-driver")
+
+
+def test_working_dir_upload_honours_torchxignore(tmp_path: str) -> None:
+    (tmp_path / "mymod.py").write_text("VALUE = 'from the workspace'\n")  # type: ignore[operator]
+    (tmp_path / "big.bin").write_bytes(b"x" * 1000)  # type: ignore[operator]
+    (tmp_path / ".torchxignore").write_text("big.bin\n")  # type: ignore[operator]
+    code = "import os, mymod; print(mymod.VALUE, os.path.exists('big.bin'))"
+    out = cli("run", "-s", "ray_jobs", "-cfg", f"dashboard_url={dashboard()}", "--workspace", str(tmp_path),
+              "utils.python", "-c", code, cwd=str(tmp_path))
+    handle = cli_handle(out)
+    cli_wait(handle, "SUCCEEDED")
+    assert "from the workspace False" in cli("log", f"{handle}/python/0").stdout
+
+
+def test_dependencies_wait_in_the_cluster_with_submitter_gone(runner: Runner) -> None:
+    cfg = f"dashboard_url={dashboard()}"
+    first = cli_handle(cli("run", "-s", "ray_jobs", "-cfg", cfg, "utils.sh", "sleep", "3"))
+    ok = cli_handle(cli("run", "-s", "ray_jobs", "-cfg", f"{cfg},dependencies={first}", "utils.echo", "--msg", "after first"))
+    bad = cli_handle(cli("run", "-s", "ray_jobs", "-cfg", cfg, "utils.sh", "exit", "3"))
+    never = cli_handle(cli("run", "-s", "ray_jobs", "-cfg", f"{cfg},dependencies={bad}", "utils.echo", "--msg", "never"))
+    chained = cli_handle(cli("run", "-s", "ray_jobs", "-cfg", f"{cfg},dependencies={never}", "utils.echo"))
+    # every submitting process has exited; the cluster alone carries on
+    assert runner.status(ok).state in (AppState.PENDING, AppState.RUNNING, AppState.SUCCEEDED)
+    assert wait_terminal(runner, ok, TIMEOUT).state == AppState.SUCCEEDED
+    assert wait_terminal(runner, first, TIMEOUT).state == AppState.SUCCEEDED
+    assert "after first" in logs(runner, ok, "echo")
+    status = wait_terminal(runner, never, TIMEOUT)
+    assert status.state == AppState.FAILED and sid(bad) in status.msg, status
+    status = wait_terminal(runner, chained, TIMEOUT)
+    assert status.state == AppState.FAILED and sid(never) in status.msg, status
+
+
+def test_cancel_while_waiting_for_dependency(runner: Runner) -> None:
+    cfg = {"dashboard_url": dashboard()}
+    first = runner.run(AppDef("slow", roles=[role("main", "import time; time.sleep(600)")]), "ray_jobs", cfg)
+    second = runner.run(AppDef("waiter", roles=[role("main", "print('must not run')")]), "ray_jobs",
+                        {**cfg, "dependencies": [first]})
+    assert runner.status(second).state == AppState.PENDING
+    assert second in {a.app_handle for a in runner.list("ray_jobs")}
+    runner.cancel(second)
+    assert wait_terminal(runner, second, 30).state == AppState.CANCELLED
+    runner.cancel(first)
+    assert wait_terminal(runner, first, 30).state == AppState.CANCELLED
+
+
+def test_unplaceable_gang_fails_naming_missing_resources(runner: Runner) -> None:
+    app = AppDef("huge", roles=[role("main", "pass", num_replicas=2, resource=Resource(cpu=1, gpu=0, memMB=128,
+                                                                                   capabilities={"sandbox": 3}))])
+    cfg = {"dashboard_url": dashboard(), "placement_timeout_s": 3}
+    with pytest.raises(Exception, match="no-such-label"):  # preflight: no node has the label
+        runner.run(AppDef("nolabel", roles=[role("main", "pass")]), "ray_jobs",
+                   {**cfg, "label_selector": {"testbed": "no-such-label"}})
+    handle = runner.run(app, "ray_jobs", cfg)  # each replica fits a node, the pair does not
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.FAILED, status
+    assert "could not be placed within 3 s" in status.msg and "sandbox" in status.msg, status.msg
+
+
+def test_unreachable_dashboard_is_one_clear_error_quickly() -> None:
+    start = time.time()
+    out = cli("run", "-s", "ray_jobs", "-cfg", "dashboard_url=http://127.0.0.1:9,request_timeout_s=3", "utils.echo")
+    assert out.returncode != 0
+    assert "unreachable" in out.stderr and "127.0.0.1:9" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert time.time() - start < 60
+
+
+def test_zz_head_killed_mid_job(runner: Runner) -> None:
+    """Runs last: kills GCS and dashboard under a running app, then restarts the head."""
+    handle = runner.run(AppDef("victim", roles=[role("main", "import time; print('up', flush=True); time.sleep(600)")]),
+                        "ray_jobs", {"dashboard_url": dashboard()})
+    wait_state(runner, handle, AppState.RUNNING, TIMEOUT)
+    script = os.path.join(ROOT, "testbed", "ray.sh")
+    try:
+        subprocess.run(["bash", script, "kill-head"], check=True, timeout=60)
+        deadline = time.time() + 30  # SIGKILLed processes take a moment to let go of their sockets
+        while subprocess.run(["bash", script, "status"]).returncode == 0 and time.time() < deadline:
+            time.sleep(0.2)
+        out = cli("status", handle)
+        assert "UNKNOWN" in out.stdout and "unreachable" in out.stdout, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr
+        for args in (("log", f"{handle}/main/0"), ("cancel", handle)):
+            out = cli(*args)
+            assert out.returncode != 0, (args, out.stdout, out.stderr)
+            assert "unreachable" in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    finally:
+        env = {**os.environ, "VENV": os.path.dirname(os.path.dirname(sys.executable))}
+        subprocess.run(["bash", script, "stop"], timeout=120, env=env)
+        subprocess.run(["bash", script, "start"], check=True, timeout=180, env=env, capture_output=True)
+        with open(os.path.join(ROOT, "testbed", ".state", "ray.env")) as f:
+            for line in f:
+                key, _, value = line.split(" ", 1)[1].strip().partition("=")
+                os.environ[key] = value

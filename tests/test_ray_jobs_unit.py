@@ -1,0 +1,206 @@
+"""``ray_jobs`` without a cluster: the dry-run, addresses, masking, the cluster-side rules and
+driver (run for real, in local mode), log demultiplexing, and the label-selector guard against a
+fake old Ray client (the one case no installed Ray can show)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import sys
+import threading
+from contextlib import redirect_stdout
+from typing import Any, Optional
+
+import pytest
+from torchx.specs import AppDef, AppState, Resource, Role
+
+from torchx_ext.errors import InvalidAppError, UnknownOptionError
+from torchx_ext.groups import ReplicaOutcome, group_state, mark_service
+from torchx_ext.schedulers import ray_jobs_client as rc
+from torchx_ext.schedulers.ray_jobs import RayJobsScheduler, _JobLogReader, _parse_verdict, role_resources
+from torchx_ext.schedulers.ray_jobs_cluster import ENV_B64_PREFIX, SPEC_ENV, driver, rules
+from torchx_ext.schedulers.ray_jobs_cluster.replica import decoded_env
+
+URL = "http://127.0.0.1:8265"
+
+
+def app(*roles: Role) -> AppDef:
+    return AppDef("unit", roles=list(roles))
+
+
+def role(name: str = "main", replicas: int = 1, **res: Any) -> Role:
+    return Role(name=name, image="", entrypoint="python", args=["-c", "pass"], num_replicas=replicas,
+                resource=Resource(cpu=res.pop("cpu", 1), gpu=res.pop("gpu", 0), memMB=res.pop("memMB", 512),
+                                  capabilities=res))
+
+
+def dryrun(a: AppDef, **cfg: Any) -> Any:
+    return RayJobsScheduler("unit").submit_dryrun(a, {"dashboard_url": URL, **cfg}).request
+
+
+def test_rules_match_the_group_contract() -> None:
+    states = ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+    for service_state, main_states in itertools.product(states, itertools.product(states, repeat=2)):
+        ours = [ReplicaOutcome("svc", 0, True, AppState[service_state])]
+        plain = [rules.outcome("svc", 0, True, service_state)]
+        for i, s in enumerate(main_states):
+            ours.append(ReplicaOutcome("main", i, False, AppState[s], 1))
+            plain.append(rules.outcome("main", i, False, s, 1))
+        state, msg = group_state(ours)
+        assert rules.group_state(plain) == (state.name, msg)
+
+
+def test_single_replica_uses_entrypoint_resources() -> None:
+    req = dryrun(app(role(cpu=2, gpu=1, memMB=1024, sandbox=1)))
+    assert req.spec["mode"] == "local"
+    assert req.entrypoint_resources == {"entrypoint_num_cpus": 2.0, "entrypoint_num_gpus": 1.0,
+                                        "entrypoint_memory": 1024 * 2**20, "entrypoint_resources": {"sandbox": 1.0}}
+    assert req.entrypoint.startswith("python -m ray_jobs_cluster.driver")
+
+
+def test_gang_has_one_bundle_per_replica_and_a_free_driver() -> None:
+    a = app(role("server", 2, cpu=1), mark_service(role("sandbox", 1, cpu=0, memMB=0)))
+    req = dryrun(a, placement_strategy="spread")
+    assert req.spec["mode"] == "gang" and req.spec["strategy"] == "SPREAD"
+    assert req.entrypoint_resources == {}
+    assert req.preflight_needs == [{"CPU": 1.0, "memory": 512.0 * 2**20}] * 2 + [{"CPU": 0.01}]
+    sandbox = req.spec["roles"][1]
+    assert sandbox["service"] and sandbox["hosts_env"] == "TORCHX_EXT_HOSTS_SANDBOX"
+    env = req.spec["roles"][0]["replicas"][1]["env"]
+    assert env["TORCHX_EXT_REPLICA_ID"] == "1" and env["TORCHX_EXT_APP_ID"] == req.app_id
+
+
+def test_bad_options_and_capabilities_are_clear_errors() -> None:
+    with pytest.raises(InvalidAppError, match="not a number"):
+        dryrun(app(role(accelerator="a100")))
+    with pytest.raises(UnknownOptionError, match="Valid options: .*dashboard_url"):
+        dryrun(app(role()), dashbord_url=URL)
+    with pytest.raises(InvalidAppError, match="placement_strategy"):
+        dryrun(app(role()), placement_strategy="CLUMP")
+    with pytest.raises(InvalidAppError, match="GCS"):
+        dryrun(app(role()), dashboard_url="ray://head:10001")
+
+
+def test_forwarded_env_is_masked_and_dollar_values_survive_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLAIN_TOKEN", "abc123")
+    monkeypatch.setenv("DOLLAR_TOKEN", "p$ss${word}")
+    req = dryrun(app(role()), env_forward=["PLAIN_TOKEN", "DOLLAR_TOKEN"])
+    env = req.runtime_env["env_vars"]
+    assert env["PLAIN_TOKEN"] == "abc123" and "DOLLAR_TOKEN" not in env
+    assert "$" not in "".join(env.values())  # Ray runs os.path.expandvars on these
+    assert decoded_env(env)["DOLLAR_TOKEN"] == "p$ss${word}"
+    assert SPEC_ENV not in decoded_env(env) and ENV_B64_PREFIX + "DOLLAR_TOKEN" not in decoded_env(env)
+    printed = repr(req)
+    assert "abc123" not in printed and base64.b64encode(b"p$ss${word}").decode() not in printed
+    assert json.loads(printed)["spec"]["roles"][0]["name"] == "main"
+    with pytest.raises(InvalidAppError, match="NOPE_NOT_SET"):
+        dryrun(app(role()), env_forward=["NOPE_NOT_SET"])
+
+
+def test_app_ids_carry_the_cluster() -> None:
+    for url in (URL, "https://ray.example.com/proxy/path", "http://head-svc.ns:8265"):
+        app_id = rc.make_app_id(url, "train-0123456789")
+        assert "/" not in app_id  # a TorchX handle is scheduler://session/app_id
+        assert rc.split_app_id(app_id) == (url, "train-0123456789")
+
+
+class OldClient:
+    """A Ray < 2.55 Jobs client: no entrypoint_label_selector."""
+
+    def submit_job(self, *, entrypoint: str, submission_id: Optional[str] = None, runtime_env: Any = None,
+                   metadata: Any = None, entrypoint_num_cpus: Any = None, entrypoint_num_gpus: Any = None,
+                   entrypoint_memory: Any = None, entrypoint_resources: Any = None) -> str:
+        raise AssertionError("must not be called")
+
+
+def test_label_selector_with_an_old_client_is_an_error_not_a_silent_drop() -> None:
+    sched = RayJobsScheduler("unit", client_factory=lambda url, token_env, timeout: OldClient())
+    info = sched.submit_dryrun(app(role()), {"dashboard_url": URL, "label_selector": {"pool": "gpu"}})
+    with pytest.raises(InvalidAppError, match="label_selector needs Ray >= 2.55"):
+        sched.schedule(info)
+    assert not rc.supports_label_selector(OldClient())
+
+
+def test_token_env_must_be_set_and_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_TOKEN_UNIT", raising=False)
+    with pytest.raises(InvalidAppError, match="RAY_TOKEN_UNIT"):
+        rc.auth_headers("RAY_TOKEN_UNIT")
+    monkeypatch.setenv("RAY_TOKEN_UNIT", "sekrit")
+    assert rc.auth_headers("RAY_TOKEN_UNIT") == {"Authorization": "Bearer sekrit"}
+    assert "sekrit" not in repr(dryrun(app(role()), token_env="RAY_TOKEN_UNIT"))
+
+
+class LogClient:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def get_job_logs(self, sid: str) -> str:
+        return self.text
+
+
+def test_log_demultiplexing() -> None:
+    text = (
+        "Running entrypoint for job x\n"
+        "\x1etx d 0 o 10.000000 reserving\n"
+        "\x1etx 0 0 o 11.000000 out of main 0\n"
+        "\x1etx 0 1 e 12.000000 err of main 1 with \x1e inside\n"
+        "\x1etx 1 0 o 13.000000 \n"
+        "\x1etx-verdict {\"state\": \"FAILED\", \"msg\": \"role 'b' replica 0 failed\"}\n"
+        "\x1etx 0 0 o 14.0 partial"  # no newline yet: read next time
+    )
+    client = LogClient(text)
+    assert _JobLogReader(client, "x", ("0", 0), None).read_new() == [(11.0, "out of main 0")]
+    assert _JobLogReader(client, "x", ("0", 1), "o").read_new() == []
+    assert _JobLogReader(client, "x", ("0", 1), "e").read_new() == [(12.0, "err of main 1 with \x1e inside")]
+    assert _JobLogReader(client, "x", ("1", 0), None).read_new() == [(13.0, "")]
+    assert _JobLogReader(client, "x", None, None).read_new() == [(None, "Running entrypoint for job x"), (10.0, "reserving")]
+    reader = _JobLogReader(client, "x", ("0", 0), None)
+    reader.read_new()
+    client.text += "\n"
+    assert reader.read_new() == [(14.0, "partial")]
+    assert _parse_verdict("last logs:\n" + text)["msg"] == "role 'b' replica 0 failed"
+
+
+def local_spec(cmd: list[str], service: bool = False) -> dict[str, Any]:
+    return {"app_id": "a~b", "mode": "local", "roles": [{
+        "name": "main", "service": service, "hosts_env": "TORCHX_EXT_HOSTS_MAIN", "resources": {},
+        "replicas": [{"cmd": cmd, "env": {"X": "y$z"}}]}]}
+
+
+def run_driver(spec: dict[str, Any]) -> tuple[int, str]:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = driver.run(spec, driver.Output(), threading.Event())
+    return code, buf.getvalue()
+
+
+def test_driver_runs_a_replica_and_marks_its_lines() -> None:
+    code, out = run_driver(local_spec([sys.executable, "-c",
+                                       "import os, sys; print(os.environ['X'], os.environ['TORCHX_EXT_HOSTS_MAIN']); "
+                                       "print('oops', file=sys.stderr); sys.exit(0)"]))
+    assert code == 0
+    assert "\x1etx 0 0 o " in out and out.split("\x1etx 0 0 o ", 1)[1].split(" ", 1)[1].startswith("y$z ")
+    assert "\x1etx 0 0 e " in out
+    assert _parse_verdict(out)["state"] == "SUCCEEDED"
+
+
+def test_driver_reports_a_replica_that_cannot_start() -> None:
+    code, out = run_driver(local_spec(["/nonexistent/binary"]))
+    verdict = _parse_verdict(out)
+    assert code == 1 and verdict["state"] == "FAILED"
+    assert "role 'main' replica 0 failed to start" in verdict["msg"]
+
+
+def test_driver_stops_on_sigterm_flag() -> None:
+    stopping = threading.Event()
+    threading.Timer(0.5, stopping.set).start()
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = driver.run(local_spec([sys.executable, "-c", "import time; time.sleep(60)"]), driver.Output(), stopping)
+    assert code == 1 and _parse_verdict(buf.getvalue())["state"] == "CANCELLED"
+
+
+def test_role_resources_memory_in_bytes() -> None:
+    assert role_resources(role(cpu=0, memMB=1)) == {"memory": float(2**20)}

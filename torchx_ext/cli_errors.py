@@ -1,0 +1,54 @@
+"""One readable line instead of a traceback when the ``torchx`` CLI hits one of our errors.
+
+The TorchX CLI only catches its own exception types; an unreachable cluster or an invalid option
+would end in a Python traceback. Our schedulers call :func:`install` when they are created: it
+changes nothing unless the process is the ``torchx`` CLI, and then only for torchx-ext's own
+exceptions (which all say what was wrong and what is valid) and transport errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from types import TracebackType
+from typing import Optional, Type
+
+from torchx_ext import errors
+
+_OURS = (errors.InvalidAppError, errors.UnknownOptionError, errors.DependencyError,
+         errors.SchedulerUnavailable, errors.MissingExtraError, errors.UnknownExecutorError)
+
+
+def _is_torchx_cli() -> bool:
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    main = sys.modules.get("__main__")
+    return argv0 == "torchx" or getattr(main, "__spec__", None) is not None and \
+        getattr(main.__spec__, "name", "") == "torchx.cli.main"  # type: ignore[union-attr]
+
+
+def install() -> None:
+    """Installs the hook once, in the torchx CLI only."""
+    if not _is_torchx_cli() or getattr(sys.excepthook, "_torchx_ext", False):
+        return
+    previous = sys.excepthook
+
+    def hook(tp: Type[BaseException], value: BaseException, tb: Optional[TracebackType]) -> None:
+        if isinstance(value, _OURS):
+            sys.stderr.write(f"torchx: error: {value}\n")
+            sys.stderr.flush()
+            return  # the interpreter still exits with status 1
+        previous(tp, value, tb)
+
+    previous_thread_hook = threading.excepthook
+
+    def thread_hook(args: "threading.ExceptHookArgs") -> None:
+        # `torchx log` reads logs in threads and re-raises their first error in the main thread,
+        # where `hook` prints it once
+        if isinstance(args.exc_value, _OURS):
+            return
+        previous_thread_hook(args)
+
+    hook._torchx_ext = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
