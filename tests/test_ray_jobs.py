@@ -18,6 +18,7 @@ from torchx.runner import Runner, get_runner
 from torchx.specs import AppDef, AppState, Resource, Role
 
 from conftest import ROOT, require_backend
+from torchx_ext.errors import SchedulerUnavailable
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
@@ -232,6 +233,18 @@ def test_unplaceable_gang_fails_naming_missing_resources(runner: Runner) -> None
     assert "could not be placed within 3 s" in status.msg and "sandbox" in status.msg, status.msg
 
 
+def test_cancel_of_a_job_ray_cannot_place(runner: Runner) -> None:
+    # Ray keeps a stopped job PENDING while its entrypoint resources cannot be found (15 min)
+    app = AppDef("unplaceable", roles=[role("main", "pass", resource=Resource(cpu=1, gpu=0, memMB=128,
+                                                                               capabilities={"sandbox": 5}))])
+    handle = runner.run(app, "ray_jobs", {"dashboard_url": dashboard(), "preflight": False})
+    assert runner.status(handle).state == AppState.PENDING
+    runner.cancel(handle)
+    assert runner.status(handle).state == AppState.CANCELLED
+    with pytest.raises(Exception, match="sandbox"):  # with preflight: refused, saying what is missing
+        runner.run(app, "ray_jobs", {"dashboard_url": dashboard()})
+
+
 def test_unreachable_dashboard_is_one_clear_error_quickly() -> None:
     start = time.time()
     out = cli("run", "-s", "ray_jobs", "-cfg", "dashboard_url=http://127.0.0.1:9,request_timeout_s=3", "utils.echo")
@@ -244,7 +257,7 @@ def test_unreachable_dashboard_is_one_clear_error_quickly() -> None:
 def test_zz_head_killed_mid_job(runner: Runner) -> None:
     """Runs last: kills GCS and dashboard under a running app, then restarts the head."""
     handle = runner.run(AppDef("victim", roles=[role("main", "import time; print('up', flush=True); time.sleep(600)")]),
-                        "ray_jobs", {"dashboard_url": dashboard()})
+                        "ray_jobs", {"dashboard_url": dashboard(), "lost_contact_s": 2})
     wait_state(runner, handle, AppState.RUNNING, TIMEOUT)
     script = os.path.join(ROOT, "testbed", "ray.sh")
     try:
@@ -259,6 +272,11 @@ def test_zz_head_killed_mid_job(runner: Runner) -> None:
             out = cli(*args)
             assert out.returncode != 0, (args, out.stdout, out.stderr)
             assert "unreachable" in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+        # the submitting process, waiting: UNKNOWN for lost_contact_s, then it gives up saying so
+        assert runner.status(handle).state == AppState.UNKNOWN
+        time.sleep(2.5)
+        with pytest.raises(SchedulerUnavailable, match="lost track of .* while waiting for it"):
+            runner.wait(handle, wait_interval=0.5)
     finally:
         env = {**os.environ, "VENV": os.path.dirname(os.path.dirname(sys.executable))}
         subprocess.run(["bash", script, "stop"], timeout=120, env=env)

@@ -45,7 +45,7 @@ from torchx.specs import (
 )
 from torchx.workspace.api import WorkspaceMixin
 
-from torchx_ext import compat
+from torchx_ext import cli_errors, compat
 from torchx_ext.errors import DependencyError
 from torchx_ext.executors import Capabilities, Executor, check_options, option, runopts_for
 from torchx_ext.groups import app_handle_id, discovery_env, handle_scheduler, is_service, validate_app
@@ -535,4 +535,5 @@ class _LogReader:
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> DockerJobsScheduler:
+    cli_errors.install()
     return DockerJobsScheduler(session_name, **kwargs)

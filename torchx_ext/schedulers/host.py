@@ -30,7 +30,7 @@ from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Schedule
 from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus, macros, runopts
 from torchx.workspace.api import WorkspaceMixin, walk_workspace
 
-from torchx_ext import compat
+from torchx_ext import cli_errors, compat
 from torchx_ext.errors import DependencyError, InvalidAppError
 from torchx_ext.executors import Capabilities, Executor, check_options, option, runopts_for
 from torchx_ext.groups import app_handle_id, discovery_env, handle_scheduler, is_service, validate_app
@@ -394,4 +394,5 @@ class _LineReader:
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> HostScheduler:
+    cli_errors.install()
     return HostScheduler(session_name, **kwargs)

@@ -87,6 +87,9 @@ class RayJobsExecutor(Executor):
         True, help="before submitting, check the dashboard answers, the Ray versions, and that a node "
         "can hold every replica (and has the labels)")
     request_timeout_s: int = option(10, help="timeout of each Jobs API request, in seconds")
+    lost_contact_s: int = option(
+        30, help="seconds the dashboard may stay unreachable while the submitting process waits for the "
+        "app (--wait) before it stops the app, best effort, and fails saying so")
     manifest: Optional[str] = option(
         None, help="fsspec URL of the JSONL manifest of submissions (default: $TORCHX_EXT_HOME/ray_jobs/manifest.jsonl)")
 
@@ -109,6 +112,7 @@ class RayJobsRequest:
     secret_names: list[str] = field(default_factory=list)
     token_env: Optional[str] = None
     request_timeout_s: float = 10.0
+    lost_contact_s: float = 30.0
     preflight: bool = True
     manifest: str = ""
 
@@ -180,7 +184,8 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
         super().__init__(SCHEDULER, session_name)
         self._connect = client_factory or rc.connect
         self._clients: dict[str, Any] = {}
-        self._submitted: set[str] = set()  # app ids this instance submitted (--wait polling)
+        # app ids this instance submitted -> [lost_contact_s, first failed poll or None] (--wait)
+        self._submitted: dict[str, list[Any]] = {}
 
     # ------------------------------------------------------------------ options -----
     def _run_opts(self) -> runopts:
@@ -297,6 +302,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             label_selector=spec["label_selector"], dependencies=deps, spec=spec, preflight_needs=needs,
             secret_names=names, token_env=cfg.get("token_env"),
             request_timeout_s=float(cfg.get("request_timeout_s") or 10),
+            lost_contact_s=float(cfg.get("lost_contact_s") if cfg.get("lost_contact_s") is not None else 30),
             preflight=bool(cfg.get("preflight", True)), manifest=str(manifest),
         )
         return compat.make_dryrun_info(request, repr)
@@ -356,7 +362,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             wd = req.runtime_env.get("working_dir")
             if wd and os.path.dirname(os.path.dirname(wd)) == os.path.dirname(_known_clusters_path()):
                 shutil.rmtree(wd, ignore_errors=True)  # uploaded (or failed): the copy is done
-        self._submitted.add(req.app_id)
+        self._submitted[req.app_id] = [req.lost_contact_s, None]
         self._remember_cluster(req.dashboard_url, req.token_env)
         masked = req.masked()
         rc.append_manifest(req.manifest, {
@@ -441,6 +447,8 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             if not rc.is_unreachable(e):
                 raise
             return self._unreachable(app_id, url, e)
+        if app_id in self._submitted:
+            self._submitted[app_id][1] = None  # in contact again
         self._record_terminal(job, app_id, state, msg)
         return self._response(app_id, job.metadata or {}, state, msg, verdict)
 
@@ -481,14 +489,20 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
     def _unreachable(self, app_id: str, url: str, e: BaseException) -> DescribeAppResponse:
         msg = str(e) if isinstance(e, SchedulerUnavailable) else rc._unreachable(url, e)
         self._clients = {k: v for k, v in self._clients.items() if not k.startswith(url + "|")}
-        if app_id in self._submitted:
-            # this process submitted the app and is polling it (--wait): stop it, best effort
+        tracked = self._submitted.get(app_id)
+        if tracked is not None:
+            # this process submitted the app and is polling it (--wait): once the dashboard has
+            # stayed away for lost_contact_s, stop the app, best effort, rather than wait forever
+            tracked[1] = tracked[1] or time.time()
+            if time.time() - tracked[1] < tracked[0]:
+                return DescribeAppResponse(app_id=app_id, state=AppState.UNKNOWN, msg=msg)
             try:
                 self._client(url).stop_job(rc.split_app_id(app_id)[1])
                 stopped = "it was stopped"
             except Exception as stop_error:
                 stopped = f"stopping it failed too ({type(stop_error).__name__}); it may still run"
-            raise SchedulerUnavailable(f"{msg}; lost track of {app_id} while waiting for it: {stopped}")
+            raise SchedulerUnavailable(
+                f"{msg} for {tracked[0]:g} s; lost track of {app_id} while waiting for it: {stopped}")
         return DescribeAppResponse(app_id=app_id, state=AppState.UNKNOWN, msg=msg)
 
     def _response(self, app_id: str, meta: Mapping[str, str], state: AppState, msg: str,

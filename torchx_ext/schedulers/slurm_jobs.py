@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Optional
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Scheduler, Stream
 from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus, macros, runopts
 
-from torchx_ext import compat
+from torchx_ext import cli_errors, compat
 from torchx_ext.errors import DependencyError, SchedulerUnavailable
 from torchx_ext.executors import Capabilities, Executor, check_options, option, runopts_for
 from torchx_ext.groups import (
@@ -598,4 +598,5 @@ class _StampedReader:
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> SlurmJobsScheduler:
+    cli_errors.install()
     return SlurmJobsScheduler(session_name, **kwargs)
