@@ -19,7 +19,8 @@ from torchx.specs import AppDef, AppState, Resource, Role
 from torchx_ext.errors import InvalidAppError, UnknownOptionError
 from torchx_ext.groups import ReplicaOutcome, group_state, mark_service
 from torchx_ext.schedulers import ray_jobs_client as rc
-from torchx_ext.schedulers.ray_jobs import RayJobsScheduler, _JobLogReader, _parse_verdict, role_resources
+from torchx_ext.schedulers.ray_jobs import RayJobsScheduler, role_resources
+from torchx_ext.schedulers.ray_jobs_client import JobLogReader, parse_verdict
 from torchx_ext.schedulers.ray_jobs_cluster import ENV_B64_PREFIX, SPEC_ENV, driver, rules
 from torchx_ext.schedulers.ray_jobs_cluster.replica import decoded_env
 
@@ -151,16 +152,16 @@ def test_log_demultiplexing() -> None:
         "\x1etx 0 0 o 14.0 partial"  # no newline yet: read next time
     )
     client = LogClient(text)
-    assert _JobLogReader(client, "x", ("0", 0), None).read_new() == [(11.0, "out of main 0")]
-    assert _JobLogReader(client, "x", ("0", 1), "o").read_new() == []
-    assert _JobLogReader(client, "x", ("0", 1), "e").read_new() == [(12.0, "err of main 1 with \x1e inside")]
-    assert _JobLogReader(client, "x", ("1", 0), None).read_new() == [(13.0, "")]
-    assert _JobLogReader(client, "x", None, None).read_new() == [(None, "Running entrypoint for job x"), (10.0, "reserving")]
-    reader = _JobLogReader(client, "x", ("0", 0), None)
+    assert JobLogReader(client, "x", ("0", 0), None).read_new() == [(11.0, "out of main 0")]
+    assert JobLogReader(client, "x", ("0", 1), "o").read_new() == []
+    assert JobLogReader(client, "x", ("0", 1), "e").read_new() == [(12.0, "err of main 1 with \x1e inside")]
+    assert JobLogReader(client, "x", ("1", 0), None).read_new() == [(13.0, "")]
+    assert JobLogReader(client, "x", None, None).read_new() == [(None, "Running entrypoint for job x"), (10.0, "reserving")]
+    reader = JobLogReader(client, "x", ("0", 0), None)
     reader.read_new()
     client.text += "\n"
     assert reader.read_new() == [(14.0, "partial")]
-    assert _parse_verdict("last logs:\n" + text)["msg"] == "role 'b' replica 0 failed"
+    assert parse_verdict("last logs:\n" + text)["msg"] == "role 'b' replica 0 failed"
 
 
 def local_spec(cmd: list[str], service: bool = False) -> dict[str, Any]:
@@ -183,12 +184,12 @@ def test_driver_runs_a_replica_and_marks_its_lines() -> None:
     assert code == 0
     assert "\x1etx 0 0 o " in out and out.split("\x1etx 0 0 o ", 1)[1].split(" ", 1)[1].startswith("y$z ")
     assert "\x1etx 0 0 e " in out
-    assert _parse_verdict(out)["state"] == "SUCCEEDED"
+    assert parse_verdict(out)["state"] == "SUCCEEDED"
 
 
 def test_driver_reports_a_replica_that_cannot_start() -> None:
     code, out = run_driver(local_spec(["/nonexistent/binary"]))
-    verdict = _parse_verdict(out)
+    verdict = parse_verdict(out)
     assert code == 1 and verdict["state"] == "FAILED"
     assert "role 'main' replica 0 failed to start" in verdict["msg"]
 
@@ -199,7 +200,7 @@ def test_driver_stops_on_sigterm_flag() -> None:
     buf = io.StringIO()
     with redirect_stdout(buf):
         code = driver.run(local_spec([sys.executable, "-c", "import time; time.sleep(60)"]), driver.Output(), stopping)
-    assert code == 1 and _parse_verdict(buf.getvalue())["state"] == "CANCELLED"
+    assert code == 1 and parse_verdict(buf.getvalue())["state"] == "CANCELLED"
 
 
 def test_role_resources_memory_in_bytes() -> None:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import base64
 import configparser
-import functools
-import hashlib
 import json
 import logging
 import os
@@ -43,7 +41,7 @@ from torchx_ext import cli_errors, compat
 from torchx_ext.errors import DependencyError, InvalidAppError, SchedulerUnavailable
 from torchx_ext.executors import Capabilities, Executor, check_options, option, runopts_for
 from torchx_ext.groups import app_handle_id, discovery_env, handle_scheduler, hosts_env_name, is_service, validate_app
-from torchx_ext.logs import TimedLine, filter_lines, follow
+from torchx_ext.logs import filter_lines, follow
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
 from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
@@ -326,7 +324,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             if not rc.supports_label_selector(client):
                 raise InvalidAppError(
                     f"label_selector needs Ray >= 2.55's Jobs client (entrypoint_label_selector); the "
-                    f"installed client ({_ray_version()}) has none. Upgrade ray locally or drop label_selector")
+                    f"installed client ({rc.ray_version()}) has none. Upgrade ray locally or drop label_selector")
             submit_kwargs["entrypoint_label_selector"] = req.label_selector
         if req.preflight:
             rc.preflight(client, req.dashboard_url, req.preflight_needs, req.label_selector, logger.warning)
@@ -377,15 +375,15 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
 
     def _ensure_broker(self, client: Any, req: RayJobsRequest) -> None:
         """Starts the cluster's dependency broker job unless it runs (a lost race is fine)."""
-        job = self._job(client, _broker_id())
-        if job is not None and _status(job) in ("PENDING", "RUNNING"):
+        job = self._job(client, rc.broker_id())
+        if job is not None and rc.job_status(job) in ("PENDING", "RUNNING"):
             return
         if job is not None:
-            client.delete_job(_broker_id())
+            client.delete_job(rc.broker_id())
         try:
             client.submit_job(
                 entrypoint=" ".join(shlex.quote(w) for w in [req.entrypoint.split()[0], "-m", "ray_jobs_cluster.broker"]),
-                submission_id=_broker_id(), metadata={KIND: "broker"},
+                submission_id=rc.broker_id(), metadata={KIND: "broker"},
                 runtime_env={"py_modules": [os.path.dirname(cluster.__file__)]},
             )
         except RuntimeError as e:
@@ -454,12 +452,12 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
 
     def _job_state(self, client: Any, job: Any) -> tuple[AppState, str, dict[str, Any]]:
         meta = job.metadata or {}
-        status = _status(job)
+        status = rc.job_status(job)
         if meta.get(KIND) == "verdict":  # decided without running: cancelled or failed dependency
             state = AppState[meta.get("torchx_ext_verdict", "FAILED")]
             return state, meta.get("torchx_ext_msg", ""), {}
         state = STATES.get(status, AppState.UNKNOWN)
-        verdict = _parse_verdict(job.message or "")
+        verdict = rc.parse_verdict(job.message or "")
         msg = verdict.get("msg") or ("" if state == AppState.SUCCEEDED else (job.message or ""))
         if state == AppState.PENDING and self._job(client, job.submission_id + "--cancelled") is not None:
             # Ray keeps a stopped job PENDING while it cannot be placed (up to 15 min)
@@ -474,16 +472,16 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             return None
         meta = record.metadata or {}
         app_meta = json.loads(meta.get("torchx_ext_app_metadata", "{}"))
-        if _status(record) == "FAILED":
+        if rc.job_status(record) == "FAILED":
             return self._response(app_id, app_meta, AppState.FAILED,
                                   f"could not set up the job's runtime_env: {record.message}", {})
         names = json.loads(meta.get("torchx_ext_dependency_names", "{}"))
         deps = [names.get(d, d) for d in json.loads(meta.get("torchx_ext_dependencies", "[]"))]
-        broker = self._job(client, _broker_id())
-        if broker is None or _status(broker) not in ("PENDING", "RUNNING"):
+        broker = self._job(client, rc.broker_id())
+        if broker is None or rc.job_status(broker) not in ("PENDING", "RUNNING"):
             return self._response(app_id, app_meta, AppState.UNKNOWN, (
-                f"waiting for {', '.join(deps)}, but the torchx-ext broker job '{_broker_id()}' is "
-                f"{_status(broker) if broker else 'gone'}; submitting any ray_jobs app with dependencies restarts it"), {})
+                f"waiting for {', '.join(deps)}, but the torchx-ext broker job '{rc.broker_id()}' is "
+                f"{rc.job_status(broker) if broker else 'gone'}; submitting any ray_jobs app with dependencies restarts it"), {})
         return self._response(app_id, app_meta, AppState.PENDING, f"waiting for dependencies: {', '.join(deps)}", {})
 
     def _unreachable(self, app_id: str, url: str, e: BaseException) -> DescribeAppResponse:
@@ -567,7 +565,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                 kind = meta.get(KIND)
                 if kind in ("app", "verdict"):
                     sid = job.submission_id
-                    state = AppState[meta["torchx_ext_verdict"]] if kind == "verdict" else STATES.get(_status(job), AppState.UNKNOWN)
+                    state = AppState[meta["torchx_ext_verdict"]] if kind == "verdict" else STATES.get(rc.job_status(job), AppState.UNKNOWN)
                 elif kind == "waiting" and meta.get("torchx_ext_submission_id") not in ids:
                     sid, state = meta["torchx_ext_submission_id"], AppState.PENDING
                 else:
@@ -597,10 +595,10 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                 if "already exists" not in str(e):
                     raise
             job = self._job(client, sid)
-        if job is None or _status(job) not in ("PENDING", "RUNNING"):
+        if job is None or rc.job_status(job) not in ("PENDING", "RUNNING"):
             return
         client.stop_job(sid)
-        if _status(job) == "PENDING" and self._job(client, sid + "--cancelled") is None:
+        if rc.job_status(job) == "PENDING" and self._job(client, sid + "--cancelled") is None:
             try:
                 client.submit_job(entrypoint="exit 0", submission_id=sid + "--cancelled", metadata={KIND: "cancel-marker"})
             except RuntimeError as e:
@@ -620,7 +618,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                 job = self._job(client, job_id)
                 if job is None:
                     break
-                if _status(job) not in ("PENDING", "RUNNING"):
+                if rc.job_status(job) not in ("PENDING", "RUNNING"):
                     client.delete_job(job_id)
                     break
                 time.sleep(0.5)
@@ -654,87 +652,13 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                 + ", ".join(f"{n} (replicas 0..{c - 1})" for n, c in counts.items())
                 + f", and {DRIVER_ROLE} (the job's driver)")
         wanted = {Stream.STDOUT: "o", Stream.STDERR: "e"}.get(streams)  # type: ignore[arg-type]
-        reader = _JobLogReader(self._client(url), sid, key, wanted)
+        reader = rc.JobLogReader(self._client(url), sid, key, wanted)
 
         def done() -> bool:
             now = self.describe(app_id)
             return now is None or now.state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED, AppState.UNKNOWN)
 
         return filter_lines(follow(reader.read_new, done, should_tail, interval=0.5), regex, since, until)
-
-
-class _JobLogReader:
-    """New lines of one replica (or of the driver) from the job's log, demultiplexed."""
-
-    def __init__(self, client: Any, sid: str, key: Optional[tuple[str, int]], stream: Optional[str]) -> None:
-        self.client, self.sid, self.key, self.stream = client, sid, key, stream
-        self.offset = 0
-
-    def read_new(self) -> list[TimedLine]:
-        try:
-            text = self.client.get_job_logs(self.sid)
-        except RuntimeError as e:
-            if rc.is_not_found(e):  # still waiting for its dependencies
-                return []
-            raise
-        end = text.rfind("\n") + 1
-        chunk, self.offset = text[self.offset:end], max(self.offset, end)
-        out: list[TimedLine] = []
-        # not splitlines(): it also splits at the \x1e that starts our marks
-        for line in chunk[:-1].split("\n") if chunk else []:
-            if line.startswith(cluster.VERDICT_MARK):
-                continue
-            if line.startswith(cluster.LINE_MARK):
-                parts = line[len(cluster.LINE_MARK):].split(" ", 4)
-                if len(parts) < 4:
-                    continue
-                role, rep, stream, ts = parts[:4]
-                body = parts[4] if len(parts) == 5 else ""
-                if role == cluster.DRIVER_ROLE:
-                    if self.key is None:
-                        out.append((float(ts), body))
-                    continue
-                if self.key == (role, int(rep)) and (self.stream is None or self.stream == stream):
-                    out.append((float(ts), body))
-            elif self.key is None:  # Ray's own lines and anything else the driver printed
-                out.append((None, line))
-        return out
-
-
-@functools.lru_cache(maxsize=None)
-def _broker_id() -> str:
-    """The broker job's submission id, versioned by its code: an upgraded client starts its own
-    broker (an older one still running is harmless: every decision claims a unique id)."""
-    digest = hashlib.sha1()
-    for name in ("__init__.py", "broker.py"):
-        with open(os.path.join(os.path.dirname(cluster.__file__), name), "rb") as f:
-            digest.update(f.read())
-    return f"torchx-ext-broker-{digest.hexdigest()[:8]}"
-
-
-def _status(job: Any) -> str:
-    return str(getattr(job.status, "value", job.status))
-
-
-def _parse_verdict(message: str) -> dict[str, Any]:
-    """The driver's verdict line, which Ray repeats in a failed job's message (last logs)."""
-    idx = message.rfind(cluster.VERDICT_MARK)
-    if idx < 0:
-        return {}
-    line = message[idx + len(cluster.VERDICT_MARK):].split("\n", 1)[0]
-    try:
-        return dict(json.loads(line))
-    except ValueError:
-        return {}
-
-
-def _ray_version() -> str:
-    try:
-        import ray
-
-        return f"ray {ray.__version__}"
-    except ImportError:
-        return "no ray"
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> RayJobsScheduler:

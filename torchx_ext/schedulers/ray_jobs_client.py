@@ -7,6 +7,7 @@ Nothing here imports ray at module import: ``torchx runopts`` and ``--dryrun`` m
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -15,6 +16,8 @@ import urllib.parse
 from typing import Any, Dict, Iterable, Mapping, Optional
 
 from torchx_ext.errors import InvalidAppError, MissingExtraError, SchedulerUnavailable
+from torchx_ext.logs import TimedLine
+from torchx_ext.schedulers import ray_jobs_cluster as cluster
 
 APP_SEP = "~"  # app id = <address>~<submission id>; neither part can contain it
 
@@ -227,6 +230,81 @@ def _fmt(res: Mapping[str, float]) -> str:
     return "{" + ", ".join(
         f"{k}: {v / 2**20:.0f} MiB" if k == "memory" else f"{k}: {v:g}" for k, v in sorted(res.items())
     ) + "}"
+
+
+# ---------------------------------------------------------------------------- jobs, logs ---
+class JobLogReader:
+    """New lines of one replica (or of the driver) from the job's log, demultiplexed."""
+
+    def __init__(self, client: Any, sid: str, key: Optional[tuple[str, int]], stream: Optional[str]) -> None:
+        self.client, self.sid, self.key, self.stream = client, sid, key, stream
+        self.offset = 0
+
+    def read_new(self) -> list[TimedLine]:
+        try:
+            text = self.client.get_job_logs(self.sid)
+        except RuntimeError as e:
+            if is_not_found(e):  # still waiting for its dependencies
+                return []
+            raise
+        end = text.rfind("\n") + 1
+        chunk, self.offset = text[self.offset:end], max(self.offset, end)
+        out: list[TimedLine] = []
+        # not splitlines(): it also splits at the \x1e that starts our marks
+        for line in chunk[:-1].split("\n") if chunk else []:
+            if line.startswith(cluster.VERDICT_MARK):
+                continue
+            if line.startswith(cluster.LINE_MARK):
+                parts = line[len(cluster.LINE_MARK):].split(" ", 4)
+                if len(parts) < 4:
+                    continue
+                role, rep, stream, ts = parts[:4]
+                body = parts[4] if len(parts) == 5 else ""
+                if role == cluster.DRIVER_ROLE:
+                    if self.key is None:
+                        out.append((float(ts), body))
+                    continue
+                if self.key == (role, int(rep)) and (self.stream is None or self.stream == stream):
+                    out.append((float(ts), body))
+            elif self.key is None:  # Ray's own lines and anything else the driver printed
+                out.append((None, line))
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def broker_id() -> str:
+    """The broker job's submission id, versioned by its code: an upgraded client starts its own
+    broker (an older one still running is harmless: every decision claims a unique id)."""
+    digest = hashlib.sha1()
+    for name in ("__init__.py", "broker.py"):
+        with open(os.path.join(os.path.dirname(cluster.__file__), name), "rb") as f:
+            digest.update(f.read())
+    return f"torchx-ext-broker-{digest.hexdigest()[:8]}"
+
+
+def job_status(job: Any) -> str:
+    return str(getattr(job.status, "value", job.status))
+
+
+def parse_verdict(message: str) -> dict[str, Any]:
+    """The driver's verdict line, which Ray repeats in a failed job's message (last logs)."""
+    idx = message.rfind(cluster.VERDICT_MARK)
+    if idx < 0:
+        return {}
+    line = message[idx + len(cluster.VERDICT_MARK):].split("\n", 1)[0]
+    try:
+        return dict(json.loads(line))
+    except ValueError:
+        return {}
+
+
+def ray_version() -> str:
+    try:
+        import ray
+
+        return f"ray {ray.__version__}"
+    except ImportError:
+        return "no ray"
 
 
 # ---------------------------------------------------------------------------- manifest -----
