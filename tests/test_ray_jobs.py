@@ -19,6 +19,7 @@ from torchx.specs import AppDef, AppState, Resource, Role
 
 from conftest import ROOT, require_backend
 from torchx_ext.errors import SchedulerUnavailable
+from torchx_ext.schedulers.ray_jobs import create_scheduler
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
@@ -205,6 +206,10 @@ def test_dependencies_wait_in_the_cluster_with_submitter_gone(runner: Runner) ->
     assert status.state == AppState.FAILED and sid(bad) in status.msg, status
     status = wait_terminal(runner, chained, TIMEOUT)
     assert status.state == AppState.FAILED and sid(never) in status.msg, status
+    sched = create_scheduler("test")
+    for handle in (ok, chained):  # delete removes the app's jobs (the waiting record too)
+        sched.delete(handle.rsplit("/", 1)[-1])
+        assert runner.status(handle) is None
 
 
 def test_cancel_while_waiting_for_dependency(runner: Runner) -> None:
