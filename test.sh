@@ -38,11 +38,12 @@ done
 say "test suite on torchx 0.7.0"
 "$VENV/bin/python" -m pytest -p no:cacheprovider tests
 
-say "drop-in, host and registry tests on torchx-nightly"
+say "drop-in, host, registry and ray_jobs unit tests on torchx-nightly (no ray installed there)"
 [ -x "$NIGHTLY_VENV/bin/python" ] || python3 -m venv "$NIGHTLY_VENV"
 pipq "$NIGHTLY_VENV/bin/pip" install "${PIP_QUIET[@]}" torchx-nightly fsspec pytest pytest-timeout "torch==2.13.0"
 # --no-deps: our torchx>=0.7.0 requirement would otherwise install stable torchx over the nightly
 pipq "$NIGHTLY_VENV/bin/pip" install "${PIP_QUIET[@]}" --no-deps --force-reinstall .
 "$NIGHTLY_VENV/bin/python" -m pytest -p no:cacheprovider \
-    tests/test_dropin.py tests/test_registry.py tests/test_host_contract.py tests/test_host.py tests/test_unit.py
+    tests/test_dropin.py tests/test_registry.py tests/test_host_contract.py tests/test_host.py tests/test_unit.py \
+    tests/test_ray_jobs_unit.py  # ray_jobs without ray installed: runopts, dry-run, driver, guards
 say "all green"
