@@ -8,28 +8,20 @@ exceptions (which all say what was wrong and what is valid) and transport errors
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from types import TracebackType
 from typing import Optional, Type
 
-from torchx_ext import errors
+from torchx_ext import compat, errors
 
 _OURS = (errors.InvalidAppError, errors.UnknownOptionError, errors.DependencyError,
          errors.SchedulerUnavailable, errors.MissingExtraError, errors.UnknownExecutorError)
 
 
-def _is_torchx_cli() -> bool:
-    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
-    main = sys.modules.get("__main__")
-    return argv0 == "torchx" or getattr(main, "__spec__", None) is not None and \
-        getattr(main.__spec__, "name", "") == "torchx.cli.main"  # type: ignore[union-attr]
-
-
 def install() -> None:
     """Installs the hook once, in the torchx CLI only."""
-    if not _is_torchx_cli() or getattr(sys.excepthook, "_torchx_ext", False):
+    if not compat.is_torchx_cli() or getattr(sys.excepthook, "_torchx_ext", False):
         return
     previous = sys.excepthook
 

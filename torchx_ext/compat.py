@@ -45,7 +45,16 @@ def launched_by_cli_without_workspace() -> bool:
     TorchX offers no signal for "the user asked for this workspace", so the CLI's argv is read:
     our remote schedulers ship only an explicit workspace (never a whole home directory).
     """
-    if os.path.basename(sys.argv[0]) != "torchx":
+    if not is_torchx_cli():
         return False
     return not any(a in ("--workspace", "--buck-target") or a.startswith(("--workspace=", "--buck-target="))
                    for a in sys.argv[1:])
+
+
+def is_torchx_cli() -> bool:
+    """Is this process the ``torchx`` CLI (``torchx ...`` or ``python -m torchx.cli.main ...``)?"""
+    argv0 = sys.argv[0] if sys.argv else ""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return os.path.basename(argv0) == "torchx" or argv0.endswith(os.path.join("torchx", "cli", "main.py")) \
+        or getattr(spec, "name", "") == "torchx.cli.main"

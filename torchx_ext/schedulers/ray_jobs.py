@@ -205,6 +205,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             return
         fs, root = fsspec.core.url_to_fs(workspace)
         home = os.path.dirname(_known_clusters_path())
+        _prune_workspace_copies(os.path.join(home, "workspaces"))
         target = os.path.join(home, "workspaces", uuid.uuid4().hex[:12])
         os.makedirs(target)
         size = 0
@@ -612,16 +613,19 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             return
         self._cancel_existing(app_id)
         client = self._client(url)
-        for job_id in (sid, sid + "--waiting", sid + "--cancelled"):
-            deadline = time.time() + 30
-            while time.time() < deadline:
+        ids = [sid, sid + "--waiting", sid + "--cancelled"]
+        # Ray's job monitor can write a just-ended job back (FAILED, "supervisor actor died")
+        # after delete_job: delete once it has been over for a while, and again if it returns
+        deadline = time.time() + 40
+        while ids and time.time() < deadline:
+            for job_id in list(ids):
                 job = self._job(client, job_id)
                 if job is None:
-                    break
-                if rc.job_status(job) not in ("PENDING", "RUNNING"):
+                    ids.remove(job_id)
+                elif rc.job_status(job) not in ("PENDING", "RUNNING") and \
+                        time.time() - (job.end_time or 0) / 1000 > 3:
                     client.delete_job(job_id)
-                    break
-                time.sleep(0.5)
+            time.sleep(1.0)
 
     # ------------------------------------------------------------------ logs --------
     def log_iter(
@@ -659,6 +663,21 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             return now is None or now.state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED, AppState.UNKNOWN)
 
         return filter_lines(follow(reader.read_new, done, should_tail, interval=0.5), regex, since, until)
+
+
+def _prune_workspace_copies(root: str, max_age_s: float = 3600) -> None:
+    """Removes copies a dry-run left behind (``schedule`` removes its own once uploaded)."""
+    try:
+        entries = os.listdir(root)
+    except FileNotFoundError:
+        return
+    for name in entries:
+        path = os.path.join(root, name)
+        try:
+            if time.time() - os.path.getmtime(path) > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> RayJobsScheduler:

@@ -100,7 +100,9 @@ def main() -> int:
     ctx = ray.init(log_to_driver=False)
     client = JobSubmissionClient("http://" + str(ctx.dashboard_url))
     interval = float(os.environ.get("TORCHX_EXT_BROKER_POLL_S", "0.5"))
+    idle_exit_s = float(os.environ.get("TORCHX_EXT_BROKER_IDLE_EXIT_S", "600"))
     pinned: Dict[str, float] = {}
+    last_busy = time.time()
     print(f"torchx-ext broker up, polling {ctx.dashboard_url} every {interval} s", flush=True)
     while True:
         try:
@@ -111,6 +113,15 @@ def main() -> int:
             continue
         jobs = {j.submission_id: j for j in listed if j.submission_id}
         now = time.time()
+        waiting = [j for j in listed if (j.metadata or {}).get(KIND) == "waiting"
+                   and (j.metadata or {}).get("torchx_ext_submission_id") not in jobs]
+        if waiting:
+            last_busy = now
+        elif now - last_busy > idle_exit_s:
+            # nothing to do for a while: exit, so brokers of older versions do not poll forever;
+            # the next submission with dependencies starts a broker again
+            print(f"idle for {idle_exit_s:g} s, exiting", flush=True)
+            return 0
         for job in listed:
             meta = job.metadata or {}
             if meta.get(KIND) != "waiting" or meta.get("torchx_ext_submission_id") in jobs:
