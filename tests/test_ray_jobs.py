@@ -232,10 +232,20 @@ def test_unplaceable_gang_fails_naming_missing_resources(runner: Runner) -> None
     with pytest.raises(Exception, match="no-such-label"):  # preflight: no node has the label
         runner.run(AppDef("nolabel", roles=[role("main", "pass")]), "ray_jobs",
                    {**cfg, "label_selector": {"testbed": "no-such-label"}})
+    cfg["placement_timeout_s"] = 8
     handle = runner.run(app, "ray_jobs", cfg)  # each replica fits a node, the pair does not
-    status = wait_terminal(runner, handle, TIMEOUT)
+    seen = []  # while the driver waits for the placement group, the app and its replicas are PENDING
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and (not seen or seen[-1].state not in (
+            AppState.FAILED, AppState.SUCCEEDED, AppState.CANCELLED)):
+        seen.append(runner.status(handle))
+        time.sleep(0.2)
+    waiting = [s for s in seen if "placement group" in s.msg]
+    assert waiting and all(s.state == AppState.PENDING for s in waiting), seen
+    assert all(r.state == AppState.PENDING for s in waiting for r in s.roles[0].replicas), waiting
+    status = seen[-1]
     assert status.state == AppState.FAILED, status
-    assert "could not be placed within 3 s" in status.msg and "sandbox" in status.msg, status.msg
+    assert "could not be placed within 8 s" in status.msg and "sandbox" in status.msg, status.msg
 
 
 def test_cancel_of_a_job_ray_cannot_place(runner: Runner) -> None:

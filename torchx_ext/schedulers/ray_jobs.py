@@ -252,6 +252,8 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             "strategy": strategy, "placement_timeout_s": float(cfg.get("placement_timeout_s") or 120),
             "label_selector": dict(cfg.get("label_selector") or {}), "roles": [],
         }
+        if not single:
+            spec["placement_group"] = cluster.PG_PREFIX + sid
         for role in app.roles:
             res = role_resources(role)
             entry = {"name": role.name, "service": is_service(role), "hosts_env": hosts_env_name(role.name),
@@ -290,6 +292,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
         metadata = {
             KIND: "app", "torchx_ext_app": app.name, "torchx_ext_session": self.session_name,
             "torchx_ext_manifest": str(manifest),
+            **({"torchx_ext_placement_group": spec["placement_group"]} if not single else {}),
             "torchx_ext_roles": json.dumps([{"name": r.name, "num_replicas": r.num_replicas, "service": is_service(r)}
                                             for r in app.roles]),
         }
@@ -465,6 +468,14 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             return AppState.CANCELLED, "cancelled by user before it could be placed", verdict
         if state == AppState.CANCELLED:
             msg = "stopped (cancelled)"
+        if state == AppState.RUNNING and meta.get("torchx_ext_placement_group"):
+            # the driver runs, but the gang's replicas start only once its placement group is
+            # reserved: until then the app is PENDING, as TorchX means it (waiting for resources)
+            pg = rc.placement_state(client, meta["torchx_ext_placement_group"])
+            if pg in ("ABSENT", "PENDING", "PREPARED"):
+                return AppState.PENDING, (
+                    f"waiting for the cluster to reserve the group's resources (placement group "
+                    f"{meta['torchx_ext_placement_group']}: {pg.lower()})"), verdict
         return state, msg, verdict
 
     def _describe_waiting(self, client: Any, app_id: str, sid: str) -> Optional[DescribeAppResponse]:

@@ -155,6 +155,20 @@ def supports_label_selector(client: Any) -> bool:
         return False
 
 
+def placement_state(client: Any, name: str) -> Optional[str]:
+    """State of the placement group ``name`` from the dashboard's state API: PENDING, PREPARED,
+    CREATED, RESCHEDULING, REMOVED, or ABSENT (not created yet); None if the API gives no answer
+    (then the caller keeps the job's own state: one extra request must not break describe)."""
+    query = urllib.parse.urlencode({"filter_keys": "name", "filter_predicates": "=", "filter_values": name,
+                                    "limit": 10, "detail": 0})
+    try:
+        rows = client._do_request("GET", "/api/v0/placement_groups?" + query).json()["data"]["result"]["result"]
+    except Exception:
+        return None
+    states = [row.get("state") for row in rows if row.get("name") == name]
+    return str(states[0]) if states else "ABSENT"
+
+
 # ---------------------------------------------------------------------------- preflight ----
 def preflight(client: Any, url: str, needs: Iterable[Mapping[str, float]],
               label_selector: Mapping[str, str], warn: Any) -> None:

@@ -23,3 +23,6 @@ ENV_B64_PREFIX = "TORCHX_EXT_B64__"
 LINE_MARK = "\x1etx "
 VERDICT_MARK = "\x1etx-verdict "
 DRIVER_ROLE = "d"
+# A gang's placement group is named PG_PREFIX + submission id, so that describe() can tell a gang
+# still waiting for its resources (PENDING) from one that runs
+PG_PREFIX = "torchx-ext-pg-"

@@ -106,6 +106,8 @@ class GangGroup:
         kwargs: Dict[str, Any] = {"strategy": self.spec.get("strategy", "PACK")}
         if self.spec.get("label_selector"):
             kwargs["bundle_label_selector"] = [self.spec["label_selector"]] * len(self.bundles)
+        if self.spec.get("placement_group"):
+            kwargs["name"] = self.spec["placement_group"]
         self.pg = placement_group(self.bundles, **kwargs)
         timeout = float(self.spec.get("placement_timeout_s", 60))
         try:
