@@ -225,6 +225,36 @@ def test_cancel_while_waiting_for_dependency(runner: Runner) -> None:
     assert wait_terminal(runner, first, 30).state == AppState.CANCELLED
 
 
+def test_status_of_a_waiting_app_restarts_a_killed_broker(runner: Runner) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    from torchx_ext.schedulers import ray_jobs_client as rc
+
+    cfg = {"dashboard_url": dashboard()}
+    first = runner.run(AppDef("first", roles=[role("main", "import time; time.sleep(8)")]), "ray_jobs", cfg)
+    second = runner.run(AppDef("second", roles=[role("main", "print('second ran')")]), "ray_jobs",
+                        {**cfg, "dependencies": [first]})
+    client = JobSubmissionClient(dashboard())
+
+    def brokers() -> list[str]:
+        return [j.submission_id for j in client.list_jobs() if (j.submission_id or "").startswith(
+            rc.broker_prefix()) and str(j.status).split(".")[-1] in ("PENDING", "RUNNING")]
+
+    assert brokers(), "submitting a dependent starts a broker"
+    for broker in brokers():
+        client.stop_job(broker)  # the broker is killed while `second` waits
+    deadline = time.time() + 30
+    while brokers():
+        assert time.time() < deadline, "the broker did not stop"
+        time.sleep(0.2)
+    # a new process looks at the waiting app: that is enough to start a new broker
+    status = get_runner().status(second)
+    assert status.state == AppState.PENDING and "started one" in status.msg, status
+    assert wait_terminal(runner, second, TIMEOUT).state == AppState.SUCCEEDED
+    assert wait_terminal(runner, first, TIMEOUT).state == AppState.SUCCEEDED
+    assert "second ran" in logs(runner, second, "main")
+
+
 def test_unplaceable_gang_fails_naming_missing_resources(runner: Runner) -> None:
     app = AppDef("huge", roles=[role("main", "pass", num_replicas=2, resource=Resource(cpu=1, gpu=0, memMB=128,
                                                                                    capabilities={"sandbox": 3}))])

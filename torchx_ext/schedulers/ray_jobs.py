@@ -182,6 +182,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
         super().__init__(SCHEDULER, session_name)
         self._connect = client_factory or rc.connect
         self._clients: dict[str, Any] = {}
+        self._brokers: dict[str, str] = {}  # dashboard url -> the broker job this process last saw run
         # app ids this instance submitted -> [lost_contact_s, first failed poll or None] (--wait)
         self._submitted: dict[str, list[Any]] = {}
 
@@ -338,7 +339,8 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                     f"dependency '{dep}' does not exist on the Ray cluster at {req.dashboard_url}")
         try:
             if req.dependencies:
-                self._ensure_broker(client, req)
+                python = req.entrypoint.split()[0]
+                self._ensure_broker(client, req.dashboard_url, python)
                 meta = {KIND: "waiting", "torchx_ext_submission_id": req.submission_id,
                         "torchx_ext_dependencies": json.dumps(req.dependencies),
                         "torchx_ext_dependency_names": json.dumps(
@@ -353,6 +355,8 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                 # the record itself only has to exist: it exits at once and holds no resources
                 client.submit_job(entrypoint="exit 0", submission_id=req.submission_id + "--waiting",
                                   runtime_env=runtime_env, metadata=meta)
+                # again: an idle broker may have exited between its last look and this record
+                self._ensure_broker(client, req.dashboard_url, python)
             else:
                 client.submit_job(entrypoint=req.entrypoint, submission_id=req.submission_id,
                                   runtime_env=req.runtime_env, metadata=req.metadata, **submit_kwargs)
@@ -377,22 +381,12 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
         })
         return req.app_id
 
-    def _ensure_broker(self, client: Any, req: RayJobsRequest) -> None:
-        """Starts the cluster's dependency broker job unless it runs (a lost race is fine)."""
-        job = self._job(client, rc.broker_id())
-        if job is not None and rc.job_status(job) in ("PENDING", "RUNNING"):
-            return
-        if job is not None:
-            client.delete_job(rc.broker_id())
-        try:
-            client.submit_job(
-                entrypoint=" ".join(shlex.quote(w) for w in [req.entrypoint.split()[0], "-m", "ray_jobs_cluster.broker"]),
-                submission_id=rc.broker_id(), metadata={KIND: "broker"},
-                runtime_env={"py_modules": [os.path.dirname(cluster.__file__)]},
-            )
-        except RuntimeError as e:
-            if "already exists" not in str(e):
-                raise
+    def _ensure_broker(self, client: Any, url: str, python: str) -> bool:
+        """Starts the cluster's dependency broker job unless one runs; returns whether it started
+        one. Two submitters racing may start two: harmless, every decision claims a unique id."""
+        found = rc.running_broker(client, self._brokers.get(url))
+        self._brokers[url] = found or rc.start_broker(client, python, os.path.dirname(cluster.__file__))
+        return not found
 
     # ------------------------------------------------------------------ clients -----
     def _client(self, url: str, token_env: Optional[str] = None, timeout: float = 10.0) -> Any:
@@ -427,12 +421,7 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
 
     @staticmethod
     def _job(client: Any, sid: str) -> Any:
-        try:
-            return client.get_job_info(sid)
-        except RuntimeError as e:
-            if rc.is_not_found(e):
-                return None
-            raise
+        return rc.get_job(client, sid)
 
     # ------------------------------------------------------------------ describe ----
     def describe(self, app_id: str) -> Optional[DescribeAppResponse]:
@@ -489,12 +478,18 @@ class RayJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                                   f"could not set up the job's runtime_env: {record.message}", {})
         names = json.loads(meta.get("torchx_ext_dependency_names", "{}"))
         deps = [names.get(d, d) for d in json.loads(meta.get("torchx_ext_dependencies", "[]"))]
-        broker = self._job(client, rc.broker_id())
-        if broker is None or rc.job_status(broker) not in ("PENDING", "RUNNING"):
+        try:  # the broker may have been killed: looking at a waiting app is enough to restart it
+            started = self._ensure_broker(client, rc.split_app_id(app_id)[0] or "",
+                                          str(meta.get("torchx_ext_entrypoint") or "python").split()[0])
+        except Exception as e:
+            if rc.is_unreachable(e):
+                raise
             return self._response(app_id, app_meta, AppState.UNKNOWN, (
-                f"waiting for {', '.join(deps)}, but the torchx-ext broker job '{rc.broker_id()}' is "
-                f"{rc.job_status(broker) if broker else 'gone'}; submitting any ray_jobs app with dependencies restarts it"), {})
-        return self._response(app_id, app_meta, AppState.PENDING, f"waiting for dependencies: {', '.join(deps)}", {})
+                f"waiting for {', '.join(deps)}, but no torchx-ext broker job ({rc.broker_prefix()}-*) "
+                f"runs on the cluster and starting one failed: {e}"), {})
+        note = " (no torchx-ext broker job was running; started one)" if started else ""
+        return self._response(app_id, app_meta, AppState.PENDING,
+                              f"waiting for dependencies: {', '.join(deps)}{note}", {})
 
     def _unreachable(self, app_id: str, url: str, e: BaseException) -> DescribeAppResponse:
         msg = str(e) if isinstance(e, SchedulerUnavailable) else rc._unreachable(url, e)

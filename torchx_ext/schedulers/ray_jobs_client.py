@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import json
 import os
+import shlex
 import time
 import urllib.parse
 from typing import Any, Dict, Iterable, Mapping, Optional
@@ -18,6 +19,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 from torchx_ext.errors import InvalidAppError, MissingExtraError, SchedulerUnavailable
 from torchx_ext.logs import TimedLine
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
+from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
 
 APP_SEP = "~"  # app id = <address>~<submission id>; neither part can contain it
 
@@ -286,14 +288,58 @@ class JobLogReader:
 
 
 @functools.lru_cache(maxsize=None)
-def broker_id() -> str:
-    """The broker job's submission id, versioned by its code: an upgraded client starts its own
-    broker (an older one still running is harmless: every decision claims a unique id)."""
+def broker_prefix() -> str:
+    """The prefix of the broker jobs' submission ids, versioned by the broker's code: an upgraded
+    client starts its own broker (an older one still running is harmless: every decision claims a
+    unique id). Each start gets a fresh ``<prefix>-<8 hex>``: Ray cannot reliably reuse the id of
+    a deleted job whose supervisor actor may still hold its name."""
     digest = hashlib.sha1()
     for name in ("__init__.py", "broker.py"):
         with open(os.path.join(os.path.dirname(cluster.__file__), name), "rb") as f:
             digest.update(f.read())
     return f"torchx-ext-broker-{digest.hexdigest()[:8]}"
+
+
+def get_job(client: Any, sid: str) -> Any:
+    """The job's JobDetails, or None if the cluster has no job with that submission id."""
+    try:
+        return client.get_job_info(sid)
+    except RuntimeError as e:
+        if is_not_found(e):
+            return None
+        raise
+
+
+def running_broker(client: Any, known: Optional[str] = None) -> Optional[str]:
+    """The submission id of a running broker of this version on the cluster, if any. One GET
+    when the caller already knows one (``known``); otherwise one list_jobs, which also deletes
+    broker records that ended over 10 minutes ago (one per idle exit) so they do not pile up."""
+    if known:
+        job = get_job(client, known)
+        if job is not None and job_status(job) in ("PENDING", "RUNNING"):
+            return known
+    found = None
+    for job in client.list_jobs():
+        sid = job.submission_id or ""
+        if not sid.startswith(broker_prefix() + "-"):
+            continue
+        if job_status(job) in ("PENDING", "RUNNING"):
+            found = sid
+        elif job.end_time and time.time() - job.end_time / 1000 > 600:
+            try:
+                client.delete_job(sid)
+            except Exception:
+                pass  # best effort: a leftover record only costs a list entry
+    return found
+
+
+def start_broker(client: Any, python: str, package_dir: str) -> str:
+    """Submits a broker job under a fresh id and returns that id."""
+    sid = f"{broker_prefix()}-{os.urandom(4).hex()}"
+    client.submit_job(
+        entrypoint=" ".join(shlex.quote(w) for w in [python, "-m", "ray_jobs_cluster.broker"]),
+        submission_id=sid, metadata={KIND: "broker"}, runtime_env={"py_modules": [package_dir]})
+    return sid
 
 
 def job_status(job: Any) -> str:

@@ -1,6 +1,7 @@
 """Starts dependent apps when their dependencies succeed: ``python -m ray_jobs_cluster.broker``.
 
-One broker job per cluster and version of this code (submission id ``torchx-ext-broker-<hash>``). Why not one waiting driver per app: a
+One broker job per cluster and version of this code (submission id ``torchx-ext-broker-<hash>-<8 hex>``,
+fresh at each start). Why not one waiting driver per app: a
 Ray job costs a job-supervisor actor (~100 MB) plus its driver (~70 MB) for as long as it waits,
 and supervisors start about one per second, so a pipeline of hundreds of pending stages would
 not fit. Instead a dependent app is submitted as a *waiting record*: a Ray job
@@ -93,6 +94,20 @@ def submit_decided(client: Any, record: Any, decision: Dict[str, str]) -> None:
             print(f"{app_id}: could not submit: {e}", file=sys.stderr, flush=True)
 
 
+def _waiting_now(client: Any) -> bool:
+    """A last look before an idle exit: a record may have been submitted since the last poll.
+    The submitter checks the broker again after submitting a record, and describe() restarts a
+    broker that is gone; what remains is a record submitted within the second this process takes
+    to exit after this look, once per idle period, and the next status of any waiting app heals it."""
+    try:
+        listed = client.list_jobs()
+    except Exception:
+        return True
+    ids = {j.submission_id for j in listed}
+    return any((j.metadata or {}).get(KIND) == "waiting"
+               and (j.metadata or {}).get("torchx_ext_submission_id") not in ids for j in listed)
+
+
 def main() -> int:
     import ray
     from ray.job_submission import JobSubmissionClient
@@ -117,7 +132,7 @@ def main() -> int:
                    and (j.metadata or {}).get("torchx_ext_submission_id") not in jobs]
         if waiting:
             last_busy = now
-        elif now - last_busy > idle_exit_s:
+        elif now - last_busy > idle_exit_s and not _waiting_now(client):
             # nothing to do for a while: exit, so brokers of older versions do not poll forever;
             # the next submission with dependencies starts a broker again
             print(f"idle for {idle_exit_s:g} s, exiting", flush=True)
