@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 KIND = "torchx_ext_kind"  # metadata: "app", "waiting", "verdict", "broker"
 PIN_EVERY_S = 240.0
@@ -94,18 +94,22 @@ def submit_decided(client: Any, record: Any, decision: Dict[str, str]) -> None:
             print(f"{app_id}: could not submit: {e}", file=sys.stderr, flush=True)
 
 
+def undecided(listed: List[Any]) -> List[Any]:
+    """The waiting records among ``listed`` whose app job does not exist yet."""
+    ids = {j.submission_id for j in listed if j.submission_id}
+    return [j for j in listed if (j.metadata or {}).get(KIND) == "waiting"
+            and (j.metadata or {}).get("torchx_ext_submission_id") not in ids]
+
+
 def _waiting_now(client: Any) -> bool:
     """A last look before an idle exit: a record may have been submitted since the last poll.
     The submitter checks the broker again after submitting a record, and describe() restarts a
     broker that is gone; what remains is a record submitted within the second this process takes
     to exit after this look, once per idle period, and the next status of any waiting app heals it."""
     try:
-        listed = client.list_jobs()
+        return bool(undecided(client.list_jobs()))
     except Exception:
         return True
-    ids = {j.submission_id for j in listed}
-    return any((j.metadata or {}).get(KIND) == "waiting"
-               and (j.metadata or {}).get("torchx_ext_submission_id") not in ids for j in listed)
 
 
 def main() -> int:
@@ -128,19 +132,15 @@ def main() -> int:
             continue
         jobs = {j.submission_id: j for j in listed if j.submission_id}
         now = time.time()
-        waiting = [j for j in listed if (j.metadata or {}).get(KIND) == "waiting"
-                   and (j.metadata or {}).get("torchx_ext_submission_id") not in jobs]
+        waiting = undecided(listed)
         if waiting:
             last_busy = now
         elif now - last_busy > idle_exit_s and not _waiting_now(client):
             # nothing to do for a while: exit, so brokers of older versions do not poll forever;
-            # the next submission with dependencies starts a broker again
+            # the next submission with dependencies, or status of a waiting app, starts one again
             print(f"idle for {idle_exit_s:g} s, exiting", flush=True)
             return 0
-        for job in listed:
-            meta = job.metadata or {}
-            if meta.get(KIND) != "waiting" or meta.get("torchx_ext_submission_id") in jobs:
-                continue
+        for job in waiting:
             decision = decide(job, jobs)
             if decision is not None:
                 submit_decided(client, job, decision)
