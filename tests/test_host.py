@@ -18,6 +18,7 @@ from torchx.specs import AppDef, AppState, Resource, Role
 from contract import wait_terminal
 from torchx_ext.components.group import roles, server_client
 from torchx_ext.errors import InvalidAppError
+from torchx_ext import state
 from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.host import assign_gpus
 
@@ -173,23 +174,23 @@ def test_killed_supervisor_is_reported_and_cancel_still_cleans_up(tmp_path: str)
     app = AppDef("orphan", roles=[Role("main", image=str(tmp_path), entrypoint="sleep", args=["300"])])
     handle = runner.run(app, "host", {})
     app_id = handle.rsplit("/", 1)[-1]
-    state_file = os.path.join(sup.home(), "host", app_id, "state.json")
+    state_file = os.path.join(state.home(), "host", app_id, "state.json")
     deadline = time.time() + 20
-    while (sup.read_json(state_file) or {}).get("state") != "RUNNING":
+    while (state.read_json(state_file) or {}).get("state") != "RUNNING":
         assert time.time() < deadline
         time.sleep(0.1)
-    state = sup.read_json(state_file)
-    os.kill(state["supervisor_pid"], signal.SIGKILL)
+    st = state.read_json(state_file)
+    os.kill(st["supervisor_pid"], signal.SIGKILL)
     time.sleep(0.5)
     status = runner.status(handle)
     assert status.state == AppState.UNKNOWN and "supervisor" in status.msg, status
-    replica_pid = state["replicas"]["main/0"]["pid"]
+    replica_pid = st["replicas"]["main/0"]["pid"]
     runner.cancel(handle)
     assert runner.status(handle).state == AppState.CANCELLED
     time.sleep(0.3)
     assert not sup.pid_alive(replica_pid)
     # the logs are kept
-    assert os.path.isdir(os.path.join(sup.home(), "host", app_id, "logs", "main", "0"))
+    assert os.path.isdir(os.path.join(state.home(), "host", app_id, "logs", "main", "0"))
 
 
 def test_invalid_apps_get_one_readable_error() -> None:

@@ -8,13 +8,14 @@ import sys
 import pytest
 
 from contract import Backend, SchedulerContract
+from torchx_ext import state
 from torchx_ext.schedulers import host_supervisor as sup
 
 
 def _nothing_running(handle: str) -> bool:
     app_id = handle.rsplit("/", 1)[-1]
-    state = sup.read_json(os.path.join(sup.home(), "host", app_id, "state.json")) or {}
-    pids = [r.get("pid") for r in state.get("replicas", {}).values()] + [state.get("supervisor_pid")]
+    st = state.read_json(os.path.join(state.home(), "host", app_id, "state.json")) or {}
+    pids = [r.get("pid") for r in st.get("replicas", {}).values()] + [st.get("supervisor_pid")]
     return not any(sup.pid_alive(p) for p in pids)
 
 

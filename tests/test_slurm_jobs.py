@@ -75,10 +75,10 @@ def partition() -> str:
 def no_leftover_jobs(partition: str) -> Iterator[None]:
     """Cancels what this session's apps left queued or running (also when a test fails)."""
     yield
-    from torchx_ext.schedulers import host_supervisor as sup
+    from torchx_ext import state
 
     try:
-        ours = set(os.listdir(os.path.join(sup.home(), SCHEDULER)))  # this session's records only
+        ours = set(os.listdir(os.path.join(state.home(), SCHEDULER)))  # this session's records only
     except FileNotFoundError:
         return
     runner = get_runner()
@@ -259,13 +259,13 @@ def test_bad_partition_and_unknown_dependency_rejected(runner: Runner, partition
 
 def _forgotten_app(job_id: str, result: str) -> None:
     """The record a finished app leaves once slurmctld has forgotten it (MinJobAge, no sacct)."""
-    from torchx_ext.schedulers import host_supervisor as sup
+    from torchx_ext import state
 
-    record_dir = os.path.join(sup.home(), SCHEDULER, job_id)
+    record_dir = os.path.join(state.home(), SCHEDULER, job_id)
     os.makedirs(record_dir, exist_ok=True)
     with open(os.path.join(record_dir, "result"), "w") as f:
         f.write(result)
-    sup.write_json(os.path.join(record_dir, "app.json"), {
+    state.write_json(os.path.join(record_dir, "app.json"), {
         "app_id": job_id, "app_name": "old", "job_dir": record_dir, "job_root": os.path.dirname(record_dir),
         "roles": [{"name": "main", "dirname": "main", "image": "", "entrypoint": "x", "num_replicas": 1,
                    "service": False}], "dependencies": [],

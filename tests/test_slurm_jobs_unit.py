@@ -269,7 +269,7 @@ def _fake_slurm(tmp_path: Any, monkeypatch: Any, scontrol_err: str) -> str:
 
 
 def _record(home: str, job_id: str, result: str | None) -> None:
-    from torchx_ext.schedulers import host_supervisor as sup
+    from torchx_ext import state
 
     job_dir = os.path.join(home, "slurm_jobs", job_id)
     os.makedirs(os.path.join(job_dir, "main", "0"))
@@ -278,7 +278,7 @@ def _record(home: str, job_id: str, result: str | None) -> None:
             f.write(result)
         with open(os.path.join(job_dir, "main", "0", "exit"), "w") as f:
             f.write(result.split()[0])
-    sup.write_json(os.path.join(job_dir, "app.json"), {
+    state.write_json(os.path.join(job_dir, "app.json"), {
         "app_id": job_id, "app_name": "a", "job_dir": job_dir, "job_root": os.path.dirname(job_dir),
         "roles": [{"name": "main", "dirname": "main", "image": "", "entrypoint": "x", "num_replicas": 1,
                    "service": False}], "dependencies": [],

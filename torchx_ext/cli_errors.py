@@ -3,7 +3,10 @@
 The TorchX CLI only catches its own exception types; an unreachable cluster or an invalid option
 would end in a Python traceback. Our schedulers call :func:`install` when they are created: it
 changes nothing unless the process is the ``torchx`` CLI, and then only for torchx-ext's own
-exceptions (which all say what was wrong and what is valid) and transport errors.
+exceptions (:class:`~torchx_ext.errors.TorchxExtError`: they all say what was wrong and what is
+valid). Engine and OS errors on our code paths reach it already translated into one of those by
+the scheduler base (:mod:`torchx_ext.schedulers.base`); anything else (a bug, an error in user code
+such as a component) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from typing import Optional, Type
 
 from torchx_ext import compat, errors
 
-_OURS = (errors.InvalidAppError, errors.UnknownOptionError, errors.DependencyError,
-         errors.SchedulerUnavailable, errors.MissingExtraError, errors.UnknownExecutorError)
+_OURS = errors.TorchxExtError
 
 
 def install() -> None:

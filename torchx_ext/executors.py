@@ -25,7 +25,8 @@ from typing import Any, ClassVar, Mapping, Optional, Type, Union
 
 from torchx.specs import runopts
 
-from torchx_ext.errors import UnknownExecutorError, UnknownOptionError
+from torchx_ext.compat import as_list
+from torchx_ext.errors import RegistrationError, UnknownExecutorError, UnknownOptionError
 
 ENTRY_POINT_GROUP = "torchx_ext.executors"
 
@@ -78,7 +79,15 @@ class Executor:
         unknown = set(cfg) - names
         if unknown:
             raise UnknownOptionError(cls.scheduler or cls.__name__, unknown, names)
-        return cls(**{k: v for k, v in cfg.items() if v is not None})
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for name, value in cfg.items():
+            if value is None:
+                continue  # unset: the dataclass default applies (the only place defaults live)
+            if _runopt_type(hints[name]) is typing.List[str]:
+                value = as_list(value)  # "a,b" from Python callers, as the CLI would split it
+            values[name] = value
+        return cls(**values)
 
 
 _OPT_TYPES = (str, int, float, bool)
@@ -145,11 +154,26 @@ class ExecutorRegistry:
             cls._default = cls()
         return cls._default
 
-    def register(self, executor_cls: Type[Executor], scheduler: Optional[str] = None) -> None:
-        """Registers ``executor_cls`` for ``scheduler`` (default: ``executor_cls.scheduler``)."""
+    def register(self, executor_cls: Type[Executor], scheduler: Optional[str] = None,
+                 clobber: bool = False) -> None:
+        """Registers ``executor_cls`` for ``scheduler`` (default: ``executor_cls.scheduler``).
+
+        Args:
+            executor_cls: the executor dataclass
+            scheduler: the scheduler name (default: ``executor_cls.scheduler``)
+            clobber: replace a *different* class already registered for that name (entry points
+                included); without it that is an error, as fsspec's ``register_implementation``
+        """
         name = scheduler or executor_cls.scheduler
         if not name:
-            raise ValueError(f"{executor_cls.__name__} names no scheduler; pass scheduler=")
+            raise RegistrationError(f"{executor_cls.__name__} names no scheduler; pass scheduler=")
+        self._ensure_loaded()
+        current = self._by_scheduler.get(name)
+        if current is not None and current is not executor_cls and not clobber:
+            raise RegistrationError(
+                f"scheduler '{name}' already has executor {current.__module__}.{current.__qualname__}; "
+                f"pass clobber=True to replace it with {executor_cls.__module__}.{executor_cls.__qualname__}"
+            )
         self._by_scheduler[name] = executor_cls
 
     def _ensure_loaded(self) -> None:
@@ -204,9 +228,10 @@ class ExecutorRegistry:
         return ", ".join(items) or "none"
 
 
-def register_executor(executor_cls: Type[Executor], scheduler: Optional[str] = None) -> None:
+def register_executor(executor_cls: Type[Executor], scheduler: Optional[str] = None,
+                      clobber: bool = False) -> None:
     """Registers an executor class in the default registry (entry points are the other way)."""
-    ExecutorRegistry.default().register(executor_cls, scheduler)
+    ExecutorRegistry.default().register(executor_cls, scheduler, clobber)
 
 
 def scheduler_for(executor: ExecutorLike) -> str:

@@ -15,8 +15,6 @@ Layout of APP_DIR (under ``$TORCHX_EXT_HOME/host/``):
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import selectors
 import signal
@@ -24,52 +22,20 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+from torchx.specs import AppState, is_terminal
+
+from torchx_ext.state import read_json, update_json
+
+TERMINAL = tuple(s.name for s in AppState if is_terminal(s))
 STOP_GRACE_S = 3.0
 POLL_S = 0.2
 
 
 # ---------------------------------------------------------------- state files (shared) ----
-def home() -> str:
-    return os.path.expanduser(os.environ.get("TORCHX_EXT_HOME") or "~/.torchx_ext")
-
-
-@contextmanager
-def locked(app_dir: str) -> Iterator[None]:
-    with open(os.path.join(app_dir, "lock"), "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def read_json(path: str) -> Optional[dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def write_json(path: str, data: dict[str, Any]) -> None:
-    # write + rename: readers never see a half-written file, even without the lock
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def update_state(app_dir: str, **changes: Any) -> dict[str, Any]:
-    with locked(app_dir):
-        path = os.path.join(app_dir, "state.json")
-        state = read_json(path) or {}
-        state.update(changes)
-        write_json(path, state)
-        return state
+    return update_json(app_dir, "state.json", **changes)
 
 
 def pid_alive(pid: Optional[int]) -> bool:
@@ -271,8 +237,6 @@ class Supervisor:
                 r.write(stream, b"", final=True)
 
     def _group_state(self) -> tuple[str, str]:
-        from torchx.specs import AppState
-
         from torchx_ext.groups import ReplicaOutcome, group_state
 
         outcomes = [

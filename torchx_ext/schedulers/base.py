@@ -1,0 +1,277 @@
+"""What every torchx-ext scheduler shares, written once: the skeleton a backend module fills in.
+
+A backend subclasses :class:`ExtScheduler`, names its executor class, and implements its engine:
+
+* ``_build_request(app, executor, dependencies)``: the AppDef → request translation (pure: it is
+  what ``--dryrun`` prints);
+* ``_schedule(request)``: performs the request, returns the app id;
+* ``_describe(app_id)`` / ``_list(cfg)`` / ``_cancel(app_id)`` / ``_delete(app_id)``: queries
+  and actions on the engine (queries only query);
+* ``_replica_counts(app_id)`` and ``_log_source(...)``: what ``log_iter`` reads;
+* ``_translate_error(e)``: the engine's exceptions as our typed errors.
+
+The base owns the rest: run options generated from the executor dataclass; the dry-run prelude
+(unknown options rejected with the valid list, the typed executor built by
+:meth:`Executor.from_cfg` so each default exists once, the group checks of
+:func:`torchx_ext.groups.validate_app`, the dependency ownership check); handles and app ids;
+``log_iter``'s argument checks and the shared filter/follow; and the error contract: every public
+verb turns engine and OS errors into a :class:`~torchx_ext.errors.TorchxExtError`, which the
+``torchx`` CLI prints as one line (:mod:`torchx_ext.cli_errors`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, Callable, ClassVar, Generic, Iterable, Iterator, Mapping, Optional, Sequence, Type, TypeVar
+
+from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Scheduler, Stream
+from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus, is_terminal, runopts
+from torchx.specs.builders import make_app_handle
+
+from torchx_ext import cli_errors, compat
+from torchx_ext.errors import BackendError, DependencyError, StateError, TorchxExtError, UnknownAppError
+from torchx_ext.executors import Executor, runopts_for
+from torchx_ext.groups import app_handle_id, handle_scheduler, is_service, validate_app
+from torchx_ext.logs import TimedLine, filter_lines, follow
+
+E = TypeVar("E", bound=Executor)
+T = TypeVar("T")
+ReadNew = Callable[[], list[TimedLine]]
+
+
+class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
+    """Base of the torchx-ext schedulers. See the module docstring for what a backend provides."""
+
+    executor_cls: ClassVar[Type[Executor]]
+    # roles ``log`` accepts besides the app's own (e.g. ray_jobs' driver); name -> description
+    extra_log_roles: ClassVar[Mapping[str, str]] = {}
+    log_poll_s: ClassVar[float] = 0.2
+
+    def __init__(self, session_name: str, **kwargs: Any) -> None:
+        # nothing touches the engine here: TorchX builds throwaway instances to read run options
+        super().__init__(self.executor_cls.scheduler, session_name)
+        cli_errors.install()
+
+    # ------------------------------------------------------------------ options -----
+    def _run_opts(self) -> runopts:
+        return runopts_for(self.executor_cls)
+
+    def _validate(self, app: AppDef, scheduler: str, cfg: Any = None) -> None:
+        # TorchX's own check refuses roles without resources (NULL_RESOURCE); ours accept them on
+        # purpose (TorchX's utils.echo has none): such a role runs with the engine's defaults
+        validate_app(app)
+
+    # ------------------------------------------------------------------ dry-run -----
+    def _submit_dryrun(self, app: AppDef, cfg: Mapping[str, Any]) -> AppDryRunInfo:
+        executor: E = self.executor_cls.from_cfg(cfg)  # type: ignore[assignment]
+        validate_app(app)
+        with self._translated("dry-run"):
+            request = self._build_request(app, executor, self._dependency_ids(executor))
+        return compat.make_dryrun_info(request, repr)
+
+    def _dependency_ids(self, executor: Executor) -> list[str]:
+        """The app ids of ``executor.dependencies``, refusing another scheduler's handles."""
+        ids = []
+        for dep in executor.dependencies or []:
+            owner = handle_scheduler(dep)
+            if owner not in (None, self.backend):
+                raise DependencyError(
+                    f"dependency '{dep}' belongs to scheduler '{owner}'; "
+                    f"a {self.backend} app can only depend on {self.backend} apps"
+                )
+            ids.append(app_handle_id(dep))
+        return ids
+
+    def _build_request(self, app: AppDef, executor: E, dependencies: list[str]) -> Any:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ verbs -------
+    def schedule(self, dryrun_info: AppDryRunInfo) -> str:
+        with self._translated("submit"):
+            return self._schedule(dryrun_info.request)
+
+    def _schedule(self, request: Any) -> str:
+        raise NotImplementedError
+
+    def describe(self, app_id: str) -> Optional[DescribeAppResponse]:
+        with self._translated("describe"):
+            return self._describe(app_id)
+
+    def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
+        raise NotImplementedError
+
+    def list(self, cfg: Any = None) -> list[ListAppResponse]:  # type: ignore[override]
+        with self._translated("list"):
+            return self._list(cfg)
+
+    def _list(self, cfg: Any) -> list[ListAppResponse]:
+        raise NotImplementedError
+
+    def _cancel_existing(self, app_id: str) -> None:
+        with self._translated("cancel"):
+            self._cancel(app_id)
+
+    def _cancel(self, app_id: str) -> None:
+        raise NotImplementedError
+
+    def delete(self, app_id: str) -> None:
+        """Cancels the app if it still runs, then removes what the engine and we keep of it."""
+        with self._translated("delete"):
+            self._delete(app_id)
+
+    def _delete(self, app_id: str) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ logs --------
+    def log_iter(
+        self,
+        app_id: str,
+        role_name: str,
+        k: int = 0,
+        regex: Optional[str] = None,
+        since: Optional[datetime] = None,
+        until: Optional[datetime] = None,
+        should_tail: bool = False,
+        streams: Optional[Stream] = None,
+    ) -> Iterable[str]:
+        with self._translated("log"):
+            counts = self._replica_counts(app_id)
+            if counts is None:
+                raise UnknownAppError(f"unknown {self.backend} app '{app_id}'")
+            if role_name not in self.extra_log_roles and not (role_name in counts and 0 <= k < counts[role_name]):
+                valid = [f"{n} (replicas 0..{c - 1})" for n, c in counts.items()]
+                valid += [f"{n} ({what})" for n, what in self.extra_log_roles.items()]
+                raise UnknownAppError(
+                    f"app '{app_id}' has no replica {k} of role '{role_name}'; roles: {', '.join(valid)}")
+            read_new, done = self._log_source(app_id, role_name, k, streams, since, until)
+        lines = follow(read_new, done or (lambda: self._over(app_id)), should_tail, self.log_poll_s)
+        return self._translating_iter(filter_lines(lines, regex, since, until), "log")
+
+    def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:
+        """Replicas per role of a known app; None if the app is unknown."""
+        raise NotImplementedError
+
+    def _log_source(
+        self, app_id: str, role_name: str, k: int, streams: Optional[Stream],
+        since: Optional[datetime], until: Optional[datetime],
+    ) -> tuple[ReadNew, Optional[Callable[[], bool]]]:
+        """``(read_new, is_done)`` for one replica's log; ``is_done`` None: "the app is over"."""
+        raise NotImplementedError
+
+    def _over(self, app_id: str) -> bool:
+        resp = self.describe(app_id)
+        return resp is None or is_terminal(resp.state)
+
+    # ------------------------------------------------------------------ helpers -----
+    def handle(self, app_id: str) -> str:
+        return make_app_handle(self.backend, self.session_name, app_id)
+
+    def listed(self, app_id: str, state: AppState) -> ListAppResponse:
+        return ListAppResponse(app_id=app_id, state=state, app_handle=self.handle(app_id))
+
+    # ------------------------------------------------------------------ errors ------
+    def _translate_error(self, e: Exception, verb: str) -> Optional[TorchxExtError]:
+        """The engine's exception as one of ours (None: not an engine error). Backends extend it."""
+        return None
+
+    @contextmanager
+    def _translated(self, verb: str) -> Iterator[None]:
+        """Runs a verb so that only our typed errors leave it (one line in the CLI).
+
+        Engine errors go through :meth:`_translate_error`; an ``OSError`` on our path (an
+        unwritable or full home, a missing tool) becomes :class:`StateError` or
+        :class:`BackendError`. Anything else (a bug) keeps its traceback.
+        """
+        try:
+            yield
+        except TorchxExtError:
+            raise
+        except Exception as e:
+            ours = self._translate_error(e, verb)
+            if ours is None and isinstance(e, OSError):
+                where = f" ({e.filename})" if e.filename else ""
+                cls = StateError if e.filename else BackendError
+                ours = cls(f"{self.backend} {verb} failed{where}: {e.strerror or e}")
+            if ours is None:
+                raise
+            raise ours from e
+
+    def _translating_iter(self, it: Iterable[T], verb: str) -> Iterator[T]:
+        with self._translated(verb):
+            yield from it
+
+
+# ---------------------------------------------------------------------- shared pieces -------
+def role_summaries(app: AppDef) -> list[dict[str, Any]]:
+    """What describe shows of each role later, recorded at submission (JSON-able)."""
+    return [
+        {"name": r.name, "image": r.image, "entrypoint": r.entrypoint,
+         "num_replicas": r.num_replicas, "service": is_service(r)}
+        for r in app.roles
+    ]
+
+
+def describe_response(
+    app_id: str, state: AppState, msg: str, summaries: Sequence[Mapping[str, Any]],
+    replica: Callable[[str, int], tuple[AppState, str]],
+) -> DescribeAppResponse:
+    """A describe answer: roles from ``summaries``, each replica's (state, hostname) from ``replica``."""
+    roles, statuses = [], []
+    for s in summaries:
+        name, n = str(s["name"]), int(s["num_replicas"])
+        roles.append(Role(name=name, image=str(s.get("image", "")), entrypoint=str(s.get("entrypoint", "")),
+                          num_replicas=n))
+        replicas = []
+        for k in range(n):
+            rstate, host = replica(name, k)
+            replicas.append(ReplicaStatus(id=k, state=rstate, role=name, hostname=host))
+        statuses.append(RoleStatus(name, replicas))
+    return DescribeAppResponse(app_id=app_id, state=state, msg=msg, roles=roles, roles_statuses=statuses)
+
+
+def copy_workspace(workspace: str, target: str, ignore_file: str = ".torchxignore",
+                   max_bytes: Optional[int] = None, skip_under: Optional[str] = None) -> int:
+    """Copies ``workspace`` (an fsspec URL) into the new directory ``target``, minus what
+    ``ignore_file`` excludes (TorchX's DirWorkspace rules); returns the bytes copied.
+
+    Args:
+        workspace: the source directory
+        target: created; must not exist
+        ignore_file: the ignore file's name in the workspace
+        max_bytes: raise :class:`~torchx_ext.errors.InvalidAppError` (and remove ``target``) past this
+        skip_under: a local directory never copied (e.g. our home inside the workspace)
+    """
+    import fsspec
+    from torchx.workspace.api import walk_workspace
+
+    from torchx_ext.errors import InvalidAppError
+    from torchx_ext.state import makedirs
+
+    fs, root = fsspec.core.url_to_fs(workspace)
+    makedirs(target, exist_ok=False)
+    size = 0
+    skip = os.path.realpath(skip_under) if skip_under else None
+    for dirpath, _dirs, files in walk_workspace(fs, root, ignore_file):
+        rel = os.path.relpath(dirpath, root)
+        if skip and os.path.realpath(os.path.join(root, rel)).startswith(skip):
+            continue
+        for name, info in files.items():
+            if info.get("type") != "file":
+                continue
+            size += int(info.get("size") or 0)
+            if max_bytes is not None and size > max_bytes:
+                shutil.rmtree(target, ignore_errors=True)
+                raise InvalidAppError(
+                    f"the workspace {workspace} is over {max_bytes // 2**20} MiB; list what the job does "
+                    f"not need (virtualenvs, data, checkpoints) in a {ignore_file} file"
+                )
+            dst = os.path.normpath(os.path.join(target, rel, name))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with fs.open(info["name"], "rb") as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out)
+            if info.get("mode") is not None:
+                os.chmod(dst, info["mode"] & 0o777)
+    return size
