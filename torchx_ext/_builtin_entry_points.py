@@ -62,7 +62,7 @@ def builtin_scheduler_entry_points(torchx_dir: Optional[str]) -> dict[str, str]:
         if isinstance(target, ast.Name) and target.id == "DEFAULT_SCHEDULER_MODULES":
             value = getattr(node, "value", None)
             if isinstance(value, ast.Dict):
-                for k, v in zip(value.keys, value.values):
+                for k, v in zip(value.keys, value.values, strict=False):
                     if isinstance(k, ast.Constant) and isinstance(v, ast.Constant):
                         modules[str(k.value)] = str(v.value)
     entry_points = {}
@@ -97,7 +97,7 @@ class BuiltinSchedulersFinder:
         return None
 
     def find_distributions(
-        self, context: Any = importlib.metadata.DistributionFinder.Context()
+        self, context: Any = importlib.metadata.DistributionFinder.Context()  # noqa: B008 (as importlib's own)
     ) -> Iterable[importlib.metadata.Distribution]:
         name = getattr(context, "name", None)
         if name is not None and name.replace("_", "-").lower() != DIST_NAME:

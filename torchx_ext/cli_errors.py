@@ -36,7 +36,7 @@ def install() -> None:
 
     previous_thread_hook = threading.excepthook
 
-    def thread_hook(args: "threading.ExceptHookArgs") -> None:
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
         # `torchx log` reads logs in threads and re-raises their first error in the main thread,
         # where `hook` prints it once
         if isinstance(args.exc_value, _OURS):

@@ -18,11 +18,11 @@ from typing import Any, Callable, Optional
 from torchx.specs import AppDef, AppDryRunInfo
 
 
-def make_dryrun_info(request: Any, fmt: Callable[[Any], str] = repr) -> AppDryRunInfo:
+def make_dryrun_info(request: Any, fmt: Callable[[Any], str] = repr) -> AppDryRunInfo[Any]:
     return AppDryRunInfo(request, fmt)
 
 
-def dryrun_app(info: AppDryRunInfo) -> Optional[AppDef]:
+def dryrun_app(info: AppDryRunInfo[Any]) -> Optional[AppDef]:
     return getattr(info, "app", None) or getattr(info, "_app", None)
 
 

@@ -73,7 +73,7 @@ class Executor:
         return name, self.to_cfg()
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> "Executor":
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> Executor:
         """Builds the executor from a resolved cfg; unknown keys raise with the valid names."""
         names = {f.name for f in fields(cls)}
         unknown = set(cfg) - names
@@ -114,8 +114,8 @@ def runopts_for(executor_cls: Type[Executor]) -> runopts:
     hints = typing.get_type_hints(executor_cls)
     for f in fields(executor_cls):
         default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         required = bool(f.metadata.get("required"))
         opts.add(
             f.name,
@@ -141,7 +141,7 @@ ExecutorLike = Union[Executor, Type[Executor]]
 class ExecutorRegistry:
     """Maps executor classes to scheduler names; entry points are read once, lazily."""
 
-    _default: ClassVar[Optional["ExecutorRegistry"]] = None
+    _default: ClassVar[Optional[ExecutorRegistry]] = None
 
     def __init__(self, load_entry_points: bool = True) -> None:
         self._by_scheduler: dict[str, Type[Executor]] = {}
@@ -149,7 +149,7 @@ class ExecutorRegistry:
         self._errors: dict[str, str] = {}
 
     @classmethod
-    def default(cls) -> "ExecutorRegistry":
+    def default(cls) -> ExecutorRegistry:
         if cls._default is None:
             cls._default = cls()
         return cls._default

@@ -9,9 +9,8 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-
 import tempfile
-from typing import Any
+from typing import Any, Mapping
 
 from torchx.workspace.api import walk_workspace
 
@@ -30,7 +29,8 @@ def build_context(workspace: str) -> Any:
     with tarfile.open(fileobj=f, mode="w") as tf:
         for dirpath, _dirs, files in walk_workspace(fs, root, ".dockerignore"):
             rel = os.path.relpath(dirpath, root)
-            for name, info in files.items():
+            for name, meta in files.items():
+                info: Mapping[str, Any] = meta  # fsspec's info(): values typed by the filesystem
                 if info.get("type") != "file":
                     continue
                 ti = tarfile.TarInfo(name if rel == "." else f"{rel}/{name}")

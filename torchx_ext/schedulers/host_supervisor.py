@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Optional
+from typing import IO, Any, Optional, cast
 
 from torchx.specs import AppState, is_terminal
 
@@ -197,7 +197,7 @@ class Supervisor:
             else:
                 r.write(stream, b"", final=True)
                 self.sel.unregister(key.fileobj)
-                key.fileobj.close()
+                cast(IO[bytes], key.fileobj).close()  # a replica's stdout/stderr (_start_all)
 
     def _poll_exits(self) -> bool:
         changed = False

@@ -136,11 +136,14 @@ class GangGroup:
         short = {k: (v, total.get(k, 0)) for k, v in need.items() if v > total.get(k, 0)}
         if short:
             return "the cluster has too little " + ", ".join(
-                f"{k} (the group needs {_fmt(k, v)}, the cluster has {_fmt(k, t)})" for k, (v, t) in sorted(short.items()))
+                f"{k} (the group needs {_fmt(k, v)}, the cluster has {_fmt(k, t)})"
+                for k, (v, t) in sorted(short.items())
+            )
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         for b in self.bundles:
             if not any(all(n.get(k, 0) >= v for k, v in b.items()) for n in nodes):
-                return f"no node can hold a replica needing {_fmt_res(b)} (strategy {self.spec.get('strategy', 'PACK')})"
+                strategy = self.spec.get("strategy", "PACK")
+                return f"no node can hold a replica needing {_fmt_res(b)} (strategy {strategy})"
         busy = {k: (v, avail.get(k, 0)) for k, v in need.items() if v > avail.get(k, 0)}
         return "resources are in use by other jobs: " + ", ".join(
             f"{k} (the group needs {_fmt(k, v)}, available now {_fmt(k, a)})" for k, (v, a) in sorted(busy.items())
@@ -211,7 +214,7 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event) -> int:
         for (_, role, _, _), ip in zip(replicas, ips):
             hosts.setdefault(role["hosts_env"], []).append(ip)
         cmds = []
-        for (_, role, k, rep), ip in zip(replicas, ips):
+        for (_, role, _k, rep), ip in zip(replicas, ips):
             env = dict(rep["env"])
             env.update({name: ",".join(h) for name, h in hosts.items()})
             env["TORCHX_RANK0_HOST"] = hosts[role["hosts_env"]][0]  # TorchX's rank0_env macro
@@ -225,7 +228,9 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event) -> int:
             for i in failed:
                 outcomes[i].update(state="FAILED", reason=errors[i])
             first = outcomes[failed[0]]
-            return finish("FAILED", f"role '{first['role']}' replica {first['replica_id']} failed to start: {errors[failed[0]]}")
+            return finish(
+                "FAILED", f"role '{first['role']}' replica {first['replica_id']} failed to start: {errors[failed[0]]}"
+            )
         for o in outcomes:
             o["state"] = "RUNNING"
         interval = float(spec.get("poll_interval_s", 0.2))

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import IO, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import ENV_B64_PREFIX, SPEC_ENV
 
@@ -40,7 +40,7 @@ def node_ip() -> str:
         import ray
 
         if ray.is_initialized():
-            return str(ray.util.get_node_ip_address())
+            return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
     except ImportError:
         pass
     # In the driver without ray.init: the interface routing to the GCS is the node's address.
@@ -53,7 +53,7 @@ def node_ip() -> str:
             return "127.0.0.1"
 
 
-def decoded_env(environ: Dict[str, str]) -> Dict[str, str]:
+def decoded_env(environ: Mapping[str, str]) -> Dict[str, str]:
     """``environ`` without the spec, with base64-shipped values decoded (see ENV_B64_PREFIX)."""
     out = {k: v for k, v in environ.items() if k != SPEC_ENV and not k.startswith(ENV_B64_PREFIX)}
     for k, v in environ.items():
@@ -66,7 +66,7 @@ class ReplicaRunner:
     """One replica: ``start`` its process, ``poll`` for output and exit code, ``stop`` it."""
 
     def __init__(self) -> None:
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: Optional[subprocess.Popen[bytes]] = None
         self._lines: List[Line] = []
         self._lock = threading.Lock()
         self._pumps: List[threading.Thread] = []
@@ -95,7 +95,7 @@ class ReplicaRunner:
             self._pumps.append(t)
         return None
 
-    def _pump(self, stream: str, pipe: "os._wrap_close") -> None:  # type: ignore[name-defined]
+    def _pump(self, stream: str, pipe: IO[bytes]) -> None:
         for raw in iter(pipe.readline, b""):
             text = raw.decode("utf-8", errors="replace").rstrip("\n")
             with self._lock:
