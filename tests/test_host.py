@@ -39,9 +39,9 @@ def cli_wait(handle: str, timeout: float = 60) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         out = cli("status", handle)
-        for state in ("SUCCEEDED", "FAILED", "CANCELLED"):
-            if f"State: {state}" in out.stdout:
-                return state
+        for final in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            if f"State: {final}" in out.stdout:
+                return final
         time.sleep(0.3)
     raise AssertionError(f"{handle} did not finish: {out.stdout}")
 

@@ -21,6 +21,7 @@ from torchx.runner import Runner, get_runner
 from torchx.specs import AppDef, AppState, Resource
 
 from conftest import ROOT, require_backend
+from torchx_ext.errors import BackendError
 from contract import CLIENT, SERVER, Backend, SchedulerContract, free_port, logs, wait_state, wait_terminal
 
 SCHEDULER = "slurm_jobs"
@@ -250,7 +251,7 @@ def test_replica_killed_on_node_fails_app(runner: Runner, partition: str) -> Non
 
 def test_bad_partition_and_unknown_dependency_rejected(runner: Runner, partition: str) -> None:
     before = {a.app_handle for a in runner.list(SCHEDULER)}
-    with pytest.raises(ValueError, match="sbatch rejected the job: .*partition"):
+    with pytest.raises(BackendError, match="sbatch rejected the job: .*partition"):
         runner.run(_role_app("badpart", "print(1)"), SCHEDULER, {"partition": "no-such-partition"})
     with pytest.raises(Exception, match="999999"):
         runner.run(_role_app("dep", "print(1)"), SCHEDULER, {"partition": partition, "dependencies": ["999999"]})

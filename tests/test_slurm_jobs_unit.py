@@ -20,7 +20,8 @@ from torchx_ext.errors import DependencyError, UnknownOptionError
 from torchx_ext.executors import capabilities, executor_for
 from torchx_ext.groups import mark_service
 from torchx_ext.schedulers import slurm_jobs_script as script
-from torchx_ext.schedulers.slurm_jobs import SlurmJobsExecutor, _StampedReader, create_scheduler
+from torchx_ext.schedulers.slurm_jobs import SlurmJobsExecutor, create_scheduler
+from torchx_ext.state import StampedLineReader
 from torchx_ext.schedulers.slurm_jobs_script import app_state_of, parse_sacct, parse_scontrol_job, signal_reason
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slurm_reference")
@@ -244,7 +245,7 @@ def test_state_table(state: str, reason: str, expected: AppState) -> None:
 def test_log_reader_splits_streams_and_waits_for_whole_lines(tmp_path: Any) -> None:
     log = tmp_path / "log"
     log.write_bytes(b"100.5 O out one\n101.0 E err one\nnot stamped\n102.0 O partial")
-    both, out, err = (_StampedReader(str(log), t) for t in (None, b"O", b"E"))
+    both, out, err = (StampedLineReader(str(log), tagged=True, want_tag=t) for t in (None, b"O", b"E"))
     assert both.read_new() == [(100.5, "out one"), (101.0, "err one"), (None, "not stamped")]
     assert out.read_new() == [(100.5, "out one")]
     assert err.read_new() == [(101.0, "err one")]
