@@ -22,6 +22,7 @@ from torchx.specs import AppDef, AppState, BindMount, Resource, Role, VolumeMoun
 from conftest import ROOT, require_backend
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 from torchx_ext.groups import mark_service
+from torchx_ext.schedulers import docker_jobs_daemon as d
 from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.docker_jobs import DockerJobsScheduler, create_scheduler
 
@@ -39,7 +40,7 @@ def app_id(handle: str) -> str:
 
 
 def running_containers(app: str) -> list[dict[str, Any]]:
-    return w.client().containers(filters=w.app_filter(app))  # running only
+    return d.client().containers(filters=d.app_filter(app))  # running only
 
 
 def nothing_running(handle: str) -> bool:
@@ -72,9 +73,9 @@ def sched() -> Iterator[DockerJobsScheduler]:
     for a in set(s.app_ids()) - before:
         s.delete(a)
     leftovers = set(s.app_ids()) - before
-    api = w.client()
-    nets = [n["Name"] for n in api.networks(filters={"label": f"{w.L_SCHEDULER}={w.SCHEDULER}"})
-            if n["Labels"].get(w.L_APP_ID) not in before]
+    api = d.client()
+    nets = [n["Name"] for n in api.networks(filters={"label": f"{d.L_SCHEDULER}={d.SCHEDULER}"})
+            if n["Labels"].get(d.L_APP_ID) not in before]
     deadline = time.time() + 10
     while watcher_pids() and time.time() < deadline:
         time.sleep(0.2)
@@ -114,6 +115,8 @@ def role(name: str, code: str, *args: str, service: bool = False, **kw: Any) -> 
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    if args[:1] == ("run",) and "--workspace" not in args:
+        args = ("run", "--workspace", "", *args[1:])  # TorchX's way to run without a workspace
     return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=timeout, cwd="/tmp")
 
 
@@ -163,8 +166,8 @@ def test_cli_end_to_end_from_new_processes() -> None:
     out = cli("log", f"{first}/main/0")
     assert "first-done-main" in out.stdout, out.stdout + out.stderr
     t_second = float(cli("log", "--regex", "^T ", f"{second}/main/0").stdout.split()[-1])
-    finished = w.client().inspect_container(f"{app_id(first)}-main-0")["State"]["FinishedAt"]
-    assert t_second > w.parse_ts(finished), "the dependant started before its dependency ended"  # type: ignore[operator]
+    finished = d.client().inspect_container(f"{app_id(first)}-main-0")["State"]["FinishedAt"]
+    assert t_second > d.parse_ts(finished), "the dependant started before its dependency ended"  # type: ignore[operator]
     assert "up" in cli("log", f"{sleeper}/main/0").stdout
 
 
@@ -187,7 +190,7 @@ def test_secret_copied_into_the_container_only(runner: Runner, monkeypatch: pyte
     handle = runner.run(app, "docker_jobs", {"copy_env": ["TXE_SECRET*"]})
     assert wait_terminal(runner, handle, 60).state == AppState.SUCCEEDED
     assert "len 7" in logs(runner, handle, "main")
-    labels = json.dumps(w.client().inspect_container(f"{app_id(handle)}-main-0")["Config"]["Labels"])
+    labels = json.dumps(d.client().inspect_container(f"{app_id(handle)}-main-0")["Config"]["Labels"])
     assert "hunter2" not in labels
 
 
@@ -200,8 +203,8 @@ def test_logs_streams_since_until_and_tail(runner: Runner) -> None:
     assert wait_terminal(runner, handle, 60).state == AppState.SUCCEEDED
     assert logs(runner, handle, "main", streams=Stream.STDERR).split() == ["err1"]
     assert logs(runner, handle, "main", streams=Stream.STDOUT).split() == ["out1", "out2"]
-    raw = w.client().logs(f"{app_id(handle)}-main-0", timestamps=True).decode().splitlines()
-    t_out2 = w.parse_ts(next(x for x in raw if x.endswith(" out2")).split()[0])
+    raw = d.client().logs(f"{app_id(handle)}-main-0", timestamps=True).decode().splitlines()
+    t_out2 = d.parse_ts(next(x for x in raw if x.endswith(" out2")).split()[0])
     assert t_out2 is not None
     middle = datetime.fromtimestamp(t_out2 - 0.5)
     assert logs(runner, handle, "main", since=middle).split() == ["out2"]
@@ -253,13 +256,13 @@ def test_dead_watcher_describe_still_converges(runner: Runner) -> None:
         time.sleep(0.05)  # right after exec, /proc/PID/cmdline can still be empty for a moment
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
-    status = wait_terminal(runner, handle, 60)  # describe pins SUCCEEDED, then kills the service
+    status = wait_terminal(runner, handle, 60)  # describe restarts the watcher, which finishes the job
     assert status.state == AppState.SUCCEEDED, status
     assert nothing_running(handle)
 
 
 def test_workspace_builds_an_image_locally(runner: Runner, tmp_path: Any) -> None:
-    api = w.client()
+    api = d.client()
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "hello.py").write_text("print('hello from the workspace')\n")
@@ -286,7 +289,7 @@ def test_workspace_builds_an_image_locally(runner: Runner, tmp_path: Any) -> Non
     finally:
         s = create_scheduler("t")
         for a in s.app_ids():
-            snap = w.fetch(api, a)
+            snap = d.fetch(api, a)
             if snap and any(r.get("image") in images for r in snap.roles):
                 s.delete(a)  # before the images it runs
         for img in images:
@@ -313,7 +316,7 @@ def test_mounts_bind_volume_tmpfs(runner: Runner, tmp_path: Any) -> None:
         assert "bound data" in out and "read-only 30" in out and "volume ok" in out and "scratch tmpfs" in out, out
     finally:
         create_scheduler("t").delete(app_id(handle))  # the volume is in use until then
-        w.client().remove_volume(vol, force=True)
+        d.client().remove_volume(vol, force=True)
 
 
 def test_create_failure_leaves_nothing(runner: Runner, sched: DockerJobsScheduler) -> None:
@@ -324,9 +327,9 @@ def test_create_failure_leaves_nothing(runner: Runner, sched: DockerJobsSchedule
     with pytest.raises(RuntimeError, match="role 'broken'.*nothing was started"):
         runner.run(app, "docker_jobs", {})
     assert set(sched.app_ids()) == before
-    api = w.client()
-    assert not [n for n in api.networks(filters={"label": f"{w.L_SCHEDULER}={w.SCHEDULER}"})
-                if n["Labels"].get(w.L_APP_NAME) == "createfail"]
+    api = d.client()
+    assert not [n for n in api.networks(filters={"label": f"{d.L_SCHEDULER}={d.SCHEDULER}"})
+                if n["Labels"].get(d.L_APP_NAME) == "createfail"]
 
 
 def test_local_images_are_never_pulled() -> None:

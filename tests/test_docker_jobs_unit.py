@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import sys
 from typing import Any, Optional
 
 import pytest
@@ -16,9 +15,9 @@ from contract import HOSTILE_ARGS
 from torchx_ext.errors import DependencyError, UnknownOptionError
 from torchx_ext.executors import capabilities, scheduler_for
 from torchx_ext.groups import mark_service
+from torchx_ext.schedulers import docker_jobs_daemon as daemon
 from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.docker_jobs import DockerJobsExecutor, DockerJobsScheduler, DockerRequest
-from torchx_ext.compat import launched_by_cli_without_workspace
 
 docker = pytest.importorskip("docker")
 
@@ -51,9 +50,9 @@ def test_dryrun_names_hosts_labels_and_resources() -> None:
     assert c0.mounts == [{"type": "bind", "source": "/src", "target": "/dst", "read_only": True},
                          {"type": "volume", "source": "vol", "target": "/v", "read_only": False}]
     assert c0.devices == ["/dev/fuse:/dev/fuse:rwm"]
-    assert s1.labels[w.L_SERVICE] == "true" and c0.labels[w.L_SERVICE] == "false"
-    assert s1.labels[w.L_REPLICA] == "1" and s1.labels[w.L_ROLE] == "Model_Server"
-    roles = json.loads(c0.labels[w.L_ROLES])
+    assert s1.labels[daemon.L_SERVICE] == "true" and c0.labels[daemon.L_SERVICE] == "false"
+    assert s1.labels[daemon.L_REPLICA] == "1" and s1.labels[daemon.L_ROLE] == "Model_Server"
+    roles = json.loads(c0.labels[daemon.L_ROLES])
     summary = [(r["name"], r["num_replicas"], r["service"]) for r in roles]
     assert summary == [("Model_Server", 2, True), ("client", 1, False)]
     assert json.loads(repr(req))["app_id"] == req.app_id  # --dryrun prints JSON
@@ -129,22 +128,11 @@ def test_container_options_reach_the_daemon_call() -> None:
     assert rec.created["host_config"]["Devices"][0]["PathOnHost"] == "/dev/fuse"
 
 
-@pytest.mark.parametrize("argv, skip", [
-    (["/venv/bin/torchx", "run", "-s", "docker_jobs", "utils.sh", "ls"], True),
-    (["/venv/bin/torchx", "run", "--workspace", ".", "-s", "docker_jobs", "utils.sh"], False),
-    (["/venv/bin/torchx", "run", "--workspace=/src", "utils.sh"], False),
-    (["script.py"], False),  # the Python API passes a workspace only when asked to
-])
-def test_the_cli_default_workspace_is_not_built(monkeypatch: pytest.MonkeyPatch, argv: list[str], skip: bool) -> None:
-    monkeypatch.setattr(sys, "argv", argv)
-    assert launched_by_cli_without_workspace() is skip
-
-
 def test_parse_ts() -> None:
-    assert w.parse_ts("1970-01-01T00:00:01.5Z") == 1.5
-    assert w.parse_ts("2026-11-21T09:54:37.113819260Z") == pytest.approx(1795254877.113819, abs=1e-6)
-    assert w.parse_ts("2026-11-21T10:54:37+01:00") == w.parse_ts("2026-11-21T09:54:37Z")
-    assert w.parse_ts("0001-01-01T00:00:00Z") is None and w.parse_ts("garbage") is None
+    assert daemon.parse_ts("1970-01-01T00:00:01.5Z") == 1.5
+    assert daemon.parse_ts("2026-11-21T09:54:37.113819260Z") == pytest.approx(1795254877.113819, abs=1e-6)
+    assert daemon.parse_ts("2026-11-21T10:54:37+01:00") == daemon.parse_ts("2026-11-21T09:54:37Z")
+    assert daemon.parse_ts("0001-01-01T00:00:00Z") is None and daemon.parse_ts("garbage") is None
 
 
 # ----------------------------------------------------------------------- group rules ------
@@ -161,9 +149,9 @@ class FakeDaemon:
             roles: Optional[list[dict[str, Any]]] = None, deps: str = "", oom: bool = False, started: bool = True,
             finished: str = "2026-01-01T00:00:00Z") -> str:
         cid = f"{app}-{role}-{i}"
-        labels = {w.L_SCHEDULER: w.SCHEDULER, w.L_APP_ID: app, w.L_ROLE: role, w.L_REPLICA: str(i),
-                  w.L_SERVICE: "true" if service else "false", w.L_DEPENDENCIES: deps, w.L_STOP_TIMEOUT: "5",
-                  w.L_ROLES: json.dumps(roles or []), w.L_HOST: f"{role}-{i}"}
+        labels = {daemon.L_SCHEDULER: daemon.SCHEDULER, daemon.L_APP_ID: app, daemon.L_ROLE: role, daemon.L_REPLICA: str(i),
+                  daemon.L_SERVICE: "true" if service else "false", daemon.L_DEPENDENCIES: deps, daemon.L_STOP_TIMEOUT: "5",
+                  daemon.L_ROLES: json.dumps(roles or []), daemon.L_HOST: f"{role}-{i}"}
         self.containers_[cid] = {"Id": cid, "Names": [f"/{cid}"], "Labels": labels, "State": {
             "Status": status, "ExitCode": code, "OOMKilled": oom, "Error": "",
             "StartedAt": "2026-01-01T00:00:00Z" if started else "0001-01-01T00:00:00Z", "FinishedAt": finished}}
@@ -218,21 +206,24 @@ def test_service_ending_early_fails_the_app_and_stops_the_rest() -> None:
     assert st is not None and st.state == AppState.FAILED and st.over
     assert "service role 'server' replica 0 ended early with exit code 3" in st.msg
     assert ("stop", "a-client-0", 5) in d.calls
-    assert w.displayed_state(st.snapshot.replicas[0], st.snapshot.verdict) == AppState.CANCELLED  # client
+    assert daemon.displayed_state(st.snapshot.replicas[0], st.snapshot.verdict) == AppState.CANCELLED  # client
     assert w.reconcile(d, "a", acting=False).state == AppState.FAILED  # type: ignore[union-attr]
 
 
-def test_describe_waits_for_the_watcher_then_kills(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_describe_computes_the_state_but_never_acts() -> None:
     d = FakeDaemon()
     d.add("a", "server", 0, "running", service=True, roles=ROLES)
     d.add("a", "client", 0, "exited", 0, roles=ROLES)
+    d.add("dep", "main", 0, "exited", 4, roles=[{"name": "main", "num_replicas": 1}])
+    d.add("b", "main", 0, "created", roles=[{"name": "main", "num_replicas": 1}], deps="dep", started=False)
     st = w.reconcile(d, "a", acting=False)
     assert st is not None and st.state == AppState.RUNNING and "stopping server/0; then SUCCEEDED" in st.msg
-    assert not [c for c in d.calls if c[0] == "stop"]  # the watcher's job while it is alive
-    later = w.time.time() + 5 + w.KILL_FALLBACK_S + 1
-    monkeypatch.setattr(w.time, "time", lambda: later)
-    st = w.reconcile(d, "a", acting=False)
-    assert ("stop", "a-server-0", 0) in d.calls and st.state == AppState.SUCCEEDED  # type: ignore[union-attr]
+    assert not st.over  # no verdict pinned yet: the watcher (restarted if dead) still has work
+    failed = w.reconcile(d, "b", acting=False)
+    assert failed is not None and failed.state == AppState.FAILED and "dependency 'dep' ended FAILED" in failed.msg
+    assert not d.calls and not d.volumes  # nothing stopped, started or pinned by a query
+    st = w.reconcile(d, "a", acting=True)  # the watcher's turn
+    assert ("stop", "a-server-0", 5) in d.calls and st is not None and st.state == AppState.SUCCEEDED and st.over
 
 
 def test_failed_replica_reason_oom_and_last_stderr_line() -> None:
@@ -282,9 +273,9 @@ def test_first_verdict_wins_and_missing_container_fails() -> None:
     d.add("a", "main", 0, "running", roles=[{"name": "main", "num_replicas": 2}])
     st = w.reconcile(d, "a", acting=True)
     assert st.state == AppState.FAILED and "replica 1" in st.msg and "removed" in st.msg  # type: ignore[union-attr]
-    snap = w.fetch(d, "a")
-    assert w.pin_verdict(d, snap, AppState.CANCELLED, "late").state == AppState.FAILED  # type: ignore[arg-type]
-    assert w.fetch(d, "nope") is None and w.reconcile(d, "nope", acting=True) is None
+    snap = daemon.fetch(d, "a")
+    assert daemon.pin_verdict(d, snap, AppState.CANCELLED, "late").state == AppState.FAILED  # type: ignore[arg-type]
+    assert daemon.fetch(d, "nope") is None and w.reconcile(d, "nope", acting=True) is None
 
 
 class FakeLogs:
@@ -297,8 +288,6 @@ class FakeLogs:
 
 
 def test_log_reader_resumes_without_duplicates_or_losses() -> None:
-    from torchx_ext.schedulers.docker_jobs import _LogReader
-
     t = "2026-01-01T00:00:0"
     fake = FakeLogs([
         f"{t}1.000000001Z a\n{t}2.000000001Z b\n".encode(),
@@ -306,9 +295,9 @@ def test_log_reader_resumes_without_duplicates_or_losses() -> None:
         f"{t}2.000000001Z b\n{t}2.000000001Z b2 same instant\n{t}3.5Z c\nno timestamp\n".encode(),
         b"",
     ])
-    reader = _LogReader(fake, "cid", None, None, None)
+    reader = daemon.LogReader(fake, "cid", None, None, None)
     assert [x[1] for x in reader.read_new()] == ["a", "b"]
     assert [x[1] for x in reader.read_new()] == ["b2 same instant", "c", "no timestamp"]
     assert reader.read_new() == []
-    assert fake.calls[1]["since"] == pytest.approx(w.parse_ts(f"{t}2.000000001Z") - 0.005)  # type: ignore[operator]
+    assert fake.calls[1]["since"] == pytest.approx(daemon.parse_ts(f"{t}2.000000001Z") - 0.005)  # type: ignore[operator]
     assert fake.calls[0]["stdout"] and fake.calls[0]["stderr"] and fake.calls[0]["timestamps"]

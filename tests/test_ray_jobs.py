@@ -87,6 +87,8 @@ def role(name: str, code: str, *args: str, **kw: object) -> Role:
 
 
 def cli(*args: str, cwd: str = "/tmp", env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    if args[:1] == ("run",) and "--workspace" not in args:
+        args = ("run", "--workspace", "", *args[1:])  # TorchX's way to run without a workspace
     return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, **(env or {})})
 

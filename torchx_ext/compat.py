@@ -39,18 +39,6 @@ def torchx_version() -> str:
     return str(getattr(importlib.import_module("torchx"), "__version__", "unknown"))
 
 
-def launched_by_cli_without_workspace() -> bool:
-    """True when ``torchx run`` was given no ``--workspace`` (it then passes the current dir).
-
-    TorchX offers no signal for "the user asked for this workspace", so the CLI's argv is read:
-    our remote schedulers ship only an explicit workspace (never a whole home directory).
-    """
-    if not is_torchx_cli():
-        return False
-    return not any(a in ("--workspace", "--buck-target") or a.startswith(("--workspace=", "--buck-target="))
-                   for a in sys.argv[1:])
-
-
 def is_torchx_cli() -> bool:
     """Is this process the ``torchx`` CLI (``torchx ...`` or ``python -m torchx.cli.main ...``)?"""
     argv0 = sys.argv[0] if sys.argv else ""

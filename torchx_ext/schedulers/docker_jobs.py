@@ -4,7 +4,8 @@ One container per replica, on a network of its own per app (replicas reach each 
 short names in ``TORCHX_EXT_HOSTS_<ROLE>``, e.g. ``server-0``), labelled so that describe, log,
 cancel and list work from any process without a side file. Group rules (all or nothing, services,
 dependencies) are applied by :mod:`torchx_ext.schedulers.docker_jobs_watcher`: a detached
-watcher process per app, and every ``describe`` as a fallback; see that module for why.
+watcher process per app; ``describe`` only computes the state (:mod:`.docker_jobs_daemon`) and
+restarts a watcher that died.
 
 Choices where TorchX's ``local_docker`` differs:
 
@@ -15,8 +16,8 @@ Choices where TorchX's ``local_docker`` differs:
   the network is removed as soon as the app is over;
 * like ``docker run``, the role's entrypoint and args are the container's command (the image's
   own ENTRYPOINT, if any, still applies);
-* ``torchx run`` without ``--workspace`` runs the image as given (``local_docker`` builds the
-  current directory into a new image on every run); ``--workspace DIR`` builds DIR onto it;
+* as with ``local_docker``, the workspace TorchX passes (by default the current directory) is
+  built onto the role's image; ``--workspace ""`` runs the image as given;
 * cancel records CANCELLED in the app's verdict volume before stopping the containers, so their
   exit codes (143/137) do not read as failures.
 
@@ -30,32 +31,25 @@ import fnmatch
 import json
 import os
 import re
-import subprocess
-import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Scheduler, Stream
-from torchx.specs import (
-    AppDef, AppDryRunInfo, AppState, BindMount, DeviceMount, ReplicaStatus, Role, RoleStatus, VolumeMount,
-    macros, runopts,
-)
+from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
+from torchx.specs import AppDef, AppState, BindMount, DeviceMount, Role, VolumeMount, is_terminal, macros
 from torchx.workspace.api import WorkspaceMixin
 
-from torchx_ext import cli_errors, compat
-from torchx_ext.errors import DependencyError
-from torchx_ext.executors import Capabilities, Executor, check_options, option, runopts_for
-from torchx_ext.groups import app_handle_id, discovery_env, handle_scheduler, is_service, validate_app
-from torchx_ext.logs import TimedLine, filter_lines, follow
+from torchx_ext import state
+from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, TorchxExtError
+from torchx_ext.executors import Capabilities, Executor, option
+from torchx_ext.groups import discovery_env, is_service
+from torchx_ext.schedulers import docker_jobs_daemon as d
 from torchx_ext.schedulers import docker_jobs_watcher as w
-from torchx_ext.compat import launched_by_cli_without_workspace
+from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
 from torchx_ext.schedulers.docker_jobs_images import build_workspace, ensure_image
-from torchx_ext.schedulers.host_supervisor import home
 
-SCHEDULER = w.SCHEDULER
+SCHEDULER = d.SCHEDULER
 PULL_POLICIES = ("never", "if-not-present", "always")
 _EXTRA_HOST = re.compile(r"^[^:\s]+:\S+$")
 
@@ -132,11 +126,6 @@ class DockerRequest:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
 
 
-def _make_app_id(name: str) -> str:
-    base = re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")[:30].strip("-") or "app"
-    return f"{base}-{uuid.uuid4().hex[:10]}"
-
-
 def dns_name(role_name: str) -> str:
     """A role's name as a DNS label: ``"Model_Server"`` → ``"model-server"``."""
     return re.sub(r"[^a-z0-9-]", "-", role_name.lower()).strip("-") or "role"
@@ -153,59 +142,48 @@ def _mounts(role: Role) -> tuple[list[dict[str, Any]], list[str]]:
         elif isinstance(m, DeviceMount):
             devices.append(f"{m.src_path}:{m.dst_path}:{m.permissions}")
         else:
-            raise ValueError(f"role '{role.name}': unsupported mount {m!r}")
+            raise InvalidAppError(f"role '{role.name}': unsupported mount {m!r}; valid: BindMount, "
+                                  "VolumeMount, DeviceMount")
     return mounts, devices
 
 
-def _host_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def _host_options(ex: DockerJobsExecutor) -> dict[str, Any]:
     """Validated container options shared by every replica (one clear error per bad option)."""
-    policy = cfg.get("pull_policy") or "if-not-present"
-    if policy not in PULL_POLICIES:  # checked here so that --dryrun rejects it too
-        raise ValueError(f"pull_policy={policy!r}; valid: {', '.join(PULL_POLICIES)}")
+    if ex.pull_policy not in PULL_POLICIES:  # checked here so that --dryrun rejects it too
+        raise InvalidOptionError(f"pull_policy={ex.pull_policy!r}; valid: {', '.join(PULL_POLICIES)}")
     tmpfs: dict[str, str] = {}
-    for item in compat.as_list(cfg.get("tmpfs")):
+    for item in ex.tmpfs or []:
         path, _, opts = item.partition(":")
         if not path.startswith("/"):
-            raise ValueError(f"tmpfs {item!r}: expected an absolute PATH or PATH:OPTIONS")
+            raise InvalidOptionError(f"tmpfs {item!r}: expected an absolute PATH or PATH:OPTIONS")
         tmpfs[path] = opts
-    extra_hosts = compat.as_list(cfg.get("extra_hosts"))
-    for item in extra_hosts:
+    for item in ex.extra_hosts or []:
         if not _EXTRA_HOST.match(item):
-            raise ValueError(f"extra_hosts {item!r}: expected HOST:IP")
-    given = cfg.get("stop_timeout")
-    stop_timeout = 10 if given is None else int(given)
-    if stop_timeout < 0:
-        raise ValueError(f"stop_timeout={stop_timeout}; it must be >= 0")
+            raise InvalidOptionError(f"extra_hosts {item!r}: expected HOST:IP")
+    if ex.stop_timeout < 0:
+        raise InvalidOptionError(f"stop_timeout={ex.stop_timeout}; it must be >= 0")
     return {
-        "privileged": bool(cfg.get("privileged", False)), "user": cfg.get("user") or None,
-        "shm_size": cfg.get("shm_size") or None, "tmpfs": tmpfs, "extra_hosts": extra_hosts,
-        "init": bool(cfg.get("init", True)), "stop_timeout": stop_timeout,
+        "privileged": ex.privileged, "user": ex.user or None, "shm_size": ex.shm_size or None, "tmpfs": tmpfs,
+        "extra_hosts": ex.extra_hosts or [], "init": ex.init, "stop_timeout": ex.stop_timeout,
     }
 
 
-def _watcher_log(app_id: str) -> str:
-    # diagnostics only (tracebacks of the watcher); never read back: the daemon is the truth
-    return os.path.join(home(), SCHEDULER, f"{app_id}.watcher.log")
-
-
-class DockerJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
+class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]):
     """Groups of containers on the local (or ``DOCKER_HOST``) Docker engine. See the module docstring."""
 
+    executor_cls = DockerJobsExecutor
+
     def __init__(self, session_name: str, **kwargs: Any) -> None:
-        super().__init__(SCHEDULER, session_name)
+        super().__init__(session_name, **kwargs)
         self._client: Any = None  # created on first use: TorchX builds throwaway instances
 
     def _api(self) -> Any:
         if self._client is None:
-            self._client = w.retrying(w.client)
+            self._client = d.retrying(d.client)
         return self._client
 
-    # ------------------------------------------------------------------ options -----
-    def _run_opts(self) -> runopts:
-        return runopts_for(DockerJobsExecutor)
-
-    def _validate(self, app: AppDef, scheduler: str, cfg: Any = None) -> None:
-        validate_app(app)
+    def _translate_error(self, e: Exception, verb: str) -> Optional[TorchxExtError]:
+        return d.translate_error(e, verb)
 
     # ------------------------------------------------------------------ workspace ---
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
@@ -213,31 +191,20 @@ class DockerJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
 
         TorchX's conventions: a ``Dockerfile.torchx`` in the workspace is used (build args
         ``IMAGE`` and ``WORKSPACE``), else ``FROM $IMAGE`` + ``COPY . .``; ``.dockerignore`` is
-        honoured. The build never pulls (the base image follows ``pull_policy``). ``torchx run``
-        without ``--workspace`` passes the current directory: that is not built, so a plain
-        ``torchx run`` runs the image as given (pass ``--workspace .`` to build it).
+        honoured. The build never pulls (the base image follows ``pull_policy``). As with TorchX's
+        own container schedulers, ``torchx run`` builds the current directory unless told not to:
+        ``--workspace ""`` runs the image as given.
         """
-        if launched_by_cli_without_workspace():
-            return
-        api = self._api()
-        ensure_image(api, role.image, str(cfg.get("pull_policy") or "if-not-present"))
-        role.image = build_workspace(api, role.image, workspace)
+        with self._translated("build the workspace"):
+            api = self._api()
+            ensure_image(api, role.image, str(cfg.get("pull_policy") or DockerJobsExecutor.pull_policy))
+            role.image = build_workspace(api, role.image, workspace)
 
     # ------------------------------------------------------------------ submit ------
-    def _submit_dryrun(self, app: AppDef, cfg: Mapping[str, Any]) -> AppDryRunInfo:
-        check_options(SCHEDULER, cfg, self.run_opts())
-        validate_app(app)
-        host = _host_options(cfg)
-        app_id = _make_app_id(app.name)
-        deps_given = compat.as_list(cfg.get("dependencies"))
-        for d in deps_given:
-            if handle_scheduler(d) not in (None, SCHEDULER):
-                raise DependencyError(
-                    f"dependency '{d}' belongs to scheduler '{handle_scheduler(d)}'; "
-                    f"a {SCHEDULER} app can only depend on {SCHEDULER} apps"
-                )
-        deps = [app_handle_id(d) for d in deps_given]
-        mode = (cfg.get("network_mode") or "").strip()
+    def _build_request(self, app: AppDef, ex: DockerJobsExecutor, dependencies: list[str]) -> DockerRequest:
+        host = _host_options(ex)
+        app_id = state.make_app_id(app.name, max_len=30)
+        mode = (ex.network_mode or "").strip()
         network = None if mode else app_id
         names = {role.name: [f"{app_id}-{dns_name(role.name)}-{i}" for i in range(role.num_replicas)]
                  for role in app.roles}
@@ -249,20 +216,15 @@ class DockerJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
             hosts = names  # a shared network: only container names are unique on it
         else:
             hosts = aliases
-        roles_json = json.dumps([
-            {"name": r.name, "num_replicas": r.num_replicas, "service": is_service(r),
-             "image": r.image, "entrypoint": r.entrypoint} for r in app.roles
-        ])
         labels = {
-            w.L_SCHEDULER: SCHEDULER, w.L_APP_ID: app_id, w.L_APP_NAME: app.name,
-            w.L_SESSION: self.session_name, w.L_DEPENDENCIES: ",".join(deps), w.L_ROLES: roles_json,
-            w.L_NETWORK: network or "", w.L_STOP_TIMEOUT: str(host["stop_timeout"]),
-            w.L_CREATED: f"{time.time():.3f}",
+            d.L_SCHEDULER: SCHEDULER, d.L_APP_ID: app_id, d.L_APP_NAME: app.name,
+            d.L_SESSION: self.session_name, d.L_DEPENDENCIES: ",".join(dependencies),
+            d.L_ROLES: json.dumps(role_summaries(app)), d.L_NETWORK: network or "",
+            d.L_STOP_TIMEOUT: str(host["stop_timeout"]), d.L_CREATED: f"{time.time():.3f}",
         }
         request = DockerRequest(
-            app_id=app_id, network=network, network_mode=mode or app_id,
-            pull_policy=str(cfg.get("pull_policy") or "if-not-present"), dependencies=deps,
-            copy_env=compat.as_list(cfg.get("copy_env")), host=host, labels=labels,
+            app_id=app_id, network=network, network_mode=mode or app_id, pull_policy=ex.pull_policy,
+            dependencies=dependencies, copy_env=ex.copy_env or [], host=host, labels=labels,
         )
         for role in app.roles:
             mounts, devices = _mounts(role)
@@ -277,22 +239,21 @@ class DockerJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
                     image=role.image, command=[r.entrypoint, *r.args], env=env,
                     hostname=None if mode == "host" else (aliases if network else names)[role.name][i][:63],
                     aliases=[aliases[role.name][i]] if network else [],
-                    labels={**labels, w.L_ROLE: role.name, w.L_REPLICA: str(i),
-                            w.L_SERVICE: "true" if is_service(role) else "false",
-                            w.L_HOST: hosts[role.name][i]},
+                    labels={**labels, d.L_ROLE: role.name, d.L_REPLICA: str(i),
+                            d.L_SERVICE: "true" if is_service(role) else "false",
+                            d.L_HOST: hosts[role.name][i]},
                     nano_cpus=int(res.cpu * 1e9) if res.cpu and res.cpu > 0 else None,
                     mem_limit=f"{int(res.memMB)}m" if res.memMB and res.memMB > 0 else None,
                     gpus=max(int(res.gpu or 0), 0), mounts=mounts, devices=devices,
                 ))
-        return compat.make_dryrun_info(request, repr)
+        return request
 
-    def schedule(self, dryrun_info: AppDryRunInfo) -> str:
-        req: DockerRequest = dryrun_info.request
+    def _schedule(self, req: DockerRequest) -> str:
         api = self._api()
         for dep in req.dependencies:
             # checked here, not in the dry-run (which stays pure); a new app can only name
             # existing apps, so dependency cycles cannot form
-            if w.fetch(api, dep) is None:
+            if d.fetch(api, dep) is None:
                 known = self.app_ids()[-10:]
                 raise DependencyError(f"dependency '{dep}' is not a {SCHEDULER} app on this Docker "
                                       f"daemon; known apps: {', '.join(known) or 'none'}")
@@ -303,27 +264,27 @@ class DockerJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
         if req.network:
             api.create_network(req.network, driver="bridge", labels=req.labels, check_duplicate=True)
         ids: dict[str, str] = {}
-        results = w.parallel(lambda c: ids.__setitem__(c.name, self._create(api, req, c, copied)),
+        results = d.parallel(lambda c: ids.__setitem__(c.name, self._create(api, req, c, copied)),
                              req.containers)
         failed = [(c, e) for c, e in results if e is not None]
         if failed:
             # all or nothing: nothing of this app stays behind; the error says which replica
             self._remove(api, req.app_id, req.network)
             c, e = failed[0]
-            raise RuntimeError(
+            raise BackendError(
                 f"{SCHEDULER}: could not create the container of role '{c.role}' replica "
-                f"{c.replica_id} (image '{c.image}'): {w.explain(e)}; nothing was started"
+                f"{c.replica_id} (image '{c.image}'): {d.explain(e)}; nothing was started"
             )
         if not req.dependencies:
-            snap = w.Snapshot(req.app_id, req.labels[w.L_APP_NAME], json.loads(req.labels[w.L_ROLES]),
+            snap = d.Snapshot(req.app_id, req.labels[d.L_APP_NAME], json.loads(req.labels[d.L_ROLES]),
                               [], req.network or "", req.host["stop_timeout"])
-            reps = [w.Replica(c.role, c.replica_id, c.service, ids[c.name], c.name, "", "created")
+            reps = [d.Replica(c.role, c.replica_id, c.service, ids[c.name], c.name, "", "created")
                     for c in req.containers]
             if w.start_group(api, snap, reps) is not None:
                 if req.network:
-                    w.remove_network(api, req.network)
+                    d.remove_network(api, req.network)
                 return req.app_id  # decided (FAILED, all stopped): nothing left to watch
-        self._spawn_watcher(req.app_id)
+        w.spawn(req.app_id)
         return req.app_id
 
     @staticmethod
@@ -356,184 +317,119 @@ class DockerJobsScheduler(WorkspaceMixin[None], Scheduler[Mapping[str, Any]]):
         return str(out["Id"])
 
     @staticmethod
-    def _spawn_watcher(app_id: str) -> None:
-        path = _watcher_log(app_id)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "ab") as log:
-            subprocess.Popen(
-                [sys.executable, "-m", "torchx_ext.schedulers.docker_jobs_watcher", app_id],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-            )
-
-    @staticmethod
     def _remove(api: Any, app_id: str, network: Optional[str]) -> None:
         import docker
 
-        for s in api.containers(all=True, filters=w.app_filter(app_id)):
+        for s in api.containers(all=True, filters=d.app_filter(app_id)):
             try:
                 api.remove_container(s["Id"], force=True)
             except docker.errors.NotFound:
                 pass
         if network:
-            w.remove_network(api, network)
+            d.remove_network(api, network)
         try:
-            api.remove_volume(w.verdict_volume(app_id))
+            api.remove_volume(d.verdict_volume(app_id))
         except docker.errors.NotFound:
             pass
 
     # ------------------------------------------------------------------ queries -----
-    def describe(self, app_id: str) -> Optional[DescribeAppResponse]:
+    def _status(self, app_id: str) -> Optional[w.AppStatus]:
+        """The app's state by the group rules, computed only; restarts a dead watcher if needed."""
         api = self._api()
-        st = w.retrying(lambda: w.reconcile(api, app_id, acting=False))
+        st = d.retrying(lambda: w.reconcile(api, app_id, acting=False))
+        if st is not None:
+            w.ensure_watcher(st)
+        return st
+
+    def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
+        st = self._status(app_id)
         if st is None:
             return None
         snap = st.snapshot
         by_key = {(r.role, r.replica_id): r for r in snap.replicas}
-        roles, statuses = [], []
-        for summary in snap.roles:
-            name, n = summary["name"], int(summary["num_replicas"])
-            roles.append(Role(name=name, image=summary.get("image", ""),
-                              entrypoint=summary.get("entrypoint", ""), num_replicas=n))
-            replicas = []
-            for i in range(n):
-                rep = by_key.get((name, i))
-                replicas.append(ReplicaStatus(
-                    id=i, role=name, state=w.displayed_state(rep, snap.verdict) if rep else AppState.UNKNOWN,
-                    hostname=rep.host if rep else "",
-                ))
-            statuses.append(RoleStatus(name, replicas))
-        return DescribeAppResponse(app_id=app_id, state=st.state, msg=st.msg, roles=roles,
-                                   roles_statuses=statuses)
+
+        def replica(role: str, k: int) -> tuple[AppState, str]:
+            rep = by_key.get((role, k))
+            return (d.displayed_state(rep, snap.verdict), rep.host) if rep else (AppState.UNKNOWN, "")
+
+        return describe_response(app_id, st.state, st.msg, snap.roles, replica)
 
     def app_ids(self) -> list[str]:
         """Ids of every docker_jobs app the daemon knows (containers or a verdict)."""
         api = self._api()
-        marker = {"label": [f"{w.L_SCHEDULER}={SCHEDULER}"]}
-        ids = {s["Labels"].get(w.L_APP_ID) for s in api.containers(all=True, filters=marker)}
-        vols = api.volumes(filters={"label": f"{w.L_SCHEDULER}={SCHEDULER}"}).get("Volumes") or []
-        ids |= {(v.get("Labels") or {}).get(w.L_APP_ID) for v in vols}
+        marker = {"label": [f"{d.L_SCHEDULER}={SCHEDULER}"]}
+        ids = {s["Labels"].get(d.L_APP_ID) for s in api.containers(all=True, filters=marker)}
+        vols = api.volumes(filters={"label": f"{d.L_SCHEDULER}={SCHEDULER}"}).get("Volumes") or []
+        ids |= {(v.get("Labels") or {}).get(d.L_APP_ID) for v in vols}
         return sorted(i for i in ids if i)
 
-    def list(self, cfg: Any = None) -> list[ListAppResponse]:
+    def _list(self, cfg: Any) -> list[ListAppResponse]:
         out = []
-        for app_id in w.retrying(self.app_ids):
-            resp = self.describe(app_id)
-            if resp is not None:
-                out.append(ListAppResponse(app_id=app_id, state=resp.state,
-                                           app_handle=f"{SCHEDULER}://{self.session_name}/{app_id}"))
+        for app_id in d.retrying(self.app_ids):
+            st = self._status(app_id)
+            if st is not None:
+                out.append(self.listed(app_id, st.state))
         return out
 
-    def _cancel_existing(self, app_id: str) -> None:
+    def _cancel(self, app_id: str) -> None:
         """Pins CANCELLED (unless the app already ended) and stops every container, waiting."""
         api = self._api()
-        st = w.retrying(lambda: w.reconcile(api, app_id, acting=False))
-        if st is None:
+        snap = d.retrying(lambda: d.fetch(api, app_id))
+        if snap is None:
             return
-        if st.snapshot.verdict is None:
-            w.pin_verdict(api, st.snapshot, AppState.CANCELLED, "cancelled by user")
-        for _ in range(3):  # a concurrent reconcile may have started a replica meanwhile
-            snap = w.fetch(api, app_id)
-            if snap is None or not snap.running:
+        if snap.verdict is None:
+            d.pin_verdict(api, snap, AppState.CANCELLED, "cancelled by user")
+        for _ in range(3):  # the watcher may have started a replica meanwhile
+            now = d.fetch(api, app_id)
+            if now is None or not now.running:
                 break
-            w.stop(api, snap.running, snap.stop_timeout)
-        if st.snapshot.network:
-            w.remove_network(api, st.snapshot.network)
+            d.stop(api, now.running, now.stop_timeout)
+        if snap.network:
+            d.remove_network(api, snap.network)
 
-    def delete(self, app_id: str) -> None:
-        """Cancels the app if it still runs, then removes its containers, network and verdict."""
+    def _delete(self, app_id: str) -> None:
         api = self._api()
-        snap = w.fetch(api, app_id)
+        snap = d.fetch(api, app_id)
         if snap is None:
             return
         if snap.running or snap.verdict is None:
-            self._cancel_existing(app_id)
+            self._cancel(app_id)
         self._remove(api, app_id, snap.network)
-        try:
-            os.remove(_watcher_log(app_id))
-        except OSError:
-            pass
+        for path in (w.log_path(app_id), w.lock_path(app_id)):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ logs --------
-    def log_iter(
-        self,
-        app_id: str,
-        role_name: str,
-        k: int = 0,
-        regex: Optional[str] = None,
-        since: Optional[datetime] = None,
-        until: Optional[datetime] = None,
-        should_tail: bool = False,
-        streams: Optional[Stream] = None,
-    ) -> Iterable[str]:
+    def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:
+        snap = d.retrying(lambda: d.fetch(self._api(), app_id))
+        return None if snap is None else {r["name"]: int(r["num_replicas"]) for r in snap.roles}
+
+    def _log_source(
+        self, app_id: str, role_name: str, k: int, streams: Optional[Stream],
+        since: Optional[datetime], until: Optional[datetime],
+    ) -> tuple[ReadNew, Optional[Callable[[], bool]]]:
+        import docker
+
         api = self._api()
-        found = w.retrying(lambda: api.containers(
-            all=True, filters=w.app_filter(app_id, **{w.L_ROLE: role_name, w.L_REPLICA: str(k)})))
-        if not found:
-            snap = w.fetch(api, app_id)
-            if snap is None:
-                raise ValueError(f"unknown {SCHEDULER} app '{app_id}'")
-            raise ValueError(
-                f"app '{app_id}' has no replica {k} of role '{role_name}'; roles: "
-                + ", ".join(f"{r['name']} (replicas 0..{int(r['num_replicas']) - 1})" for r in snap.roles)
-            )
-        reader = _LogReader(api, found[0]["Id"], streams, since, until)
+        found = d.retrying(lambda: api.containers(
+            all=True, filters=d.app_filter(app_id, **{d.L_ROLE: role_name, d.L_REPLICA: str(k)})))
+        if not found:  # removed by hand: nothing to read
+            return (lambda: []), None
+        reader = d.LogReader(api, found[0]["Id"], streams, since, until)
 
         def done() -> bool:
-            import docker
-
             try:
-                state = api.inspect_container(reader.container_id)["State"]
+                status = api.inspect_container(reader.container_id)["State"].get("Status")
             except docker.errors.NotFound:
                 return True
-            if state.get("Status") in ("exited", "dead"):
-                return True
-            if state.get("Status") == "created":  # not started yet: only over if the app is
-                resp = self.describe(app_id)
-                return resp is None or resp.state in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED)
-            return False
+            if status == "created":  # not started yet: only over if the app is
+                return self._over(app_id)
+            return status in ("exited", "dead")
 
-        return filter_lines(follow(reader.read_new, done, should_tail), regex, since, until)
-
-
-class _LogReader:
-    """Reads new lines of one container's log via the daemon (``timestamps=True``)."""
-
-    def __init__(self, api: Any, container_id: str, streams: Optional[Stream],
-                 since: Optional[datetime], until: Optional[datetime]) -> None:
-        self.api = api
-        self.container_id = container_id
-        self.stdout = streams in (None, Stream.COMBINED, Stream.STDOUT)
-        self.stderr = streams in (None, Stream.COMBINED, Stream.STDERR)
-        self.cursor: Optional[float] = since.timestamp() if since else None
-        self.until = until.timestamp() if until else None
-        self.recent: set[str] = set()  # raw lines at the cursor: docker's `since` is inclusive
-
-    def read_new(self) -> list[TimedLine]:
-        kwargs: dict[str, Any] = {"stdout": self.stdout, "stderr": self.stderr, "timestamps": True}
-        if self.cursor is not None and self.cursor > 0.01:
-            kwargs["since"] = self.cursor - 0.005  # a float loses ns: step back, dedupe below
-        if self.until is not None:
-            kwargs["until"] = self.until
-        raw = w.retrying(lambda: self.api.logs(self.container_id, **kwargs))
-        lines = [ln for ln in raw.decode("utf-8", errors="replace").split("\n") if ln]
-        out: list[TimedLine] = []
-        newest = self.cursor
-        for line in lines:
-            if line in self.recent:
-                continue  # already yielded by the previous read
-            stamp, _, text = line.partition(" ")
-            ts = w.parse_ts(stamp)
-            if ts is None:
-                ts, text = None, line
-            elif newest is None or ts > newest:
-                newest = ts
-            out.append((ts, text))
-        if newest is not None:
-            self.cursor = newest
-            self.recent = {ln for ln in lines if (w.parse_ts(ln.partition(" ")[0]) or 0.0) >= newest - 0.01}
-        return out
+        return reader.read_new, done
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> DockerJobsScheduler:
-    cli_errors.install()
     return DockerJobsScheduler(session_name, **kwargs)

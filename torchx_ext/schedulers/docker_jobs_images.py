@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from torchx.workspace.api import walk_workspace
 
-from torchx_ext.schedulers import docker_jobs_watcher as w
+from torchx_ext.errors import BackendError, InvalidAppError
+from torchx_ext.schedulers import docker_jobs_daemon as w
 
 TORCHX_DOCKERFILE = "Dockerfile.torchx"
 DEFAULT_DOCKERFILE = b"ARG IMAGE\nFROM $IMAGE\n\nCOPY . .\n"
@@ -57,12 +58,13 @@ def ensure_image(api: Any, image: str, policy: str) -> None:
             return
         except docker.errors.NotFound:
             if policy == "never" or image.startswith("sha256:"):
-                raise ValueError(f"image '{image}' is not present locally (pull_policy={policy})") from None
+                raise InvalidAppError(f"image '{image}' is not present locally and pull_policy={policy}; build or "
+                                      "load it first, or use pull_policy=if-not-present") from None
     repo, tag = docker.utils.parse_repository_tag(image)
     try:
         api.pull(repo, tag=tag or "latest")
     except docker.errors.APIError as e:
-        raise RuntimeError(f"could not pull image '{image}' (pull_policy={policy}): {w.explain(e)}") from e
+        raise BackendError(f"could not pull image '{image}' (pull_policy={policy}): {w.explain(e)}") from e
 
 
 def build_workspace(api: Any, image: str, workspace: str) -> str:
@@ -82,11 +84,11 @@ def build_workspace(api: Any, image: str, workspace: str) -> str:
             log.append(str(event.get("stream") or "").rstrip())
             if "error" in event:
                 tail = "\n".join(x for x in log[-15:] if x)
-                raise RuntimeError(f"building workspace '{workspace}' on '{image}' failed: {event['error']}\n{tail}")
+                raise BackendError(f"building workspace '{workspace}' on '{image}' failed: {event['error']}\n{tail}")
             if event.get("aux", {}).get("ID"):
                 image_id = event["aux"]["ID"]
     finally:
         context.close()
     if not image_id:
-        raise RuntimeError(f"building workspace '{workspace}' on '{image}' returned no image id")
+        raise BackendError(f"building workspace '{workspace}' on '{image}' returned no image id")
     return str(image_id)

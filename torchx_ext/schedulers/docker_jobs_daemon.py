@@ -1,0 +1,440 @@
+"""What the Docker daemon knows about a ``docker_jobs`` app, read back and interpreted.
+
+Everything about an app lives in the daemon; nothing is kept in a side file:
+
+* one container per replica, labelled with the app id, role, replica id, service flag, the
+  app's dependencies and a JSON summary of all roles (so describe works even if a container was
+  removed by hand);
+* a *verdict*: a tiny labelled volume ``<app_id>.verdict`` created once the app's outcome is
+  decided (group rule, cancel, failed start, failed dependency). Labels cannot change after
+  creation, and creating a volume whose name exists returns the existing one, so the first verdict
+  wins atomically and nobody can overwrite it. Without a verdict the state is computed from the
+  containers' states and exit codes by :func:`torchx_ext.groups.group_state`.
+
+This module reads (:func:`fetch`, :func:`computed_state`, :class:`LogReader`) and holds the few
+primitive actions (:func:`pin_verdict`, :func:`stop`, :func:`remove_network`);
+:mod:`.docker_jobs_watcher` decides when to act. Errors of the SDK become ours in
+:func:`translate_error`, the one place that reads docker's exception types.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Optional, TypeVar
+
+from torchx.schedulers.api import Stream
+from torchx.specs import AppState
+
+from torchx_ext.errors import BackendError, MissingExtraError, SchedulerUnavailable, TorchxExtError
+from torchx_ext.groups import ReplicaOutcome, group_state
+from torchx_ext.logs import TimedLine
+
+SCHEDULER = "docker_jobs"
+P = "torchx-ext."
+L_SCHEDULER = P + "scheduler"
+L_APP_ID = P + "app-id"
+L_APP_NAME = P + "app-name"
+L_SESSION = P + "session"
+L_ROLE = P + "role"
+L_REPLICA = P + "replica-id"
+L_SERVICE = P + "service"
+L_HOST = P + "host"
+L_DEPENDENCIES = P + "dependencies"
+L_ROLES = P + "roles"
+L_NETWORK = P + "network"
+L_STOP_TIMEOUT = P + "stop-timeout"
+L_CREATED = P + "created"
+L_VERDICT = P + "verdict"
+L_STATE = P + "state"
+L_MSG = P + "msg"
+L_TIME = P + "time"
+
+_RUNNING = {"running", "restarting", "paused"}
+_NEVER = "0001-01-01T00:00:00Z"
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------ client ----
+def client() -> Any:
+    """A low-level docker ``APIClient`` from the environment (DOCKER_HOST, DOCKER_API_VERSION)."""
+    try:
+        import docker
+    except ImportError as e:
+        raise MissingExtraError("docker", "docker") from e
+    try:
+        # a pinned version saves the /version round trip of "auto"
+        return docker.APIClient(
+            version=os.environ.get("DOCKER_API_VERSION") or "auto", **docker.utils.kwargs_from_env()
+        )
+    except docker.errors.DockerException as e:
+        raise SchedulerUnavailable(
+            f"cannot reach the Docker daemon ({_docker_host()}): {e}"
+        ) from e
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the daemon is not answering right now" (e.g. while it restarts)."""
+    import requests
+
+    return (requests.exceptions.ConnectionError, requests.exceptions.Timeout, SchedulerUnavailable)
+
+
+def transient(e: BaseException) -> bool:
+    """Worth retrying in the watcher: unreachable, or a 5xx from a daemon that is (re)starting."""
+    if isinstance(e, unreachable_errors()):
+        return True
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return isinstance(status, int) and status >= 500
+
+
+def retrying(fn: Callable[[], T], seconds: float = 10.0) -> T:
+    """Runs a read-only ``fn``, retrying while the daemon is unreachable (a dockerd restart with
+    live-restore takes ~2 s), then raises :class:`SchedulerUnavailable`."""
+    errors = unreachable_errors()
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return fn()
+        except errors as e:
+            if time.time() >= deadline:
+                raise SchedulerUnavailable(
+                    f"the Docker daemon ({_docker_host()}) "
+                    f"did not answer for {seconds:.0f}s: {e}"
+                ) from e
+            time.sleep(0.3)
+
+
+# --------------------------------------------------------------------------- timestamps ----
+_EPOCH: dict[str, int] = {}
+
+
+def parse_ts(text: str) -> Optional[float]:
+    """Unix time of a daemon timestamp (``2026-11-21T09:54:37.113819260Z``); None if unset.
+
+    Hand-rolled because log lines carry nanoseconds (``fromisoformat`` wants at most 6 digits)
+    and it is called once per log line: the whole-second part is cached.
+    """
+    if len(text) < 20 or text.startswith("0001-"):
+        return None
+    base, rest = text[:19], text[19:]
+    secs = _EPOCH.get(base)
+    if secs is None:
+        try:
+            secs = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            return None
+        if len(_EPOCH) > 4096:
+            _EPOCH.clear()
+        _EPOCH[base] = secs
+    offset = 0
+    if rest[-6:-5] in ("+", "-") and rest[-3:-2] == ":":  # only UTC "Z" from dockerd, but be lenient
+        sign = 1 if rest[-6] == "+" else -1
+        offset = sign * (int(rest[-5:-3]) * 3600 + int(rest[-2:]) * 60)
+        rest = rest[:-6]
+    rest = rest.rstrip("Z")
+    frac = float("0" + rest) if rest.startswith(".") and rest[1:].isdigit() else 0.0
+    return secs + frac - offset
+
+
+# ------------------------------------------------------------------------------ truth -----
+@dataclass
+class Replica:
+    """One container of an app, as the daemon reports it."""
+
+    role: str
+    replica_id: int
+    service: bool
+    container_id: str
+    name: str
+    host: str
+    status: str  # docker State.Status: created, running, exited, dead, ...
+    exit_code: Optional[int] = None
+    error: str = ""
+    oom_killed: bool = False
+    started: bool = False
+    finished_at: Optional[float] = None
+
+    @property
+    def running(self) -> bool:
+        return self.status in _RUNNING
+
+
+@dataclass
+class Verdict:
+    state: AppState
+    msg: str
+    time: float
+
+
+@dataclass
+class Snapshot:
+    """Everything the daemon knows about one app."""
+
+    app_id: str
+    app_name: str
+    roles: list[dict[str, Any]]
+    dependencies: list[str]
+    network: str
+    stop_timeout: int
+    replicas: list[Replica] = field(default_factory=list)
+    verdict: Optional[Verdict] = None
+
+    @property
+    def running(self) -> list[Replica]:
+        return [r for r in self.replicas if r.running]
+
+
+def verdict_volume(app_id: str) -> str:
+    """Name of the volume that records the app's outcome."""
+    return f"{app_id}.verdict"
+
+
+def app_filter(app_id: str, **extra: str) -> dict[str, list[str]]:
+    """A docker ``filters`` value selecting the app's containers (and ``extra`` labels)."""
+    labels = [f"{L_SCHEDULER}={SCHEDULER}", f"{L_APP_ID}={app_id}"]
+    labels += [f"{k}={v}" for k, v in extra.items()]
+    return {"label": labels}
+
+
+def _read_verdict(api: Any) -> Callable[[str], Optional[tuple[Verdict, dict[str, str]]]]:
+    import docker
+
+    def read(app_id: str) -> Optional[tuple[Verdict, dict[str, str]]]:
+        try:
+            vol = api.inspect_volume(verdict_volume(app_id))
+        except docker.errors.NotFound:
+            return None
+        labels = vol.get("Labels") or {}
+        if labels.get(L_SCHEDULER) != SCHEDULER or labels.get(L_APP_ID) != app_id:
+            return None  # someone else's volume with a colliding name: not ours to read
+        state = AppState.__members__.get(labels.get(L_STATE, ""), AppState.UNKNOWN)
+        return Verdict(state, labels.get(L_MSG, ""), float(labels.get(L_TIME) or 0)), labels
+    return read
+
+
+def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
+    """The app's snapshot from the daemon, or None if the daemon knows no such app."""
+    import docker
+
+    if not app_id or "/" in app_id:
+        return None
+    # verdict first: ``delete`` removes containers before the verdict, so a reader that finds no
+    # verdict finds no containers either, and cannot re-pin a verdict for a half-deleted app
+    found = _read_verdict(api)(app_id)
+    summaries = api.containers(all=True, filters=app_filter(app_id))
+    if not summaries and found is None:
+        return None
+    labels = summaries[0]["Labels"] if summaries else found[1]  # type: ignore[index]
+    snap = Snapshot(
+        app_id=app_id, app_name=labels.get(L_APP_NAME, app_id),
+        roles=json.loads(labels.get(L_ROLES) or "[]"),
+        dependencies=[d for d in labels.get(L_DEPENDENCIES, "").split(",") if d],
+        network=labels.get(L_NETWORK, ""), stop_timeout=int(labels.get(L_STOP_TIMEOUT) or 10),
+        verdict=found[0] if found else None,
+    )
+    for s in summaries:
+        lab = s["Labels"]
+        rep = Replica(
+            role=lab.get(L_ROLE, "?"), replica_id=int(lab.get(L_REPLICA, "0")),
+            service=lab.get(L_SERVICE) == "true", container_id=s["Id"],
+            name=(s.get("Names") or ["/?"])[0].lstrip("/"), host=lab.get(L_HOST, ""),
+            status=s.get("State", ""), started=s.get("State") != "created",
+        )
+        if not rep.running:
+            # exit codes, OOM and start errors are only in the full inspect; running ones
+            # (the common case while polling) need none of that
+            try:
+                state = api.inspect_container(s["Id"])["State"]
+            except docker.errors.NotFound:
+                continue  # removed between the list and the inspect
+            rep.status = state.get("Status", rep.status)
+            rep.exit_code = state.get("ExitCode")
+            rep.error = state.get("Error") or ""
+            rep.oom_killed = bool(state.get("OOMKilled"))
+            rep.started = state.get("StartedAt", _NEVER) != _NEVER
+            rep.finished_at = parse_ts(state.get("FinishedAt", _NEVER))
+        snap.replicas.append(rep)
+    snap.replicas.sort(key=lambda r: (r.role, r.replica_id))
+    return snap
+
+
+def pin_verdict(api: Any, snap: Snapshot, state: AppState, msg: str) -> Verdict:
+    """Records the app's outcome unless one is recorded already; returns the one that stands."""
+    labels = {
+        L_SCHEDULER: SCHEDULER, L_APP_ID: snap.app_id, L_APP_NAME: snap.app_name, L_VERDICT: "1",
+        L_STATE: state.name, L_MSG: msg[:4000], L_TIME: f"{time.time():.6f}",
+        L_ROLES: json.dumps(snap.roles), L_DEPENDENCIES: ",".join(snap.dependencies),
+        L_NETWORK: snap.network, L_STOP_TIMEOUT: str(snap.stop_timeout),
+    }
+    vol = api.create_volume(verdict_volume(snap.app_id), driver="local", labels=labels)
+    got = vol.get("Labels") or {}
+    verdict = Verdict(
+        AppState.__members__.get(got.get(L_STATE, ""), state), got.get(L_MSG, msg),
+        float(got.get(L_TIME) or time.time()),
+    )
+    snap.verdict = verdict
+    return verdict
+
+
+# ---------------------------------------------------------------------------- outcomes ----
+def replica_outcome(rep: Replica) -> tuple[AppState, str]:
+    """What one container means for the group rules, with a reason when it failed."""
+    if rep.running:
+        return AppState.RUNNING, ""
+    if rep.error:
+        return AppState.FAILED, rep.error
+    if rep.status == "created" and not rep.started:
+        return AppState.PENDING, ""
+    if rep.status in ("exited", "dead"):
+        if rep.exit_code == 0 and rep.status == "exited":
+            return AppState.SUCCEEDED, ""
+        return AppState.FAILED, "OOMKilled" if rep.oom_killed else ("container is dead" if rep.status == "dead" else "")
+    return AppState.UNKNOWN, f"container is {rep.status}"
+
+
+def displayed_state(rep: Replica, verdict: Optional[Verdict]) -> AppState:
+    """A replica's state for describe: once a verdict exists, what the group stopped is CANCELLED."""
+    state, _ = replica_outcome(rep)
+    if verdict is None or state in (AppState.RUNNING, AppState.SUCCEEDED):
+        return state
+    if state == AppState.PENDING:
+        return AppState.CANCELLED  # never started: the app ended first
+    if state == AppState.FAILED and not rep.error and rep.finished_at and rep.finished_at > verdict.time:
+        return AppState.CANCELLED  # ended after the verdict: stopped by the group, not failed
+    return state
+
+
+def _last_stderr_line(api: Any, rep: Replica) -> str:
+    try:
+        raw = api.logs(rep.container_id, stdout=False, stderr=True, tail=5)
+    except Exception:  # the reason is a nicety; never let it break describe
+        return ""
+    lines = [x.strip() for x in raw.decode("utf-8", "replace").splitlines() if x.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def computed_state(api: Any, snap: Snapshot) -> tuple[AppState, str]:
+    """The group state from the containers alone (no verdict yet)."""
+    outcomes = []
+    present = {(r.role, r.replica_id) for r in snap.replicas}
+    for role in snap.roles:
+        for i in range(int(role["num_replicas"])):
+            if (role["name"], i) not in present:
+                outcomes.append(ReplicaOutcome(role["name"], i, bool(role.get("service")), AppState.FAILED,
+                                               None, "its container was removed"))
+    for rep in snap.replicas:
+        state, reason = replica_outcome(rep)
+        if state == AppState.FAILED and not reason:
+            reason = _last_stderr_line(api, rep)  # e.g. the last line of a traceback
+        outcomes.append(ReplicaOutcome(rep.role, rep.replica_id, rep.service, state, rep.exit_code, reason))
+    return group_state(outcomes)
+
+
+# --------------------------------------------------------------------------- actions ------
+def parallel(fn: Callable[[T], Any], reps: list[T]) -> list[tuple[T, Optional[BaseException]]]:
+    """Runs ``fn`` on every item at once (container create/start/stop are mostly waiting)."""
+    def one(rep: T) -> tuple[T, Optional[BaseException]]:
+        try:
+            fn(rep)
+            return rep, None
+        except Exception as e:  # collected: all-or-nothing needs every outcome
+            return rep, e
+    if len(reps) <= 1:
+        return [one(r) for r in reps]
+    with ThreadPoolExecutor(max_workers=min(8, len(reps))) as pool:
+        return list(pool.map(one, reps))
+
+
+
+def explain(e: BaseException) -> str:
+    """The daemon's own words for an API error (not the HTTP wrapping)."""
+    return str(getattr(e, "explanation", None) or e)
+
+
+
+def stop(api: Any, reps: list[Replica], timeout: Optional[int]) -> None:
+    """Stops containers (SIGTERM, SIGKILL after ``timeout``; 0 = kill at once). Errors ignored:
+    a container that is already gone or stopped is what we want."""
+    parallel(lambda r: api.stop(r.container_id, timeout=timeout), reps)
+
+
+
+def remove_network(api: Any, name: str) -> None:
+    """Frees the app's network (bridge address pools are few); stopped containers keep their logs."""
+    import docker
+
+    try:
+        api.remove_network(name)
+    except docker.errors.APIError:
+        pass  # already gone, or not ours to remove (an existing network given as network_mode)
+
+
+
+def translate_error(e: BaseException, verb: str) -> Optional[TorchxExtError]:
+    """An SDK error as one of ours (None: not the SDK's). Decided on types and HTTP status codes."""
+    import sys
+
+    if "docker" not in sys.modules:
+        return None  # nothing of docker's can have raised
+    import docker
+
+    if isinstance(e, unreachable_errors()):
+        return SchedulerUnavailable(f"the Docker daemon ({_docker_host()}) is unreachable: {e}")
+    if isinstance(e, docker.errors.APIError):
+        code = e.status_code
+        return BackendError(f"the Docker daemon refused to {verb}" + (f" (HTTP {code})" if code else "")
+                            + f": {explain(e)}")
+    if isinstance(e, docker.errors.DockerException):
+        return BackendError(f"docker {verb} failed: {e}")
+    return None
+
+
+def _docker_host() -> str:
+    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+
+# ------------------------------------------------------------------------------ logs -----
+class LogReader:
+    """Reads new lines of one container's log via the daemon (``timestamps=True``)."""
+
+    def __init__(self, api: Any, container_id: str, streams: Optional[Stream],
+                 since: Optional[datetime], until: Optional[datetime]) -> None:
+        self.api = api
+        self.container_id = container_id
+        self.stdout = streams in (None, Stream.COMBINED, Stream.STDOUT)
+        self.stderr = streams in (None, Stream.COMBINED, Stream.STDERR)
+        self.cursor: Optional[float] = since.timestamp() if since else None
+        self.until = until.timestamp() if until else None
+        self.recent: set[str] = set()  # raw lines at the cursor: docker's `since` is inclusive
+
+    def read_new(self) -> list[TimedLine]:
+        kwargs: dict[str, Any] = {"stdout": self.stdout, "stderr": self.stderr, "timestamps": True}
+        if self.cursor is not None and self.cursor > 0.01:
+            kwargs["since"] = self.cursor - 0.005  # a float loses ns: step back, dedupe below
+        if self.until is not None:
+            kwargs["until"] = self.until
+        raw = retrying(lambda: self.api.logs(self.container_id, **kwargs))
+        lines = [ln for ln in raw.decode("utf-8", errors="replace").split("\n") if ln]
+        out: list[TimedLine] = []
+        newest = self.cursor
+        for line in lines:
+            if line in self.recent:
+                continue  # already yielded by the previous read
+            stamp, _, text = line.partition(" ")
+            ts = parse_ts(stamp)
+            if ts is None:
+                ts, text = None, line
+            elif newest is None or ts > newest:
+                newest = ts
+            out.append((ts, text))
+        if newest is not None:
+            self.cursor = newest
+            self.recent = {ln for ln in lines if (parse_ts(ln.partition(" ")[0]) or 0.0) >= newest - 0.01}
+        return out
