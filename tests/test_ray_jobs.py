@@ -174,8 +174,8 @@ def test_env_forwarding_reaches_replicas_masked_everywhere(runner: Runner, tmp_p
     with open(f"{tmp_path}/manifest.jsonl") as f:
         text = f.read()
     records = [json.loads(line) for line in text.splitlines()]
-    assert [r["event"] for r in records] == ["submitted", "terminal"], records
-    assert records[0]["job_id"] == sid(handle) and records[1]["state"] == "SUCCEEDED"
+    assert [r["event"] for r in records] == ["submitted"], records
+    assert records[0]["job_id"] == sid(handle)
     assert secret not in text
     assert secret not in logs(runner, handle, "ray-driver")
 
@@ -230,7 +230,7 @@ def test_cancel_while_waiting_for_dependency(runner: Runner) -> None:
 def test_status_of_a_waiting_app_restarts_a_killed_broker(runner: Runner) -> None:
     from ray.job_submission import JobSubmissionClient
 
-    from torchx_ext.schedulers import ray_jobs_client as rc
+    from torchx_ext.schedulers import ray_jobs_deps
 
     cfg = {"dashboard_url": dashboard()}
     first = runner.run(AppDef("first", roles=[role("main", "import time; time.sleep(8)")]), "ray_jobs", cfg)
@@ -240,7 +240,7 @@ def test_status_of_a_waiting_app_restarts_a_killed_broker(runner: Runner) -> Non
 
     def brokers() -> list[str]:
         return [j.submission_id for j in client.list_jobs() if (j.submission_id or "").startswith(
-            rc.broker_prefix()) and str(j.status).split(".")[-1] in ("PENDING", "RUNNING")]
+            ray_jobs_deps.broker_prefix()) and str(j.status).split(".")[-1] in ("PENDING", "RUNNING")]
 
     assert brokers(), "submitting a dependent starts a broker"
     for broker in brokers():
@@ -319,10 +319,10 @@ def test_zz_head_killed_mid_job(runner: Runner) -> None:
             out = cli(*args)
             assert out.returncode != 0, (args, out.stdout, out.stderr)
             assert "unreachable" in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
-        # the submitting process, waiting: UNKNOWN for lost_contact_s, then it gives up saying so
-        assert runner.status(handle).state == AppState.UNKNOWN
+        # UNKNOWN (above) until the dashboard has been away for lost_contact_s, counted from the
+        # first failure any process saw; then a wait ends saying so instead of polling forever
         time.sleep(2.5)
-        with pytest.raises(SchedulerUnavailable, match="lost track of .* while waiting for it"):
+        with pytest.raises(SchedulerUnavailable, match="lost_contact_s=2.*given up on here"):
             runner.wait(handle, wait_interval=0.5)
     finally:
         env = {**os.environ, "VENV": os.path.dirname(os.path.dirname(sys.executable))}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import types
 import itertools
 import json
 import sys
@@ -16,7 +17,7 @@ from typing import Any, Optional
 import pytest
 from torchx.specs import AppDef, AppState, Resource, Role
 
-from torchx_ext.errors import InvalidAppError
+from torchx_ext.errors import InvalidAppError, InvalidOptionError
 from torchx_ext.groups import ReplicaOutcome, group_state, mark_service
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers.ray_jobs import RayJobsScheduler, role_resources
@@ -79,9 +80,9 @@ def test_bad_options_and_capabilities_are_clear_errors() -> None:
     # ours is UnknownOptionError; the nightly's runopts rejects it first with its own type
     with pytest.raises(Exception, match=r"(?s)Valid options( are)?: .*dashboard_url"):
         dryrun(app(role()), dashbord_url=URL)
-    with pytest.raises(InvalidAppError, match="placement_strategy"):
+    with pytest.raises(InvalidOptionError, match="placement_strategy"):
         dryrun(app(role()), placement_strategy="CLUMP")
-    with pytest.raises(InvalidAppError, match="GCS"):
+    with pytest.raises(InvalidOptionError, match="GCS"):
         dryrun(app(role()), dashboard_url="ray://head:10001")
 
 
@@ -97,7 +98,7 @@ def test_forwarded_env_is_masked_and_dollar_values_survive_ray(monkeypatch: pyte
     printed = repr(req)
     assert "abc123" not in printed and base64.b64encode(b"p$ss${word}").decode() not in printed
     assert json.loads(printed)["spec"]["roles"][0]["name"] == "main"
-    with pytest.raises(InvalidAppError, match="NOPE_NOT_SET"):
+    with pytest.raises(InvalidOptionError, match="NOPE_NOT_SET"):
         dryrun(app(role()), env_forward=["NOPE_NOT_SET"])
 
 
@@ -120,14 +121,14 @@ class OldClient:
 def test_label_selector_with_an_old_client_is_an_error_not_a_silent_drop() -> None:
     sched = RayJobsScheduler("unit", client_factory=lambda url, token_env, timeout: OldClient())
     info = sched.submit_dryrun(app(role()), {"dashboard_url": URL, "label_selector": {"pool": "gpu"}})
-    with pytest.raises(InvalidAppError, match="label_selector needs Ray >= 2.55"):
+    with pytest.raises(InvalidOptionError, match="label_selector needs Ray >= 2.55"):
         sched.schedule(info)
     assert not rc.supports_label_selector(OldClient())
 
 
 def test_token_env_must_be_set_and_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_TOKEN_UNIT", raising=False)
-    with pytest.raises(InvalidAppError, match="RAY_TOKEN_UNIT"):
+    with pytest.raises(InvalidOptionError, match="RAY_TOKEN_UNIT"):
         rc.auth_headers("RAY_TOKEN_UNIT")
     monkeypatch.setenv("RAY_TOKEN_UNIT", "sekrit")
     assert rc.auth_headers("RAY_TOKEN_UNIT") == {"Authorization": "Bearer sekrit"}
@@ -135,11 +136,14 @@ def test_token_env_must_be_set_and_is_never_shown(monkeypatch: pytest.MonkeyPatc
 
 
 class LogClient:
+    """Answers the Jobs API's GET /api/jobs/<id>/logs like a dashboard."""
+
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def get_job_logs(self, sid: str) -> str:
-        return self.text
+    def _do_request(self, method: str, endpoint: str) -> Any:
+        assert (method, endpoint) == ("GET", "/api/jobs/x/logs")
+        return types.SimpleNamespace(status_code=200, json=lambda: {"logs": self.text})
 
 
 def test_log_demultiplexing() -> None:

@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Any, Callable, Mapping, Optional
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
-from torchx.specs import AppDef, AppState, BindMount, DeviceMount, Role, VolumeMount, is_terminal, macros
+from torchx.specs import AppDef, AppState, BindMount, DeviceMount, Role, VolumeMount, macros
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
@@ -288,7 +288,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         return req.app_id
 
     @staticmethod
-    def _create(api: Any, req: DockerRequest, c: "ContainerRequest", copied: dict[str, str]) -> str:
+    def _create(api: Any, req: DockerRequest, c: ContainerRequest, copied: dict[str, str]) -> str:
         import docker
 
         h = req.host

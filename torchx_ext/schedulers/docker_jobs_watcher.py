@@ -33,8 +33,19 @@ from torchx.specs import AppState, is_terminal
 
 from torchx_ext import state
 from torchx_ext.schedulers.docker_jobs_daemon import (
-    SCHEDULER, Replica, Snapshot, Verdict, client, computed_state, explain, fetch, parallel, pin_verdict,
-    remove_network, stop, transient,
+    SCHEDULER,
+    Replica,
+    Snapshot,
+    Verdict,
+    client,
+    computed_state,
+    explain,
+    fetch,
+    parallel,
+    pin_verdict,
+    remove_network,
+    stop,
+    transient,
 )
 
 POLL_S = 0.25

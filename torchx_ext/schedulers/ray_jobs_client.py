@@ -7,16 +7,18 @@ Nothing here imports ray at module import: ``torchx runopts`` and ``--dryrun`` m
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import json
 import os
-import shlex
+import shutil
 import time
 import urllib.parse
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
-from torchx_ext.errors import InvalidAppError, MissingExtraError, SchedulerUnavailable
+from torchx.specs import AppState
+
+from torchx_ext import state
+from torchx_ext.errors import InvalidOptionError, MissingExtraError, SchedulerUnavailable
 from torchx_ext.logs import TimedLine
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
 from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
@@ -29,7 +31,7 @@ def resolve_dashboard(cfg_value: Optional[str]) -> str:
     """The dashboard URL from the run option, else ``$RAY_ADDRESS`` when it is an http(s) URL."""
     url = cfg_value or os.environ.get("RAY_ADDRESS", "")
     if not url:
-        raise InvalidAppError(
+        raise InvalidOptionError(
             "ray_jobs needs the Ray dashboard (Jobs API) address: pass -cfg dashboard_url=http://HEAD:8265, "
             "set it in the [ray_jobs] section of .torchxconfig, or export RAY_ADDRESS=http://HEAD:8265"
         )
@@ -37,7 +39,7 @@ def resolve_dashboard(cfg_value: Optional[str]) -> str:
         url = "http://" + url
     scheme = url.split("://", 1)[0]
     if scheme not in ("http", "https"):
-        raise InvalidAppError(
+        raise InvalidOptionError(
             f"'{url}' is not a Ray dashboard address: the Jobs API is HTTP (http://HEAD:8265); "
             f"'{scheme}://' addresses (GCS, Ray Client) cannot submit jobs"
         )
@@ -77,14 +79,22 @@ def import_client_class() -> Any:
     return JobSubmissionClient
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _timeout_client_class() -> Any:
     base = import_client_class()
 
     class TimeoutJobSubmissionClient(base):  # type: ignore[misc, valid-type]
-        """The Jobs API client with a per-request timeout (Ray's has none: a dead head hangs it)."""
+        """The Jobs API client with a per-request timeout.
 
-        request_timeout_s: float = 10.0
+        Why a private method is overridden: Ray's public client has no timeout at all, so a head
+        that accepts connections but never answers (a dying dashboard) hangs every call;
+        ``_do_request`` is the one place all of its requests go through. The timeout is an
+        instance attribute, set before the constructor's first request: no shared state.
+        """
+
+        def __init__(self, *args: Any, request_timeout_s: float = 10.0, **kwargs: Any) -> None:
+            self.request_timeout_s = request_timeout_s
+            super().__init__(*args, **kwargs)
 
         def _do_request(self, *args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", self.request_timeout_s)
@@ -99,7 +109,7 @@ def auth_headers(token_env: Optional[str]) -> Dict[str, str]:
         return {}
     token = os.environ.get(token_env)
     if not token:
-        raise InvalidAppError(
+        raise InvalidOptionError(
             f"token_env={token_env} names an environment variable that is not set (or empty); "
             "export it with the dashboard's bearer token, or drop token_env"
         )
@@ -111,22 +121,13 @@ def connect(url: str, token_env: Optional[str] = None, timeout: float = 10.0) ->
     cls = _timeout_client_class()
     headers = auth_headers(token_env)
     try:
-        # the constructor checks the connection and the Jobs API version (one GET, now bounded)
-        old = cls.request_timeout_s
-        cls.request_timeout_s = timeout
-        try:
-            client = cls(url, headers=headers or None)
-        finally:
-            cls.request_timeout_s = old
-    except (ConnectionError, OSError, RuntimeError, ValueError) as e:
-        raise SchedulerUnavailable(_unreachable(url, e)) from None
-    except Exception as e:  # requests' exceptions (ConnectionError subclasses above cover most)
-        raise SchedulerUnavailable(_unreachable(url, e)) from None
-    client.request_timeout_s = timeout
-    return client
+        # the constructor checks the connection and the Jobs API version (one GET, bounded)
+        return cls(url, headers=headers or None, request_timeout_s=timeout)
+    except (OSError, RuntimeError, ValueError) as e:  # requests' errors are OSErrors
+        raise SchedulerUnavailable(unreachable_message(url, e)) from None
 
 
-def _unreachable(url: str, e: BaseException) -> str:
+def unreachable_message(url: str, e: BaseException) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if len(first) > 300:
         first = first[:300] + "..."
@@ -145,8 +146,14 @@ def is_unreachable(e: BaseException) -> bool:
         return False
 
 
-def is_not_found(e: BaseException) -> bool:
-    return isinstance(e, RuntimeError) and ("does not exist" in str(e) or "404" in str(e))
+def _get(client: Any, endpoint: str) -> Any:
+    """A GET on the Jobs API; None for HTTP 404 (decided on the status code, not on text)."""
+    r = client._do_request("GET", endpoint)
+    if r.status_code == 404:
+        return None
+    if r.status_code != 200:
+        client._raise_error(r)  # Ray's own RuntimeError with the dashboard's answer
+    return r.json()
 
 
 def supports_label_selector(client: Any) -> bool:
@@ -171,83 +178,6 @@ def placement_state(client: Any, name: str) -> Optional[str]:
     return str(states[0]) if states else "ABSENT"
 
 
-# ---------------------------------------------------------------------------- preflight ----
-def preflight(client: Any, url: str, needs: Iterable[Mapping[str, float]],
-              label_selector: Mapping[str, str], warn: Any) -> None:
-    """Checks the cluster can run the app: versions, and a node for every bundle.
-
-    ``needs``: the resources of each unit that must fit on one node (the driver's entrypoint
-    resources, or one bundle per replica). Raises :class:`InvalidAppError` naming what is missing.
-    """
-    try:
-        version = client._do_request("GET", "/api/version").json()
-        nodes_resp = client._do_request("GET", "/api/v0/nodes?detail=1&limit=10000").json()
-    except Exception as e:
-        if is_unreachable(e):
-            raise SchedulerUnavailable(_unreachable(url, e)) from None
-        raise
-    try:
-        import ray
-
-        local = ray.__version__
-    except ImportError:
-        local = "unknown"
-    remote = version.get("ray_version", "unknown")
-    if local.split(".")[:2] != str(remote).split(".")[:2]:
-        warn(f"Ray client {local} and cluster {remote} differ; the Jobs API is compatible across "
-             "versions, but the driver runs with the cluster's Ray")
-    nodes = [n for n in nodes_resp.get("data", {}).get("result", {}).get("result", []) if n.get("state") == "ALIVE"]
-    if label_selector:
-        nodes = [n for n in nodes if _labels_match(n.get("labels") or {}, label_selector)]
-        if not nodes:
-            raise InvalidAppError(
-                f"no alive node of the cluster at {url} has the labels {dict(label_selector)}; "
-                f"labels seen: {_labels_seen(nodes_resp)}"
-            )
-    for need in needs:
-        need = {k: v for k, v in need.items() if v > 0}
-        if not any(all(n.get("resources_total", {}).get(k, 0) >= v for k, v in need.items()) for n in nodes):
-            total: Dict[str, float] = {}
-            for n in nodes:
-                for k, v in n.get("resources_total", {}).items():
-                    total[k] = max(total.get(k, 0), v)
-            missing = {k: v for k, v in need.items() if total.get(k, 0) < v}
-            raise InvalidAppError(
-                f"no node of the cluster at {url} can hold {_fmt(need)}"
-                + (f" (labels {dict(label_selector)})" if label_selector else "")
-                + f": missing {_fmt(missing) if missing else 'a single node with all of them'}; "
-                f"largest node offers {_fmt({k: total.get(k, 0) for k in need})}. "
-                "Use smaller resources, or preflight=False to submit anyway and wait for the autoscaler"
-            )
-
-
-def _labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
-    for key, want in selector.items():
-        have = labels.get(key)
-        if want.startswith("!"):
-            if have is not None and have in want[1:].split(","):
-                return False
-        elif want.startswith("in(") and want.endswith(")"):
-            if have not in want[3:-1].split(","):
-                return False
-        elif have != want:
-            return False
-    return True
-
-
-def _labels_seen(nodes_resp: Mapping[str, Any]) -> str:
-    seen = set()
-    for n in nodes_resp.get("data", {}).get("result", {}).get("result", []):
-        seen.update(f"{k}={v}" for k, v in (n.get("labels") or {}).items() if not k.startswith("ray.io/"))
-    return ", ".join(sorted(seen)) or "none"
-
-
-def _fmt(res: Mapping[str, float]) -> str:
-    return "{" + ", ".join(
-        f"{k}: {v / 2**20:.0f} MiB" if k == "memory" else f"{k}: {v:g}" for k, v in sorted(res.items())
-    ) + "}"
-
-
 # ---------------------------------------------------------------------------- jobs, logs ---
 class JobLogReader:
     """New lines of one replica (or of the driver) from the job's log, demultiplexed."""
@@ -257,12 +187,10 @@ class JobLogReader:
         self.offset = 0
 
     def read_new(self) -> list[TimedLine]:
-        try:
-            text = self.client.get_job_logs(self.sid)
-        except RuntimeError as e:
-            if is_not_found(e):  # still waiting for its dependencies
-                return []
-            raise
+        found = _get(self.client, f"/api/jobs/{self.sid}/logs")
+        if found is None:  # still waiting for its dependencies
+            return []
+        text = str(found.get("logs") or "")
         end = text.rfind("\n") + 1
         chunk, self.offset = text[self.offset:end], max(self.offset, end)
         out: list[TimedLine] = []
@@ -287,63 +215,96 @@ class JobLogReader:
         return out
 
 
-@functools.lru_cache(maxsize=None)
-def broker_prefix() -> str:
-    """The prefix of the broker jobs' submission ids, versioned by the broker's code: an upgraded
-    client starts its own broker (an older one still running is harmless: every decision claims a
-    unique id). Each start gets a fresh ``<prefix>-<8 hex>``: Ray cannot reliably reuse the id of
-    a deleted job whose supervisor actor may still hold its name."""
-    digest = hashlib.sha1()
-    for name in ("__init__.py", "broker.py"):
-        with open(os.path.join(os.path.dirname(cluster.__file__), name), "rb") as f:
-            digest.update(f.read())
-    return f"torchx-ext-broker-{digest.hexdigest()[:8]}"
-
-
 def get_job(client: Any, sid: str) -> Any:
-    """The job's JobDetails, or None if the cluster has no job with that submission id."""
-    try:
-        return client.get_job_info(sid)
-    except RuntimeError as e:
-        if is_not_found(e):
-            return None
-        raise
+    """The job's JobDetails, or None if the cluster has no job with that submission id.
 
+    The same request as ``client.get_job_info``, which answers a missing job only with a
+    RuntimeError whose text holds "404" (as a hex submission id may)."""
+    from ray.job_submission import JobDetails
 
-def running_broker(client: Any, known: Optional[str] = None) -> Optional[str]:
-    """The submission id of a running broker of this version on the cluster, if any. One GET
-    when the caller already knows one (``known``); otherwise one list_jobs, which also deletes
-    broker records that ended over 10 minutes ago (one per idle exit) so they do not pile up."""
-    if known:
-        job = get_job(client, known)
-        if job is not None and job_status(job) in ("PENDING", "RUNNING"):
-            return known
-    found = None
-    for job in client.list_jobs():
-        sid = job.submission_id or ""
-        if not sid.startswith(broker_prefix() + "-"):
-            continue
-        if job_status(job) in ("PENDING", "RUNNING"):
-            found = sid
-        elif job.end_time and time.time() - job.end_time / 1000 > 600:
-            try:
-                client.delete_job(sid)
-            except Exception:
-                pass  # best effort: a leftover record only costs a list entry
-    return found
-
-
-def start_broker(client: Any, python: str, package_dir: str) -> str:
-    """Submits a broker job under a fresh id and returns that id."""
-    sid = f"{broker_prefix()}-{os.urandom(4).hex()}"
-    client.submit_job(
-        entrypoint=" ".join(shlex.quote(w) for w in [python, "-m", "ray_jobs_cluster.broker"]),
-        submission_id=sid, metadata={KIND: "broker"}, runtime_env={"py_modules": [package_dir]})
-    return sid
+    found = _get(client, f"/api/jobs/{sid}")
+    return None if found is None else JobDetails(**found)
 
 
 def job_status(job: Any) -> str:
     return str(getattr(job.status, "value", job.status))
+
+
+STATES = {"PENDING": AppState.PENDING, "RUNNING": AppState.RUNNING, "SUCCEEDED": AppState.SUCCEEDED,
+          "FAILED": AppState.FAILED, "STOPPED": AppState.CANCELLED}
+
+
+def job_state(client: Any, job: Any) -> tuple[AppState, str, dict[str, Any]]:
+    """An app job's state, message and the driver's verdict (per-replica states)."""
+    meta = job.metadata or {}
+    if meta.get(KIND) == "verdict":  # decided without running: cancelled or failed dependency
+        return AppState[meta.get("torchx_ext_verdict", "FAILED")], meta.get("torchx_ext_msg", ""), {}
+    st = STATES.get(job_status(job), AppState.UNKNOWN)
+    verdict = parse_verdict(job.message or "")
+    msg = verdict.get("msg") or ("" if st == AppState.SUCCEEDED else (job.message or ""))
+    if st == AppState.PENDING and get_job(client, job.submission_id + "--cancelled") is not None:
+        # Ray keeps a stopped job PENDING while it cannot be placed (up to 15 min)
+        return AppState.CANCELLED, "cancelled by user before it could be placed", verdict
+    if st == AppState.CANCELLED:
+        msg = "stopped (cancelled)"
+    pg_name = meta.get("torchx_ext_placement_group")
+    if st == AppState.RUNNING and pg_name:
+        # the driver runs, but the gang's replicas start only once its placement group is
+        # reserved: until then the app is PENDING, as TorchX means it (waiting for resources)
+        pg = placement_state(client, pg_name)
+        if pg in ("ABSENT", "PENDING", "PREPARED"):
+            return AppState.PENDING, (f"waiting for the cluster to reserve the group's resources "
+                                      f"(placement group {pg_name}: {pg.lower()})"), verdict
+    return st, msg, verdict
+
+
+def listed_apps(jobs: list[Any]) -> list[tuple[str, AppState]]:
+    """(submission id, state) of every torchx-ext app among a cluster's jobs (waiting ones too)."""
+    ids = {j.submission_id for j in jobs}
+    out = []
+    for job in jobs:
+        meta = job.metadata or {}
+        kind = meta.get(KIND)
+        if kind == "verdict":
+            out.append((job.submission_id, AppState[meta["torchx_ext_verdict"]]))
+        elif kind == "app":
+            out.append((job.submission_id, STATES.get(job_status(job), AppState.UNKNOWN)))
+        elif kind == "waiting" and meta.get("torchx_ext_submission_id") not in ids:
+            out.append((meta["torchx_ext_submission_id"], AppState.PENDING))
+    return out
+
+
+def claim(client: Any, sid: str, metadata: dict[str, str]) -> bool:
+    """Submits a job that exits at once under ``sid``; False if the id is taken already."""
+    try:
+        client.submit_job(entrypoint="exit 0", submission_id=sid, metadata=metadata)
+        return True
+    except RuntimeError as e:
+        if cluster.already_exists(e):
+            return False
+        raise
+
+
+def delete_jobs(client: Any, ids: list[str], patience_s: float = 40) -> None:
+    """Deletes jobs once they are over. Ray's job monitor can write a just-ended job back (FAILED,
+    "supervisor actor died") after delete_job: delete once over for a while, and again if it returns."""
+    deadline = time.time() + patience_s
+    while ids and time.time() < deadline:
+        for job_id in list(ids):
+            job = get_job(client, job_id)
+            if job is None:
+                ids.remove(job_id)
+            elif job_status(job) not in ("PENDING", "RUNNING") and time.time() - (job.end_time or 0) / 1000 > 3:
+                client.delete_job(job_id)
+        time.sleep(1.0)
+
+
+def from_ray(e: BaseException) -> bool:
+    """Was ``e`` raised inside Ray's own code (its client refusing a request)?"""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("ray.")
 
 
 def parse_verdict(message: str) -> dict[str, Any]:
@@ -367,10 +328,82 @@ def ray_version() -> str:
         return "no ray"
 
 
+# ---------------------------------------------------------------------- local records -----
+def local_dir(*parts: str) -> str:
+    return state.scheduler_dir("ray_jobs", *parts)
+
+
+def known_clusters() -> dict[str, dict[str, Any]]:
+    """Dashboards this user submitted to: url -> {token_env (a name, never a value), lost_contact_s,
+    unreachable_since}."""
+    return state.read_json(local_dir("clusters.json")) or {}
+
+
+def update_cluster(url: str, **fields: Any) -> None:
+    """Merges ``fields`` into the cluster's record (only writes when something changes)."""
+    known = known_clusters()
+    entry = dict(known.get(url, {}))
+    if all(entry.get(k) == v for k, v in fields.items()) and url in known:
+        return
+    entry.update(fields)
+    known[url] = {k: v for k, v in entry.items() if v is not None}
+    state.makedirs(local_dir())
+    state.write_json(local_dir("clusters.json"), known)
+
+
+def lost_contact(url: str, msg: str, app_id: str, default_limit_s: float) -> None:
+    """Notes the first failure to reach ``url`` (shared by every process, in clusters.json) and
+    raises :class:`SchedulerUnavailable` once it has lasted the cluster's ``lost_contact_s``: so a
+    ``--wait`` on a dead head ends instead of polling UNKNOWN forever."""
+    record = known_clusters().get(url, {})
+    since = record.get("unreachable_since")
+    if since is None:
+        update_cluster(url, unreachable_since=time.time())
+        return
+    limit = float(record.get("lost_contact_s", default_limit_s))
+    if time.time() - since >= limit:
+        raise SchedulerUnavailable(
+            f"{msg}; it has not answered for {time.time() - since:.0f} s (lost_contact_s={limit:g}), "
+            f"so {app_id} is given up on here: it may still run")
+
+
+def in_contact(url: str) -> None:
+    if known_clusters().get(url, {}).get("unreachable_since"):
+        update_cluster(url, unreachable_since=None)
+
+
+def torchxconfig() -> dict[str, str]:
+    """The ``[ray_jobs]`` section of the .torchxconfig files TorchX reads (for status/list/log)."""
+    try:
+        import configparser
+
+        from torchx.runner.config import find_configs
+
+        parser = configparser.ConfigParser()
+        parser.read(find_configs())
+        return dict(parser["ray_jobs"]) if parser.has_section("ray_jobs") else {}
+    except Exception:  # a broken config file must not break status; TorchX itself reports it
+        return {}
+
+
+def prune_workspace_copies(root: str, max_age_s: float = 3600) -> None:
+    """Removes copies a dry-run left behind (``schedule`` removes its own once uploaded)."""
+    try:
+        entries = os.listdir(root)
+    except FileNotFoundError:
+        return
+    for name in entries:
+        path = os.path.join(root, name)
+        try:
+            if time.time() - os.path.getmtime(path) > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------------------- manifest -----
 def default_manifest() -> str:
-    home = os.environ.get("TORCHX_EXT_HOME") or os.path.join(os.path.expanduser("~"), ".torchx_ext")
-    return "file://" + os.path.join(home, "ray_jobs", "manifest.jsonl")
+    return "file://" + local_dir("manifest.jsonl")
 
 
 def append_manifest(url: str, record: Mapping[str, Any]) -> None:

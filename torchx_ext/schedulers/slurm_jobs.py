@@ -38,8 +38,17 @@ from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, role_summaries
 from torchx_ext.schedulers.slurm_jobs_client import SlurmClient, last_error, read_int, read_text, run, unreachable
 from torchx_ext.schedulers.slurm_jobs_script import (
-    APP_ID_TOKEN, DEP_NEVER, MARKER, ReplicaCommand, RoleComponent, ScriptSpec, SlurmJob, app_state_of,
-    parse_result, render, signal_reason,
+    APP_ID_TOKEN,
+    DEP_NEVER,
+    MARKER,
+    ReplicaCommand,
+    RoleComponent,
+    ScriptSpec,
+    SlurmJob,
+    app_state_of,
+    parse_result,
+    render,
+    signal_reason,
 )
 
 SCHEDULER = "slurm_jobs"

@@ -20,7 +20,7 @@ _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Conne
                 "Zero Bytes were transmitted", "Connection timed out")
 
 
-def run(cmd: list[str], stdin: Optional[str] = None, timeout: float = 60) -> "subprocess.CompletedProcess[str]":
+def run(cmd: list[str], stdin: Optional[str] = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Runs a Slurm command; a missing command or a hang is :class:`SchedulerUnavailable`."""
     try:
         return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
@@ -32,7 +32,7 @@ def run(cmd: list[str], stdin: Optional[str] = None, timeout: float = 60) -> "su
         raise SchedulerUnavailable(f"'{' '.join(cmd[:3])}' did not answer within {timeout:.0f} s") from None
 
 
-def unreachable(proc: "subprocess.CompletedProcess[str]") -> bool:
+def unreachable(proc: subprocess.CompletedProcess[str]) -> bool:
     """Did the command fail because slurmctld could not be reached?"""
     return proc.returncode != 0 and any(s in proc.stderr for s in _UNREACHABLE)
 

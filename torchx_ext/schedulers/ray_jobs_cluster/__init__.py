@@ -26,3 +26,14 @@ DRIVER_ROLE = "d"
 # A gang's placement group is named PG_PREFIX + submission id, so that describe() can tell a gang
 # still waiting for its resources (PENDING) from one that runs
 PG_PREFIX = "torchx-ext-pg-"
+
+
+def already_exists(error: BaseException) -> bool:
+    """Did the Jobs API refuse a submission because its submission id is taken?
+
+    The one place that reads Ray's text for it: the dashboard answers HTTP 400 with "Job with
+    submission_id ... already exists" and the client raises a plain RuntimeError with that text (a
+    400 is also every other rejection). Claiming an id this way is how an app's outcome is decided
+    exactly once (cancel vs. broker), so this is tested against a real head.
+    """
+    return isinstance(error, RuntimeError) and "already exists" in str(error)

@@ -29,6 +29,8 @@ import sys
 import time
 from typing import Any, Dict, Iterable, List, Optional
 
+from . import already_exists
+
 KIND = "torchx_ext_kind"  # metadata: "app", "waiting", "verdict", "broker"
 PIN_EVERY_S = 240.0
 PIN_FOR_S = 900
@@ -90,7 +92,7 @@ def submit_decided(client: Any, record: Any, decision: Dict[str, str]) -> None:
             client.submit_job(entrypoint="exit 1", submission_id=app_id, metadata=real_meta)
         print(f"{time.strftime('%H:%M:%S')} {app_id}: {decision['verdict']} {decision.get('msg', '')}", flush=True)
     except RuntimeError as e:
-        if "already exists" not in str(e):  # else: cancelled (or decided) concurrently
+        if not already_exists(e):  # else: cancelled (or decided) concurrently
             print(f"{app_id}: could not submit: {e}", file=sys.stderr, flush=True)
 
 
