@@ -20,6 +20,7 @@ from torchx.specs import AppDef, AppState, Resource, Role
 from conftest import ROOT, require_backend
 from torchx_ext.errors import SchedulerUnavailable
 from torchx_ext.schedulers.ray_jobs import create_scheduler
+from torchx_ext.schedulers.ray_jobs_client import make_app_id
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
@@ -77,7 +78,8 @@ class TestRayJobsContract(SchedulerContract):
     def backend(self) -> Backend:
         return Backend(scheduler="ray_jobs", image="", python=sys.executable,
                        cfg={"dashboard_url": dashboard()}, resource=SMALL, timeout=TIMEOUT,
-                       nothing_running=nothing_running)
+                       nothing_running=nothing_running,
+                       missing_app_id=make_app_id(dashboard(), "no-such-app-42"))
 
 
 # ------------------------------------------------------------------------------ helpers -----

@@ -93,7 +93,7 @@ class TestSlurmContract(SchedulerContract):
     def backend(self, partition: str) -> Backend:
         return Backend(scheduler=SCHEDULER, image=os.getcwd(), python=sys.executable,
                        cfg={"partition": partition}, resource=RESOURCE, timeout=TIMEOUT,
-                       nothing_running=nothing_running)
+                       nothing_running=nothing_running, missing_app_id="999999")
 
 
 @pytest.fixture
