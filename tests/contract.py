@@ -8,7 +8,11 @@ goes through ``torchx.runner.get_runner()`` — the Python API users call — ag
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -78,8 +82,15 @@ class Backend:
     # the same check for after ``delete``, for a backend whose ``nothing_running`` reads the
     # records delete removes (None: ``nothing_running`` still sees the engine after a delete)
     nothing_running_after_delete: Optional[Callable[[str], bool]] = None
+    # how to make the backend's engine calls fail, for the CLI error contract (None: not provided).
+    # broken_env: environment of a `torchx` subprocess (given no -cfg) under which every engine
+    # call fails; broken_cfg: run options (over ``cfg``) under which `torchx run` fails in the engine
+    broken_env: Optional[dict[str, str]] = None
+    broken_cfg: Optional[dict[str, Any]] = None
     # an app id of the right form that the (working) backend does not know
     missing_app_id: str = "no-such-app-42"
+    # an app id of the right form for status/log/cancel under broken_env (None: missing_app_id)
+    broken_app_id: Optional[str] = None
 
 
 def free_port() -> int:
@@ -120,6 +131,28 @@ def log_words(runner: Runner, handle: str, role: str, k: int = 0, **kw: Any) -> 
     """The first word of each non-empty log line."""
     return [line.split()[0] for line in logs(runner, handle, role, k, **kw).splitlines() if line.strip()]
 
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# torchx's own log lines on stderr ("torchx 2026-11-29 13:42:28 INFO     ...")
+TORCHX_LOG_LINE = re.compile(r"^torchx \d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
+CLI_VERBS = ["run", "status", "log", "list", "cancel"]
+
+
+def torchx_cli(args: list[str], env: Optional[dict[str, str]], cwd: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """``torchx ARGS`` in a new process running this checkout's torchx_ext (not an installed copy)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, full_env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "torchx.cli.main", *args]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"`torchx {' '.join(args)}` did not return within {timeout:.0f} s; "
+                             f"stderr so far: {e.stderr!r}") from None
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr minus torchx's own INFO/WARNING log lines and blank lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not TORCHX_LOG_LINE.match(line)]
 
 
 class SchedulerContract:
@@ -403,3 +436,29 @@ class SchedulerContract:
         with pytest.raises(ValueError):
             list(self.scheduler(backend).log_iter(backend.missing_app_id, "main", 0))
 
+    # -- the CLI's error contract ------------------------------------------------------
+    @pytest.mark.parametrize("verb", CLI_VERBS)
+    def test_cli_verb_on_failing_backend_prints_no_traceback(self, backend: Backend, verb: str, tmp_path: Any) -> None:
+        assert backend.broken_env is not None or backend.broken_cfg is not None, "the fixture gives no way to fail"
+        handle = f"{backend.scheduler}://torchx/{backend.broken_app_id or backend.missing_app_id}"
+        runs = []  # (how it was broken, args, env)
+        if verb == "run":
+            command = ["utils.sh", "--image", backend.image or "unused", "echo", "never-runs"]
+            if backend.broken_env is not None:
+                runs.append(("broken_env", ["run", "-s", backend.scheduler, *command], backend.broken_env))
+            if backend.broken_cfg is not None:
+                cfg = ",".join(f"{k}={v}" for k, v in {**backend.cfg, **backend.broken_cfg}.items())
+                runs.append(("broken_cfg", ["run", "-s", backend.scheduler, "-cfg", cfg, *command], None))
+        elif backend.broken_env is not None:
+            args = {"status": ["status", handle], "log": ["log", f"{handle}/main/0"],
+                    "list": ["list", "-s", backend.scheduler], "cancel": ["cancel", handle]}[verb]
+            runs.append(("broken_env", args, backend.broken_env))
+        problems = []
+        for how, args, env in runs:
+            out = torchx_cli(args, env, cwd=str(tmp_path))
+            shown = f"[{how}] torchx {' '.join(args)} -> rc={out.returncode}\nstdout: {out.stdout}\nstderr: {out.stderr}"
+            if "Traceback" in out.stderr:
+                problems.append(f"traceback: {shown}")
+            elif verb == "run" and (out.returncode == 0 or len(error_lines(out.stderr)) != 1):
+                problems.append(f"not one line and non-zero: {shown}")
+        assert not problems, "\n\n".join(problems)

@@ -51,7 +51,12 @@ def _no_process_left(handle: str) -> bool:
 
 class TestHostContract(SchedulerContract):
     @pytest.fixture
-    def backend(self) -> Backend:
+    def backend(self, tmp_path: str) -> Backend:
+        a_file = os.path.join(str(tmp_path), "a-regular-file")
+        with open(a_file, "w") as f:
+            f.write("not a directory\n")
         return Backend(scheduler="host", image=os.getcwd(), python=sys.executable,
                        timeout=60, nothing_running=_nothing_running,
-                       nothing_running_after_delete=_no_process_left)
+                       nothing_running_after_delete=_no_process_left,
+                       # the home cannot be created: every state read or write fails
+                       broken_env={"TORCHX_EXT_HOME": os.path.join(a_file, "home")})
