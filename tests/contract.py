@@ -8,14 +8,21 @@ goes through ``torchx.runner.get_runner()`` — the Python API users call — ag
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Callable, Optional
 
 import pytest
 from torchx.runner import Runner, get_runner
-from torchx.specs import AppDef, AppState, Resource, Role
+from torchx.schedulers import get_scheduler_factories
+from torchx.schedulers.api import Stream
+from torchx.specs import AppDef, AppState, Resource, Role, macros
 
 from torchx_ext.groups import mark_service
 
@@ -72,6 +79,18 @@ class Backend:
     timeout: float = 90.0
     # a stop check: given a handle, True once nothing of the app runs any more (None: skip)
     nothing_running: Optional[Callable[[str], bool]] = None
+    # the same check for after ``delete``, for a backend whose ``nothing_running`` reads the
+    # records delete removes (None: ``nothing_running`` still sees the engine after a delete)
+    nothing_running_after_delete: Optional[Callable[[str], bool]] = None
+    # how to make the backend's engine calls fail, for the CLI error contract (None: not provided).
+    # broken_env: environment of a `torchx` subprocess (given no -cfg) under which every engine
+    # call fails; broken_cfg: run options (over ``cfg``) under which `torchx run` fails in the engine
+    broken_env: Optional[dict[str, str]] = None
+    broken_cfg: Optional[dict[str, Any]] = None
+    # an app id of the right form that the (working) backend does not know
+    missing_app_id: str = "no-such-app-42"
+    # an app id of the right form for status/log/cancel under broken_env (None: missing_app_id)
+    broken_app_id: Optional[str] = None
 
 
 def free_port() -> int:
@@ -106,6 +125,34 @@ def wait_state(runner: Runner, handle: str, state: AppState, timeout: float) -> 
 
 def logs(runner: Runner, handle: str, role: str, k: int = 0, **kw: Any) -> str:
     return "".join(runner.log_lines(handle, role, k, **kw))
+
+
+def log_words(runner: Runner, handle: str, role: str, k: int = 0, **kw: Any) -> list[str]:
+    """The first word of each non-empty log line."""
+    return [line.split()[0] for line in logs(runner, handle, role, k, **kw).splitlines() if line.strip()]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# torchx's own log lines on stderr ("torchx 2026-11-29 13:42:28 INFO     ...")
+TORCHX_LOG_LINE = re.compile(r"^torchx \d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING) ")
+CLI_VERBS = ["run", "status", "log", "list", "cancel"]
+
+
+def torchx_cli(args: list[str], env: Optional[dict[str, str]], cwd: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """``torchx ARGS`` in a new process running this checkout's torchx_ext (not an installed copy)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, full_env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "torchx.cli.main", *args]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"`torchx {' '.join(args)}` did not return within {timeout:.0f} s; "
+                             f"stderr so far: {e.stderr!r}") from None
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr minus torchx's own INFO/WARNING log lines and blank lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not TORCHX_LOG_LINE.match(line)]
 
 
 class SchedulerContract:
@@ -275,3 +322,143 @@ class SchedulerContract:
         # ours is a ValueError; the nightly's runopts rejects it first with its own exception type
         with pytest.raises(Exception, match=r"(?s)Valid options( are)?: .*dependencies"):
             self.run(runner, backend, app, dependencis=["x"])
+
+    # -- logs --------------------------------------------------------------------------
+    def test_log_streams_are_separated(self, runner: Runner, backend: Backend) -> None:
+        code = ("import sys; print('out1', flush=True); print('err1', file=sys.stderr, flush=True); "
+                "print('out2', flush=True)")
+        handle = self.run(runner, backend, AppDef("streams", roles=[self.role(backend, "main", code)]))
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.SUCCEEDED
+        assert log_words(runner, handle, "main", streams=Stream.STDOUT) == ["out1", "out2"]
+        assert log_words(runner, handle, "main", streams=Stream.STDERR) == ["err1"]
+
+    def test_log_regex_keeps_only_matching_lines(self, runner: Runner, backend: Backend) -> None:
+        code = "print('keep-1'); print('drop-2'); print('keep-3'); print('alsokeep-4')"
+        handle = self.run(runner, backend, AppDef("regex", roles=[self.role(backend, "main", code)]))
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.SUCCEEDED
+        assert log_words(runner, handle, "main", regex="^keep") == ["keep-1", "keep-3"]
+        assert log_words(runner, handle, "main", regex="keep-[0-9]$") == ["keep-1", "keep-3", "alsokeep-4"]
+
+    def test_log_since_until_select_lines_by_time(self, runner: Runner, backend: Backend) -> None:
+        code = ("import time; print('early %.6f' % time.time(), flush=True); time.sleep(1.5); "
+                "print('late %.6f' % time.time(), flush=True)")
+        handle = self.run(runner, backend, AppDef("since", roles=[self.role(backend, "main", code)]))
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.SUCCEEDED
+        stamps = {line.split()[0]: float(line.split()[1])
+                  for line in logs(runner, handle, "main").splitlines() if line.strip()}
+        assert set(stamps) == {"early", "late"}, stamps
+        cut = datetime.fromtimestamp((stamps["early"] + stamps["late"]) / 2)
+        assert log_words(runner, handle, "main", since=cut) == ["late"]
+        assert log_words(runner, handle, "main", until=cut) == ["early"]
+
+    def test_log_tail_follows_a_running_app_to_its_end(self, runner: Runner, backend: Backend) -> None:
+        code = "import time; print('first', flush=True); time.sleep(3); print('last', flush=True)"
+        handle = self.run(runner, backend, AppDef("tail", roles=[self.role(backend, "main", code)]))
+        wait_state(runner, handle, AppState.RUNNING, backend.timeout)
+        tailed = [line.strip() for line in runner.log_lines(handle, "main", 0, should_tail=True) if line.strip()]
+        assert tailed == ["first", "last"]
+        # the tail returned because the app ended, not before
+        assert runner.status(handle).state == AppState.SUCCEEDED
+
+    # -- macros ------------------------------------------------------------------------
+    def test_app_id_and_replica_id_macros_are_substituted(self, runner: Runner, backend: Backend) -> None:
+        role = self.role(backend, "main", PRINT_ARGV, macros.app_id, macros.replica_id,
+                         f"r{macros.replica_id}-{macros.app_id}", replicas=2)
+        handle = self.run(runner, backend, AppDef("macros", roles=[role]))
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.SUCCEEDED
+        app_id = handle.rsplit("/", 1)[-1]
+        for k in (0, 1):
+            line = next(x for x in logs(runner, handle, "main", k).splitlines() if x.startswith("ARGV "))
+            assert json.loads(line[5:]) == [app_id, str(k), f"r{k}-{app_id}"]
+
+    # -- describe ----------------------------------------------------------------------
+    def test_describe_returns_roles_with_replica_counts(self, runner: Runner, backend: Backend) -> None:
+        app = AppDef("shape", roles=[self.role(backend, "alpha", "print(1)", replicas=2),
+                                     self.role(backend, "beta", "print(2)")])
+        handle = self.run(runner, backend, app)
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.SUCCEEDED
+        with get_runner() as fresh:  # the submitting runner answers describe from its own cache
+            described = fresh.describe(handle)
+        assert described is not None
+        assert [(r.name, r.num_replicas) for r in described.roles] == [("alpha", 2), ("beta", 1)]
+
+    def test_status_has_a_terminal_replica_status_per_replica(self, runner: Runner, backend: Backend) -> None:
+        app = AppDef("replicas", roles=[self.role(backend, "alpha", "print(1)", replicas=2),
+                                        self.role(backend, "beta", "print(2)")])
+        handle = self.run(runner, backend, app)
+        status = wait_terminal(runner, handle, backend.timeout)
+        assert status.state == AppState.SUCCEEDED, status
+        ids = {rs.role: [r.id for r in rs.replicas] for rs in status.roles}
+        assert ids == {"alpha": [0, 1], "beta": [0]}, status.roles
+        states = {(r.role, r.id): r.state for rs in status.roles for r in rs.replicas}
+        assert all(s in TERMINAL for s in states.values()), states
+
+    # -- delete ------------------------------------------------------------------------
+    def scheduler(self, backend: Backend) -> Any:
+        return get_scheduler_factories()[backend.scheduler]("test")
+
+    def test_delete_of_a_finished_app_forgets_it(self, runner: Runner, backend: Backend) -> None:
+        handle = self.run(runner, backend, AppDef("gone", roles=[self.role(backend, "main", "print(1)")]))
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.SUCCEEDED
+        self.scheduler(backend).delete(handle.rsplit("/", 1)[-1])
+        status = runner.status(handle)
+        assert status is None, status
+
+    def test_delete_of_a_running_app_stops_it(self, runner: Runner, backend: Backend) -> None:
+        code = "import time; print('up', flush=True); time.sleep(300)"
+        handle = self.run(runner, backend, AppDef("delrun", roles=[self.role(backend, "main", code, replicas=2)]))
+        try:
+            wait_state(runner, handle, AppState.RUNNING, backend.timeout)
+            self.scheduler(backend).delete(handle.rsplit("/", 1)[-1])
+            stopped = backend.nothing_running_after_delete or backend.nothing_running
+            if stopped:
+                assert stopped(handle), "something of the app still runs after delete"
+            status = runner.status(handle)
+            assert status is None, status
+        finally:
+            status = runner.status(handle)
+            if status is not None and status.state not in TERMINAL:
+                runner.cancel(handle)
+
+    # -- log of what does not exist ----------------------------------------------------
+    def test_log_of_unknown_role_or_replica_names_the_valid_roles(self, runner: Runner, backend: Backend) -> None:
+        app = AppDef("logerr", roles=[self.role(backend, "main", "print(1)", replicas=2),
+                                      self.role(backend, "side", "print(2)")])
+        handle = self.run(runner, backend, app)
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.SUCCEEDED
+        for role, k in (("nosuchrole", 0), ("main", 2), ("side", 1), ("main", -1)):
+            with pytest.raises(ValueError) as e:
+                list(runner.log_lines(handle, role, k))
+            assert "main" in str(e.value) and "side" in str(e.value), (role, k, str(e.value))
+
+    def test_log_of_unknown_app_is_a_value_error(self, backend: Backend) -> None:
+        # through the scheduler: the runner answers an unknown app itself (UnknownAppException)
+        with pytest.raises(ValueError):
+            list(self.scheduler(backend).log_iter(backend.missing_app_id, "main", 0))
+
+    # -- the CLI's error contract ------------------------------------------------------
+    @pytest.mark.parametrize("verb", CLI_VERBS)
+    def test_cli_verb_on_failing_backend_prints_no_traceback(self, backend: Backend, verb: str, tmp_path: Any) -> None:
+        assert backend.broken_env is not None or backend.broken_cfg is not None, "the fixture gives no way to fail"
+        handle = f"{backend.scheduler}://torchx/{backend.broken_app_id or backend.missing_app_id}"
+        runs = []  # (how it was broken, args, env)
+        if verb == "run":
+            command = ["utils.sh", "--image", backend.image or "unused", "echo", "never-runs"]
+            if backend.broken_env is not None:
+                runs.append(("broken_env", ["run", "-s", backend.scheduler, *command], backend.broken_env))
+            if backend.broken_cfg is not None:
+                cfg = ",".join(f"{k}={v}" for k, v in {**backend.cfg, **backend.broken_cfg}.items())
+                runs.append(("broken_cfg", ["run", "-s", backend.scheduler, "-cfg", cfg, *command], None))
+        elif backend.broken_env is not None:
+            args = {"status": ["status", handle], "log": ["log", f"{handle}/main/0"],
+                    "list": ["list", "-s", backend.scheduler], "cancel": ["cancel", handle]}[verb]
+            runs.append(("broken_env", args, backend.broken_env))
+        problems = []
+        for how, args, env in runs:
+            out = torchx_cli(args, env, cwd=str(tmp_path))
+            shown = f"[{how}] torchx {' '.join(args)} -> rc={out.returncode}\nstdout: {out.stdout}\nstderr: {out.stderr}"
+            if "Traceback" in out.stderr:
+                problems.append(f"traceback: {shown}")
+            elif verb == "run" and (out.returncode == 0 or len(error_lines(out.stderr)) != 1):
+                problems.append(f"not one line and non-zero: {shown}")
+        assert not problems, "\n\n".join(problems)

@@ -104,7 +104,9 @@ class TestDockerContract(SchedulerContract):
     @pytest.fixture
     def backend(self) -> Backend:
         return Backend(scheduler="docker_jobs", image=python_image(), python="python3",
-                       resource=SMALL, timeout=90, nothing_running=nothing_running)
+                       resource=SMALL, timeout=90, nothing_running=nothing_running,
+                       # nothing listens there: every call to the daemon fails
+                       broken_env={"DOCKER_HOST": "tcp://127.0.0.1:9"})
 
 
 # ------------------------------------------------------------------------------ helpers -----

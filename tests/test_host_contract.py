@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -19,8 +20,43 @@ def _nothing_running(handle: str) -> bool:
     return not any(sup.pid_alive(p) for p in pids)
 
 
+def _no_process_left(handle: str) -> bool:
+    """No replica (marked by its env) or supervisor (its app dir in argv) of the app is alive:
+    unlike :func:`_nothing_running` it needs no record, so it also answers after a delete."""
+    app_id = handle.rsplit("/", 1)[-1]
+    env_marker = f"TORCHX_EXT_APP_ID={app_id}\0".encode()
+    argv_marker = os.path.join("host", app_id).encode()
+    deadline = time.time() + 10
+    while True:
+        alive = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = f.read()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read()
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        continue
+            except OSError:
+                continue
+            if env_marker in env or argv_marker in argv:
+                alive.append(int(entry))
+        if not alive or time.time() > deadline:
+            return not alive
+        time.sleep(0.2)
+
+
 class TestHostContract(SchedulerContract):
     @pytest.fixture
-    def backend(self) -> Backend:
+    def backend(self, tmp_path: str) -> Backend:
+        a_file = os.path.join(str(tmp_path), "a-regular-file")
+        with open(a_file, "w") as f:
+            f.write("not a directory\n")
         return Backend(scheduler="host", image=os.getcwd(), python=sys.executable,
-                       timeout=60, nothing_running=_nothing_running)
+                       timeout=60, nothing_running=_nothing_running,
+                       nothing_running_after_delete=_no_process_left,
+                       # the home cannot be created: every state read or write fails
+                       broken_env={"TORCHX_EXT_HOME": os.path.join(a_file, "home")})

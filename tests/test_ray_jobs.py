@@ -20,11 +20,13 @@ from torchx.specs import AppDef, AppState, Resource, Role
 from conftest import ROOT, require_backend
 from torchx_ext.errors import SchedulerUnavailable
 from torchx_ext.schedulers.ray_jobs import create_scheduler
+from torchx_ext.schedulers.ray_jobs_client import make_app_id
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 SMALL = Resource(cpu=1, gpu=0, memMB=128)
 TIMEOUT = 90.0
+DEAD_DASHBOARD = "http://127.0.0.1:9"
 
 
 def dashboard() -> str:
@@ -77,7 +79,12 @@ class TestRayJobsContract(SchedulerContract):
     def backend(self) -> Backend:
         return Backend(scheduler="ray_jobs", image="", python=sys.executable,
                        cfg={"dashboard_url": dashboard()}, resource=SMALL, timeout=TIMEOUT,
-                       nothing_running=nothing_running)
+                       nothing_running=nothing_running,
+                       missing_app_id=make_app_id(dashboard(), "no-such-app-42"),
+                       # nothing listens on 127.0.0.1:9: every Jobs API call fails
+                       broken_cfg={"dashboard_url": DEAD_DASHBOARD, "request_timeout_s": 3},
+                       broken_env={"RAY_ADDRESS": DEAD_DASHBOARD},
+                       broken_app_id=make_app_id(DEAD_DASHBOARD, "no-such-app-42"))
 
 
 # ------------------------------------------------------------------------------ helpers -----

@@ -67,6 +67,11 @@ def nothing_running(handle: str, timeout: float = 30.0) -> bool:
     return False
 
 
+def _path_without(command: str) -> str:
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(d for d in dirs if d and not os.path.exists(os.path.join(d, command)))
+
+
 @pytest.fixture(scope="module")
 def partition() -> str:
     return require_backend("TORCHX_EXT_TEST_SLURM_PARTITION", "Slurm")
@@ -94,7 +99,11 @@ class TestSlurmContract(SchedulerContract):
     def backend(self, partition: str) -> Backend:
         return Backend(scheduler=SCHEDULER, image=os.getcwd(), python=sys.executable,
                        cfg={"partition": partition}, resource=RESOURCE, timeout=TIMEOUT,
-                       nothing_running=nothing_running)
+                       nothing_running=nothing_running, missing_app_id="999999",
+                       # sbatch rejects the job
+                       broken_cfg={"partition": "no-such-partition"},
+                       # Slurm's client commands (sbatch, squeue, scontrol, scancel) are not on PATH
+                       broken_env={"PATH": _path_without("sbatch")})
 
 
 @pytest.fixture
