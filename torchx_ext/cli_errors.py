@@ -16,9 +16,13 @@ import threading
 from types import TracebackType
 from typing import Optional, Type
 
+from torchx.specs.api import UnknownAppException
+
 from torchx_ext import compat, errors
 
-_OURS = errors.TorchxExtError
+# ours, and TorchX's own "no such app" (raised by the runner when our describe says None, e.g.
+# `torchx log` of a deleted app): both are complete one-line answers, not bugs
+_OURS = (errors.TorchxExtError, UnknownAppException)
 
 
 def install() -> None:

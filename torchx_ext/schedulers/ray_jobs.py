@@ -383,7 +383,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             except Exception as e:
                 if not rc.is_unreachable(e):
                     raise
-                logger.warning(rc.unreachable_message(url, e) + "; its apps are not listed")
+                msg = str(e) if isinstance(e, SchedulerUnavailable) else rc.unreachable_message(url, e)
+                logger.warning(msg + "; its apps are not listed")
                 continue
             out += [self.listed(rc.make_app_id(url, sid), st) for sid, st in rc.listed_apps(jobs)]
         return out

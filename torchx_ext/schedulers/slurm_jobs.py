@@ -214,7 +214,7 @@ class SlurmJobsScheduler(ExtScheduler[SlurmJobsExecutor]):
         script = render(spec)
         proc = run(["sbatch", "--parsable"], stdin=script)
         if proc.returncode != 0:
-            err = proc.stderr.strip()
+            err = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
             if unreachable(proc):
                 raise SchedulerUnavailable(f"sbatch could not reach slurmctld: {err}")
             raise BackendError(f"sbatch rejected the job: {err}")
@@ -292,10 +292,7 @@ class SlurmJobsScheduler(ExtScheduler[SlurmJobsExecutor]):
         if record is None:
             if err:
                 raise SchedulerUnavailable(err)
-            if job is None:
-                return None
-            # a Slurm job not started by us: its state, no roles
-            return DescribeAppResponse(app_id=app_id, state=job.app_state, msg=f"Slurm: {job.state}")
+            return None  # not an app of ours (or deleted): Slurm may still list the job for a while
         roles, statuses, outcomes = self._replicas(record, job)
         st, msg = self._app_state(app_id, record, job, err, outcomes)
         return DescribeAppResponse(app_id=app_id, state=st, msg=msg, roles=roles, roles_statuses=statuses)
