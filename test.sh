@@ -19,7 +19,11 @@ bash testbed/docker.sh install
 
 say "python env $VENV (torchx 0.7.0, every extra (ray, docker), torch CPU for dist.ddp)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-pipq "$VENV/bin/pip" install "${PIP_QUIET[@]}" "torchx==0.7.0" ".[all,test]" "torch==2.13.0"
+pipq "$VENV/bin/pip" install "${PIP_QUIET[@]}" "torchx==0.7.0" ".[all,test,lint]" "torch==2.13.0"
+
+say "lint: ruff, mypy --strict on torchx_ext/"
+"$VENV/bin/ruff" check .
+"$VENV/bin/mypy"
 
 # start what is not running yet; stop at exit only what we started
 started=()

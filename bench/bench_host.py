@@ -128,7 +128,8 @@ def main() -> None:
         ("new-process status: torchx status local_cwd://", st_lcwd, st_lcwd / raw),
     ]
     runner.close()
-    print(f"{'measure (median of %d)' % a.repeat:<50} {'seconds':>9} {'ratio':>7}")
+    title = f"measure (median of {a.repeat})"
+    print(f"{title:<50} {'seconds':>9} {'ratio':>7}")
     for name, secs, ratio in rows:
         print(f"{name:<50} {secs:9.3f} {ratio:6.2f}x")
     print(f"host vs local_cwd start: {host / lcwd:.2f}x; host status vs local_cwd status: {st_host / st_lcwd:.2f}x")

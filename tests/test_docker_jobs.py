@@ -23,7 +23,6 @@ from conftest import ROOT, require_backend
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 from torchx_ext.groups import mark_service
 from torchx_ext.schedulers import docker_jobs_daemon as d
-from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.docker_jobs import DockerJobsScheduler, create_scheduler
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")

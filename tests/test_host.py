@@ -16,9 +16,9 @@ from torchx.runner import get_runner
 from torchx.specs import AppDef, AppState, Resource, Role
 
 from contract import wait_terminal
+from torchx_ext import state
 from torchx_ext.components.group import roles, server_client
 from torchx_ext.errors import InvalidAppError
-from torchx_ext import state
 from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.host import assign_gpus
 

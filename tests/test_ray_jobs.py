@@ -18,10 +18,10 @@ from torchx.runner import Runner, get_runner
 from torchx.specs import AppDef, AppState, Resource, Role
 
 from conftest import ROOT, require_backend
+from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 from torchx_ext.errors import SchedulerUnavailable
 from torchx_ext.schedulers.ray_jobs import create_scheduler
 from torchx_ext.schedulers.ray_jobs_client import make_app_id
-from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 SMALL = Resource(cpu=1, gpu=0, memMB=128)

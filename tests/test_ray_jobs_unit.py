@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import base64
 import io
-import types
 import itertools
 import json
 import sys
 import threading
+import types
 from contextlib import redirect_stdout
 from typing import Any, Optional
 

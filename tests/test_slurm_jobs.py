@@ -21,8 +21,8 @@ from torchx.runner import Runner, get_runner
 from torchx.specs import AppDef, AppState, Resource
 
 from conftest import ROOT, require_backend
-from torchx_ext.errors import BackendError
 from contract import CLIENT, SERVER, Backend, SchedulerContract, free_port, logs, wait_state, wait_terminal
+from torchx_ext.errors import BackendError
 
 SCHEDULER = "slurm_jobs"
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")

@@ -21,8 +21,8 @@ from torchx_ext.executors import capabilities, executor_for
 from torchx_ext.groups import mark_service
 from torchx_ext.schedulers import slurm_jobs_script as script
 from torchx_ext.schedulers.slurm_jobs import SlurmJobsExecutor, create_scheduler
-from torchx_ext.state import StampedLineReader
 from torchx_ext.schedulers.slurm_jobs_script import app_state_of, parse_sacct, parse_scontrol_job, signal_reason
+from torchx_ext.state import StampedLineReader
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slurm_reference")
 RES = Resource(cpu=2, gpu=0, memMB=1000)

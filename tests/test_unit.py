@@ -11,6 +11,8 @@ from torchx_ext import compat
 from torchx_ext.errors import InvalidAppError
 from torchx_ext.groups import (
     ReplicaOutcome as R,
+)
+from torchx_ext.groups import (
     app_handle_id,
     command_line,
     discovery_env,

@@ -25,7 +25,20 @@ import os
 import shutil
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, Callable, ClassVar, Generic, Iterable, Iterator, Mapping, Optional, Sequence, Type, TypeVar
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Generic,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Type,
+    TypeVar,
+)
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Scheduler, Stream
 from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus, is_terminal, runopts
@@ -103,11 +116,11 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
     def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
         raise NotImplementedError
 
-    def list(self, cfg: Any = None) -> list[ListAppResponse]:  # type: ignore[override]
+    def list(self, cfg: Any = None) -> List[ListAppResponse]:
         with self._translated("list"):
             return self._list(cfg)
 
-    def _list(self, cfg: Any) -> list[ListAppResponse]:
+    def _list(self, cfg: Any) -> List[ListAppResponse]:
         raise NotImplementedError
 
     def _cancel_existing(self, app_id: str) -> None:
@@ -167,7 +180,7 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
 
     # ------------------------------------------------------------------ helpers -----
     def handle(self, app_id: str) -> str:
-        return make_app_handle(self.backend, self.session_name, app_id)
+        return str(make_app_handle(self.backend, self.session_name, app_id))
 
     def listed(self, app_id: str, state: AppState) -> ListAppResponse:
         return ListAppResponse(app_id=app_id, state=state, app_handle=self.handle(app_id))

@@ -241,8 +241,8 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         app_dir, _spec, st = loaded
         if st.get("state") in sup.TERMINAL:
             return
-        pid = st.get("supervisor_pid")
-        if sup.pid_alive(pid):
+        pid: Optional[int] = st.get("supervisor_pid")
+        if pid is not None and sup.pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
             deadline = time.time() + sup.STOP_GRACE_S + 5
             while time.time() < deadline and sup.pid_alive(pid):
@@ -273,7 +273,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         self, app_id: str, role_name: str, k: int, streams: Optional[Stream],
         since: Optional[datetime], until: Optional[datetime],
     ) -> tuple[ReadNew, Optional[Callable[[], bool]]]:
-        name = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}.get(streams, "combined")  # type: ignore[arg-type]
+        name = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}.get(streams, "combined")
         app_dir = state.scheduler_dir(SCHEDULER, app_id)
         reader = state.StampedLineReader(os.path.join(sup.log_dir(app_dir, role_name, k), f"{name}.log"))
 

@@ -434,7 +434,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         url, sid = rc.split_app_id(app_id)
         counts = self._replica_counts(app_id) or {}
         key = None if role_name == DRIVER_ROLE else (str(list(counts).index(role_name)), k)
-        wanted = {Stream.STDOUT: "o", Stream.STDERR: "e"}.get(streams)  # type: ignore[arg-type]
+        wanted = {Stream.STDOUT: "o", Stream.STDERR: "e"}.get(streams)
         reader = rc.JobLogReader(self._client(url or ""), sid, key, wanted)
 
         def done() -> bool:

@@ -76,7 +76,7 @@ def _labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> boo
 
 
 def _labels_seen(nodes_resp: Mapping[str, Any]) -> str:
-    seen = set()
+    seen: set[str] = set()
     for n in nodes_resp.get("data", {}).get("result", {}).get("result", []):
         seen.update(f"{k}={v}" for k, v in (n.get("labels") or {}).items() if not k.startswith("ray.io/"))
     return ", ".join(sorted(seen)) or "none"

@@ -412,7 +412,7 @@ class SlurmJobsScheduler(ExtScheduler[SlurmJobsExecutor]):
     ) -> tuple[ReadNew, Optional[Callable[[], bool]]]:
         record = self._record(app_id) or {}
         dirname = next(r["dirname"] for r in record.get("roles", []) if r["name"] == role_name)
-        tag = {Stream.STDOUT: b"O", Stream.STDERR: b"E"}.get(streams)  # type: ignore[arg-type]
+        tag = {Stream.STDOUT: b"O", Stream.STDERR: b"E"}.get(streams)
         path = os.path.join(record.get("job_dir", ""), dirname, str(k), "log")
         return state.StampedLineReader(path, tagged=True, want_tag=tag).read_new, None
 
