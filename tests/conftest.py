@@ -35,6 +35,28 @@ if _VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def live_processes(env: tuple[bytes, ...] = (), argv: tuple[bytes, ...] = ()) -> list[int]:
+    """Live (not zombie) pids whose environment holds one of ``env`` (e.g. ``b"KEY=value\\0"``)
+    or whose command line holds one of ``argv``; read from /proc (ps truncates)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except (OSError, IndexError):
+            continue
+        if any(n in environ for n in env) or any(n in cmdline for n in argv):
+            pids.append(int(entry))
+    return pids
+
+
 def require_backend(env_var: str, what: str) -> str:
     """The testbed value for a backend; skips outside CI, fails in CI (no backend may skip there)."""
     value = os.environ.get(env_var)

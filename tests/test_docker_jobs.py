@@ -19,7 +19,7 @@ from torchx.runner import Runner, get_runner
 from torchx.schedulers.api import Stream
 from torchx.specs import AppDef, AppState, BindMount, Resource, Role, VolumeMount
 
-from conftest import ROOT, require_backend
+from conftest import ROOT, live_processes, require_backend
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 from torchx_ext.groups import mark_service
 from torchx_ext.schedulers import docker_jobs_daemon as d
@@ -47,19 +47,8 @@ def nothing_running(handle: str) -> bool:
 
 
 def watcher_pids(app: str = "") -> list[int]:
-    """Live watcher processes (of ``app``), read from /proc (ps truncates to $COLUMNS)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")
-            with open(f"/proc/{entry}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except (OSError, ValueError, IndexError):
-            continue
-        if not zombie and "torchx_ext.schedulers.docker_jobs_watcher" in argv and (not app or app in argv):
-            pids.append(int(entry))
-    return pids
+    """Live watcher processes (of ``app``)."""
+    return live_processes(argv=(f"torchx_ext.schedulers.docker_jobs_watcher\0{app + chr(0) if app else ''}".encode(),))
 
 
 @pytest.fixture(scope="module")

@@ -46,13 +46,10 @@ def cli_wait(handle: str, timeout: float = 60) -> str:
     raise AssertionError(f"{handle} did not finish: {out.stdout}")
 
 
-def test_cli_run_returns_at_once_and_state_survives_the_process(tmp_path: str) -> None:
-    t0 = time.time()
-    out = cli("run", "-s", "host", "utils.sh", "sh", "-c", "sleep 2; echo done-$TORCHX_EXT_ROLE $TORCHX_JOB_ID", cwd=str(tmp_path))
-    took = time.time() - t0
+def test_cli_run_returns_while_the_app_runs_and_state_survives_the_process(tmp_path: str) -> None:
+    out = cli("run", "-s", "host", "utils.sh", "sh", "-c", "sleep 5; echo done-$TORCHX_EXT_ROLE $TORCHX_JOB_ID", cwd=str(tmp_path))
     handle = handle_of(out)
-    assert took < 30, "torchx run blocked on the app"  # generous: only proves it does not wait 2 s + tail
-    status = cli("status", handle)  # a brand-new process
+    status = cli("status", handle)  # a brand-new process; not over yet: `run` did not wait for it
     assert "State: RUNNING" in status.stdout or "State: PENDING" in status.stdout or "SUBMITTED" in status.stdout, status.stdout
     assert cli_wait(handle) == "SUCCEEDED"
     log = cli("log", handle)

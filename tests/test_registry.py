@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from torchx_ext.errors import UnknownExecutorError, UnknownOptionError
+from torchx_ext.errors import RegistrationError, UnknownExecutorError, UnknownOptionError
 from torchx_ext.executors import Capabilities, Executor, ExecutorRegistry, option, runopts_for
 from torchx_ext.schedulers.host import HostExecutor
 
@@ -94,3 +94,25 @@ def test_third_party_scheduler_runs_from_the_cli(tmp_path: str) -> None:
     assert handle.startswith("acme://")
     status = subprocess.run([torchx, "status", handle], env=env, capture_output=True, text=True, timeout=120)
     assert "SUCCEEDED" in status.stdout and "from-acme" in status.stdout, status.stdout + status.stderr
+
+
+def test_register_refuses_to_replace_another_class_unless_asked() -> None:
+    @dataclass
+    class Impostor(Executor):
+        scheduler = "host"
+
+    reg = ExecutorRegistry()
+    with pytest.raises(RegistrationError, match=r"scheduler 'host' already has executor .*HostExecutor.*clobber=True"):
+        reg.register(Impostor)
+    assert reg.executor_for("host") is HostExecutor
+    reg.register(HostExecutor)  # the same class again: nothing to refuse
+    reg.register(Impostor, clobber=True)
+    assert reg.executor_for("host") is Impostor
+
+
+def test_executor_from_cfg_keeps_zero_and_splits_lists() -> None:
+    from torchx_ext.schedulers.ray_jobs import RayJobsExecutor
+
+    ex = RayJobsExecutor.from_cfg({"placement_timeout_s": 0, "env_forward": "A,B", "preflight": False, "pip": None})
+    assert ex.placement_timeout_s == 0 and ex.env_forward == ["A", "B"] and ex.preflight is False
+    assert ex.pip is None and ex.request_timeout_s == 10  # unset: the dataclass default, the only one

@@ -20,7 +20,7 @@ import pytest
 from torchx.runner import Runner, get_runner
 from torchx.specs import AppDef, AppState, Resource
 
-from conftest import ROOT, require_backend
+from conftest import ROOT, live_processes, require_backend
 from contract import CLIENT, SERVER, Backend, SchedulerContract, free_port, logs, wait_state, wait_terminal
 from torchx_ext.errors import BackendError
 
@@ -40,19 +40,7 @@ def _scontrol(job_id: str) -> str:
 
 def _processes_of(app_id: str) -> list[int]:
     """Pids on this host whose environment belongs to the app (its batch script or replicas)."""
-    needles = (f"SLURM_JOB_ID={app_id}\0".encode(), f"TORCHX_EXT_APP_ID={app_id}\0".encode())
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue
-        if any(n in env for n in needles):
-            pids.append(int(entry))
-    return pids
+    return live_processes((f"SLURM_JOB_ID={app_id}\0".encode(), f"TORCHX_EXT_APP_ID={app_id}\0".encode()))
 
 
 def nothing_running(handle: str, timeout: float = 30.0) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
+from typing import Any
 
 import pytest
 from torchx.specs import AppDef, AppState, Role
@@ -72,3 +74,47 @@ def test_filter_lines() -> None:
     assert list(filter_lines(lines, regex="^a")) == ["a1\n", "a4\n"]
     since, until = datetime.fromtimestamp(150), datetime.fromtimestamp(250)
     assert list(filter_lines(lines, since=since, until=until)) == ["b2\n", "c3\n"]
+
+
+def test_every_error_is_ours_and_a_builtin() -> None:
+    import inspect
+
+    from torchx_ext import errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
+    assert len(classes) >= 10
+    for cls in classes:
+        assert issubclass(cls, errors.TorchxExtError), cls
+        if cls is not errors.TorchxExtError:
+            assert any(b in cls.__mro__ for b in (ValueError, ConnectionError, RuntimeError, OSError,
+                                                   LookupError, ImportError)), cls
+
+
+def test_engine_and_os_errors_leave_a_verb_as_ours(tmp_path: Any) -> None:
+    from torchx_ext.errors import BackendError, StateError
+    from torchx_ext.schedulers.host import HostScheduler
+
+    sched = HostScheduler("unit")
+    with pytest.raises(StateError, match="no-such-dir"):
+        with sched._translated("submit"):
+            open(os.path.join(str(tmp_path), "no-such-dir", "x"), "w")
+    with pytest.raises(BackendError, match="host submit failed: .*refused"):
+        with sched._translated("submit"):
+            raise ConnectionRefusedError(111, "refused")
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        with sched._translated("submit"):
+            1 / 0  # noqa: B018
+
+
+def test_unwritable_home_is_one_state_error(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchx.runner import get_runner
+
+    from torchx_ext.errors import StateError
+
+    blocker = os.path.join(str(tmp_path), "file")
+    with open(blocker, "w") as f:
+        f.write("x")
+    monkeypatch.setenv("TORCHX_EXT_HOME", os.path.join(blocker, "home"))
+    app = AppDef("h", roles=[Role("main", image=str(tmp_path), entrypoint="true")])
+    with pytest.raises(StateError, match=r"cannot write .*TORCHX_EXT_HOME"):
+        get_runner().run(app, "host", {})

@@ -42,6 +42,12 @@ class Capabilities:
     discovery_env: bool = False
 
 
+# what each of torchx-ext's own schedulers does (third-party executors declare their own)
+GROUP_CAPABILITIES = Capabilities(
+    heterogeneous_groups=True, services=True, dependencies=True, persistent_status=True, discovery_env=True,
+)
+
+
 def option(default: Any = None, help: str = "", required: bool = False) -> Any:
     """A dataclass field that is also a run option (``help`` becomes ``torchx runopts`` text)."""
     if isinstance(default, (list, dict)):

@@ -42,7 +42,7 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, TorchxExtError
-from torchx_ext.executors import Capabilities, Executor, option
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import discovery_env, is_service
 from torchx_ext.schedulers import docker_jobs_daemon as d
 from torchx_ext.schedulers import docker_jobs_watcher as w
@@ -59,10 +59,7 @@ class DockerJobsExecutor(Executor):
     """Run options of the ``docker_jobs`` scheduler (also usable as a typed executor)."""
 
     scheduler = SCHEDULER
-    capabilities = Capabilities(
-        heterogeneous_groups=True, services=True, dependencies=True,
-        persistent_status=True, discovery_env=True,
-    )
+    capabilities = GROUP_CAPABILITIES
 
     pull_policy: str = option(
         "if-not-present", help="when to pull role images: never | if-not-present | always "

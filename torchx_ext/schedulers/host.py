@@ -31,7 +31,7 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext.errors import DependencyError, InvalidAppError
-from torchx_ext.executors import Capabilities, Executor, option
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import discovery_env, is_service
 from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response, role_summaries
@@ -45,10 +45,7 @@ class HostExecutor(Executor):
     """Run options of the ``host`` scheduler (also usable as a typed executor)."""
 
     scheduler = SCHEDULER
-    capabilities = Capabilities(
-        heterogeneous_groups=True, services=True, dependencies=True,
-        persistent_status=True, discovery_env=True,
-    )
+    capabilities = GROUP_CAPABILITIES
 
     job_dir: Optional[str] = option(
         None, help="directory to copy the workspace into (must not exist; default: a new "

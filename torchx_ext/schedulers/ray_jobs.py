@@ -46,7 +46,7 @@ from torchx_ext.errors import (
     SchedulerUnavailable,
     TorchxExtError,
 )
-from torchx_ext.executors import Capabilities, Executor, option
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
@@ -68,10 +68,7 @@ class RayJobsExecutor(Executor):
     """Run options of the ``ray_jobs`` scheduler (also usable as a typed executor)."""
 
     scheduler = SCHEDULER
-    capabilities = Capabilities(
-        heterogeneous_groups=True, services=True, dependencies=True,
-        persistent_status=True, discovery_env=True,
-    )
+    capabilities = GROUP_CAPABILITIES
 
     dashboard_url: Optional[str] = option(
         None, help="Ray dashboard (Jobs API) address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS when it is http(s))")

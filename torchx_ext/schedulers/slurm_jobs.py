@@ -33,7 +33,7 @@ from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus, is_t
 
 from torchx_ext import state
 from torchx_ext.errors import BackendError, DependencyError, SchedulerUnavailable
-from torchx_ext.executors import Capabilities, Executor, option
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, role_summaries
 from torchx_ext.schedulers.slurm_jobs_client import SlurmClient, last_error, read_int, read_text, run, unreachable
@@ -60,10 +60,7 @@ class SlurmJobsExecutor(Executor):
     """Run options of the ``slurm_jobs`` scheduler (also usable as a typed executor)."""
 
     scheduler = SCHEDULER
-    capabilities = Capabilities(
-        heterogeneous_groups=True, services=True, dependencies=True,
-        persistent_status=True, discovery_env=True,
-    )
+    capabilities = GROUP_CAPABILITIES
 
     partition: Optional[str] = option(None, help="Slurm partition (every role's component)")
     time: Optional[str] = option(None, help="time limit, in any sbatch --time format (e.g. 1:00:00)")
