@@ -37,7 +37,8 @@ ENV_REPLICA_ID = "TORCHX_EXT_REPLICA_ID"
 ENV_NUM_REPLICAS = "TORCHX_EXT_NUM_REPLICAS"
 ENV_HOSTS_PREFIX = "TORCHX_EXT_HOSTS_"
 
-_ENV_NAME_OK = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME_OK = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: a trailing newline is not a name
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def mark_service(role: Role, service: bool = True) -> Role:
@@ -97,13 +98,22 @@ def validate_app(app: AppDef) -> None:
         elif role.name in seen.values():
             problems.append(f"{label}: role names must be unique")
         seen[suffix] = role.name
+        if role.name in (".", "..") or any(c in role.name for c in "/\\") or _CONTROL.search(role.name):
+            problems.append(f"{label}: a role name is data, not a path: no '/', '\\', control characters, "
+                            "'.' or '..'")
         if not role.entrypoint:
             problems.append(f"{label} has no entrypoint")
         if role.num_replicas < 1:
             problems.append(f"{label} has num_replicas={role.num_replicas}; it must be >= 1")
-        for key in role.env:
-            if not _ENV_NAME_OK.match(key):
-                problems.append(f"{label} has an invalid environment variable name {key!r}")
+        for key, value in role.env.items():
+            if not _ENV_NAME_OK.fullmatch(key):
+                problems.append(f"{label} has an invalid environment variable name {key!r} "
+                                "(letters, digits and '_', not starting with a digit)")
+            elif "\0" in str(value):
+                problems.append(f"{label}: the value of {key} holds a NUL byte, which no process can receive")
+        for what, word in [("entrypoint", role.entrypoint), *((f"args[{i}]", a) for i, a in enumerate(role.args))]:
+            if "\0" in str(word):
+                problems.append(f"{label}: {what} holds a NUL byte, which no process can receive")
     if app.roles and all(is_service(r) for r in app.roles):
         problems.append("every role is a service; at least one role must not be a service")
     if problems:

@@ -45,10 +45,18 @@ from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, R
 from torchx.specs.builders import make_app_handle
 
 from torchx_ext import cli_errors, compat
-from torchx_ext.errors import BackendError, DependencyError, StateError, TorchxExtError, UnknownAppError
+from torchx_ext.errors import (
+    BackendError,
+    DependencyError,
+    InvalidAppError,
+    StateError,
+    TorchxExtError,
+    UnknownAppError,
+)
 from torchx_ext.executors import Executor, runopts_for
 from torchx_ext.groups import app_handle_id, handle_scheduler, is_service, validate_app
 from torchx_ext.logs import TimedLine, filter_lines, follow
+from torchx_ext.support import COMMON, Support, check_app
 
 E = TypeVar("E", bound=Executor)
 T = TypeVar("T")
@@ -59,6 +67,10 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
     """Base of the torchx-ext schedulers. See the module docstring for what a backend provides."""
 
     executor_cls: ClassVar[Type[Executor]]
+    # what this scheduler does with every AppDef/Role/Resource field (torchx_ext.support)
+    support: ClassVar[Mapping[str, Support]] = COMMON
+    # the backend's names for roles (directory, DNS alias, ...): two roles must never share one
+    name_forms: ClassVar[Mapping[str, Callable[[str], str]]] = {}
     # roles ``log`` accepts besides the app's own (e.g. ray_jobs' driver); name -> description
     extra_log_roles: ClassVar[Mapping[str, str]] = {}
     log_poll_s: ClassVar[float] = 0.2
@@ -75,12 +87,25 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
     def _validate(self, app: AppDef, scheduler: str, cfg: Any = None) -> None:
         # TorchX's own check refuses roles without resources (NULL_RESOURCE); ours accept them on
         # purpose (TorchX's utils.echo has none): such a role runs with the engine's defaults
+        self._check_app(app)
+
+    def _check_app(self, app: AppDef) -> None:
+        """The group rules, the support matrix, and names that would collide on this backend."""
         validate_app(app)
+        check_app(app, self.backend, self.support)
+        for what, form in self.name_forms.items():
+            seen: dict[str, str] = {}
+            for role in app.roles:
+                other = seen.setdefault(form(role.name), role.name)
+                if other != role.name:
+                    raise InvalidAppError(
+                        f"roles '{other}' and '{role.name}' would share the {what} '{form(role.name)}' on "
+                        f"{self.backend}; rename one")
 
     # ------------------------------------------------------------------ dry-run -----
     def _submit_dryrun(self, app: AppDef, cfg: Mapping[str, Any]) -> AppDryRunInfo:
         executor: E = self.executor_cls.from_cfg(cfg)  # type: ignore[assignment]
-        validate_app(app)
+        self._check_app(app)
         with self._translated("dry-run"):
             request = self._build_request(app, executor, self._dependency_ids(executor))
         return compat.make_dryrun_info(request, repr)
@@ -222,7 +247,7 @@ def role_summaries(app: AppDef) -> list[dict[str, Any]]:
     """What describe shows of each role later, recorded at submission (JSON-able)."""
     return [
         {"name": r.name, "image": r.image, "entrypoint": r.entrypoint,
-         "num_replicas": r.num_replicas, "service": is_service(r)}
+         "num_replicas": r.num_replicas, "service": is_service(r), "port_map": dict(r.port_map)}
         for r in app.roles
     ]
 
@@ -236,7 +261,7 @@ def describe_response(
     for s in summaries:
         name, n = str(s["name"]), int(s["num_replicas"])
         roles.append(Role(name=name, image=str(s.get("image", "")), entrypoint=str(s.get("entrypoint", "")),
-                          num_replicas=n))
+                          num_replicas=n, port_map=dict(s.get("port_map") or {})))
         replicas = []
         for k in range(n):
             rstate, host = replica(name, k)
@@ -260,7 +285,6 @@ def copy_workspace(workspace: str, target: str, ignore_file: str = ".torchxignor
     import fsspec
     from torchx.workspace.api import walk_workspace
 
-    from torchx_ext.errors import InvalidAppError
     from torchx_ext.state import makedirs
 
     fs, root = fsspec.core.url_to_fs(workspace)

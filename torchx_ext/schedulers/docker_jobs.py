@@ -37,10 +37,12 @@ from datetime import datetime
 from typing import Any, Callable, Mapping, Optional
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
+from torchx.schedulers.devices import get_device_mounts
 from torchx.specs import AppDef, AppState, BindMount, DeviceMount, Role, VolumeMount, macros
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
+from torchx_ext import support as matrices
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, TorchxExtError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import discovery_env, is_service
@@ -82,6 +84,9 @@ class DockerJobsExecutor(Executor):
     )
     init: bool = option(True, help="run an init process (docker --init) that forwards signals and reaps zombies")
     stop_timeout: int = option(10, help="seconds between SIGTERM and SIGKILL when containers are stopped")
+    publish_host: str = option(
+        "127.0.0.1", help="address on which the ports of Role.port_map are published, each at a free host port "
+        "that describe shows (0.0.0.0: every interface)")
 
 
 @dataclass
@@ -103,6 +108,7 @@ class ContainerRequest:
     gpus: int = 0
     mounts: list[dict[str, Any]] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)  # Role.port_map: name -> container port
 
 
 @dataclass
@@ -131,7 +137,7 @@ def dns_name(role_name: str) -> str:
 def _mounts(role: Role) -> tuple[list[dict[str, Any]], list[str]]:
     mounts: list[dict[str, Any]] = []
     devices: list[str] = []
-    for m in role.mounts:
+    for m in [*role.mounts, *get_device_mounts(dict(role.resource.devices or {}))]:
         if isinstance(m, BindMount):
             mounts.append({"type": "bind", "source": m.src_path, "target": m.dst_path, "read_only": m.read_only})
         elif isinstance(m, VolumeMount):
@@ -144,7 +150,7 @@ def _mounts(role: Role) -> tuple[list[dict[str, Any]], list[str]]:
     return mounts, devices
 
 
-def _host_options(ex: DockerJobsExecutor) -> dict[str, Any]:
+def _host_options(ex: DockerJobsExecutor, app: AppDef) -> dict[str, Any]:
     """Validated container options shared by every replica (one clear error per bad option)."""
     if ex.pull_policy not in PULL_POLICIES:  # checked here so that --dryrun rejects it too
         raise InvalidOptionError(f"pull_policy={ex.pull_policy!r}; valid: {', '.join(PULL_POLICIES)}")
@@ -159,9 +165,12 @@ def _host_options(ex: DockerJobsExecutor) -> dict[str, Any]:
             raise InvalidOptionError(f"extra_hosts {item!r}: expected HOST:IP")
     if ex.stop_timeout < 0:
         raise InvalidOptionError(f"stop_timeout={ex.stop_timeout}; it must be >= 0")
+    if (ex.network_mode or "").strip() == "none" and any(r.port_map for r in app.roles):
+        raise InvalidAppError("Role.port_map needs a network to publish on; network_mode=none has none")
     return {
         "privileged": ex.privileged, "user": ex.user or None, "shm_size": ex.shm_size or None, "tmpfs": tmpfs,
         "extra_hosts": ex.extra_hosts or [], "init": ex.init, "stop_timeout": ex.stop_timeout,
+        "publish_host": ex.publish_host,
     }
 
 
@@ -169,6 +178,8 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
     """Groups of containers on the local (or ``DOCKER_HOST``) Docker engine. See the module docstring."""
 
     executor_cls = DockerJobsExecutor
+    support = matrices.DOCKER_JOBS
+    name_forms = {"container name and DNS alias": dns_name}
 
     def __init__(self, session_name: str, **kwargs: Any) -> None:
         super().__init__(session_name, **kwargs)
@@ -199,7 +210,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
 
     # ------------------------------------------------------------------ submit ------
     def _build_request(self, app: AppDef, ex: DockerJobsExecutor, dependencies: list[str]) -> DockerRequest:
-        host = _host_options(ex)
+        host = _host_options(ex, app)
         app_id = state.make_app_id(app.name, max_len=30)
         mode = (ex.network_mode or "").strip()
         network = None if mode else app_id
@@ -242,6 +253,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                     nano_cpus=int(res.cpu * 1e9) if res.cpu and res.cpu > 0 else None,
                     mem_limit=f"{int(res.memMB)}m" if res.memMB and res.memMB > 0 else None,
                     gpus=max(int(res.gpu or 0), 0), mounts=mounts, devices=devices,
+                    ports=dict(role.port_map) if mode != "host" else {},  # host mode: ports are the host's
                 ))
         return request
 
@@ -299,6 +311,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                     for m in c.mounts] or None,
             device_requests=[docker.types.DeviceRequest(count=c.gpus, capabilities=[["gpu"]])] if c.gpus else None,
             network_mode=req.network_mode,
+            port_bindings={port: (h["publish_host"], None) for port in c.ports.values()} or None,
         )
         networking = None
         if req.network_mode not in ("host", "none"):
@@ -309,7 +322,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         out = api.create_container(
             c.image, command=c.command, name=c.name, hostname=c.hostname, environment=env,
             labels=c.labels, host_config=host_config, networking_config=networking,
-            user=h["user"], stop_timeout=h["stop_timeout"], detach=True,
+            user=h["user"], stop_timeout=h["stop_timeout"], detach=True, ports=list(c.ports.values()) or None,
         )
         return str(out["Id"])
 
@@ -349,7 +362,18 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             rep = by_key.get((role, k))
             return (d.displayed_state(rep, snap.verdict), rep.host) if rep else (AppState.UNKNOWN, "")
 
-        return describe_response(app_id, st.state, st.msg, snap.roles, replica)
+        summaries = []
+        for summary in snap.roles:  # published ports: "NAME/k" -> host port, and "NAME" for replica 0
+            published: dict[str, int] = {}
+            for name, port in (summary.get("port_map") or {}).items():
+                for k in range(int(summary["num_replicas"])):
+                    rep = by_key.get((summary["name"], k))
+                    if rep is not None and int(port) in rep.ports:
+                        published[f"{name}/{k}"] = int(rep.ports[int(port)].rsplit(":", 1)[1])
+                if f"{name}/0" in published:
+                    published[name] = published[f"{name}/0"]
+            summaries.append({**summary, "port_map": published})
+        return describe_response(app_id, st.state, st.msg, summaries, replica)
 
     def app_ids(self) -> list[str]:
         """Ids of every docker_jobs app the daemon knows (containers or a verdict)."""

@@ -160,6 +160,7 @@ class Replica:
     oom_killed: bool = False
     started: bool = False
     finished_at: Optional[float] = None
+    ports: dict[int, str] = field(default_factory=dict)  # container port -> "host ip:host port"
 
     @property
     def running(self) -> bool:
@@ -246,6 +247,8 @@ def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
             service=lab.get(L_SERVICE) == "true", container_id=s["Id"],
             name=(s.get("Names") or ["/?"])[0].lstrip("/"), host=lab.get(L_HOST, ""),
             status=s.get("State", ""), started=s.get("State") != "created",
+            ports={int(p["PrivatePort"]): f"{p.get('IP', '')}:{p['PublicPort']}"
+                   for p in s.get("Ports") or [] if p.get("PublicPort")},
         )
         if not rep.running:
             # exit codes, OOM and start errors are only in the full inspect; running ones

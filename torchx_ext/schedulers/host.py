@@ -30,6 +30,7 @@ from torchx.specs import AppDef, AppState, Role, macros
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
+from torchx_ext import support as matrices
 from torchx_ext.errors import DependencyError, InvalidAppError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import discovery_env, is_service
@@ -112,6 +113,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
     """Detached, supervised processes on this host. See the module docstring."""
 
     executor_cls = HostExecutor
+    support = matrices.HOST
 
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
         """Runs the role in a copy of ``workspace`` (minus ``.torchxignore`` matches).

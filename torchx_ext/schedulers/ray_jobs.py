@@ -38,6 +38,7 @@ from torchx.specs import AppDef, AppState, Role, is_terminal, macros
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
+from torchx_ext import support as matrices
 from torchx_ext.errors import (
     BackendError,
     DependencyError,
@@ -161,6 +162,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
     """TorchX scheduler over the Ray Jobs API. See the module docstring."""
 
     executor_cls = RayJobsExecutor
+    support = matrices.RAY_JOBS
     extra_log_roles = {DRIVER_ROLE: "the job's driver"}
     log_poll_s = 0.5
 

@@ -24,18 +24,21 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
 from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus, is_terminal, macros
+from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
-from torchx_ext.errors import BackendError, DependencyError, SchedulerUnavailable
+from torchx_ext import support as matrices
+from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, SchedulerUnavailable
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
-from torchx_ext.schedulers.base import ExtScheduler, ReadNew, role_summaries
+from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, role_summaries
 from torchx_ext.schedulers.slurm_jobs_client import SlurmClient, last_error, read_int, read_text, run, unreachable
 from torchx_ext.schedulers.slurm_jobs_script import (
     APP_ID_TOKEN,
@@ -126,10 +129,12 @@ def _record_dir(app_id: str) -> str:
     return state.scheduler_dir(SCHEDULER, app_id)
 
 
-class SlurmJobsScheduler(ExtScheduler[SlurmJobsExecutor]):
+class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     """Slurm jobs, one (heterogeneous) job per app. See the module docstring."""
 
     executor_cls = SlurmJobsExecutor
+    support = matrices.SLURM_JOBS
+    name_forms = {"job directory": _dirname}
 
     def __init__(self, session_name: str, **kwargs: Any) -> None:
         super().__init__(session_name, **kwargs)
@@ -142,7 +147,7 @@ class SlurmJobsScheduler(ExtScheduler[SlurmJobsExecutor]):
                 raise DependencyError(f"dependency '{dep}' is not a Slurm job id ({SCHEDULER} app ids are job ids)")
         job_root = os.path.abspath(os.path.expanduser(ex.job_dir or state.scheduler_dir(SCHEDULER)))
         shared: list[str] = []
-        for key in ("partition", "time", "account", "qos", "constraint"):
+        for key in ("partition", "time", "account", "qos"):
             if getattr(ex, key):
                 shared.append(f"--{key}={getattr(ex, key)}")
         if ex.exclusive:
@@ -181,11 +186,26 @@ class SlurmJobsScheduler(ExtScheduler[SlurmJobsExecutor]):
         elif res.gpu > 0:
             sbatch.append(f"--gpus-per-task={res.gpu}")
             step.append(f"--gpus-per-task={res.gpu}")
+        caps = dict(res.capabilities or {})
+        features = [ex.constraint] if ex.constraint else []
+        features += [name for name, value in caps.items() if value is True]
+        if features:
+            sbatch.append(f"--constraint={'&'.join(features)}")
+        gres = [f"{name}:{value}" for name, value in caps.items() if value is not True and value]
+        if gres:
+            sbatch.append(f"--gres={','.join(gres)}")
+        if role.mounts and not ex.container_image:
+            raise InvalidAppError(f"role '{role.name}': Role.mounts need a container on {SCHEDULER}: set "
+                                  "container_image (pyxis); a bare step sees the nodes' filesystems as they are")
         workdir = os.path.abspath(role.image) if role.image and os.path.isdir(role.image) else None
         if ex.container_image:
             step.append(f"--container-image={ex.container_image}")
-            if ex.container_mounts:
-                step.append(f"--container-mounts={','.join(ex.container_mounts)}")
+            mounts = list(ex.container_mounts or [])
+            mounts += [f"{m.src_path}:{m.dst_path}" + (":ro" if m.read_only else "") for m in role.mounts]
+            if workdir:  # a workspace copy (or any local directory): visible at the same path inside
+                mounts.append(f"{workdir}:{workdir}")
+            if mounts:
+                step.append(f"--container-mounts={','.join(mounts)}")
             if role.image and role.image.startswith("/"):
                 workdir = role.image
                 step.append(f"--container-workdir={role.image}")
@@ -202,6 +222,22 @@ class SlurmJobsScheduler(ExtScheduler[SlurmJobsExecutor]):
             r = values.apply(role)
             comp.replicas.append(ReplicaCommand(k, [r.entrypoint, *r.args], dict(r.env)))
         return comp
+
+    # ------------------------------------------------------------------ workspace ---
+    def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
+        """Runs the role in a copy of ``workspace`` (minus ``.torchxignore`` matches) under the job root
+        (``job_dir``, which the nodes must see), as TorchX's DirWorkspace does; with container_image it
+        is mounted at the same path. The current directory (the CLI's default) runs in place, as
+        sbatch does anyway; ``--workspace ""`` runs without one."""
+        local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
+        if "://" not in local and os.path.realpath(local) == os.path.realpath(os.getcwd()):
+            role.image = os.getcwd()
+            return
+        job_root = os.path.abspath(os.path.expanduser(str(cfg.get("job_dir") or state.scheduler_dir(SCHEDULER))))
+        target = os.path.join(job_root, "workspaces", uuid.uuid4().hex[:12])
+        with self._translated("copy the workspace"):
+            copy_workspace(workspace, target)
+        role.image = target
 
     # ------------------------------------------------------------------ submit ------
     def _schedule(self, req: SlurmJobsRequest) -> str:

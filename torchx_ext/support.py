@@ -1,0 +1,274 @@
+"""What each scheduler does with every field of TorchX's ``AppDef``, ``Role`` and ``Resource``.
+
+Each scheduler declares a *support matrix* (its ``support`` class attribute): every field is
+
+* **honoured** — it means what TorchX says, on this engine (a note says how); a honoured field may
+  still refuse values the engine cannot honour (``refuse``), saying what to do instead;
+* **refused** — any value other than TorchX's default is an error before anything starts, naming
+  the field, the scheduler and what to do instead;
+* **ignored** — on purpose, only where it cannot change what runs (free-form metadata, or a value
+  TorchX's own components always set that has no meaning here); the note says why.
+
+:func:`check_app` enforces a matrix (the scheduler base calls it on every dry-run and submit);
+:func:`markdown` renders the matrices for the README (``python -m torchx_ext.support``), and a test
+fails when a field of the installed TorchX is not classified by every scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from torchx.specs import AppDef, BindMount, Resource, Role
+
+from torchx_ext.errors import InvalidAppError
+
+HONOURED, REFUSED, IGNORED = "honoured", "refused", "ignored"
+Refusal = Callable[[Any, Role], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Support:
+    """How one scheduler treats one field."""
+
+    kind: str
+    note: str = ""
+    refuse: Optional[Refusal] = None  # honoured fields: a value this engine cannot honour -> why
+
+
+def honoured(note: str = "", refuse: Optional[Refusal] = None) -> Support:
+    return Support(HONOURED, note, refuse)
+
+
+def refused(instead: str) -> Support:
+    return Support(REFUSED, instead)
+
+
+def ignored(why: str) -> Support:
+    return Support(IGNORED, why)
+
+
+# every field of torchx 0.7.0 and of the nightly, in the order the README shows them
+FIELD_ORDER = [
+    "AppDef.name", "AppDef.roles", "AppDef.metadata",
+    "Role.name", "Role.image", "Role.entrypoint", "Role.args", "Role.env", "Role.num_replicas",
+    "Role.min_replicas", "Role.base_image", "Role.max_retries", "Role.retry_policy", "Role.resource",
+    "Role.port_map", "Role.metadata", "Role.mounts", "Role.workspace", "Role.overrides",
+    "Resource.cpu", "Resource.gpu", "Resource.memMB", "Resource.capabilities", "Resource.devices",
+    "Resource.tags",
+]
+
+
+def torchx_fields() -> list[str]:
+    """``Class.field`` for every field of the installed TorchX's AppDef, Role and Resource."""
+    return [f"{cls.__name__}.{f.name}" for cls in (AppDef, Role, Resource) for f in dataclasses.fields(cls)]
+
+
+def _default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _min_replicas(value: Any, role: Role) -> Optional[str]:
+    if value is None or value == role.num_replicas:
+        return None
+    return (f"min_replicas={value} with num_replicas={role.num_replicas}: groups start all or nothing; "
+            "leave min_replicas unset or equal to num_replicas")
+
+
+def _no_retries(value: Any, role: Role) -> Optional[str]:
+    return None if not value else (f"max_retries={value}: restarts are not supported yet; "
+                                   "run with max_retries=0 and resubmit on failure")
+
+
+# what every torchx-ext scheduler does the same way; backends add or override entries
+COMMON: dict[str, Support] = {
+    "AppDef.name": honoured("names the app: part of its id (lowercased, non-alphanumerics as '-')"),
+    "AppDef.roles": honoured("one group, started all or nothing"),
+    "AppDef.metadata": ignored("free-form metadata for tools around TorchX; nothing reads it to run the app"),
+    "Role.name": honoured("names the role in logs, status and TORCHX_EXT_HOSTS_<ROLE>"),
+    "Role.entrypoint": honoured("the command, exactly as given (no shell)"),
+    "Role.args": honoured("each argument reaches the process byte for byte (no shell)"),
+    "Role.env": honoured("set for every replica of the role"),
+    "Role.num_replicas": honoured("replicas of the role"),
+    "Role.min_replicas": honoured("only as num_replicas: groups are all or nothing", _min_replicas),
+    "Role.base_image": refused("TorchX deprecated it; put the image in Role.image"),
+    "Role.max_retries": honoured("0 only: no engine retries the app behind your back", _no_retries),
+    "Role.retry_policy": ignored("only read with max_retries > 0, which is refused"),
+    "Role.resource": honoured("see the Resource rows"),
+    "Role.metadata": honoured("'torchx_ext/service' marks a service role; other keys are free-form and ignored"),
+    "Role.port_map": ignored("replicas use their host's (node's) network: a port the process opens is "
+                             "reachable at its TORCHX_EXT_HOSTS_<ROLE> address already; nothing to map"),
+    "Role.workspace": refused("per-role workspaces are not supported yet; use torchx run --workspace"),
+    "Role.overrides": refused("request overrides are specific to TorchX's Kubernetes scheduler"),
+    "Resource.tags": ignored("free-form labels; nothing is scheduled by them"),
+}
+
+
+def _pyxis_mount(mounts: list[Any], role: Role) -> Optional[str]:
+    bad = [type(m).__name__ for m in mounts if not isinstance(m, BindMount)]
+    return (f"{', '.join(sorted(set(bad)))} cannot be mounted by pyxis; use BindMount (with container_image)"
+            if bad else None)
+
+
+def _capability(caps: Mapping[str, Any], role: Role) -> Optional[str]:
+    bad = {k: v for k, v in (caps or {}).items()
+           if not (v is True or (isinstance(v, int) and not isinstance(v, bool) and v >= 0))}
+    return (f"{bad}: a capability is a node feature (True, for --constraint) or a GRES count "
+            "(a whole number, for --gres)" if bad else None)
+
+
+def _named_devices(devices: Mapping[str, int], role: Role) -> Optional[str]:
+    from torchx.schedulers.devices import DEVICES
+
+    unknown = sorted(set(devices or {}) - set(DEVICES))
+    return f"unknown named devices {unknown}; known: {', '.join(sorted(DEVICES))}" if unknown else None
+
+
+# ----------------------------------------------------------------------- per scheduler --------
+HOST: dict[str, Support] = {
+    **COMMON,
+    "Role.image": honoured("a directory is the replicas' working directory (a --workspace copy is one); "
+                           "any other value, such as the container image TorchX's components name, is not "
+                           "used: host runs no containers"),
+    "Role.mounts": refused("host runs no containers: use paths on this host directly, or docker_jobs"),
+    "Resource.cpu": ignored("advisory: replicas share this host, nothing is reserved or limited "
+                            "(TorchX's components always set it)"),
+    "Resource.memMB": ignored("advisory, as cpu"),
+    "Resource.gpu": honoured("with auto_set_cuda_visible_devices each replica gets its own "
+                             "CUDA_VISIBLE_DEVICES (more than the host has is refused); otherwise advisory"),
+    "Resource.capabilities": refused("one host schedules nothing: there is no node to match them against"),
+    "Resource.devices": refused("device requests need a container engine: use docker_jobs"),
+}
+
+
+SLURM_JOBS: dict[str, Support] = {
+    **COMMON,
+    "Role.image": honoured("a directory is the replicas' working directory (--chdir; a --workspace copy "
+                           "is one); with container_image an absolute path is the container's working "
+                           "directory; other values (container image names) are not used: set container_image"),
+    "Role.mounts": honoured("with container_image: pyxis --container-mounts (BindMount, read_only as ro); "
+                            "without it, refused", _pyxis_mount),
+    "Resource.cpu": honoured("--cpus-per-task, rounded up"),
+    "Resource.gpu": honoured("--gpus-per-task, or --gpus-per-node with gpus_per_node"),
+    "Resource.memMB": honoured("--mem-per-cpu, so that replicas packed on a node add up"),
+    "Resource.capabilities": honoured("NAME: True is a node feature (--constraint, joined with the constraint "
+                                      "option by &); NAME: N is a GRES count (--gres=NAME:N, per node)",
+                                      _capability),
+    "Resource.devices": refused("ask for devices as GRES through capabilities (e.g. {'gpu': 2}), or mount "
+                                "them with container_image and Role.mounts"),
+}
+
+
+DOCKER_JOBS: dict[str, Support] = {
+    **COMMON,
+    "Role.image": honoured("the container image (pulled only as pull_policy says)"),
+    "Role.port_map": honoured("published on publish_host (127.0.0.1) at a free host port; describe's "
+                              "roles show them as port_map {'NAME/k': host port, 'NAME': replica 0's}"),
+    "Role.mounts": honoured("bind, volume and device mounts"),
+    "Resource.cpu": honoured("a CPU limit (nano_cpus)"),
+    "Resource.gpu": honoured("a device request for that many GPUs"),
+    "Resource.memMB": honoured("a memory limit, with no swap beyond it"),
+    "Resource.capabilities": refused("a Docker engine has no node capabilities to match; use the "
+                                     "docker_jobs options (privileged, user, ...) or another scheduler"),
+    "Resource.devices": honoured("TorchX's named devices, mounted as its get_device_mounts does",
+                                 _named_devices),
+}
+
+
+RAY_JOBS: dict[str, Support] = {
+    **COMMON,
+    "Role.image": ignored("the app runs in the Ray cluster's own environment; TorchX's components always "
+                          "name a container image, which a Ray job cannot use: ship code with --workspace "
+                          "and packages with pip="),
+    "Role.mounts": refused("a Ray job runs on the nodes as they are: ship files with --workspace "
+                           "(working_dir) or use storage the nodes share"),
+    "Resource.cpu": honoured("Ray CPUs of the job's entrypoint, or of the replica's bundle in a gang"),
+    "Resource.gpu": honoured("Ray GPUs, as cpu"),
+    "Resource.memMB": honoured("Ray memory (bytes), as cpu"),
+    "Resource.capabilities": honoured("numbers are custom Ray resources (e.g. {'sandbox': 1}); use "
+                                      "label_selector for node labels"),
+    "Resource.devices": refused("Ray has no device requests: ask for them as custom resources through "
+                                "capabilities"),
+}
+
+
+def check_app(app: AppDef, scheduler: str, matrix: Mapping[str, Support]) -> None:
+    """Raises :class:`InvalidAppError` listing every field value ``scheduler`` cannot honour."""
+    problems: list[str] = []
+
+    def visit(obj: Any, cls: type, where: str, role: Role) -> None:
+        for f in dataclasses.fields(cls):
+            key = f"{cls.__name__}.{f.name}"
+            support = matrix.get(key)
+            value = getattr(obj, f.name)
+            if support is None:
+                if value != _default(cls, f.name):  # a field newer than this torchx-ext: never dropped
+                    problems.append(f"{where}{key} is not known to torchx-ext's {scheduler} scheduler; "
+                                    f"leave it unset or upgrade torchx-ext")
+            elif support.kind == REFUSED and value != _default(cls, f.name):
+                problems.append(f"{where}{scheduler} does not support {key} ({value!r}): {support.note}")
+            elif support.refuse is not None:
+                why = support.refuse(value, role)
+                if why:
+                    problems.append(f"{where}{key}: {why}")
+
+    for role in app.roles:
+        visit(role, Role, f"role '{role.name}': ", role)
+        visit(role.resource, Resource, f"role '{role.name}': ", role)
+    if app.roles:
+        visit(app, AppDef, "", app.roles[0])
+    if problems:
+        raise InvalidAppError(f"app '{app.name}' cannot run on {scheduler}:\n  - " + "\n  - ".join(problems))
+
+
+def markdown(matrices: Mapping[str, Mapping[str, Support]]) -> str:
+    """The README's support table (a row per field, a column per scheduler), then what each means."""
+    names = list(matrices)
+    keys = FIELD_ORDER + [k for k in torchx_fields() if k not in FIELD_ORDER]
+    lines = ["| field | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    notes = []
+    for key in keys:
+        entries = [matrices[n].get(key) for n in names]
+        lines.append(f"| `{key}` | " + " | ".join(e.kind if e else "—" for e in entries) + " |")
+        said = {(e.kind, e.note) for e in entries if e and e.note}
+        if len(said) == 1 and all(entries):
+            notes.append(f"- `{key}`: {said.pop()[1]}")
+        else:
+            notes += [f"- `{key}` on `{n}`: {e.note}" for n, e in zip(names, entries) if e and e.note]
+    return ("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n").replace("<ROLE>", "&lt;ROLE&gt;")
+
+
+def all_matrices() -> dict[str, Mapping[str, Support]]:
+    """The matrices of torchx-ext's four schedulers (imports their modules; no engine is touched)."""
+    from torchx_ext.schedulers.docker_jobs import DockerJobsScheduler
+    from torchx_ext.schedulers.host import HostScheduler
+    from torchx_ext.schedulers.ray_jobs import RayJobsScheduler
+    from torchx_ext.schedulers.slurm_jobs import SlurmJobsScheduler
+
+    return {c.executor_cls.scheduler: c.support
+            for c in (HostScheduler, SlurmJobsScheduler, DockerJobsScheduler, RayJobsScheduler)}
+
+
+def update_readme(path: str) -> None:
+    """Rewrites the table between the README's support-matrix markers."""
+    start, end = "<!-- support-matrix:start -->\n", "<!-- support-matrix:end -->"
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(start, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + start + markdown(all_matrices()) + end + rest.split(end, 1)[1])
+
+
+if __name__ == "__main__":  # python -m torchx_ext.support [--update README.md]
+    import sys
+
+    if sys.argv[1:2] == ["--update"]:
+        update_readme(sys.argv[2])
+    else:
+        print(markdown(all_matrices()), end="")
