@@ -66,10 +66,11 @@ KillWait=5
 MailProg=/bin/true
 # CPUs are bookkeeping only (both nodes share this host's cores): 4 per node lets a test run a
 # two-replica role next to another role, or a dependency pair, without waiting for resources.
+# Feature=testbed: a node feature, so that a role asking for capabilities {"testbed": True} can run.
 # config_overrides: slurmd reports these values instead of the real hardware (else INVALID_REG).
 SlurmdParameters=config_overrides
-NodeName=n1 NodeHostname=${host} NodeAddr=127.0.0.1 Port=17001 CPUs=4 RealMemory=4000 State=UNKNOWN
-NodeName=n2 NodeHostname=${host} NodeAddr=127.0.0.1 Port=17002 CPUs=4 RealMemory=4000 State=UNKNOWN
+NodeName=n1 NodeHostname=${host} NodeAddr=127.0.0.1 Port=17001 CPUs=4 RealMemory=4000 Feature=testbed State=UNKNOWN
+NodeName=n2 NodeHostname=${host} NodeAddr=127.0.0.1 Port=17002 CPUs=4 RealMemory=4000 Feature=testbed State=UNKNOWN
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 EOF
 }

@@ -24,6 +24,7 @@ from torchx.schedulers import get_scheduler_factories
 from torchx.schedulers.api import Stream
 from torchx.specs import AppDef, AppState, Resource, Role, macros
 
+from torchx_ext.errors import InvalidAppError
 from torchx_ext.groups import mark_service
 
 TERMINAL = {AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED}
@@ -316,6 +317,33 @@ class SchedulerContract:
         with pytest.raises(ValueError, match="unique"):
             self.run(runner, backend, app)
         assert {a.app_handle for a in runner.list(backend.scheduler)} == before
+
+    def _refused_before_anything_starts(self, runner: Runner, backend: Backend, app: AppDef, match: str) -> None:
+        before = {a.app_handle for a in runner.list(backend.scheduler)}
+        with pytest.raises(InvalidAppError, match=match):
+            self.run(runner, backend, app)
+        assert {a.app_handle for a in runner.list(backend.scheduler)} == before, "something was started"
+
+    def test_a_refused_field_fails_the_run_naming_it_before_anything_starts(self, runner: Runner, backend: Backend) -> None:
+        role = self.role(backend, "main", "print('must not run')")
+        role.max_retries = 3  # refused by every scheduler until restarts exist: never silently dropped
+        self._refused_before_anything_starts(runner, backend, AppDef("retry", roles=[role]), r"Role\.max_retries")
+
+    def test_a_role_name_that_is_a_path_is_refused(self, runner: Runner, backend: Backend) -> None:
+        for name in ("../escape", "/tmp/escape"):
+            app = AppDef("path", roles=[self.role(backend, name, "print('must not run')")])
+            self._refused_before_anything_starts(runner, backend, app, "a role name is data")
+
+    def test_roles_whose_names_meet_on_the_backend_are_refused(self, runner: Runner, backend: Backend) -> None:
+        app = AppDef("meet", roles=[self.role(backend, "a-b", "print(1)"), self.role(backend, "a_b", "print(2)")])
+        self._refused_before_anything_starts(runner, backend, app, "'a_b' and role 'a-b'|'a-b' and 'a_b'")
+
+    def test_a_nul_byte_in_an_argument_or_env_value_is_refused(self, runner: Runner, backend: Backend) -> None:
+        # the other replica of the group must not start either: refused before anything runs
+        good = self.role(backend, "good", "import time; time.sleep(60)")
+        for bad in (self.role(backend, "bad", "print(1)", "x\0y"),
+                    self.role(backend, "bad", "print(1)", env={"V": "a\0b"})):
+            self._refused_before_anything_starts(runner, backend, AppDef("nul", roles=[good, bad]), "NUL byte")
 
     def test_unknown_option_lists_valid_ones(self, runner: Runner, backend: Backend) -> None:
         app = AppDef("opt", roles=[self.role(backend, "main", "print(1)")])

@@ -347,3 +347,27 @@ def test_local_images_are_never_pulled() -> None:
     with pytest.raises(ValueError, match="not present locally"):
         s.schedule(missing)
     assert not pulls
+
+
+def test_port_map_is_published_on_loopback_and_shown_by_describe(runner: Runner) -> None:
+    import urllib.request
+
+    server = role("web", "import http.server as h; h.HTTPServer(('0.0.0.0', 8080), h.SimpleHTTPRequestHandler)"
+                  ".serve_forever()", port_map={"http": 8080})
+    handle = runner.run(AppDef("ports", roles=[server]), "docker_jobs", {})
+    wait_state(runner, handle, AppState.RUNNING, 60)
+    described = create_scheduler("test").describe(app_id(handle))
+    assert described is not None
+    port = described.roles[0].port_map["http"]
+    assert described.roles[0].port_map["http/0"] == port > 0
+    published = d.client().inspect_container(f"{app_id(handle)}-web-0")["NetworkSettings"]["Ports"]["8080/tcp"]
+    assert published == [{"HostIp": "127.0.0.1", "HostPort": str(port)}], published  # loopback only
+    deadline = time.time() + 30
+    while True:
+        try:
+            assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200
+            break
+        except OSError:
+            assert time.time() < deadline, "the published port never answered"
+            time.sleep(0.3)
+    runner.cancel(handle)

@@ -309,3 +309,33 @@ def test_log_tail_since_until(runner: Runner, partition: str) -> None:
     cut = datetime.fromtimestamp((stamps["early"] + stamps["middle"]) / 2)
     assert logs(runner, handle, "main", since=cut).split()[::2] == ["middle", "late"]
     assert logs(runner, handle, "main", until=cut).split()[::2] == ["early"]
+
+
+def test_cli_workspace_runs_the_users_file_from_a_copy_on_the_cluster(partition: str, tmp_path: str) -> None:
+    ws = os.path.join(str(tmp_path), "ws")
+    os.makedirs(ws)
+    with open(os.path.join(ws, "hello.py"), "w") as f:
+        f.write("import os\nprint('from the workspace', os.getcwd(), os.path.exists('secret.txt'), flush=True)\n")
+    for name, text in (("secret.txt", "not shipped\n"), (".torchxignore", "secret.txt\n")):
+        with open(os.path.join(ws, name), "w") as f:
+            f.write(text)
+    out = _cli_ok("run", "--wait", "-s", SCHEDULER, "-cfg", f"partition={partition}", "--workspace", ws,
+                  "utils.python", "--script", "hello.py")
+    handle = next(line for line in out.splitlines() if line.startswith(f"{SCHEDULER}://"))
+    assert _cli_state(handle) == "SUCCEEDED", _cli_ok("status", handle)
+    log = _cli_ok("log", handle)
+    line = next(x for x in log.splitlines() if "from the workspace" in x)
+    cwd = line.split()[-2]
+    assert line.endswith("False") and cwd != ws and os.path.basename(os.path.dirname(cwd)) == "workspaces", line
+
+
+def test_capabilities_are_node_features(runner: Runner, partition: str) -> None:
+    app = _role_app("feature", "print('on a testbed node')")
+    app.roles[0].resource.capabilities = {"testbed": True}  # a Feature of both testbed nodes
+    handle = runner.run(app, SCHEDULER, {"partition": partition})
+    assert wait_terminal(runner, handle, TIMEOUT).state == AppState.SUCCEEDED
+    assert "on a testbed node" in logs(runner, handle, "main")
+    app = _role_app("nofeature", "print('must not run')")
+    app.roles[0].resource.capabilities = {"no_such_feature": True}
+    with pytest.raises(BackendError, match="sbatch rejected the job: .*feature"):
+        runner.run(app, SCHEDULER, {"partition": partition})

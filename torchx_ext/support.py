@@ -240,7 +240,7 @@ def markdown(matrices: Mapping[str, Mapping[str, Support]]) -> str:
         if len(said) == 1 and all(entries):
             notes.append(f"- `{key}`: {said.pop()[1]}")
         else:
-            notes += [f"- `{key}` on `{n}`: {e.note}" for n, e in zip(names, entries) if e and e.note]
+            notes += [f"- `{key}` on `{n}`: {e.note}" for n, e in zip(names, entries, strict=True) if e and e.note]
     return ("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n").replace("<ROLE>", "&lt;ROLE&gt;")
 
 

@@ -278,7 +278,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         failed = [(c, e) for c, e in results if e is not None]
         if failed:
             # all or nothing: nothing of this app stays behind; the error says which replica
-            self._remove(api, req.app_id, req.network)
+            w.remove_app(api, req.app_id, req.network)
             c, e = failed[0]
             raise BackendError(
                 f"{SCHEDULER}: could not create the container of role '{c.role}' replica "
@@ -325,22 +325,6 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             user=h["user"], stop_timeout=h["stop_timeout"], detach=True, ports=list(c.ports.values()) or None,
         )
         return str(out["Id"])
-
-    @staticmethod
-    def _remove(api: Any, app_id: str, network: Optional[str]) -> None:
-        import docker
-
-        for s in api.containers(all=True, filters=d.app_filter(app_id)):
-            try:
-                api.remove_container(s["Id"], force=True)
-            except docker.errors.NotFound:
-                pass
-        if network:
-            d.remove_network(api, network)
-        try:
-            api.remove_volume(d.verdict_volume(app_id))
-        except docker.errors.NotFound:
-            pass
 
     # ------------------------------------------------------------------ queries -----
     def _status(self, app_id: str) -> Optional[w.AppStatus]:
@@ -415,7 +399,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             return
         if snap.running or snap.verdict is None:
             self._cancel(app_id)
-        self._remove(api, app_id, snap.network)
+        w.remove_app(api, app_id, snap.network)
         for path in (w.log_path(app_id), w.lock_path(app_id)):
             try:
                 os.remove(path)

@@ -37,6 +37,7 @@ from torchx_ext.schedulers.docker_jobs_daemon import (
     Replica,
     Snapshot,
     Verdict,
+    app_filter,
     client,
     computed_state,
     explain,
@@ -46,6 +47,7 @@ from torchx_ext.schedulers.docker_jobs_daemon import (
     remove_network,
     stop,
     transient,
+    verdict_volume,
 )
 
 POLL_S = 0.25
@@ -140,6 +142,23 @@ def reconcile(api: Any, app_id: str, acting: bool) -> Optional[AppStatus]:
     if acting and snap.network:
         remove_network(api, snap.network)
     return AppStatus(snap, verdict.state, verdict.msg)
+
+
+def remove_app(api: Any, app_id: str, network: Optional[str]) -> None:
+    """Removes an app's containers, network and verdict from the daemon (delete, failed submit)."""
+    import docker
+
+    for s in api.containers(all=True, filters=app_filter(app_id)):
+        try:
+            api.remove_container(s["Id"], force=True)
+        except docker.errors.NotFound:
+            pass
+    if network:
+        remove_network(api, network)
+    try:
+        api.remove_volume(verdict_volume(app_id))
+    except docker.errors.NotFound:
+        pass
 
 
 # --------------------------------------------------------------------------- watcher ------

@@ -13,8 +13,7 @@
 * dependencies are Slurm's own ``--dependency=afterok`` with ``--kill-on-invalid-dep=yes``.
 
 State lives under ``$TORCHX_EXT_HOME/slurm_jobs/<job id>/`` (``app.json``; also the job directory
-unless ``job_dir`` is set), never in the current directory, so any shell can query any app.
-Remote submission over SSH is not implemented: run ``torchx`` where ``sbatch`` works.
+unless ``job_dir`` is set), so any shell can query any app. Run ``torchx`` where ``sbatch`` works.
 """
 
 from __future__ import annotations
@@ -107,12 +106,8 @@ class SlurmJobsRequest:
     spec: ScriptSpec
     roles: list[dict[str, Any]]
 
-    @property
-    def script(self) -> str:
-        return render(self.spec)
-
     def __repr__(self) -> str:
-        return self.script
+        return render(self.spec)
 
 
 def _dirname(role_name: str) -> str:
@@ -231,7 +226,6 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         sbatch does anyway; ``--workspace ""`` runs without one."""
         local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
         if "://" not in local and os.path.realpath(local) == os.path.realpath(os.getcwd()):
-            role.image = os.getcwd()
             return
         job_root = os.path.abspath(os.path.expanduser(str(cfg.get("job_dir") or state.scheduler_dir(SCHEDULER))))
         target = os.path.join(job_root, "workspaces", uuid.uuid4().hex[:12])
