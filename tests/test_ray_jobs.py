@@ -338,7 +338,7 @@ def test_engine_answers_are_read_by_type_where_ray_gives_one() -> None:
         client.submit_job(entrypoint="exit 0", submission_id=taken)
     assert cluster.already_exists(raised.value), raised.value
     assert not rc.claim(client, taken, {"torchx_ext_kind": "test"})
-    with pytest.raises(RuntimeError) as other:
-        client.submit_job(entrypoint="exit 0", runtime_env={"working_dir": "/no/such/dir"})
+    with pytest.raises(RuntimeError) as other:  # another refusal of the dashboard's
+        client.stop_job(f"no-such-job-{uuid.uuid4().hex[:6]}")
     assert not cluster.already_exists(other.value), other.value
     rc.delete_jobs(client, [taken])
