@@ -18,6 +18,7 @@ from torchx_ext.groups import mark_service
 from torchx_ext.schedulers import docker_jobs_daemon as daemon
 from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.docker_jobs import DockerJobsExecutor, DockerJobsScheduler, DockerRequest
+from torchx_ext.schedulers.docker_jobs_logs import LogReader
 
 docker = pytest.importorskip("docker")
 
@@ -295,7 +296,7 @@ def test_log_reader_resumes_without_duplicates_or_losses() -> None:
         f"{t}2.000000001Z b\n{t}2.000000001Z b2 same instant\n{t}3.5Z c\nno timestamp\n".encode(),
         b"",
     ])
-    reader = daemon.LogReader(fake, "cid", None, None, None)
+    reader = LogReader(fake, "cid", None, None, None)
     assert [x[1] for x in reader.read_new()] == ["a", "b"]
     assert [x[1] for x in reader.read_new()] == ["b2 same instant", "c", "no timestamp"]
     assert reader.read_new() == []

@@ -47,13 +47,28 @@ def test_every_builtin_scheduler_is_listed_once_with_ours() -> None:
 
 
 def test_default_scheduler_is_unchanged() -> None:
-    default = ts.get_default_scheduler_name()
+    # torchx 0.7.0: the built-ins come first in our synthetic distribution; the nightly puts plugins
+    # first, so our plugin module registers TorchX's own default first (torchx_plugins/schedulers)
+    assert ts.get_default_scheduler_name() == next(iter(ts.DEFAULT_SCHEDULER_MODULES))
+    factory = ts.get_scheduler_factories()[ts.get_default_scheduler_name()]
+    assert type(factory("t")).__module__ == ts.DEFAULT_SCHEDULER_MODULES[ts.get_default_scheduler_name()]
+
+
+def test_registered_through_the_nightlys_plugin_registry_once() -> None:
     if importlib.util.find_spec("torchx.plugins") is None:
-        # torchx 0.7.0: the built-ins' order, hence the default, is kept
-        assert default == next(iter(ts.DEFAULT_SCHEDULER_MODULES))
-    else:
-        # merging torchx puts registered plugins first by design: any plugin becomes the default
-        assert default in OURS
+        # torchx 0.7.0: entry points only, from the synthetic distribution (not a static one)
+        names = [ep.name for ep in importlib.metadata.entry_points().select(group="torchx.schedulers")]
+        assert OURS <= set(names) and len(names) == len(set(names)), names
+        return
+    # namespace packages only (the nightly's opt-out of the deprecated entry points): still there
+    code = ("from torchx import plugins; r = plugins.registry(); "
+            "print(' '.join(r.get(plugins.PluginType.SCHEDULER))); print(len(r.load_errors()))")
+    for source in ("1", "3"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "TORCHX_PLUGINS_SOURCE": source})
+        names, errors = out.stdout.split("\n")[:2]
+        assert OURS <= set(names.split()), (source, out.stdout, out.stderr)
+        assert errors == "0" and "both" not in out.stderr, (source, out.stdout, out.stderr)
 
 
 def test_no_entry_point_names_a_missing_module() -> None:

@@ -20,10 +20,11 @@ from torchx.specs import AppDef, AppState, Resource, Role
 from torchx_ext.errors import InvalidAppError, InvalidOptionError
 from torchx_ext.groups import ReplicaOutcome, group_state, mark_service
 from torchx_ext.schedulers import ray_jobs_client as rc
-from torchx_ext.schedulers.ray_jobs import RayJobsScheduler, role_resources
+from torchx_ext.schedulers.ray_jobs import RayJobsScheduler
 from torchx_ext.schedulers.ray_jobs_client import JobLogReader, parse_verdict
 from torchx_ext.schedulers.ray_jobs_cluster import ENV_B64_PREFIX, SPEC_ENV, driver, rules
 from torchx_ext.schedulers.ray_jobs_cluster.replica import decoded_env
+from torchx_ext.schedulers.ray_jobs_preflight import role_resources
 
 URL = "http://127.0.0.1:8265"
 

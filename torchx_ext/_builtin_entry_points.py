@@ -17,6 +17,11 @@ has no ``ray`` or ``gcp_batch`` module), and an entry point that names a missing
 * torchx that merges built-ins (has ``torchx/plugins``): nothing is listed, so nothing is
   listed twice or shadowed.
 
+The same distribution carries torchx-ext's own schedulers (:data:`OURS`), on torchx 0.7.0 only:
+the nightly finds them in the ``torchx_plugins.schedulers`` namespace package instead, and would
+warn about a name registered through both channels. (A ``pip install -e`` does not ship the .pth:
+install torchx-ext normally for the ``torchx`` CLI to see its schedulers on 0.7.0.)
+
 The finder imports nothing at interpreter start-up or when asked for a distribution by name; it
 reads torchx's source with ``ast`` only when someone enumerates all distributions.
 """
@@ -31,6 +36,8 @@ import sys
 from typing import Any, Iterable, Optional
 
 DIST_NAME = "torchx-ext-builtins"
+OURS = {name: f"torchx_ext.schedulers.{name}:create_scheduler"
+        for name in ("host", "slurm_jobs", "docker_jobs", "ray_jobs")}
 
 
 def _torchx_dir() -> Optional[str]:
@@ -102,8 +109,9 @@ class BuiltinSchedulersFinder:
         name = getattr(context, "name", None)
         if name is not None and name.replace("_", "-").lower() != DIST_NAME:
             return []
-        entry_points = builtin_scheduler_entry_points(_torchx_dir())
-        return [_BuiltinsDistribution(entry_points)] if entry_points else []
+        builtins = builtin_scheduler_entry_points(_torchx_dir())
+        # built-ins first: torchx 0.7.0's default scheduler is the first entry point
+        return [_BuiltinsDistribution({**builtins, **OURS})] if builtins else []
 
 
 def install() -> None:

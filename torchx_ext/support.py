@@ -104,7 +104,8 @@ COMMON: dict[str, Support] = {
     "Role.metadata": honoured("'torchx_ext/service' marks a service role; other keys are free-form and ignored"),
     "Role.port_map": ignored("replicas use their host's (node's) network: a port the process opens is "
                              "reachable at its TORCHX_EXT_HOSTS_<ROLE> address already; nothing to map"),
-    "Role.workspace": refused("per-role workspaces are not supported yet; use torchx run --workspace"),
+    "Role.workspace": honoured("(torchx-nightly) built by TorchX through the scheduler's own workspace build, "
+                               "per role, as --workspace is"),
     "Role.overrides": refused("request overrides are specific to TorchX's Kubernetes scheduler"),
     "Resource.tags": ignored("free-form labels; nothing is scheduled by them"),
 }
@@ -183,6 +184,8 @@ DOCKER_JOBS: dict[str, Support] = {
 
 RAY_JOBS: dict[str, Support] = {
     **COMMON,
+    "Role.workspace": honoured("(torchx-nightly) one working_dir per Ray job: every role that names a "
+                               "workspace must name the first role's"),
     "Role.image": ignored("the app runs in the Ray cluster's own environment; TorchX's components always "
                           "name a container image, which a Ray job cannot use: ship code with --workspace "
                           "and packages with pip="),

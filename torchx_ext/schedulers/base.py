@@ -89,6 +89,10 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
         # purpose (TorchX's utils.echo has none): such a role runs with the engine's defaults
         self._check_app(app)
 
+    def _pre_build_validate(self, app: AppDef, scheduler: str, cfg: Any = None) -> None:
+        # torchx-nightly calls this before building workspaces: an app that cannot run builds nothing
+        self._check_app(app)
+
     def _check_app(self, app: AppDef) -> None:
         """The group rules, the support matrix, and names that would collide on this backend."""
         validate_app(app)
@@ -140,6 +144,15 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
 
     def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
         raise NotImplementedError
+
+    def describe_native(self, app_id: str) -> Optional[AppDryRunInfo]:
+        """The request an app was submitted with, read back (torchx-nightly's API); None if unknown."""
+        with self._translated("describe"):
+            request = self._describe_native(app_id)
+        return None if request is None else compat.make_dryrun_info(request, repr)
+
+    def _describe_native(self, app_id: str) -> Any:
+        return None
 
     def list(self, cfg: Any = None) -> List[ListAppResponse]:
         with self._translated("list"):
@@ -207,8 +220,11 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
     def handle(self, app_id: str) -> str:
         return str(make_app_handle(self.backend, self.session_name, app_id))
 
-    def listed(self, app_id: str, state: AppState) -> ListAppResponse:
-        return ListAppResponse(app_id=app_id, state=state, app_handle=self.handle(app_id))
+    def listed(self, app_id: str, state: AppState, name: str = "") -> ListAppResponse:
+        resp = ListAppResponse(app_id=app_id, state=state, app_handle=self.handle(app_id))
+        if name and hasattr(resp, "name"):  # torchx-nightly's `torchx list` shows the app's name
+            resp.name = name
+        return resp
 
     # ------------------------------------------------------------------ errors ------
     def _translate_error(self, e: Exception, verb: str) -> Optional[TorchxExtError]:

@@ -50,6 +50,7 @@ from torchx_ext.schedulers import docker_jobs_daemon as d
 from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
 from torchx_ext.schedulers.docker_jobs_images import build_workspace, ensure_image
+from torchx_ext.schedulers.docker_jobs_logs import LogReader
 
 SCHEDULER = d.SCHEDULER
 PULL_POLICIES = ("never", "if-not-present", "always")
@@ -289,10 +290,12 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                               [], req.network or "", req.host["stop_timeout"])
             reps = [d.Replica(c.role, c.replica_id, c.service, ids[c.name], c.name, "", "created")
                     for c in req.containers]
+            self._keep_request(req)
             if w.start_group(api, snap, reps) is not None:
                 if req.network:
                     d.remove_network(api, req.network)
                 return req.app_id  # decided (FAILED, all stopped): nothing left to watch
+        self._keep_request(req)
         w.spawn(req.app_id)
         return req.app_id
 
@@ -335,6 +338,19 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             w.ensure_watcher(st)
         return st
 
+    @staticmethod
+    def _keep_request(req: DockerRequest) -> None:
+        # for describe_native, on this machine (the daemon keeps the containers, not the request)
+        state.makedirs(state.scheduler_dir(SCHEDULER))
+        state.write_json(state.scheduler_dir(SCHEDULER, f"{req.app_id}.request.json"), asdict(req))
+
+    def _describe_native(self, app_id: str) -> Optional[DockerRequest]:
+        kept = state.read_json(state.scheduler_dir(SCHEDULER, f"{app_id}.request.json")) if state.is_plain_name(
+            app_id) else None
+        if kept is None or self._status(app_id) is None:
+            return None
+        return DockerRequest(**{**kept, "containers": [ContainerRequest(**c) for c in kept["containers"]]})
+
     def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
         st = self._status(app_id)
         if st is None:
@@ -346,18 +362,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             rep = by_key.get((role, k))
             return (d.displayed_state(rep, snap.verdict), rep.host) if rep else (AppState.UNKNOWN, "")
 
-        summaries = []
-        for summary in snap.roles:  # published ports: "NAME/k" -> host port, and "NAME" for replica 0
-            published: dict[str, int] = {}
-            for name, port in (summary.get("port_map") or {}).items():
-                for k in range(int(summary["num_replicas"])):
-                    rep = by_key.get((summary["name"], k))
-                    if rep is not None and int(port) in rep.ports:
-                        published[f"{name}/{k}"] = int(rep.ports[int(port)].rsplit(":", 1)[1])
-                if f"{name}/0" in published:
-                    published[name] = published[f"{name}/0"]
-            summaries.append({**summary, "port_map": published})
-        return describe_response(app_id, st.state, st.msg, summaries, replica)
+        return describe_response(app_id, st.state, st.msg, d.published_roles(snap), replica)
 
     def app_ids(self) -> list[str]:
         """Ids of every docker_jobs app the daemon knows (containers or a verdict)."""
@@ -373,7 +378,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         for app_id in d.retrying(self.app_ids):
             st = self._status(app_id)
             if st is not None:
-                out.append(self.listed(app_id, st.state))
+                out.append(self.listed(app_id, st.state, st.snapshot.app_name))
         return out
 
     def _cancel(self, app_id: str) -> None:
@@ -400,7 +405,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         if snap.running or snap.verdict is None:
             self._cancel(app_id)
         w.remove_app(api, app_id, snap.network)
-        for path in (w.log_path(app_id), w.lock_path(app_id)):
+        for path in (w.log_path(app_id), w.lock_path(app_id), state.scheduler_dir(SCHEDULER, f"{app_id}.request.json")):
             try:
                 os.remove(path)
             except OSError:
@@ -422,7 +427,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             all=True, filters=d.app_filter(app_id, **{d.L_ROLE: role_name, d.L_REPLICA: str(k)})))
         if not found:  # removed by hand: nothing to read
             return (lambda: []), None
-        reader = d.LogReader(api, found[0]["Id"], streams, since, until)
+        reader = LogReader(api, found[0]["Id"], streams, since, until)
 
         def done() -> bool:
             try:

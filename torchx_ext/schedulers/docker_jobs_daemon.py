@@ -25,15 +25,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Callable, Optional, TypeVar
 
-from torchx.schedulers.api import Stream
 from torchx.specs import AppState
 
 from torchx_ext.errors import BackendError, MissingExtraError, SchedulerUnavailable, TorchxExtError
 from torchx_ext.groups import ReplicaOutcome, group_state
-from torchx_ext.logs import TimedLine
 
 SCHEDULER = "docker_jobs"
 P = "torchx-ext."
@@ -380,6 +377,24 @@ def remove_network(api: Any, name: str) -> None:
 
 
 
+def published_roles(snap: Snapshot) -> list[dict[str, Any]]:
+    """The app's role summaries with ``port_map`` as published: ``NAME/k`` (and ``NAME``, replica 0's)
+    -> host port."""
+    by_key = {(r.role, r.replica_id): r for r in snap.replicas}
+    out = []
+    for summary in snap.roles:
+        published: dict[str, int] = {}
+        for name, port in (summary.get("port_map") or {}).items():
+            for k in range(int(summary["num_replicas"])):
+                rep = by_key.get((summary["name"], k))
+                if rep is not None and int(port) in rep.ports:
+                    published[f"{name}/{k}"] = int(rep.ports[int(port)].rsplit(":", 1)[1])
+            if f"{name}/0" in published:
+                published[name] = published[f"{name}/0"]
+        out.append({**summary, "port_map": published})
+    return out
+
+
 def translate_error(e: BaseException, verb: str) -> Optional[TorchxExtError]:
     """An SDK error as one of ours (None: not the SDK's). Decided on types and HTTP status codes."""
     import sys
@@ -401,43 +416,3 @@ def translate_error(e: BaseException, verb: str) -> Optional[TorchxExtError]:
 
 def _docker_host() -> str:
     return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-
-
-# ------------------------------------------------------------------------------ logs -----
-class LogReader:
-    """Reads new lines of one container's log via the daemon (``timestamps=True``)."""
-
-    def __init__(self, api: Any, container_id: str, streams: Optional[Stream],
-                 since: Optional[datetime], until: Optional[datetime]) -> None:
-        self.api = api
-        self.container_id = container_id
-        self.stdout = streams in (None, Stream.COMBINED, Stream.STDOUT)
-        self.stderr = streams in (None, Stream.COMBINED, Stream.STDERR)
-        self.cursor: Optional[float] = since.timestamp() if since else None
-        self.until = until.timestamp() if until else None
-        self.recent: set[str] = set()  # raw lines at the cursor: docker's `since` is inclusive
-
-    def read_new(self) -> list[TimedLine]:
-        kwargs: dict[str, Any] = {"stdout": self.stdout, "stderr": self.stderr, "timestamps": True}
-        if self.cursor is not None and self.cursor > 0.01:
-            kwargs["since"] = self.cursor - 0.005  # a float loses ns: step back, dedupe below
-        if self.until is not None:
-            kwargs["until"] = self.until
-        raw = retrying(lambda: self.api.logs(self.container_id, **kwargs))
-        lines = [ln for ln in raw.decode("utf-8", errors="replace").split("\n") if ln]
-        out: list[TimedLine] = []
-        newest = self.cursor
-        for line in lines:
-            if line in self.recent:
-                continue  # already yielded by the previous read
-            stamp, _, text = line.partition(" ")
-            ts = parse_ts(stamp)
-            if ts is None:
-                ts, text = None, line
-            elif newest is None or ts > newest:
-                newest = ts
-            out.append((ts, text))
-        if newest is not None:
-            self.cursor = newest
-            self.recent = {ln for ln in lines if (parse_ts(ln.partition(" ")[0]) or 0.0) >= newest - 0.01}
-        return out

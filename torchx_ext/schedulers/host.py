@@ -225,12 +225,20 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         return describe_response(app_id, AppState[st.get("state", "UNKNOWN")], st.get("msg", ""),
                                  spec.get("roles", []), replica)
 
+    def _describe_native(self, app_id: str) -> Optional[HostRequest]:
+        loaded = self._load(app_id)
+        if loaded is None:
+            return None
+        spec = dict(loaded[1])
+        return HostRequest(**{**spec, "replicas": [ReplicaRequest(**r) for r in spec.get("replicas", [])]})
+
     def _list(self, cfg: Any) -> list[ListAppResponse]:
         out = []
         for app_id in sorted(self._app_ids()):
             loaded = self._load(app_id)
             if loaded is not None:
-                out.append(self.listed(app_id, AppState[loaded[2].get("state", "UNKNOWN")]))
+                out.append(self.listed(app_id, AppState[loaded[2].get("state", "UNKNOWN")],
+                                       loaded[1].get("app_name", "")))
         return out
 
     def _cancel(self, app_id: str) -> None:

@@ -11,8 +11,7 @@ driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs_cluster>`, uplo
   variables filled with the node addresses Ray chose, services, and the group rules;
 * replica output goes to the job log as marked lines; ``torchx log`` shows each replica's own
   stdout/stderr (and ``ray-driver`` the driver's), with tailing, regex and since/until;
-* dependencies wait in the cluster (one broker job per cluster, see
-  :mod:`ray_jobs_cluster.broker`), so the submitting process may exit;
+* dependencies wait in the cluster (:mod:`ray_jobs_cluster.broker`): the submitter may exit;
 * the app id is ``<dashboard address>~<submission id>``: status/log/cancel from any shell need
   no configuration;
 * status queries only query, except that looking at a waiting app restarts the cluster's broker
@@ -51,6 +50,7 @@ from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
+from torchx_ext.schedulers import ray_jobs_local as rl
 from torchx_ext.schedulers import ray_jobs_preflight
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response
 from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
@@ -137,27 +137,6 @@ class RayJobsRequest:
         return json.dumps(self.masked(), indent=2, ensure_ascii=False)
 
 
-def role_resources(role: Role) -> dict[str, float]:
-    """Ray resources of one replica: CPU, GPU, memory (bytes) and numeric capabilities."""
-    res = role.resource
-    out: dict[str, float] = {}
-    if res.cpu and res.cpu > 0:
-        out["CPU"] = float(res.cpu)
-    if res.gpu and res.gpu > 0:
-        out["GPU"] = float(res.gpu)
-    if res.memMB and res.memMB > 0:
-        out["memory"] = float(int(res.memMB) * 2**20)
-    for key, value in (res.capabilities or {}).items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidAppError(
-                f"role '{role.name}': capability {key}={value!r} is not a number; on ray_jobs, "
-                "capabilities are custom Ray resources (e.g. {'sandbox': 1}); use label_selector for node labels"
-            )
-        if value > 0:
-            out[str(key)] = float(value)
-    return out
-
-
 class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
     """TorchX scheduler over the Ray Jobs API. See the module docstring."""
 
@@ -174,6 +153,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         self._connect = client_factory or rc.connect
         self._clients: dict[str, Any] = {}  # connections, per dashboard: a cache, not a behaviour
         self._brokers = Brokers()
+        self._copies: dict[str, str] = {}  # workspace -> its copy, within this instance's submissions
 
     def _translate_error(self, e: Exception, verb: str) -> Optional[TorchxExtError]:
         if rc.is_unreachable(e):
@@ -184,16 +164,16 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
 
     # ------------------------------------------------------------------ workspace ---
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
-        """Copies ``workspace`` minus ``.torchxignore`` matches; it becomes the job's working_dir.
-
-        As with TorchX's own remote schedulers, ``torchx run`` ships the workspace it passes (by
-        default the current directory); ``--workspace ""`` ships nothing.
-        """
-        with self._translated("copy the workspace"):
-            root = rc.local_dir("workspaces")
-            rc.prune_workspace_copies(root)
-            target = os.path.join(root, uuid.uuid4().hex[:12])
-            copy_workspace(workspace, target, max_bytes=500 * 2**20, skip_under=state.home())
+        """Copies ``workspace`` minus ``.torchxignore`` matches: the job's working_dir. ``torchx run``
+        passes the current directory unless told otherwise; ``--workspace ""`` ships nothing."""
+        target = self._copies.get(workspace)  # roles sharing a workspace share one copy
+        if target is None or not os.path.isdir(target):
+            with self._translated("copy the workspace"):
+                root = rl.local_dir("workspaces")
+                rl.prune_workspace_copies(root)
+                target = os.path.join(root, uuid.uuid4().hex[:12])
+                copy_workspace(workspace, target, max_bytes=500 * 2**20, skip_under=state.home())
+            self._copies[workspace] = target
         role.metadata[WORKING_DIR_KEY] = target
 
     # ------------------------------------------------------------------ submit ------
@@ -221,7 +201,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             spec["placement_group"] = cluster.PG_PREFIX + sid
         for role in app.roles:
             entry = {"name": role.name, "service": is_service(role), "hosts_env": hosts_env_name(role.name),
-                     "resources": role_resources(role) or {"CPU": 0.01}, "replicas": []}
+                     "resources": ray_jobs_preflight.role_resources(role) or {"CPU": 0.01}, "replicas": []}
             for k in range(role.num_replicas):
                 r = macros.Values(img_root="", app_id=app_id, replica_id=str(k),
                                   rank0_env="TORCHX_RANK0_HOST").apply(role)
@@ -240,6 +220,9 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 env_vars[n] = value
         runtime_env: dict[str, Any] = {"env_vars": env_vars, "py_modules": [os.path.dirname(cluster.__file__)]}
         working_dir = app.roles[0].metadata.get(WORKING_DIR_KEY)
+        if len({r.metadata.get(WORKING_DIR_KEY) for r in app.roles if r.metadata.get(WORKING_DIR_KEY)}) > 1:
+            raise InvalidAppError("roles ship different workspaces, but a Ray job has one working_dir: "
+                                  "give the roles one workspace")
         if working_dir:
             runtime_env["working_dir"] = working_dir
         if ex.pip:
@@ -252,10 +235,10 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             needs = [spec["roles"][0]["resources"]]
         else:
             needs = [r["resources"] for r in spec["roles"] for _ in r["replicas"]]
-        manifest = ex.manifest or rc.default_manifest()
+        manifest = ex.manifest or rl.default_manifest()
         metadata = {
             KIND: "app", "torchx_ext_app": app.name, "torchx_ext_session": self.session_name,
-            "torchx_ext_manifest": str(manifest),
+            "torchx_ext_manifest": str(manifest), "torchx_ext_secret_names": json.dumps(names),
             **({"torchx_ext_placement_group": spec["placement_group"]} if not single else {}),
             "torchx_ext_roles": json.dumps([{"name": r.name, "num_replicas": r.num_replicas, "service": is_service(r)}
                                             for r in app.roles]),
@@ -305,11 +288,11 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             raise
         finally:
             wd = req.runtime_env.get("working_dir")
-            if wd and os.path.dirname(wd) == rc.local_dir("workspaces"):
+            if wd and os.path.dirname(wd) == rl.local_dir("workspaces"):
                 shutil.rmtree(wd, ignore_errors=True)  # uploaded (or failed): the copy is done
-        rc.update_cluster(req.dashboard_url, token_env=req.token_env, lost_contact_s=req.lost_contact_s)
+        rl.update_cluster(req.dashboard_url, token_env=req.token_env, lost_contact_s=req.lost_contact_s)
         masked = req.masked()
-        rc.append_manifest(req.manifest, {
+        rl.append_manifest(req.manifest, {
             "event": "submitted", "app_handle": self.handle(req.app_id),
             "job_id": req.submission_id, "dashboard_url": req.dashboard_url, "entrypoint": req.entrypoint,
             "resources": {r["name"]: r["resources"] for r in req.spec["roles"]},
@@ -321,8 +304,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
 
     # ------------------------------------------------------------------ clients -----
     def _client(self, url: str, token_env: Optional[str] = None, timeout: Optional[float] = None) -> Any:
-        known = rc.known_clusters().get(url, {}) if token_env is None or timeout is None else {}
-        token_env = token_env or known.get("token_env") or rc.torchxconfig().get("token_env") or None
+        known = rl.known_clusters().get(url, {}) if token_env is None or timeout is None else {}
+        token_env = token_env or known.get("token_env") or rl.torchxconfig().get("token_env") or None
         timeout = timeout or float(RayJobsExecutor.request_timeout_s)
         key = f"{url}|{token_env}"
         if key not in self._clients:
@@ -347,13 +330,19 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             if not rc.is_unreachable(e):
                 raise
             return self._unreachable(app_id, url, e)
-        rc.in_contact(url)
+        rl.in_contact(url)
         return resp
+
+    def _describe_native(self, app_id: str) -> Optional[RayJobsRequest]:
+        url, sid = rc.split_app_id(app_id)
+        client = self._client(url) if url else None
+        job = client and (rc.get_job(client, sid) or rc.get_job(client, sid + "--waiting"))
+        return RayJobsRequest(**rc.request_fields(url or "", app_id, sid, job)) if job else None
 
     def _unreachable(self, app_id: str, url: str, e: BaseException) -> DescribeAppResponse:
         msg = str(e) if isinstance(e, SchedulerUnavailable) else rc.unreachable_message(url, e)
         self._clients = {k: v for k, v in self._clients.items() if not k.startswith(url + "|")}
-        rc.lost_contact(url, msg, app_id, float(RayJobsExecutor.lost_contact_s))  # raises past lost_contact_s
+        rl.lost_contact(url, msg, app_id, float(RayJobsExecutor.lost_contact_s))  # raises past lost_contact_s
         return DescribeAppResponse(app_id=app_id, state=AppState.UNKNOWN, msg=msg)
 
     @staticmethod
@@ -371,8 +360,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
     def _list(self, cfg: Any) -> list[ListAppResponse]:
         urls: list[str] = []
         env = os.environ.get("RAY_ADDRESS", "")
-        for candidate in ((cfg or {}).get("dashboard_url"), rc.torchxconfig().get("dashboard_url"),
-                          env if env.startswith("http") else None, *rc.known_clusters()):
+        for candidate in ((cfg or {}).get("dashboard_url"), rl.torchxconfig().get("dashboard_url"),
+                          env if env.startswith("http") else None, *rl.known_clusters()):
             if candidate and rc.resolve_dashboard(candidate) not in urls:
                 urls.append(rc.resolve_dashboard(candidate))
         out: list[ListAppResponse] = []

@@ -1,4 +1,4 @@
-"""The client side plumbing of ``ray_jobs``: addresses, the Jobs API client, preflight, manifest.
+"""The Jobs API side of ``ray_jobs``: addresses and app ids, the client, jobs, their states and logs.
 
 Nothing here imports ray at module import: ``torchx runopts`` and ``--dryrun`` must stay cheap
 (``from ray.job_submission import JobSubmissionClient`` alone costs ~0.6 s).
@@ -6,18 +6,17 @@ Nothing here imports ray at module import: ``torchx runopts`` and ``--dryrun`` m
 
 from __future__ import annotations
 
+import base64
 import functools
 import inspect
 import json
 import os
-import shutil
 import time
 import urllib.parse
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
 from torchx.specs import AppState
 
-from torchx_ext import state
 from torchx_ext.errors import InvalidOptionError, MissingExtraError, SchedulerUnavailable
 from torchx_ext.logs import TimedLine
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
@@ -299,6 +298,31 @@ def delete_jobs(client: Any, ids: list[str], patience_s: float = 40) -> None:
         time.sleep(1.0)
 
 
+def request_fields(url: str, app_id: str, sid: str, job: Any) -> dict[str, Any]:
+    """A submitted app's request (RayJobsRequest's fields), read back from its job (or its waiting
+    record): what describe_native returns. Secret values stay masked by the request's repr."""
+    meta = dict(job.metadata or {})
+    waiting = meta.get(KIND) == "waiting"
+    runtime_env = dict(job.runtime_env or {})
+    if waiting:
+        app_meta = json.loads(meta.get("torchx_ext_app_metadata", "{}"))
+        resources = json.loads(meta.get("torchx_ext_submit_kwargs", "{}"))
+        if "torchx_ext_pip" in meta:
+            runtime_env["pip"] = json.loads(meta["torchx_ext_pip"])
+    else:
+        app_meta = meta
+        resources = {k: getattr(job, k) for k in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory",
+                                                    "entrypoint_resources") if getattr(job, k, None)}
+    encoded = (runtime_env.get("env_vars") or {}).get(cluster.SPEC_ENV, "")
+    spec = json.loads(base64.b64decode(encoded)) if encoded else {}
+    return {"dashboard_url": url, "app_id": app_id, "submission_id": sid,
+            "entrypoint": meta.get("torchx_ext_entrypoint") if waiting else job.entrypoint,
+            "runtime_env": runtime_env, "metadata": app_meta, "entrypoint_resources": resources,
+            "label_selector": dict(spec.get("label_selector") or {}),
+            "dependencies": json.loads(meta.get("torchx_ext_dependencies", "[]")), "spec": spec,
+            "preflight_needs": [], "secret_names": json.loads(app_meta.get("torchx_ext_secret_names", "[]"))}
+
+
 def from_ray(e: BaseException) -> bool:
     """Was ``e`` raised inside Ray's own code (its client refusing a request)?"""
     tb = e.__traceback__
@@ -326,106 +350,3 @@ def ray_version() -> str:
         return f"ray {ray.__version__}"
     except ImportError:
         return "no ray"
-
-
-# ---------------------------------------------------------------------- local records -----
-def local_dir(*parts: str) -> str:
-    return state.scheduler_dir("ray_jobs", *parts)
-
-
-def known_clusters() -> dict[str, dict[str, Any]]:
-    """Dashboards this user submitted to: url -> {token_env (a name, never a value), lost_contact_s,
-    unreachable_since}."""
-    return state.read_json(local_dir("clusters.json")) or {}
-
-
-def update_cluster(url: str, **fields: Any) -> None:
-    """Merges ``fields`` into the cluster's record (only writes when something changes)."""
-    known = known_clusters()
-    entry = dict(known.get(url, {}))
-    if all(entry.get(k) == v for k, v in fields.items()) and url in known:
-        return
-    entry.update(fields)
-    known[url] = {k: v for k, v in entry.items() if v is not None}
-    state.makedirs(local_dir())
-    state.write_json(local_dir("clusters.json"), known)
-
-
-def lost_contact(url: str, msg: str, app_id: str, default_limit_s: float) -> None:
-    """Notes the first failure to reach ``url`` (shared by every process, in clusters.json) and
-    raises :class:`SchedulerUnavailable` once it has lasted the cluster's ``lost_contact_s``: so a
-    ``--wait`` on a dead head ends instead of polling UNKNOWN forever."""
-    record = known_clusters().get(url, {})
-    since = record.get("unreachable_since")
-    if since is None:
-        update_cluster(url, unreachable_since=time.time())
-        return
-    limit = float(record.get("lost_contact_s", default_limit_s))
-    if time.time() - since >= limit:
-        raise SchedulerUnavailable(
-            f"{msg}; it has not answered for {time.time() - since:.0f} s (lost_contact_s={limit:g}), "
-            f"so {app_id} is given up on here: it may still run")
-
-
-def in_contact(url: str) -> None:
-    if known_clusters().get(url, {}).get("unreachable_since"):
-        update_cluster(url, unreachable_since=None)
-
-
-def torchxconfig() -> dict[str, str]:
-    """The ``[ray_jobs]`` section of the .torchxconfig files TorchX reads (for status/list/log)."""
-    try:
-        import configparser
-
-        from torchx.runner.config import find_configs
-
-        parser = configparser.ConfigParser()
-        parser.read(find_configs())
-        return dict(parser["ray_jobs"]) if parser.has_section("ray_jobs") else {}
-    except Exception:  # a broken config file must not break status; TorchX itself reports it
-        return {}
-
-
-def prune_workspace_copies(root: str, max_age_s: float = 3600) -> None:
-    """Removes copies a dry-run left behind (``schedule`` removes its own once uploaded)."""
-    try:
-        entries = os.listdir(root)
-    except FileNotFoundError:
-        return
-    for name in entries:
-        path = os.path.join(root, name)
-        try:
-            if time.time() - os.path.getmtime(path) > max_age_s:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass
-
-
-# ---------------------------------------------------------------------------- manifest -----
-def default_manifest() -> str:
-    return "file://" + local_dir("manifest.jsonl")
-
-
-def append_manifest(url: str, record: Mapping[str, Any]) -> None:
-    """Appends one JSON line to the manifest at fsspec ``url`` (local files: O_APPEND, atomic)."""
-    import fsspec
-
-    line = json.dumps({"time": time.time(), **record}, sort_keys=True) + "\n"
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.protocol in ("file", ("file", "local")):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-        return
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    mode = "ab"
-    try:
-        with fs.open(path, mode) as f:
-            f.write(line.encode())
-    except (NotImplementedError, ValueError):  # stores without append: read-modify-write
-        old = fs.cat_file(path) if fs.exists(path) else b""
-        with fs.open(path, "wb") as f:
-            f.write(old + line.encode())

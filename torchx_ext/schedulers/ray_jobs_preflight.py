@@ -1,4 +1,4 @@
-"""Preflight of a ``ray_jobs`` submission: can the cluster run the app at all?
+"""What a ``ray_jobs`` app needs of the cluster, and the preflight: can the cluster run it at all?
 
 One request for the Ray version and one for the nodes (state API); an app that no node can hold
 is refused before anything is submitted, saying what is missing.
@@ -7,6 +7,8 @@ is refused before anything is submitted, saying what is missing.
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Mapping
+
+from torchx.specs import Role
 
 from torchx_ext.errors import InvalidAppError, SchedulerUnavailable
 from torchx_ext.schedulers.ray_jobs_client import is_unreachable, unreachable_message
@@ -86,3 +88,24 @@ def _fmt(res: Mapping[str, float]) -> str:
     return "{" + ", ".join(
         f"{k}: {v / 2**20:.0f} MiB" if k == "memory" else f"{k}: {v:g}" for k, v in sorted(res.items())
     ) + "}"
+
+
+def role_resources(role: Role) -> dict[str, float]:
+    """Ray resources of one replica: CPU, GPU, memory (bytes) and numeric capabilities."""
+    res = role.resource
+    out: dict[str, float] = {}
+    if res.cpu and res.cpu > 0:
+        out["CPU"] = float(res.cpu)
+    if res.gpu and res.gpu > 0:
+        out["GPU"] = float(res.gpu)
+    if res.memMB and res.memMB > 0:
+        out["memory"] = float(int(res.memMB) * 2**20)
+    for key, value in (res.capabilities or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidAppError(
+                f"role '{role.name}': capability {key}={value!r} is not a number; on ray_jobs, "
+                "capabilities are custom Ray resources (e.g. {'sandbox': 1}); use label_selector for node labels"
+            )
+        if value > 0:
+            out[str(key)] = float(value)
+    return out

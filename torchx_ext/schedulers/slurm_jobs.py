@@ -24,7 +24,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any, Callable, Mapping, Optional
 
@@ -37,8 +37,8 @@ from torchx_ext import support as matrices
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, SchedulerUnavailable
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
+from torchx_ext.schedulers import slurm_jobs_client as sc
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, role_summaries
-from torchx_ext.schedulers.slurm_jobs_client import SlurmClient, last_error, read_int, read_text, run, unreachable
 from torchx_ext.schedulers.slurm_jobs_script import (
     APP_ID_TOKEN,
     DEP_NEVER,
@@ -133,7 +133,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
 
     def __init__(self, session_name: str, **kwargs: Any) -> None:
         super().__init__(session_name, **kwargs)
-        self._slurm = SlurmClient()
+        self._slurm = sc.SlurmClient()
 
     # ------------------------------------------------------------------ dry-run -----
     def _build_request(self, app: AppDef, ex: SlurmJobsExecutor, dependencies: list[str]) -> SlurmJobsRequest:
@@ -239,10 +239,10 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         spec = replace(req.spec, dependencies=deps)
         state.makedirs(spec.job_root)  # sbatch needs it for slurm-<id>.out
         script = render(spec)
-        proc = run(["sbatch", "--parsable"], stdin=script)
+        proc = sc.run(["sbatch", "--parsable"], stdin=script)
         if proc.returncode != 0:
             err = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
-            if unreachable(proc):
+            if sc.unreachable(proc):
                 raise SchedulerUnavailable(f"sbatch could not reach slurmctld: {err}")
             raise BackendError(f"sbatch rejected the job: {err}")
         job_id = proc.stdout.strip().split(";")[0]
@@ -257,6 +257,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         state.write_json(os.path.join(_record_dir(job_id), "app.json"), {
             "app_id": job_id, "app_name": spec.app_name, "job_dir": app_dir, "job_root": spec.job_root,
             "roles": req.roles, "dependencies": req.spec.dependencies, "submitted": time.time(),
+            "spec": asdict(spec),  # the request as submitted, for describe_native
         })
         return job_id
 
@@ -293,20 +294,16 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             return None
         return state.read_json(os.path.join(_record_dir(app_id), "app.json"))
 
+    def _describe_native(self, app_id: str) -> Optional[SlurmJobsRequest]:
+        record = self._record(app_id)
+        if record is None or "spec" not in record:
+            return None
+        return SlurmJobsRequest(spec=ScriptSpec.from_dict(record["spec"]), roles=record.get("roles", []))
+
     def _state_from_files(self, app_id: str) -> tuple[AppState, str]:
         """The verdict the batch script left, for jobs Slurm has forgotten (no accounting)."""
         record = self._record(app_id)
-        if record is None:
-            return AppState.UNKNOWN, ""
-        result = parse_result(read_text(os.path.join(record["job_dir"], "result")))
-        if result is not None:
-            return (AppState.SUCCEEDED if result[0] == 0 else AppState.FAILED), ""
-        if os.path.exists(os.path.join(record["job_dir"], "cancelled")):
-            return AppState.CANCELLED, "cancelled by user"
-        return AppState.UNKNOWN, (
-            f"Slurm no longer knows job {app_id} and has no accounting (sacct); "
-            f"its job directory {record['job_dir']} has no result"
-        )
+        return (AppState.UNKNOWN, "") if record is None else sc.verdict_from_files(app_id, record["job_dir"])
 
     # ------------------------------------------------------------------ describe ----
     def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
@@ -329,7 +326,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     ) -> tuple[list[Role], list[RoleStatus], list[ReplicaOutcome]]:
         job_dir = record["job_dir"]
         job_state = job.app_state if job else self._state_from_files(record["app_id"])[0]
-        result = parse_result(read_text(os.path.join(job_dir, "result")))
+        result = parse_result(sc.read_text(os.path.join(job_dir, "result")))
         roles, statuses, outcomes = [], [], []
         for summary in record.get("roles", []):
             name, service = summary["name"], summary["service"]
@@ -338,8 +335,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             replicas = []
             for k in range(summary["num_replicas"]):
                 rdir = os.path.join(job_dir, summary["dirname"], str(k))
-                code = read_int(os.path.join(rdir, "exit"))
-                host = (read_text(os.path.join(rdir, "host")) or "").split()
+                code = sc.read_int(os.path.join(rdir, "exit"))
+                host = (sc.read_text(os.path.join(rdir, "host")) or "").split()
                 shown = outcome = AppState.PENDING
                 if code is not None and os.path.exists(os.path.join(rdir, "stopped")):
                     # the group stopped it: judged as it was then (running), shown as stopped
@@ -354,7 +351,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                     shown = outcome = AppState.RUNNING
                 reason = ""
                 if outcome in (AppState.FAILED, AppState.SUCCEEDED) and code:
-                    reason = signal_reason(code) or last_error(os.path.join(rdir, "log"))
+                    reason = signal_reason(code) or sc.last_error(os.path.join(rdir, "log"))
                 outcomes.append(ReplicaOutcome(name, k, service, outcome, code, reason))
                 replicas.append(ReplicaStatus(id=k, state=shown, role=name, hostname=host[-1] if host else ""))
             statuses.append(RoleStatus(name, replicas))
@@ -401,7 +398,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             ours = {d for d in os.listdir(state.scheduler_dir(SCHEDULER)) if _JOB_ID.match(d)}
         except FileNotFoundError:
             ours = set()
-        return [self.listed(j["job_id"], app_state_of(j["state"], j["reason"]))
+        return [self.listed(j["job_id"], app_state_of(j["state"], j["reason"]),
+                            (self._record(j["job_id"]) or {}).get("app_name", ""))
                 for j in self._slurm.squeue_jobs()
                 if j["leader"] and (j["comment"] == MARKER or j["job_id"] in ours)]
 
@@ -417,8 +415,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         if record is not None and os.path.isdir(record["job_dir"]):
             # remembered for when Slurm has forgotten the job (no accounting)
             open(os.path.join(record["job_dir"], "cancelled"), "w").close()
-        proc = run(["scancel", app_id])
-        if unreachable(proc):  # any other error: the job ended meanwhile, which is what we want
+        proc = sc.run(["scancel", app_id])
+        if sc.unreachable(proc):  # any other error: the job ended meanwhile, which is what we want
             raise SchedulerUnavailable(f"scancel could not reach slurmctld: {proc.stderr.strip()}")
 
     def _delete(self, app_id: str) -> None:

@@ -12,8 +12,10 @@ import os
 import subprocess
 from typing import Any, Optional
 
+from torchx.specs import AppState
+
 from torchx_ext.errors import SchedulerUnavailable
-from torchx_ext.schedulers.slurm_jobs_script import SlurmJob, parse_sacct, parse_scontrol_job
+from torchx_ext.schedulers.slurm_jobs_script import SlurmJob, parse_result, parse_sacct, parse_scontrol_job
 
 # what Slurm's clients print when slurmctld cannot be reached (retrying is the caller's choice)
 _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
@@ -67,6 +69,17 @@ def last_error(log_path: str) -> str:
         if tag == "E" and text.strip() and not text.startswith("srun: "):
             return text.strip()[:300]
     return ""
+
+
+def verdict_from_files(job_id: str, job_dir: str) -> tuple[AppState, str]:
+    """The verdict the batch script left in the job directory (for jobs Slurm has forgotten)."""
+    result = parse_result(read_text(os.path.join(job_dir, "result")))
+    if result is not None:
+        return (AppState.SUCCEEDED if result[0] == 0 else AppState.FAILED), ""
+    if os.path.exists(os.path.join(job_dir, "cancelled")):
+        return AppState.CANCELLED, "cancelled by user"
+    return AppState.UNKNOWN, (f"Slurm no longer knows job {job_id} and has no accounting (sacct); "
+                              f"its job directory {job_dir} has no result")
 
 
 class SlurmClient:

@@ -26,7 +26,7 @@ import re
 import shlex
 import signal
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from torchx.specs import AppState
 
@@ -92,6 +92,13 @@ class ScriptSpec:
     shared_opts: list[str]  # repeated in every component (partition, time, account, ...)
     dependencies: list[str]
     components: list[RoleComponent]
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ScriptSpec:
+        """The inverse of ``dataclasses.asdict`` (a record's request, read back)."""
+        comps = [RoleComponent(**{**c, "replicas": [ReplicaCommand(**r) for r in c["replicas"]]})
+                 for c in d["components"]]
+        return ScriptSpec(**{**d, "components": comps})
 
     @property
     def heterogeneous(self) -> bool:
