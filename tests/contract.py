@@ -345,6 +345,20 @@ class SchedulerContract:
                     self.role(backend, "bad", "print(1)", env={"V": "a\0b"})):
             self._refused_before_anything_starts(runner, backend, AppDef("nul", roles=[good, bad]), "NUL byte")
 
+    def test_describe_native_reads_back_the_request_and_list_names_the_app(
+            self, runner: Runner, backend: Backend) -> None:
+        from torchx.schedulers import get_scheduler_factories
+
+        app = AppDef("native", roles=[self.role(backend, "main", "print('x')", env={"MARK": "native-mark-1"})])
+        handle = self.run(runner, backend, app)
+        wait_terminal(runner, handle, backend.timeout)
+        sched = get_scheduler_factories()[backend.scheduler]("test")
+        info = sched.describe_native(handle.rsplit("/", 1)[-1])
+        assert info is not None and "native-mark-1" in repr(info.request), info
+        assert sched.describe_native(f"no-such-app-{int(time.time())}") is None
+        listed = next(a for a in runner.list(backend.scheduler) if a.app_handle == handle)
+        assert getattr(listed, "name", "native") == "native"  # torchx-nightly's ListAppResponse has a name
+
     def test_unknown_option_lists_valid_ones(self, runner: Runner, backend: Backend) -> None:
         app = AppDef("opt", roles=[self.role(backend, "main", "print(1)")])
         # ours is a ValueError; the nightly's runopts rejects it first with its own exception type
