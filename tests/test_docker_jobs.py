@@ -374,3 +374,11 @@ def test_port_map_is_published_on_loopback_and_shown_by_describe(runner: Runner)
             assert time.time() < deadline, "the published port never answered"
             time.sleep(0.3)
     runner.cancel(handle)
+
+
+def test_missing_image_that_cannot_be_pulled_is_one_line() -> None:
+    out = cli("run", "-s", "docker_jobs", "-cfg", "pull_policy=never", "utils.echo", "--image",
+              "torchx-ext-test/no-such-image:1", "--msg", "x")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    errors = [x for x in out.stderr.splitlines() if x.startswith("torchx: error:")]
+    assert len(errors) == 1 and "not present locally" in errors[0], out.stderr

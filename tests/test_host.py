@@ -233,3 +233,23 @@ def test_roles_component_parses_commands_with_shell_quoting() -> None:
         roles("a=x", services="b")
     dry = json.loads(repr(get_runner().dryrun(app, "host", {}).request))
     assert [r["service"] for r in dry["replicas"]] == [True, False, False, False]
+
+
+def test_cancel_right_after_run_is_cancelled_and_leaves_nothing(tmp_path: str) -> None:
+    from conftest import live_processes
+
+    runner = get_runner()
+    for delay in (0.0, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3):  # while the supervisor starts, and after
+        app = AppDef("early", roles=[Role("main", image=str(tmp_path), entrypoint="sh",
+                                          args=["-c", "sleep 60 & sleep 60"], num_replicas=2)])
+        handle = runner.run(app, "host", {})
+        time.sleep(delay)
+        runner.cancel(handle)
+        status = wait_terminal(runner, handle, 30)
+        assert status.state == AppState.CANCELLED, (delay, status)
+        app_id = handle.rsplit("/", 1)[-1]
+        deadline = time.time() + 10  # replicas (and their children) are killed by process group
+        while live_processes((f"TORCHX_EXT_APP_ID={app_id}\0".encode(),), (app_id.encode(),)):
+            assert time.time() < deadline, f"processes of {app_id} outlived its cancel (delay {delay})"
+            time.sleep(0.1)
+    runner.close()

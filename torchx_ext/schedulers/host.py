@@ -254,15 +254,20 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
             deadline = time.time() + sup.STOP_GRACE_S + 5
             while time.time() < deadline and sup.pid_alive(pid):
                 time.sleep(0.05)
-            if not sup.pid_alive(pid):
-                return
-        # the supervisor is gone (or stuck): stop what it recorded ourselves
+            now = state.read_json(os.path.join(app_dir, "state.json")) or st
+            if not sup.pid_alive(pid) and now.get("state") in sup.TERMINAL:
+                return  # it recorded its verdict
+            st = now  # killed before it could handle the signal (cancel right after run), or stuck
+        # the supervisor is gone (or stuck, or not started yet): stop what it recorded ourselves
         for rs in st.get("replicas", {}).values():
             sup.kill_group(rs.get("pgid"), signal.SIGKILL)
             if rs.get("state") == "RUNNING":
                 rs["state"] = "CANCELLED"
-        sup.update_state(app_dir, state="CANCELLED", replicas=st.get("replicas", {}),
-                         msg="cancelled by user (supervisor was not running)", ended=time.time())
+        after = sup.update_state(app_dir, state="CANCELLED", replicas=st.get("replicas", {}),
+                                 msg="cancelled by user", ended=time.time())
+        late = after.get("supervisor_pid")
+        if late != pid and late is not None and sup.pid_alive(late):
+            os.kill(late, signal.SIGTERM)  # it started meanwhile: it stops its replicas itself
 
     def _delete(self, app_id: str) -> None:
         loaded = self._load(app_id)

@@ -26,7 +26,7 @@ from typing import IO, Any, Optional, cast
 
 from torchx.specs import AppState, is_terminal
 
-from torchx_ext.state import read_json, update_json
+from torchx_ext.state import locked, read_json, update_json, write_json
 
 TERMINAL = tuple(s.name for s in AppState if is_terminal(s))
 STOP_GRACE_S = 3.0
@@ -250,7 +250,11 @@ class Supervisor:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, self._on_sigterm)
-        self._save(supervisor_pid=os.getpid())
+        with locked(self.app_dir):  # a cancel that came before us has decided already: start nothing
+            st = read_json(os.path.join(self.app_dir, "state.json")) or {}
+            if st.get("state") in TERMINAL:
+                return
+            write_json(os.path.join(self.app_dir, "state.json"), {**st, "supervisor_pid": os.getpid()})
         if not self._wait_for_dependencies():
             return
         if self.cancelled:
@@ -274,10 +278,17 @@ class Supervisor:
 
 def main(argv: list[str]) -> int:
     app_dir = argv[1]
+    supervisor = None
     try:
-        Supervisor(app_dir).run()
+        supervisor = Supervisor(app_dir)
+        supervisor.run()
     except Exception:
         traceback.print_exc()
+        try:  # no replica may outlive its supervisor: stop what it started before the crash
+            if supervisor is not None:
+                supervisor._stop_all()
+        except Exception:
+            traceback.print_exc()
         update_state(app_dir, state="FAILED", msg="supervisor crashed; see supervisor.log",
                      ended=time.time())
         return 1

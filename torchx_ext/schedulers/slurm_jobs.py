@@ -150,7 +150,9 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         shared += ex.sbatch_args or []
         job_opts = [f"--job-name={_job_name(app.name)}", f"--comment={MARKER}",
                     # %% is a literal % in Slurm's filename patterns; %j is the job id
-                    f"--output={job_root.replace('%', '%%')}/slurm-%j.out", "--open-mode=append"]
+                    f"--output={job_root.replace('%', '%%')}/slurm-%j.out", "--open-mode=append",
+                    # no retries asked for (max_retries=0): Slurm must not requeue it behind the user's back
+                    "--no-requeue"]
         for key in ("mail_user", "mail_type"):
             if getattr(ex, key):
                 job_opts.append(f"--{key.replace('_', '-')}={getattr(ex, key)}")
