@@ -29,29 +29,16 @@ def _0_torchx_default(session_name: str, **kwargs: Any) -> Any:
     return importlib.import_module(DEFAULT_SCHEDULER_MODULES[_DEFAULT]).create_scheduler(session_name, **kwargs)
 
 
-@register.scheduler()
-def host(session_name: str, **kwargs: Any) -> Any:
-    from torchx_ext.schedulers.host import create_scheduler
+def _ours(name: str) -> Any:
+    @register.scheduler(name=name)
+    def create_scheduler(session_name: str, **kwargs: Any) -> Any:
+        # the module is imported on first use only: listing schedulers stays cheap
+        return importlib.import_module(f"torchx_ext.schedulers.{name}").create_scheduler(session_name, **kwargs)
 
-    return create_scheduler(session_name, **kwargs)
-
-
-@register.scheduler()
-def slurm_jobs(session_name: str, **kwargs: Any) -> Any:
-    from torchx_ext.schedulers.slurm_jobs import create_scheduler
-
-    return create_scheduler(session_name, **kwargs)
+    return create_scheduler
 
 
-@register.scheduler()
-def docker_jobs(session_name: str, **kwargs: Any) -> Any:
-    from torchx_ext.schedulers.docker_jobs import create_scheduler
-
-    return create_scheduler(session_name, **kwargs)
-
-
-@register.scheduler()
-def ray_jobs(session_name: str, **kwargs: Any) -> Any:
-    from torchx_ext.schedulers.ray_jobs import create_scheduler
-
-    return create_scheduler(session_name, **kwargs)
+host = _ours("host")
+slurm_jobs = _ours("slurm_jobs")
+docker_jobs = _ours("docker_jobs")
+ray_jobs = _ours("ray_jobs")
