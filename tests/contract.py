@@ -206,6 +206,26 @@ class SchedulerContract:
         if backend.nothing_running:
             assert backend.nothing_running(handle)
 
+    def test_cancel_ends_every_process_the_replicas_started(self, runner: Runner, backend: Backend) -> None:
+        from conftest import live_processes
+
+        code = ("import subprocess, sys, time; "
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+                "print('up', flush=True); time.sleep(300)")
+        handle = self.run(runner, backend, AppDef("tree", roles=[self.role(backend, "main", code, replicas=2)]))
+        wait_state(runner, handle, AppState.RUNNING, backend.timeout)
+        marker = f"TORCHX_EXT_APP_ID={handle.rsplit('/', 1)[-1]}\0".encode()
+        deadline = time.time() + backend.timeout
+        while len(live_processes((marker,))) < 4:  # two replicas and a child of each
+            assert time.time() < deadline, f"replicas and their children never all ran: {live_processes((marker,))}"
+            time.sleep(0.2)
+        runner.cancel(handle)
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.CANCELLED
+        deadline = time.time() + 30
+        while live_processes((marker,)):
+            assert time.time() < deadline, f"processes outlived the cancel: {live_processes((marker,))}"
+            time.sleep(0.2)
+
     def test_group_all_or_nothing(self, runner: Runner, backend: Backend) -> None:
         app = AppDef("aon", roles=[
             self.role(backend, "good", "import time; time.sleep(600)"),

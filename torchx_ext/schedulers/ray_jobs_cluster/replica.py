@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from typing import IO, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -23,6 +24,35 @@ from . import ENV_B64_PREFIX, SPEC_ENV
 Line = Tuple[str, float, str]  # (stream "o"/"e", unix time, text without the newline)
 
 _PR_SET_PDEATHSIG = 1
+
+# A replica's children (a `sleep` under `sh -c`) share its process group but not its death signal,
+# and Ray SIGKILLs the direct children of a worker it stops: this watchdog, detached (a grandchild
+# of the worker, so that sweep misses it), ends the replica's whole group once the replica or the
+# process running it (driver or actor) is gone. Argv: runner pid, replica pid (= its group id).
+WATCHDOG = """
+import os, signal, sys, time
+if os.fork():
+    os._exit(0)  # detach: the runner reaps the intermediate, init adopts the watchdog
+os.setsid()
+runner, group = int(sys.argv[1]), int(sys.argv[2])
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+while True:
+    try:
+        os.killpg(group, 0)
+    except OSError:
+        break  # nothing of the replica is left
+    if not alive(runner) or not alive(group):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(0.2)
+"""
 
 
 def _die_with_parent() -> None:
@@ -89,6 +119,12 @@ class ReplicaRunner:
             )
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             return f"could not start {cmd[0]!r}: {e}"
+        try:
+            subprocess.run([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()), str(self._proc.pid)],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           close_fds=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            pass  # the replica runs without it; stop() still ends its group
         for stream, pipe in (("o", self._proc.stdout), ("e", self._proc.stderr)):
             t = threading.Thread(target=self._pump, args=(stream, pipe), daemon=True)
             t.start()
