@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -224,6 +225,28 @@ class SchedulerContract:
         deadline = time.time() + 30
         while live_processes((marker,)):
             assert time.time() < deadline, f"processes outlived the cancel: {live_processes((marker,))}"
+            time.sleep(0.2)
+
+    def test_cancel_at_any_instant_of_the_first_two_seconds_ends_cancelled(
+            self, runner: Runner, backend: Backend) -> None:
+        from conftest import live_processes
+
+        rng = random.Random(f"{backend.scheduler}-cancel")  # a fixed sequence: a failure can be replayed
+        code = ("import subprocess, sys, time; "
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)")
+        handles = []
+        for i in range(20):
+            handle = self.run(runner, backend, AppDef(f"early{i}", roles=[self.role(backend, "main", code)]))
+            time.sleep(rng.uniform(0, 2.0))
+            runner.cancel(handle)
+            handles.append(handle)
+        for handle in handles:
+            status = wait_terminal(runner, handle, backend.timeout)
+            assert status.state == AppState.CANCELLED, (handle, status)
+        markers = tuple(f"TORCHX_EXT_APP_ID={h.rsplit('/', 1)[-1]}\0".encode() for h in handles)
+        deadline = time.time() + 30
+        while live_processes(markers):
+            assert time.time() < deadline, f"processes outlived their cancel: {live_processes(markers)}"
             time.sleep(0.2)
 
     def test_group_all_or_nothing(self, runner: Runner, backend: Backend) -> None:
