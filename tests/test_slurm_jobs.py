@@ -339,3 +339,25 @@ def test_capabilities_are_node_features(runner: Runner, partition: str) -> None:
     app.roles[0].resource.capabilities = {"no_such_feature": True}
     with pytest.raises(BackendError, match="sbatch rejected the job: .*feature"):
         runner.run(app, SCHEDULER, {"partition": partition})
+
+
+def test_a_lost_node_fails_the_app_naming_it_and_nothing_is_requeued(runner: Runner, partition: str) -> None:
+    code = "import time; print('up', flush=True); time.sleep(300)"
+    handle = runner.run(_role_app("nodeloss", code, ("other", code)), SCHEDULER, {"partition": partition})
+    wait_state(runner, handle, AppState.RUNNING, TIMEOUT)
+    app_id = _app_id(handle)
+    nodes = re.findall(r"(?:^|\s)NodeList=(\S+)", _scontrol(app_id))
+    lost = nodes[-1]  # a node of the heterogeneous job's second component
+    try:
+        subprocess.run(["scontrol", "update", f"NodeName={lost}", "State=DOWN", "Reason=torchx-ext-test"], check=True)
+        status = wait_terminal(runner, handle, TIMEOUT)
+        assert status.state == AppState.FAILED, status  # not PENDING: --no-requeue, no retries asked for
+        assert "NODE_FAIL" in status.msg and lost in status.msg, status.msg
+        assert "Restarts=0" in _scontrol(app_id)
+        assert nothing_running(handle)
+    finally:
+        subprocess.run(["scontrol", "update", f"NodeName={lost}", "State=RESUME"], capture_output=True)
+        deadline = time.time() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-n", lost, "-o", "%t"], capture_output=True,
+                                           text=True).stdout and time.time() < deadline:
+            time.sleep(0.5)

@@ -386,6 +386,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             if group == AppState.FAILED and job.state.startswith("FAILED"):
                 return st, msg
             detail = f"Slurm: {job.state}" + (f" ({reason})" if reason else "")
+            if job.state.startswith("NODE_FAIL"):  # not requeued: this app asked for no retries
+                detail += f": a node of the job ({job.nodes or 'unknown'}) failed, so Slurm ended it"
             if job.exit_code or job.signal:
                 detail += f", batch script exit code {job.exit_code}" + (f" signal {job.signal}" if job.signal else "")
             return st, f"{detail}; {msg + '; ' if msg else ''}see {out_file}"

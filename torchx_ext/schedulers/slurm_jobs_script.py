@@ -345,6 +345,7 @@ class SlurmJob:
     exit_code: int = 0  # the batch script's exit code
     signal: int = 0
     dependency: str = ""
+    nodes: str = ""  # every component's NodeList, comma-separated (scontrol only)
 
     @property
     def app_state(self) -> AppState:
@@ -362,7 +363,7 @@ def app_state_of(state: str, reason: str = "") -> AppState:
     return SLURM_STATES.get(base, AppState.UNKNOWN)
 
 
-_SCONTROL_KEYS = re.compile(r"(?:^|\s)(JobId|JobState|Reason|ExitCode|Dependency)=(\S*)")
+_SCONTROL_KEYS = re.compile(r"(?:^|\s)(JobId|HetJobId|JobState|Reason|ExitCode|Dependency|NodeList)=(\S*)")
 
 
 def parse_scontrol_job(text: str, job_id: str) -> Optional[SlurmJob]:
@@ -371,19 +372,24 @@ def parse_scontrol_job(text: str, job_id: str) -> Optional[SlurmJob]:
     The keys read here come before any free-text field (Comment, Command, WorkDir); the first
     occurrence of each key wins, so text inside later fields cannot fool the parser.
     """
+    found, nodes = None, []
     for line in text.splitlines():
         fields: dict[str, str] = {}
         for key, value in _SCONTROL_KEYS.findall(line):
             fields.setdefault(key, value)
+        if job_id in (fields.get("JobId"), fields.get("HetJobId")) and fields.get("NodeList", "(null)") != "(null)":
+            nodes.append(fields["NodeList"])  # a heterogeneous job: one line per component
         if fields.get("JobId") != job_id:
             continue
         code, _, sig = fields.get("ExitCode", "0:0").partition(":")
         dep = fields.get("Dependency", "")
-        return SlurmJob(
+        found = SlurmJob(
             job_id=job_id, state=fields.get("JobState", ""), reason=fields.get("Reason", ""),
             exit_code=int(code or 0), signal=int(sig or 0), dependency="" if dep == "(null)" else dep,
         )
-    return None
+    if found is not None:
+        found.nodes = ",".join(dict.fromkeys(nodes))
+    return found
 
 
 def parse_sacct(text: str, job_id: str) -> Optional[SlurmJob]:
