@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -247,6 +248,31 @@ class SchedulerContract:
         deadline = time.time() + 30
         while live_processes(markers):
             assert time.time() < deadline, f"processes outlived their cancel: {live_processes(markers)}"
+            time.sleep(0.2)
+
+    def test_a_replica_killed_from_outside_fails_the_app_naming_it(self, runner: Runner, backend: Backend) -> None:
+        from conftest import live_processes
+
+        code = "import time; print('up', flush=True); time.sleep(300)  # victim-mark"
+        handle = self.run(runner, backend, AppDef("victim", roles=[self.role(backend, "main", code, replicas=2)]))
+        wait_state(runner, handle, AppState.RUNNING, backend.timeout)
+        marker = f"TORCHX_EXT_APP_ID={handle.rsplit('/', 1)[-1]}\0".encode()
+        deadline = time.time() + backend.timeout
+        victims: list[int] = []
+        while not victims:
+            assert time.time() < deadline, "replica 1 never ran"
+            for pid in set(live_processes((marker,))) & set(live_processes(argv=(b"victim-mark",))):
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if b"TORCHX_EXT_REPLICA_ID=1\0" in f.read():
+                        victims.append(pid)
+            time.sleep(0.2)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        status = wait_terminal(runner, handle, backend.timeout)
+        assert status.state == AppState.FAILED and "main" in status.msg, status
+        deadline = time.time() + 30
+        while live_processes((marker,)):  # the other replica was stopped by the group rules
+            assert time.time() < deadline, f"processes outlived the failure: {live_processes((marker,))}"
             time.sleep(0.2)
 
     def test_group_all_or_nothing(self, runner: Runner, backend: Backend) -> None:
