@@ -374,7 +374,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 msg = str(e) if isinstance(e, SchedulerUnavailable) else rc.unreachable_message(url, e)
                 logger.warning(msg + "; its apps are not listed")
                 continue
-            out += [self.listed(rc.make_app_id(url, sid), st) for sid, st in rc.listed_apps(jobs)]
+            out += [self.listed(rc.make_app_id(url, sid), st, name) for sid, st, name in rc.listed_apps(jobs)]
         return out
 
     def _cancel(self, app_id: str) -> None:

@@ -257,19 +257,19 @@ def job_state(client: Any, job: Any) -> tuple[AppState, str, dict[str, Any]]:
     return st, msg, verdict
 
 
-def listed_apps(jobs: list[Any]) -> list[tuple[str, AppState]]:
-    """(submission id, state) of every torchx-ext app among a cluster's jobs (waiting ones too)."""
+def listed_apps(jobs: list[Any]) -> list[tuple[str, AppState, str]]:
+    """(submission id, state, app name) of every torchx-ext app among a cluster's jobs (waiting ones too)."""
     ids = {j.submission_id for j in jobs}
     out = []
     for job in jobs:
         meta = job.metadata or {}
-        kind = meta.get(KIND)
+        kind, name = meta.get(KIND), str(meta.get("torchx_ext_app", ""))
         if kind == "verdict":
-            out.append((job.submission_id, AppState[meta["torchx_ext_verdict"]]))
+            out.append((job.submission_id, AppState[meta["torchx_ext_verdict"]], name))
         elif kind == "app":
-            out.append((job.submission_id, STATES.get(job_status(job), AppState.UNKNOWN)))
+            out.append((job.submission_id, STATES.get(job_status(job), AppState.UNKNOWN), name))
         elif kind == "waiting" and meta.get("torchx_ext_submission_id") not in ids:
-            out.append((meta["torchx_ext_submission_id"], AppState.PENDING))
+            out.append((meta["torchx_ext_submission_id"], AppState.PENDING, name))
     return out
 
 
