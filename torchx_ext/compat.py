@@ -1,29 +1,25 @@
 """The few places where torchx 0.7.0 and torchx-nightly differ, in one module.
 
 Differences handled (checked against 0.7.0 and the 2026-10 nightly):
-- ``AppDryRunInfo`` stores app/cfg as ``_app``/``_cfg`` (0.7.0) or ``app``/``cfg`` (nightly);
 - ``Scheduler._validate(app, scheduler)`` gained a ``cfg`` argument (our base accepts both);
 - ``Scheduler.list()`` gained a ``cfg`` argument (our base accepts both);
-- ``DescribeAppResponse``/``ListAppResponse`` gained fields (we only set the common ones);
+- ``ListAppResponse`` gained ``name`` (``ExtScheduler.listed`` sets it where it exists);
 - ``List[str]`` options may arrive as a string from Python callers: :func:`as_list` normalises.
+The nightly's plugin registry is handled by ``torchx_plugins/schedulers`` and
+:mod:`torchx_ext._builtin_entry_points`.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from torchx.specs import AppDef, AppDryRunInfo
+from torchx.specs import AppDryRunInfo
 
 
 def make_dryrun_info(request: Any, fmt: Callable[[Any], str] = repr) -> AppDryRunInfo[Any]:
     return AppDryRunInfo(request, fmt)
-
-
-def dryrun_app(info: AppDryRunInfo[Any]) -> Optional[AppDef]:
-    return getattr(info, "app", None) or getattr(info, "_app", None)
 
 
 def as_list(value: Any) -> list[str]:
@@ -33,10 +29,6 @@ def as_list(value: Any) -> list[str]:
     if isinstance(value, str):
         value = value.replace(";", ",").split(",")
     return [str(v).strip() for v in value if str(v).strip()]
-
-
-def torchx_version() -> str:
-    return str(getattr(importlib.import_module("torchx"), "__version__", "unknown"))
 
 
 def is_torchx_cli() -> bool:

@@ -133,14 +133,6 @@ def runopts_for(executor_cls: Type[Executor]) -> runopts:
     return opts
 
 
-def check_options(scheduler: str, cfg: Mapping[str, Any], opts: runopts) -> None:
-    """Rejects keys that are not run options of ``scheduler`` (torchx itself ignores them)."""
-    valid = {name for name, _ in opts}
-    unknown = {k for k in cfg if k not in valid}
-    if unknown:
-        raise UnknownOptionError(scheduler, unknown, valid)
-
-
 ExecutorLike = Union[Executor, Type[Executor]]
 
 
