@@ -116,7 +116,7 @@ def main() -> int:
     # an isolated home: the watchers' diagnostics logs do not land in the user's
     home = tempfile.mkdtemp(prefix="torchx_ext_bench_")
     os.environ["TORCHX_EXT_HOME"] = home
-    from torchx_ext.schedulers.docker_jobs_watcher import client
+    from torchx_ext.schedulers.docker_jobs_daemon import client
 
     api = client()
     api.inspect_image(image)  # fail early (and never pull) if the image is missing
