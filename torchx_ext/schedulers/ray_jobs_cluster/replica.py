@@ -25,33 +25,48 @@ Line = Tuple[str, float, str]  # (stream "o"/"e", unix time, text without the ne
 
 _PR_SET_PDEATHSIG = 1
 
-# A replica's children (a `sleep` under `sh -c`) share its process group but not its death signal,
-# and Ray SIGKILLs the direct children of a worker it stops: this watchdog, detached (a grandchild
-# of the worker, so that sweep misses it), ends the replica's whole group once the replica or the
-# process running it (driver or actor) is gone. Argv: runner pid, replica pid (= its group id).
+# A replica's children (a `sleep` under `sh -c`) do not share its death signal, and Ray SIGKILLs
+# only the direct children of a worker it stops. So before each replica starts, a detached
+# watchdog (a grandchild of the worker: that sweep misses it) waits for the process running the
+# replica (driver or actor) to end, then kills every process that carries the replica's token in
+# its environment: the replica and whatever it started, even in another process group.
+# Started first, so that no instant exists where the replica runs unwatched. Argv: runner pid, token.
+TOKEN_ENV = "TORCHX_EXT_REPLICA_TOKEN"
 WATCHDOG = """
 import os, signal, sys, time
 if os.fork():
     os._exit(0)  # detach: the runner reaps the intermediate, init adopts the watchdog
 os.setsid()
-runner, group = int(sys.argv[1]), int(sys.argv[2])
+runner, mark = int(sys.argv[1]), ("%s=%s" % (sys.argv[3], sys.argv[2])).encode() + b"\\0"
 def alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
-while True:
-    try:
-        os.killpg(group, 0)
-    except OSError:
-        break  # nothing of the replica is left
-    if not alive(runner) or not alive(group):
+def marked():
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open("/proc/%s/environ" % entry, "rb") as f:
+                    if mark in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+while alive(runner):
+    time.sleep(0.2)
+for _ in range(50):
+    pids = marked()
+    if not pids:
+        break
+    for pid in pids:
         try:
-            os.killpg(group, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    time.sleep(0.2)
+    time.sleep(0.1)
 """
 
 
@@ -111,6 +126,13 @@ class ReplicaRunner:
         """
         full_env = decoded_env(os.environ)
         full_env.update(env)
+        full_env[TOKEN_ENV] = token = os.urandom(8).hex()
+        try:
+            subprocess.run([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()), token, TOKEN_ENV],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           close_fds=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            pass  # the replica runs without it; stop() still ends its group
         try:
             # own session: stop() signals the whole process tree of the replica
             self._proc = subprocess.Popen(
@@ -119,12 +141,6 @@ class ReplicaRunner:
             )
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             return f"could not start {cmd[0]!r}: {e}"
-        try:
-            subprocess.run([sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()), str(self._proc.pid)],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           close_fds=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            pass  # the replica runs without it; stop() still ends its group
         for stream, pipe in (("o", self._proc.stdout), ("e", self._proc.stderr)):
             t = threading.Thread(target=self._pump, args=(stream, pipe), daemon=True)
             t.start()
