@@ -286,6 +286,12 @@ def describe_response(
     return DescribeAppResponse(app_id=app_id, state=state, msg=msg, roles=roles, roles_statuses=statuses)
 
 
+def is_current_dir(workspace: str) -> bool:
+    """Is ``workspace`` (a path or ``file://`` URL) the current directory, TorchX CLI's default?"""
+    local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
+    return "://" not in local and os.path.realpath(local) == os.path.realpath(os.getcwd())
+
+
 def copy_workspace(workspace: str, target: str, ignore_file: str = ".torchxignore",
                    max_bytes: Optional[int] = None, skip_under: Optional[str] = None) -> int:
     """Copies ``workspace`` (an fsspec URL) into the new directory ``target``, minus what

@@ -35,7 +35,14 @@ from torchx_ext.errors import DependencyError, InvalidAppError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import discovery_env, is_service
 from torchx_ext.schedulers import host_supervisor as sup
-from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response, role_summaries
+from torchx_ext.schedulers.base import (
+    ExtScheduler,
+    ReadNew,
+    copy_workspace,
+    describe_response,
+    is_current_dir,
+    role_summaries,
+)
 
 SCHEDULER = "host"
 LOOPBACK = "127.0.0.1"
@@ -123,8 +130,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         DirWorkspace convention) or to a fresh directory under ``$TORCHX_EXT_HOME/host/workspaces``.
         """
         job_dir = cfg.get("job_dir")
-        local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
-        if not job_dir and "://" not in local and os.path.realpath(local) == os.path.realpath(os.getcwd()):
+        if not job_dir and is_current_dir(workspace):
             return
         with self._translated("workspace copy"):
             target = str(job_dir) if job_dir else state.scheduler_dir(SCHEDULER, "workspaces", uuid.uuid4().hex[:12])

@@ -38,7 +38,7 @@ from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, Sc
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
 from torchx_ext.schedulers import slurm_jobs_client as sc
-from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, role_summaries
+from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, is_current_dir, role_summaries
 from torchx_ext.schedulers.slurm_jobs_script import (
     APP_ID_TOKEN,
     DEP_NEVER,
@@ -226,8 +226,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         (``job_dir``, which the nodes must see), as TorchX's DirWorkspace does; with container_image it
         is mounted at the same path. The current directory (the CLI's default) runs in place, as
         sbatch does anyway; ``--workspace ""`` runs without one."""
-        local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
-        if "://" not in local and os.path.realpath(local) == os.path.realpath(os.getcwd()):
+        if is_current_dir(workspace):
             return
         job_root = os.path.abspath(os.path.expanduser(str(cfg.get("job_dir") or state.scheduler_dir(SCHEDULER))))
         target = os.path.join(job_root, "workspaces", uuid.uuid4().hex[:12])
