@@ -211,14 +211,21 @@ class SchedulerContract:
     def test_cancel_ends_every_process_the_replicas_started(self, runner: Runner, backend: Backend) -> None:
         from conftest import live_processes
 
-        code = ("import subprocess, sys, time; "
-                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+        # each replica starts a child, and a daemon (double fork, own session) that leaves both
+        # its process group and its parent: only its environment still says whose it is
+        code = ("import os, subprocess, sys, time\n"
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+                "if os.fork() == 0:\n"
+                "    os.setsid()\n"
+                "    if os.fork() == 0:\n"
+                "        time.sleep(300)\n"
+                "    os._exit(0)\n"
                 "print('up', flush=True); time.sleep(300)")
         handle = self.run(runner, backend, AppDef("tree", roles=[self.role(backend, "main", code, replicas=2)]))
         wait_state(runner, handle, AppState.RUNNING, backend.timeout)
         marker = f"TORCHX_EXT_APP_ID={handle.rsplit('/', 1)[-1]}\0".encode()
         deadline = time.time() + backend.timeout
-        while len(live_processes((marker,))) < 4:  # two replicas and a child of each
+        while len(live_processes((marker,))) < 6:  # two replicas, a child and a daemon of each
             assert time.time() < deadline, f"replicas and their children never all ran: {live_processes((marker,))}"
             time.sleep(0.2)
         runner.cancel(handle)

@@ -251,7 +251,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         loaded = self._load(app_id)
         if loaded is None:
             return
-        app_dir, _spec, st = loaded
+        app_dir, spec, st = loaded
         if st.get("state") in sup.TERMINAL:
             return
         pid: Optional[int] = st.get("supervisor_pid")
@@ -269,6 +269,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
             sup.kill_group(rs.get("pgid"), signal.SIGKILL)
             if rs.get("state") == "RUNNING":
                 rs["state"] = "CANCELLED"
+        sup.kill_marked({sup.replica_token(app_dir, r["role"], r["replica_id"]) for r in spec.get("replicas", [])})
         after = sup.update_state(app_dir, state="CANCELLED", replicas=st.get("replicas", {}),
                                  msg="cancelled by user", ended=time.time())
         late = after.get("supervisor_pid")

@@ -63,6 +63,49 @@ def kill_group(pgid: Optional[int], sig: int) -> None:
             pass
 
 
+# A replica's descendants can leave its process group (setsid, a daemon's double fork), so the
+# group kill misses them. Each replica's environment carries a token naming it; what still carries
+# it once the group is gone is killed too (a process cannot drop an inherited environment unasked).
+TOKEN_ENV = "TORCHX_EXT_REPLICA_TOKEN"
+
+
+def replica_token(app_dir: str, role: str, replica_id: int) -> str:
+    # derived, not recorded: a cancel finds a replica's processes even if the supervisor died
+    # before writing anything about it
+    return f"host/{os.path.basename(os.path.normpath(app_dir))}/{role}/{replica_id}"
+
+
+def marked_pids(tokens: set[str]) -> list[int]:
+    """Live pids whose environment holds ``TORCHX_EXT_REPLICA_TOKEN=<one of tokens>``."""
+    marks = [f"{TOKEN_ENV}={t}".encode() for t in tokens]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue  # gone, or another user's
+        if any(m in environ for m in marks):
+            found.append(int(entry))
+    return found
+
+
+def kill_marked(tokens: set[str]) -> None:
+    """SIGKILLs every process carrying one of ``tokens``, until none is left (bounded)."""
+    for _ in range(50):
+        pids = [p for p in marked_pids(tokens) if pid_alive(p)]
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.02)
+
+
 def log_dir(app_dir: str, role: str, replica_id: int) -> str:
     return os.path.join(app_dir, "logs", role, str(replica_id))
 
@@ -72,6 +115,7 @@ class _Replica:
     def __init__(self, spec: dict[str, Any], app_dir: str) -> None:
         self.spec = spec
         self.key = f"{spec['role']}/{spec['replica_id']}"
+        self.token = replica_token(app_dir, spec["role"], spec["replica_id"])
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.dir = log_dir(app_dir, spec["role"], spec["replica_id"])
         os.makedirs(self.dir, exist_ok=True)
@@ -165,6 +209,7 @@ class Supervisor:
             if "PATH" in r.spec["env"] and os.environ.get("PATH"):
                 # like local_cwd: a role's PATH is prepended, not a replacement
                 env["PATH"] = r.spec["env"]["PATH"] + os.pathsep + os.environ["PATH"]
+            env[TOKEN_ENV] = r.token
             try:
                 r.proc = subprocess.Popen(
                     r.spec["cmd"], env=env, cwd=r.spec["cwd"], stdin=subprocess.DEVNULL,
@@ -223,6 +268,7 @@ class Supervisor:
             if r.proc is not None:
                 # also reaps grandchildren left in the group after the leader exited
                 kill_group(r.proc.pid, signal.SIGKILL)
+        kill_marked({r.token for r in self.replicas})  # what left the groups (see TOKEN_ENV)
         for r in running:
             r.proc.wait()  # type: ignore[union-attr]
             rs = self.replica_state[r.key]

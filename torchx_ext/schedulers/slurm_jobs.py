@@ -158,7 +158,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                 job_opts.append(f"--{key.replace('_', '-')}={getattr(ex, key)}")
         components = [self._component(role, ex) for role in app.roles]
         spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
-                          dependencies=dependencies, components=components)
+                          dependencies=dependencies, components=components,
+                          container=bool(ex.container_image))
         roles = [{**summary, "dirname": _dirname(summary["name"])} for summary in role_summaries(app)]
         return SlurmJobsRequest(spec=spec, roles=roles)
 

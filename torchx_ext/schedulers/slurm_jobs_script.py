@@ -92,6 +92,7 @@ class ScriptSpec:
     shared_opts: list[str]  # repeated in every component (partition, time, account, ...)
     dependencies: list[str]
     components: list[RoleComponent]
+    container: bool = False  # replicas run in a container image (no watchdog: see _TXE_TASK)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ScriptSpec:
@@ -164,6 +165,37 @@ _txe_hosts() {
   for n in "$@"; do out+=("$(_txe_addr "$n")"); done
   (IFS=,; echo "${out[*]}")
 }
+
+# The step's task: `bash -c "$_TXE_TASK" torchx-ext COMMAND...` starts a watchdog outside the
+# step's process tree, then becomes COMMAND (exec: same pid, argv exactly as given). Slurm's
+# proctrack/linuxproc (clusters without cgroups) follows parent pids, so a child forked at the
+# instant of a cancel, or one that daemonizes, escapes scancel. The watchdog waits for the
+# replica's process to end, then kills every process carrying the replica's token in its
+# environment, wherever it went. Under proctrack/cgroup it is redundant and harmless.
+_TXE_TASK='
+if [[ $0 == torchx-ext-watchdog ]]; then
+  mark="TORCHX_EXT_REPLICA_TOKEN=$2"
+  while { read -r s <"/proc/$1/stat"; } 2>/dev/null; do
+    read -ra f <<<"${s##*) }"
+    [[ ${f[0]} != Z && ${f[19]} == "$3" ]] || break  # a zombie, or the pid was reused
+    sleep 0.5
+  done
+  for ((i = 0; i < 50; i++)); do
+    mapfile -t left < <(grep -lzxF -- "$mark" /proc/[0-9]*/environ 2>/dev/null)
+    ((${#left[@]})) || break
+    for e in "${left[@]}"; do e=${e#/proc/}; kill -KILL "${e%/environ}" 2>/dev/null; done
+    sleep 0.1
+  done
+  exit 0
+fi
+export TORCHX_EXT_REPLICA_TOKEN="${SLURM_JOB_ID:-}.${SLURM_STEP_ID:-}.$$.$RANDOM$RANDOM"
+read -r s <"/proc/$$/stat"; read -ra f <<<"${s##*) }"
+# ( ... & ) returns once the watchdog is orphaned: from then on no kill of this tree reaches it
+( env -i PATH="$PATH" setsid bash -c "$BASH_EXECUTION_STRING" torchx-ext-watchdog \
+    "$$" "$TORCHX_EXT_REPLICA_TOKEN" "${f[19]}" </dev/null >/dev/null 2>&1 & )
+unset s f
+command -v -- "$1" >/dev/null || { echo "torchx-ext: $1: command not found on $(hostname)" >&2; exit 127; }
+exec -- "$@"'
 
 # _txe_replica DIR NODE COMMAND...: starts one replica's step in the background; its output is
 # stamped into DIR/log, its exit code lands in DIR/exit (written last, atomically).
@@ -280,6 +312,8 @@ def render(spec: ScriptSpec) -> str:
                 f"TORCHX_EXT_REPLICA_ID={rep.replica_id}",
                 f"TORCHX_EXT_NUM_REPLICAS={comp.num_replicas}",
             ]
+            # in a container (pyxis) the image need not have bash; its clusters track by cgroup
+            task = "" if spec.container else 'bash -c "$_TXE_TASK" torchx-ext '
             srun = [*het, f'--nodelist="${{_TXE_NODES_{g}[{rep.replica_id}]}}"',
                     *[sh_word(o) for o in comp.srun_opts]]
             out.append(f"# role {comp.name!r} replica {rep.replica_id}")
@@ -287,7 +321,7 @@ def render(spec: ScriptSpec) -> str:
                 f'_txe_replica {rdir} "${{_TXE_NODES_{g}[{rep.replica_id}]}}" \\\n'
                 f'  env -- {" ".join(env)} \\\n'
                 f'  "$_TXE_SRUN" {" ".join(srun)} \\\n'
-                f"  {' '.join(sh_word(a) for a in rep.argv)}"
+                f"  {task}{' '.join(sh_word(a) for a in rep.argv)}"
             )
     out.append("")
     out.append("_TXE_MAIN=(" + " ".join(main) + ")")
