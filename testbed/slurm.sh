@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Single-host Slurm test cluster: slurmctld + two slurmd nodes (n1, n2) on loopback.
-# Usage: bash testbed/slurm.sh install|start|stop|restart-ctld|status
+# Usage: bash testbed/slurm.sh install|start|stop|restart-ctld|crash-node N|start-node N|status
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -152,11 +152,34 @@ restart_ctld() {
   wait_ping
 }
 
+# A node's slurmd crashes (SIGKILL: no goodbye to slurmctld); its job steps keep running.
+crash_node() {
+  local f="/run/slurmd-$1.pid"
+  alive "$f" || { log "slurmd of $1 is not running"; return 1; }
+  kill -9 "$(cat "$f")"
+  local i
+  for i in $(seq 50); do alive "$f" || break; sleep 0.1; done
+  rm -f "$f"
+}
+
+# The node's slurmd comes back and re-registers (its running steps are found again).
+start_node() {
+  alive "/run/slurmd-$1.pid" || slurmd -N "$1"
+  local i
+  for i in $(seq 60); do
+    [[ "$(sinfo -h -n "$1" -o '%t' 2>/dev/null)" =~ ^(idle|mix|alloc|comp)$ ]] && return 0
+    sleep 0.5
+  done
+  log "node $1 did not come back"; sinfo -N >&2 || true; return 1
+}
+
 case "${1:-}" in
   install) do_install ;;
   start) start ;;
   stop) stop ;;
   restart-ctld) restart_ctld ;;
+  crash-node) crash_node "${2:?node name}" ;;
+  start-node) start_node "${2:?node name}" ;;
   status) timeout 5 sinfo >/dev/null 2>&1 ;;
-  *) echo "usage: $0 install|start|stop|restart-ctld|status" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|restart-ctld|crash-node N|start-node N|status" >&2; exit 2 ;;
 esac

@@ -235,6 +235,27 @@ class SchedulerContract:
             assert time.time() < deadline, f"processes outlived the cancel: {live_processes((marker,))}"
             time.sleep(0.2)
 
+    def test_two_shells_cancelling_at_once_both_succeed(self, runner: Runner, backend: Backend, tmp_path: Any) -> None:
+        from conftest import live_processes
+
+        code = ("import subprocess, sys, time; "
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)")
+        handle = self.run(runner, backend, AppDef("twice", roles=[self.role(backend, "main", code, replicas=2)]))
+        wait_state(runner, handle, AppState.RUNNING, backend.timeout)
+        full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+        shells = [subprocess.Popen([sys.executable, "-m", "torchx.cli.main", "cancel", handle], cwd=str(tmp_path),
+                                   env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for _ in range(2)]
+        for shell in shells:
+            out, err = shell.communicate(timeout=90)
+            assert shell.returncode == 0 and "Traceback" not in err, (shell.returncode, out, err)
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.CANCELLED
+        marker = f"TORCHX_EXT_APP_ID={handle.rsplit('/', 1)[-1]}\0".encode()
+        deadline = time.time() + 30
+        while live_processes((marker,)):
+            assert time.time() < deadline, f"processes outlived the cancels: {live_processes((marker,))}"
+            time.sleep(0.2)
+
     def test_cancel_at_any_instant_of_the_first_two_seconds_ends_cancelled(
             self, runner: Runner, backend: Backend) -> None:
         from conftest import live_processes

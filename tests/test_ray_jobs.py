@@ -314,6 +314,13 @@ def test_zz_head_killed_mid_job(runner: Runner) -> None:
         time.sleep(2.5)
         with pytest.raises(SchedulerUnavailable, match="lost_contact_s=2.*given up on here"):
             runner.wait(handle, wait_interval=0.5)
+        # no replica runs on unowned: once Ray's job supervisor is gone (the raylet took it
+        # along), the driver stops its replicas, and the watchdogs sweep what they started
+        marker = f"TORCHX_EXT_APP_ID={handle.rsplit('/', 1)[-1]}\0".encode()
+        deadline = time.time() + 90
+        while live_processes((marker,)):
+            assert time.time() < deadline, f"the app's processes outlived the head: {live_processes((marker,))}"
+            time.sleep(0.5)
     finally:
         env = {**os.environ, "VENV": os.path.dirname(os.path.dirname(sys.executable))}
         subprocess.run(["bash", script, "stop"], timeout=120, env=env)

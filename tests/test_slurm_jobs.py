@@ -219,6 +219,29 @@ def test_slurmctld_restart_while_running(runner: Runner, partition: str) -> None
     assert "finished" in logs(runner, handle, "main")
 
 
+def test_a_crashed_slurmd_that_comes_back_leaves_the_app_running_to_its_end(runner: Runner, partition: str) -> None:
+    """slurmd SIGKILLed on a node of a heterogeneous job, then started again: its steps kept
+    running, slurmctld sees the node back, and the app SUCCEEDS with every line logged."""
+    code = "import time; print('up', flush=True); time.sleep(10); print('finished', flush=True)"
+    handle = runner.run(_role_app("slurmd", code, ("other", code)), SCHEDULER, {"partition": partition})
+    _wait_for_line(runner, handle, "other", "up")
+    nodes = re.findall(r"(?:^|\s)NodeList=(\S+)", _scontrol(_app_id(handle)))
+    crashed = nodes[-1]  # a node of the second component
+    script = os.path.join(ROOT, "testbed", "slurm.sh")
+    try:
+        subprocess.run(["bash", script, "crash-node", crashed], check=True, timeout=30)
+        seen = {runner.status(handle).state}
+        time.sleep(2)
+        seen.add(runner.status(handle).state)
+    finally:
+        subprocess.run(["bash", script, "start-node", crashed], check=True, timeout=60)
+    assert seen <= {AppState.RUNNING, AppState.UNKNOWN}, seen
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.SUCCEEDED, status
+    assert "finished" in logs(runner, handle, "main") and "finished" in logs(runner, handle, "other")
+    assert nothing_running(handle)
+
+
 def _replica_pid(app_id: str, token: str) -> Optional[int]:
     for pid in _processes_of(app_id):
         try:

@@ -10,7 +10,8 @@ It reads the app's spec (JSON in ``$TORCHX_EXT_RAY_SPEC``, written by the client
 3. polls the replicas, writes their output to the job log as ``LINE_MARK role replica stream time
    text`` lines (the client demultiplexes them for ``torchx log``), applies the group rules and,
    once the group is decided, stops what still runs and writes one verdict line;
-4. on SIGTERM (``ray job stop``) stops every replica within Ray's grace period.
+4. on SIGTERM (``ray job stop``) stops every replica within Ray's grace period; likewise when
+   Ray's job supervisor above it is gone (a lost head or node), so no replica runs on unowned.
 
 Exit status: 0 when the group SUCCEEDED, 1 otherwise (Ray then reports the job FAILED and keeps
 the verdict line in its message).
@@ -196,7 +197,8 @@ def _fmt_res(res: Dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {_fmt(k, v)}" for k, v in sorted(res.items())) + "}"
 
 
-def run(spec: Dict[str, Any], out: Output, stopping: threading.Event) -> int:
+def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
+        orphaned: Optional[threading.Event] = None) -> int:
     replicas = [(ri, role, k, rep) for ri, role in enumerate(spec["roles"]) for k, rep in enumerate(role["replicas"])]
     outcomes = [rules.outcome(role["name"], k, bool(role.get("service")), "PENDING") for _, role, k, _ in replicas]
 
@@ -241,7 +243,9 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event) -> int:
                 if code is not None and outcomes[i]["state"] == "RUNNING":
                     outcomes[i].update(state="SUCCEEDED" if code == 0 else "FAILED", exit_code=code, reason=err)
             state, msg = rules.group_state(outcomes)
-            if stopping.is_set() and state not in rules.TERMINAL:
+            if orphaned is not None and orphaned.is_set() and state not in rules.TERMINAL:
+                state, msg = "FAILED", "Ray's job supervisor of this driver is gone (head or node lost)"
+            elif stopping.is_set() and state not in rules.TERMINAL:
                 state, msg = "CANCELLED", "stopped (the Ray job was stopped)"
             if state in rules.TERMINAL:
                 live = [i for i, o in enumerate(outcomes) if o["state"] == "RUNNING"]
@@ -258,16 +262,59 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event) -> int:
         group.close()
 
 
+def _ray_ancestor() -> int:
+    """The Ray worker that started this driver (Ray's job supervisor actor); else the parent.
+
+    Ray runs the entrypoint under a shell, which may or may not exec us, hence the walk up."""
+    pid = os.getppid()
+    for _ in range(3):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::"):
+                    return pid
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return os.getppid()
+
+
+def _watch_supervisor(orphaned: threading.Event, stopping: threading.Event) -> None:
+    """Sets both events once Ray's job supervisor is gone: the head or the node was lost (its
+    raylet took the workers with it) and no ``ray job stop`` will ever come, so this driver must
+    not run its replicas on, unwatched, for ever."""
+    supervisor = _ray_ancestor()
+
+    def watch() -> None:
+        while not stopping.is_set():
+            try:
+                os.kill(supervisor, 0)
+                with open(f"/proc/{supervisor}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        raise ProcessLookupError
+            except (ProcessLookupError, FileNotFoundError):
+                orphaned.set()
+                stopping.set()
+                return
+            except OSError:
+                pass  # not ours to signal (PermissionError): it is alive
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
 def main() -> int:
     spec = json.loads(base64.b64decode(os.environ.pop(SPEC_ENV)))
     out = Output()
     stopping = threading.Event()
+    orphaned = threading.Event()
+    _watch_supervisor(orphaned, stopping)
     # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S: the loop stops
     # the replicas (their process groups) in between
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
-        return run(spec, out, stopping)
+        return run(spec, out, stopping, orphaned)
     except Exception as e:  # anything unexpected still ends in one verdict line
         return out.verdict("FAILED", f"the torchx-ext driver failed: {type(e).__name__}: {e}", [])
 
