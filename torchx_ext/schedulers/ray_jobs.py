@@ -280,8 +280,9 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 self._brokers.submit_waiting(client, req.dashboard_url, req.submission_id, req.entrypoint,
                                              req.runtime_env, req.metadata, req.dependencies, submit_kwargs)
             else:
+                runtime_env = {**req.runtime_env, "py_modules": rc.package_uris(client, req.runtime_env["py_modules"])}
                 client.submit_job(entrypoint=req.entrypoint, submission_id=req.submission_id,
-                                  runtime_env=req.runtime_env, metadata=req.metadata, **submit_kwargs)
+                                  runtime_env=runtime_env, metadata=req.metadata, **submit_kwargs)
         except Exception as e:
             if rc.is_unreachable(e):
                 raise SchedulerUnavailable(rc.unreachable_message(req.dashboard_url, e)) from None

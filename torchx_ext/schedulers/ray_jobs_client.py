@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import os
+import threading
 import time
 import urllib.parse
 from typing import Any, Dict, Optional
@@ -78,28 +79,83 @@ def import_client_class() -> Any:
     return JobSubmissionClient
 
 
+PACKAGE_CACHE_S = 30.0
+_format_auth_error: Any = None
+_AuthenticationError: Any = None
+
+
 @functools.cache
 def _timeout_client_class() -> Any:
+    global _format_auth_error, _AuthenticationError
     base = import_client_class()
+    from ray.dashboard.modules import dashboard_sdk
+
+    _format_auth_error = getattr(dashboard_sdk, "format_authentication_http_error", None)
+    _AuthenticationError = getattr(dashboard_sdk, "AuthenticationError", RuntimeError)
 
     class TimeoutJobSubmissionClient(base):  # type: ignore[misc, valid-type]
-        """The Jobs API client with a per-request timeout.
+        """The Jobs API client with a per-request timeout and keep-alive connections.
 
         Why a private method is overridden: Ray's public client has no timeout at all, so a head
-        that accepts connections but never answers (a dying dashboard) hangs every call;
-        ``_do_request`` is the one place all of its requests go through. The timeout is an
-        instance attribute, set before the constructor's first request: no shared state.
+        that accepts connections but never answers (a dying dashboard) hangs every call, and it
+        opens a new connection per request; ``_do_request`` is the one place all of its requests
+        go through. The timeout is an instance attribute, set before the constructor's first
+        request: no shared state.
         """
 
         def __init__(self, *args: Any, request_timeout_s: float = 10.0, **kwargs: Any) -> None:
             self.request_timeout_s = request_timeout_s
+            self._local = threading.local()
+            self._lock = threading.Lock()
+            self._packages: dict[str, tuple[float, str]] = {}
             super().__init__(*args, **kwargs)
 
-        def _do_request(self, *args: Any, **kwargs: Any) -> Any:
+        def package_uri(self, path: str) -> str:
+            """The ``gcs://`` URI of the package directory ``path`` on this cluster, uploaded if
+            missing. Ray hashes, checks and uploads a ``py_modules`` path at every submission; our
+            driver package is the same for every job of this process, so that is done once per
+            client and trusted for PACKAGE_CACHE_S (a head restarted meanwhile is seen as
+            unreachable first, and the scheduler then makes a new client)."""
+            with self._lock:
+                known = self._packages.get(path)
+            if known is not None and time.monotonic() - known[0] < PACKAGE_CACHE_S:
+                return known[1]
+            kwargs: dict[str, Any] = {"include_parent_dir": True}
+            if "include_gitignore" in inspect.signature(super()._upload_package_if_needed).parameters:
+                kwargs["include_gitignore"] = True
+            uri = str(super()._upload_package_if_needed(path, **kwargs))
+            with self._lock:
+                self._packages[path] = (time.monotonic(), uri)
+            return uri
+
+        def _do_request(self, method: str, endpoint: str, *, data: Optional[bytes] = None,
+                        json_data: Optional[dict[str, Any]] = None, **kwargs: Any) -> Any:
+            # Ray's own body, on a keep-alive session: Ray calls requests.request, a new TCP
+            # connection (and a new session) per request. One session per thread, as
+            # requests.Session is not documented thread-safe, so the scheduler is.
+            import requests
+
+            session = getattr(self._local, "session", None)
+            if session is None:
+                session = self._local.session = requests.Session()
             kwargs.setdefault("timeout", self.request_timeout_s)
-            return super()._do_request(*args, **kwargs)
+            response = session.request(method, self._address + endpoint, cookies=self._cookies, data=data,
+                                       json=json_data, headers=self._headers, verify=self._verify, **kwargs)
+            if _format_auth_error is not None:  # Ray >= 2.50 turns 401/403 into AuthenticationError
+                formatted = _format_auth_error(response.status_code, response.text)
+                if formatted:
+                    raise _AuthenticationError(formatted)
+            return response
 
     return TimeoutJobSubmissionClient
+
+
+def package_uris(client: Any, paths: list[str]) -> list[str]:
+    """``py_modules`` as URIs already on the cluster (see ``package_uri``); a client without that
+    method (a test's, an old one's) gets the paths, and Ray uploads them itself."""
+    if not hasattr(client, "package_uri"):
+        return paths
+    return [client.package_uri(p) for p in paths]
 
 
 def auth_headers(token_env: Optional[str]) -> Dict[str, str]:

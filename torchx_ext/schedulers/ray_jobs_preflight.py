@@ -1,29 +1,33 @@
 """What a ``ray_jobs`` app needs of the cluster, and the preflight: can the cluster run it at all?
 
-One request for the Ray version and one for the nodes (state API); an app that no node can hold
-is refused before anything is submitted, saying what is missing.
+One request for the Ray version and one for the nodes (state API), reused for ``CACHE_S``; an app
+that no node can hold is refused before anything is submitted, saying what is missing.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping
+import threading
+import time
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 from torchx.specs import Role
 
 from torchx_ext.errors import InvalidAppError, SchedulerUnavailable
 from torchx_ext.schedulers.ray_jobs_client import is_unreachable, unreachable_message
 
+# What the cluster offers holds for a cluster, not for a job: fetched once per dashboard and
+# reused for CACHE_S by every submission of this process (and thread-safe, as the scheduler is).
+# A refusal is never made on cached answers: the cluster is asked again first (a node may have
+# joined since).
+CACHE_S = 10.0
+_cache: Dict[str, Tuple[float, Mapping[str, Any]]] = {}
+_cache_lock = threading.Lock()
 
-def preflight(client: Any, url: str, needs: Iterable[Mapping[str, float]],
-              label_selector: Mapping[str, str], warn: Any) -> None:
-    """Checks the cluster can run the app: versions, and a node for every bundle.
 
-    ``needs``: the resources of each unit that must fit on one node (the driver's entrypoint
-    resources, or one bundle per replica). Raises :class:`InvalidAppError` naming what is missing.
-    """
+def _fetch(client: Any, url: str, warn: Any) -> Mapping[str, Any]:
     try:
         version = client._do_request("GET", "/api/version").json()
-        nodes_resp = client._do_request("GET", "/api/v0/nodes?detail=1&limit=10000").json()
+        nodes_resp: Mapping[str, Any] = client._do_request("GET", "/api/v0/nodes?detail=1&limit=10000").json()
     except Exception as e:
         if is_unreachable(e):
             raise SchedulerUnavailable(unreachable_message(url, e)) from None
@@ -38,6 +42,31 @@ def preflight(client: Any, url: str, needs: Iterable[Mapping[str, float]],
     if local.split(".")[:2] != str(remote).split(".")[:2]:
         warn(f"Ray client {local} and cluster {remote} differ; the Jobs API is compatible across "
              "versions, but the driver runs with the cluster's Ray")
+    with _cache_lock:
+        _cache[url] = (time.monotonic(), nodes_resp)
+    return nodes_resp
+
+
+def preflight(client: Any, url: str, needs: Iterable[Mapping[str, float]],
+              label_selector: Mapping[str, str], warn: Any) -> None:
+    """Checks the cluster can run the app: versions, and a node for every bundle.
+
+    ``needs``: the resources of each unit that must fit on one node (the driver's entrypoint
+    resources, or one bundle per replica). Raises :class:`InvalidAppError` naming what is missing.
+    """
+    with _cache_lock:
+        cached = _cache.get(url)
+    if cached is not None and time.monotonic() - cached[0] < CACHE_S:
+        try:
+            _check(url, cached[1], list(needs), label_selector)
+            return
+        except InvalidAppError:
+            pass  # decided on fresh answers only
+    _check(url, _fetch(client, url, warn), list(needs), label_selector)
+
+
+def _check(url: str, nodes_resp: Mapping[str, Any], needs: List[Mapping[str, float]],
+           label_selector: Mapping[str, str]) -> None:
     nodes = [n for n in nodes_resp.get("data", {}).get("result", {}).get("result", []) if n.get("state") == "ALIVE"]
     if label_selector:
         nodes = [n for n in nodes if _labels_match(n.get("labels") or {}, label_selector)]
