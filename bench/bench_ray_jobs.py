@@ -619,7 +619,7 @@ def bench_memory(url: str, client: Any, jobs: Jobs, waiters: int, naive: int) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dashboard", default=None, help="Ray dashboard URL (default: $TORCHX_EXT_TEST_RAY_DASHBOARD)")
-    parser.add_argument("--repeat", type=int, default=5, help="repetitions of benches 1 and 2 (median)")
+    parser.add_argument("--repeat", type=int, default=9, help="repetitions of benches 1 and 2 (median)")
     parser.add_argument("--apps", type=int, default=64, help="apps of the throughput bench")
     parser.add_argument("--threads", type=int, default=8, help="threads submitting, on both sides")
     parser.add_argument("--dag", type=int, default=100, help="apps of the dependency DAG")

@@ -107,8 +107,22 @@ def _timeout_client_class() -> Any:
             self.request_timeout_s = request_timeout_s
             self._local = threading.local()
             self._lock = threading.Lock()
-            self._packages: dict[str, tuple[float, str]] = {}
+            self._packages: dict[str, tuple[float, str]] = {}  # per cluster, not per job: answers kept
             super().__init__(*args, **kwargs)
+
+        def _check_connection_and_version_with_url(self, min_version: str = "1.9",
+                                                   version_error_message: Optional[str] = None,
+                                                   url: str = "/api/version") -> None:
+            # Ray asks the dashboard for its version before every submit (twice in 2.60): it
+            # holds for a cluster, so one answer per client is trusted for PACKAGE_CACHE_S
+            key = f"version|{min_version}|{url}"
+            with self._lock:
+                known = self._packages.get(key)
+            if known is not None and time.monotonic() - known[0] < PACKAGE_CACHE_S:
+                return
+            super()._check_connection_and_version_with_url(min_version, version_error_message, url)
+            with self._lock:
+                self._packages[key] = (time.monotonic(), "")
 
         def package_uri(self, path: str) -> str:
             """The ``gcs://`` URI of the package directory ``path`` on this cluster, uploaded if
