@@ -190,6 +190,48 @@ def test_killed_supervisor_is_reported_and_cancel_still_cleans_up(tmp_path: str)
     assert os.path.isdir(os.path.join(state.home(), "host", app_id, "logs", "main", "0"))
 
 
+def test_a_supervisor_that_crashes_stops_the_replicas_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error in the supervisor, after its replicas started: FAILED saying so, no
+    replica (nor a child of one) left running, the traceback kept in supervisor.log."""
+    from conftest import live_processes
+
+    crasher = ("import sys, time, torchx_ext.schedulers.host_supervisor as s\n"
+               "first = []\n"
+               "def crash(self):\n"
+               "    first.append(time.time())\n"
+               "    if time.time() - first[0] > 3:  # once the replicas and their children run\n"
+               "        raise RuntimeError('injected crash')\n"
+               "    return False\n"
+               "s.Supervisor._poll_exits = crash\n"
+               "sys.exit(s.main(sys.argv))\n")
+    real_popen = subprocess.Popen
+
+    def popen(cmd: list[str], *args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        if cmd[1:3] == ["-m", "torchx_ext.schedulers.host_supervisor"]:
+            cmd = [cmd[0], "-c", crasher, *cmd[3:]]
+        return real_popen(cmd, *args, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)"
+    app = AppDef("crash", roles=[Role("main", image=".", entrypoint=sys.executable, args=["-c", code], num_replicas=2)])
+    runner = get_runner()
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "Popen", popen)
+        handle = runner.run(app, "host", {})
+    marker = f"TORCHX_EXT_APP_ID={handle.rsplit('/', 1)[-1]}\0".encode()
+    deadline = time.time() + 3
+    while len(live_processes((marker,))) < 4:  # two replicas and a child of each
+        assert time.time() < deadline, f"replicas and children never all ran: {live_processes((marker,))}"
+        time.sleep(0.05)
+    status = wait_terminal(runner, handle, 30)
+    assert status.state == AppState.FAILED and "supervisor crashed" in status.msg, status
+    deadline = time.time() + 10
+    while live_processes((marker,)):
+        assert time.time() < deadline, f"replicas outlived their supervisor: {live_processes((marker,))}"
+        time.sleep(0.1)
+    with open(os.path.join(state.home(), "host", handle.rsplit("/", 1)[-1], "supervisor.log")) as f:
+        assert "injected crash" in f.read()
+
+
 def test_invalid_apps_get_one_readable_error() -> None:
     runner = get_runner()
     bad = AppDef("bad", roles=[Role("a-b", image=".", entrypoint="x"),
