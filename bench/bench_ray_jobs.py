@@ -11,7 +11,8 @@ is read when present). Every job the bench makes is deleted at the end; the shar
    from an empty temporary cwd; and whether ``ray`` gets imported on that path (the CLI under
    ``-X importtime``; ``sys.modules`` after ``Runner.dryrun`` in a fresh interpreter).
 2. ``submit``: ``Runner.run`` + first ``Runner.status`` of a single-role app vs ``submit_job`` +
-   ``get_job_status`` on a client made beforehand.
+   ``get_job_status`` on a client made beforehand; each job ends (untimed) before the next submit,
+   so that no measure pays for the head starting the previous one's driver.
 3. ``throughput``: ``--apps`` trivial apps from ``--threads`` threads on both sides: a Runner per
    thread (default options) vs ``submit_job`` on one shared client. Only submission is timed;
    between phases the cluster drains, untimed, so that no phase runs against another's backlog.
@@ -260,6 +261,7 @@ def bench_submit(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
         runner.status(handle)
         took = time.perf_counter() - t0
         jobs.add_app(handle)
+        wait_terminal(client, [sid_of(handle)], 120)  # untimed: the next one meets an idle head
         return took
 
     def raw() -> float:
@@ -268,6 +270,7 @@ def bench_submit(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
         client.get_job_status(sid)
         took = time.perf_counter() - t0
         jobs.add(sid)
+        wait_terminal(client, [sid], 120)
         return took
 
     ours(True), raw()  # warm-up: our client's connect, the driver package upload (once per content)

@@ -153,7 +153,6 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         self._connect = client_factory or rc.connect
         self._clients: dict[str, Any] = {}  # connections, per dashboard: a cache, not a behaviour
         self._brokers = Brokers()
-        self._copies: dict[str, str] = {}  # workspace -> its copy, within this instance's submissions
 
     def _translate_error(self, e: Exception, verb: str) -> Optional[TorchxExtError]:
         if rc.is_unreachable(e):
@@ -164,17 +163,19 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
 
     # ------------------------------------------------------------------ workspace ---
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
-        """Copies ``workspace`` minus ``.torchxignore`` matches: the job's working_dir. ``torchx run``
-        passes the current directory unless told otherwise; ``--workspace ""`` ships nothing."""
-        target = self._copies.get(workspace)  # roles sharing a workspace share one copy
-        if target is None or not os.path.isdir(target):
-            with self._translated("copy the workspace"):
-                root = rl.local_dir("workspaces")
-                rl.prune_workspace_copies(root)
-                target = os.path.join(root, uuid.uuid4().hex[:12])
-                copy_workspace(workspace, target, max_bytes=500 * 2**20, skip_under=state.home())
-            self._copies[workspace] = target
-        role.metadata[WORKING_DIR_KEY] = target
+        """Names ``workspace`` as the job's working_dir. ``torchx run`` passes the current directory
+        unless told otherwise; ``--workspace ""`` ships nothing. The copy without what
+        ``.torchxignore`` lists is made by ``schedule``, just before Ray uploads it, and removed
+        after: a dry-run copies nothing (and shows the directory that will be shipped)."""
+        role.metadata[WORKING_DIR_KEY] = workspace
+
+    def _workspace_copy(self, workspace: str) -> str:
+        with self._translated("copy the workspace"):
+            root = rl.local_dir("workspaces")
+            rl.prune_workspace_copies(root)  # left by a submitter that was killed mid-upload
+            target = os.path.join(root, uuid.uuid4().hex[:12])
+            copy_workspace(workspace, target, max_bytes=500 * 2**20, skip_under=state.home())
+        return target
 
     # ------------------------------------------------------------------ submit ------
     def _build_request(self, app: AppDef, ex: RayJobsExecutor, dependencies: list[str]) -> RayJobsRequest:
@@ -275,12 +276,16 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             if rc.get_job(client, dep) is None and rc.get_job(client, dep + "--waiting") is None:
                 raise DependencyError(
                     f"dependency '{dep}' does not exist on the Ray cluster at {req.dashboard_url}")
+        runtime_env = dict(req.runtime_env)
+        copy = None
+        if runtime_env.get("working_dir"):
+            copy = runtime_env["working_dir"] = self._workspace_copy(runtime_env["working_dir"])
         try:
+            runtime_env["py_modules"] = rc.package_uris(client, runtime_env["py_modules"])
             if req.dependencies:
                 self._brokers.submit_waiting(client, req.dashboard_url, req.submission_id, req.entrypoint,
-                                             req.runtime_env, req.metadata, req.dependencies, submit_kwargs)
+                                             runtime_env, req.metadata, req.dependencies, submit_kwargs)
             else:
-                runtime_env = {**req.runtime_env, "py_modules": rc.package_uris(client, req.runtime_env["py_modules"])}
                 client.submit_job(entrypoint=req.entrypoint, submission_id=req.submission_id,
                                   runtime_env=runtime_env, metadata=req.metadata, **submit_kwargs)
         except Exception as e:
@@ -288,9 +293,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 raise SchedulerUnavailable(rc.unreachable_message(req.dashboard_url, e)) from None
             raise
         finally:
-            wd = req.runtime_env.get("working_dir")
-            if wd and os.path.dirname(wd) == rl.local_dir("workspaces"):
-                shutil.rmtree(wd, ignore_errors=True)  # uploaded (or failed): the copy is done
+            if copy:
+                shutil.rmtree(copy, ignore_errors=True)  # uploaded (or failed): the copy is done
         rl.update_cluster(req.dashboard_url, token_env=req.token_env, lost_contact_s=req.lost_contact_s)
         masked = req.masked()
         rl.append_manifest(req.manifest, {
