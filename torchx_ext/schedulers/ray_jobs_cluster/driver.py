@@ -223,6 +223,10 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
             cmds.append((rep["cmd"], env))
             outcomes[len(cmds) - 1]["host"] = ip
         out.say("hosts: " + json.dumps(hosts))
+        if stopping.is_set():  # stopped while reserving: start nothing
+            if orphaned is not None and orphaned.is_set():
+                return finish("FAILED", "Ray's job supervisor of this driver is gone (head or node lost)")
+            return finish("CANCELLED", "stopped (the Ray job was stopped)")
         errors = group.start(cmds)
         failed = [i for i, e in enumerate(errors) if e]
         if failed:

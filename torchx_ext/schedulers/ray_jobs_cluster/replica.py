@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from . import ENV_B64_PREFIX, SPEC_ENV
 
@@ -57,9 +57,12 @@ def marked():
     return found
 while alive(runner):
     time.sleep(0.2)
-for _ in range(50):
+quiet_since = time.time()
+for _ in range(100):  # until 1 s has passed without finding one: a fork may be under way
     pids = marked()
-    if not pids:
+    if pids:
+        quiet_since = time.time()
+    elif time.time() - quiet_since > 1.0:
         break
     for pid in pids:
         try:
@@ -70,13 +73,17 @@ for _ in range(50):
 """
 
 
-def _die_with_parent() -> None:
-    # The replica must not outlive the process running it: Ray SIGKILLs a stopped job's driver
-    # after a grace period and kills actor workers without running Python code.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+def _die_with(parent: int) -> Callable[[], None]:
+    def preexec() -> None:
+        # The replica must not outlive the process running it: Ray SIGKILLs a stopped job's
+        # driver after a grace period and kills actor workers without running Python code.
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:
+            pass
+        if os.getppid() != parent:  # it died before prctl: the death signal will never come
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
 
 
 def node_ip() -> str:
@@ -137,7 +144,7 @@ class ReplicaRunner:
             # own session: stop() signals the whole process tree of the replica
             self._proc = subprocess.Popen(
                 list(cmd), env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent,
+                stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with(os.getpid()),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as e:
             return f"could not start {cmd[0]!r}: {e}"
