@@ -57,6 +57,30 @@ def live_processes(env: tuple[bytes, ...] = (), argv: tuple[bytes, ...] = ()) ->
     return pids
 
 
+def process_lineage(pids: list[int]) -> str:
+    """Each pid with its ancestors (pid, state, command line): what a failure message needs to
+    tell which process held a leftover alive."""
+    def one(pid: int) -> tuple[str, int]:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+            return f"{pid} {fields[0]} {cmd}", int(fields[1])
+        except (OSError, IndexError, ValueError):
+            return f"{pid} gone", 0
+    out = []
+    for pid in pids:
+        chain, cur = [], pid
+        for _ in range(6):
+            text, cur = one(cur)
+            chain.append(text)
+            if cur <= 1:
+                break
+        out.append(" <- ".join(chain))
+    return "; ".join(out)
+
+
 def require_backend(env_var: str, what: str) -> str:
     """The testbed value for a backend; skips outside CI, fails in CI (no backend may skip there)."""
     value = os.environ.get(env_var)

@@ -209,7 +209,7 @@ class SchedulerContract:
             assert backend.nothing_running(handle)
 
     def test_cancel_ends_every_process_the_replicas_started(self, runner: Runner, backend: Backend) -> None:
-        from conftest import live_processes
+        from conftest import live_processes, process_lineage
 
         # each replica starts a child, and a daemon (double fork, own session) that leaves both
         # its process group and its parent: only its environment still says whose it is
@@ -232,11 +232,11 @@ class SchedulerContract:
         assert wait_terminal(runner, handle, backend.timeout).state == AppState.CANCELLED
         deadline = time.time() + 30
         while live_processes((marker,)):
-            assert time.time() < deadline, f"processes outlived the cancel: {live_processes((marker,))}"
+            assert time.time() < deadline, f"processes outlived the cancel: {process_lineage(live_processes((marker,)))}"
             time.sleep(0.2)
 
     def test_two_shells_cancelling_at_once_both_succeed(self, runner: Runner, backend: Backend, tmp_path: Any) -> None:
-        from conftest import live_processes
+        from conftest import live_processes, process_lineage
 
         code = ("import subprocess, sys, time; "
                 "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)")
@@ -253,12 +253,12 @@ class SchedulerContract:
         marker = f"TORCHX_EXT_APP_ID={handle.rsplit('/', 1)[-1]}\0".encode()
         deadline = time.time() + 30
         while live_processes((marker,)):
-            assert time.time() < deadline, f"processes outlived the cancels: {live_processes((marker,))}"
+            assert time.time() < deadline, f"processes outlived the cancels: {process_lineage(live_processes((marker,)))}"
             time.sleep(0.2)
 
     def test_cancel_at_any_instant_of_the_first_two_seconds_ends_cancelled(
             self, runner: Runner, backend: Backend) -> None:
-        from conftest import live_processes
+        from conftest import live_processes, process_lineage
 
         rng = random.Random(f"{backend.scheduler}-cancel")  # a fixed sequence: a failure can be replayed
         code = ("import subprocess, sys, time; "
@@ -275,11 +275,11 @@ class SchedulerContract:
         markers = tuple(f"TORCHX_EXT_APP_ID={h.rsplit('/', 1)[-1]}\0".encode() for h in handles)
         deadline = time.time() + 30
         while live_processes(markers):
-            assert time.time() < deadline, f"processes outlived their cancel: {live_processes(markers)}"
+            assert time.time() < deadline, f"processes outlived their cancel: {process_lineage(live_processes(markers))}"
             time.sleep(0.2)
 
     def test_a_replica_killed_from_outside_fails_the_app_naming_it(self, runner: Runner, backend: Backend) -> None:
-        from conftest import live_processes
+        from conftest import live_processes, process_lineage
 
         code = "import time; print('up', flush=True); time.sleep(300)  # victim-mark"
         handle = self.run(runner, backend, AppDef("victim", roles=[self.role(backend, "main", code, replicas=2)]))
@@ -300,7 +300,7 @@ class SchedulerContract:
         assert status.state == AppState.FAILED and "main" in status.msg, status
         deadline = time.time() + 30
         while live_processes((marker,)):  # the other replica was stopped by the group rules
-            assert time.time() < deadline, f"processes outlived the failure: {live_processes((marker,))}"
+            assert time.time() < deadline, f"processes outlived the failure: {process_lineage(live_processes((marker,)))}"
             time.sleep(0.2)
 
     def test_group_all_or_nothing(self, runner: Runner, backend: Backend) -> None:

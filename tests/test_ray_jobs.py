@@ -284,6 +284,23 @@ def test_cancel_of_a_job_ray_cannot_place(runner: Runner) -> None:
         runner.run(app, "ray_jobs", {"dashboard_url": dashboard()})
 
 
+def test_a_cancel_whose_stop_never_reaches_the_driver_still_ends_the_app(runner: Runner) -> None:
+    """A cancel of a PENDING job writes a marker besides Ray's stop; if the stop is lost (Ray
+    signals only the processes it saw at that instant), the driver reads the marker and ends
+    itself and its replicas. Simulated here: the marker alone, no stop."""
+    from torchx_ext.schedulers import ray_jobs_client as rc
+
+    code = ("import subprocess, sys, time; print('up', flush=True); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)")
+    handle = runner.run(AppDef("lost-stop", roles=[role("main", code)]), "ray_jobs", {"dashboard_url": dashboard()})
+    wait_state(runner, handle, AppState.RUNNING, TIMEOUT)
+    client = create_scheduler("t")._client(dashboard())
+    assert rc.claim(client, sid(handle) + "--cancelled", {"torchx_ext_kind": "cancel-marker"})
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.CANCELLED, status
+    assert nothing_running(handle), app_processes(handle)
+
+
 def test_unreachable_dashboard_is_one_clear_error() -> None:
     out = cli("run", "-s", "ray_jobs", "-cfg", "dashboard_url=http://127.0.0.1:9,request_timeout_s=3", "utils.echo")
     assert out.returncode != 0

@@ -316,6 +316,9 @@ def job_state(client: Any, job: Any) -> tuple[AppState, str, dict[str, Any]]:
         return AppState.CANCELLED, "cancelled by user before it could be placed", verdict
     if st == AppState.CANCELLED:
         msg = "stopped (cancelled)"
+    elif st == AppState.FAILED and verdict.get("state") == "CANCELLED":
+        # the driver found the cancel marker of a stop that never reached it and ended itself
+        st = AppState.CANCELLED
     pg_name = meta.get("torchx_ext_placement_group")
     if st == AppState.RUNNING and pg_name:
         # the driver runs, but the gang's replicas start only once its placement group is

@@ -283,13 +283,48 @@ def _ray_ancestor() -> int:
     return os.getppid()
 
 
-def _watch_supervisor(orphaned: threading.Event, stopping: threading.Event) -> None:
-    """Sets both events once Ray's job supervisor is gone: the head or the node was lost (its
-    raylet took the workers with it) and no ``ray job stop`` will ever come, so this driver must
-    not run its replicas on, unwatched, for ever."""
+# Ray's job table, as its job manager keeps it in the GCS KV store (ray.dashboard.modules.job
+# .common.JobInfoStorageClient): the driver reads its own record there, no ray.init needed.
+_JOB_KEY = "_ray_internal_job_info_{}"
+_JOB_NAMESPACE = b"job"
+_ENDED = ("STOPPED", "SUCCEEDED", "FAILED")
+
+
+def _job_records(sid: str) -> Optional[Any]:
+    """A function returning (this job's Ray status, whether a cancel marker exists), or None
+    when the GCS cannot be read from here (then only the supervisor watch guards the driver)."""
+    try:
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
+
+        gcs = GcsClient(address=os.environ["RAY_ADDRESS"])
+    except Exception:
+        return None
+
+    def read() -> Tuple[Optional[str], bool]:
+        info = gcs.internal_kv_get(_JOB_KEY.format(sid).encode(), namespace=_JOB_NAMESPACE, timeout=5)
+        marker = gcs.internal_kv_get(_JOB_KEY.format(sid + "--cancelled").encode(), namespace=_JOB_NAMESPACE,
+                                     timeout=5)
+        return (json.loads(info).get("status") if info else None), marker is not None
+    return read
+
+
+def _watch_job(sid: str, orphaned: threading.Event, stopping: threading.Event) -> None:
+    """Sets ``stopping`` when this driver must not run on, whatever did or did not reach it:
+
+    * Ray's job supervisor above it is gone (the head or node was lost, its raylet took the
+      workers with it): no ``ray job stop`` will ever come (sets ``orphaned`` too);
+    * Ray's record of this job says it ended (STOPPED) while the driver still runs: the stop's
+      SIGTERM missed it (Ray signals the process tree it saw at that instant, which a process
+      started just after escapes);
+    * the client's cancel marker exists: the app was cancelled while Ray still had it PENDING,
+      and a stop sent then may never reach the driver (its verdict is then CANCELLED and the
+      client reports CANCELLED, although Ray records the exit as FAILED).
+    """
     supervisor = _ray_ancestor()
 
     def watch() -> None:
+        records = _job_records(sid) if sid else None
+        last_read = 0.0
         while not stopping.is_set():
             try:
                 os.kill(supervisor, 0)
@@ -302,9 +337,18 @@ def _watch_supervisor(orphaned: threading.Event, stopping: threading.Event) -> N
                 return
             except OSError:
                 pass  # not ours to signal (PermissionError): it is alive
+            if records is not None and time.time() - last_read >= 1.0:
+                last_read = time.time()
+                try:
+                    status, marked = records()
+                except Exception:  # the GCS is slow or restarting: the next round asks again
+                    status, marked = None, False
+                if marked or status in _ENDED:
+                    stopping.set()
+                    return
             time.sleep(0.5)
 
-    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+    threading.Thread(target=watch, name="job-watch", daemon=True).start()
 
 
 def main() -> int:
@@ -312,7 +356,8 @@ def main() -> int:
     out = Output()
     stopping = threading.Event()
     orphaned = threading.Event()
-    _watch_supervisor(orphaned, stopping)
+    sid = sys.argv[sys.argv.index("--app") + 1] if "--app" in sys.argv[:-1] else ""
+    _watch_job(sid, orphaned, stopping)
     # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S: the loop stops
     # the replicas (their process groups) in between
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
