@@ -49,6 +49,10 @@ PRINT_ENV = (
     "print('ENV ' + json.dumps({k: v for k, v in os.environ.items() if k.startswith('TORCHX_EXT_')}), flush=True)"
 )
 PRINT_ARGV = "import json, sys; print('ARGV ' + json.dumps(sys.argv[1:]), flush=True)"
+# prints its attempt and pid, then fails on its first attempt when it is replica 0 of its role
+FLAKY = ("import os, sys; a = os.environ['TORCHX_EXT_ATTEMPT']; "
+         "print('ATTEMPT', a, os.getpid(), flush=True); "
+         "sys.exit(3 if a == '1' and os.environ['TORCHX_EXT_REPLICA_ID'] == '0' else 0)")
 PRINT_TIME = "import time; print('T %.6f' % time.time(), flush=True)"
 SERVER = (
     "import http.server, os, sys\n"
@@ -94,6 +98,8 @@ class Backend:
     missing_app_id: str = "no-such-app-42"
     # an app id of the right form for status/log/cancel under broken_env (None: missing_app_id)
     broken_app_id: Optional[str] = None
+    # restarts (Role.max_retries) are honoured; False: refused with a message naming the field
+    retries: bool = False
 
 
 def free_port() -> int:
@@ -303,6 +309,97 @@ class SchedulerContract:
             assert time.time() < deadline, f"processes outlived the failure: {process_lineage(live_processes((marker,)))}"
             time.sleep(0.2)
 
+    # -- retries (Role.max_retries x Role.retry_policy) ----------------------------------
+    def _retry_app(self, backend: Backend, name: str, roles: list[Role], retries: int, policy: str) -> AppDef:
+        for r in roles:
+            r.max_retries, r.retry_policy = retries, policy  # type: ignore[assignment]  # a str: ROLE on 0.7.0
+        return AppDef(name, roles=roles)
+
+    @staticmethod
+    def _attempts(runner: Runner, handle: str, role: str, k: int) -> list[str]:
+        return [x.split()[1] for x in logs(runner, handle, role, k).splitlines() if x.startswith("ATTEMPT ")]
+
+    @pytest.mark.parametrize("policy", ["REPLICA", "ROLE", "APPLICATION"])
+    def test_a_replica_failing_once_is_restarted_under_its_policy(
+            self, runner: Runner, backend: Backend, policy: str) -> None:
+        # role 'a': replica 0 fails its first attempt; role 'other': a service that must keep
+        # its process unless the whole application restarts
+        app = self._retry_app(backend, f"retry-{policy.lower()}", [
+            self.role(backend, "a", FLAKY, replicas=2),
+            self.role(backend, "other", "import os, time; print('ATTEMPT', os.environ['TORCHX_EXT_ATTEMPT'], "
+                      "os.getpid(), flush=True); time.sleep(600)", service=True),
+        ], 1, policy)
+        if not backend.retries:
+            with pytest.raises(InvalidAppError, match="max_retries"):
+                self.run(runner, backend, app)
+            return
+        handle = self.run(runner, backend, app)
+        status = wait_terminal(runner, handle, backend.timeout)
+        assert status.state == AppState.SUCCEEDED, status
+        assert status.num_restarts == 1, status
+        seen = {f"{r}/{k}": self._attempts(runner, handle, r, k) for r, k in (("a", 0), ("a", 1), ("other", 0))}
+        restarted = {"REPLICA": ["a/0"], "ROLE": ["a/0", "a/1"], "APPLICATION": ["a/0", "a/1", "other/0"]}[policy]
+        # a restarted replica's first attempt may be stopped before it printed anything
+        assert all(v in (["1", "2"], ["2"]) if k in restarted else v == ["1"] for k, v in seen.items()), seen
+        assert seen["a/0"] == ["1", "2"], seen
+        assert "[torchx-ext] attempt 2 of role 'a' replica 0 begins" in logs(runner, handle, "a", 0)
+
+    def test_retries_exhausted_fail_naming_the_attempts_and_the_exit(self, runner: Runner, backend: Backend) -> None:
+        app = self._retry_app(backend, "retry-exhausted", [self.role(backend, "main", "import sys; sys.exit(4)")],
+                              2, "REPLICA")
+        if not backend.retries:
+            with pytest.raises(InvalidAppError, match="max_retries"):
+                self.run(runner, backend, app)
+            return
+        handle = self.run(runner, backend, app)
+        status = wait_terminal(runner, handle, backend.timeout)
+        assert status.state == AppState.FAILED and status.num_restarts == 2, status
+        assert "role 'main' replica 0 failed with exit code 4" in status.msg, status.msg
+        assert "after 3 attempts (REPLICA policy, max_retries=2)" in status.msg, status.msg
+
+    def test_a_service_that_dies_is_restarted_while_retries_last(self, runner: Runner, backend: Backend) -> None:
+        # the client succeeds only once it has seen the service's second attempt
+        app = self._retry_app(backend, "retry-service", [
+            self.role(backend, "svc", "import os, sys, time; a = os.environ['TORCHX_EXT_ATTEMPT']; "
+                      "print('ATTEMPT', a, flush=True); sys.exit(0) if a == '1' else time.sleep(600)", service=True),
+            self.role(backend, "main", "import time; time.sleep(1)"),
+        ], 1, "REPLICA")
+        if not backend.retries:
+            with pytest.raises(InvalidAppError, match="max_retries"):
+                self.run(runner, backend, app)
+            return
+        handle = self.run(runner, backend, app)
+        status = wait_terminal(runner, handle, backend.timeout)
+        assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
+        assert self._attempts(runner, handle, "svc", 0) == ["1", "2"]
+
+    def test_cancel_while_a_restart_waits_ends_cancelled_and_nothing_restarts(
+            self, runner: Runner, backend: Backend) -> None:
+        from conftest import live_processes, process_lineage
+
+        app = self._retry_app(backend, "retry-cancel", [
+            self.role(backend, "main", "import os, sys, time; print('ATTEMPT', os.environ['TORCHX_EXT_ATTEMPT'], "
+                      "flush=True); sys.exit(1) if os.environ['TORCHX_EXT_REPLICA_ID'] == '0' else time.sleep(600)",
+                      replicas=2),
+        ], 3, "REPLICA")
+        if not backend.retries:
+            return  # refusal: covered above
+        handle = self.run(runner, backend, app, retry_backoff_s=60.0)
+        deadline = time.time() + backend.timeout
+        while (status := runner.status(handle)) is not None and status.num_restarts < 1:
+            assert time.time() < deadline, status
+            time.sleep(0.2)
+        runner.cancel(handle)
+        status = wait_terminal(runner, handle, backend.timeout)
+        assert status.state == AppState.CANCELLED, status
+        marker = f"TORCHX_EXT_APP_ID={handle.rsplit('/', 1)[-1]}\0".encode()
+        deadline = time.time() + 30
+        while live_processes((marker,)):
+            assert time.time() < deadline, f"processes outlived the cancel: {process_lineage(live_processes((marker,)))}"
+            time.sleep(0.2)
+        assert self._attempts(runner, handle, "main", 0) == ["1"]
+        assert runner.status(handle).num_restarts == 1  # type: ignore[union-attr]
+
     def test_group_all_or_nothing(self, runner: Runner, backend: Backend) -> None:
         app = AppDef("aon", roles=[
             self.role(backend, "good", "import time; time.sleep(600)"),
@@ -423,8 +520,11 @@ class SchedulerContract:
 
     def test_a_refused_field_fails_the_run_naming_it_before_anything_starts(self, runner: Runner, backend: Backend) -> None:
         role = self.role(backend, "main", "print('must not run')")
-        role.max_retries = 3  # refused by every scheduler until restarts exist: never silently dropped
-        self._refused_before_anything_starts(runner, backend, AppDef("retry", roles=[role]), r"Role\.max_retries")
+        role.max_retries = 3  # refused where restarts do not exist yet: never silently dropped
+        if backend.retries:  # where they do: a policy no group can honour
+            role.retry_policy = "HOT_SPARE"  # type: ignore[assignment]  # not in the nightly's enum
+        field = r"Role\.retry_policy.*HOT_SPARE" if backend.retries else r"Role\.max_retries"
+        self._refused_before_anything_starts(runner, backend, AppDef("retry", roles=[role]), field)
 
     def test_a_role_name_that_is_a_path_is_refused(self, runner: Runner, backend: Backend) -> None:
         for name in ("../escape", "/tmp/escape"):

@@ -295,3 +295,21 @@ def test_cancel_right_after_run_is_cancelled_and_leaves_nothing(tmp_path: str) -
             assert time.time() < deadline, f"processes of {app_id} outlived its cancel (delay {delay})"
             time.sleep(0.1)
     runner.close()
+
+
+def test_a_replica_killed_from_outside_is_a_failed_attempt_under_its_policy() -> None:
+    # `kill -9` of a running replica (as the OOM killer would): restarted in its slot
+    code = ("import os, sys, time; a = os.environ['TORCHX_EXT_ATTEMPT']; print('PID', os.getpid(), flush=True); "
+            "time.sleep(600) if a == '1' else sys.exit(0)")
+    runner = get_runner()
+    role = Role("main", image=os.getcwd(), entrypoint=sys.executable, args=["-c", code], max_retries=1)
+    handle = runner.run(AppDef("killed", roles=[role]), "host", {})
+    deadline = time.time() + 60
+    while not (pids := [x for x in "".join(runner.log_lines(handle, "main", 0)).splitlines() if x.startswith("PID ")]):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.kill(int(pids[0].split()[1]), signal.SIGKILL)
+    status = wait_terminal(runner, handle, 60)
+    assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
+    log = "".join(runner.log_lines(handle, "main", 0))
+    assert "ended with signal SIGKILL; APPLICATION policy, restart 1 of 1" in log, log

@@ -43,6 +43,6 @@ class TestHostContract(SchedulerContract):
             f.write("not a directory\n")
         return Backend(scheduler="host", image=os.getcwd(), python=sys.executable,
                        timeout=60, nothing_running=_nothing_running,
-                       nothing_running_after_delete=_no_process_left,
+                       nothing_running_after_delete=_no_process_left, retries=True,
                        # the home cannot be created: every state read or write fails
                        broken_env={"TORCHX_EXT_HOME": os.path.join(a_file, "home")})

@@ -86,6 +86,27 @@ def _no_retries(value: Any, role: Role) -> Optional[str]:
                                    "run with max_retries=0 and resubmit on failure")
 
 
+def _retries(value: Any, role: Role) -> Optional[str]:
+    return f"max_retries={value}: a number of restarts, >= 0" if not isinstance(value, int) or value < 0 else None
+
+
+def _retry_policy(value: Any, role: Role) -> Optional[str]:
+    from torchx_ext.groups import RETRY_POLICIES, retry_policy_name
+
+    name = retry_policy_name(value)
+    if not role.max_retries or name in RETRY_POLICIES:
+        return None
+    return (f"retry_policy={name}: valid are {', '.join(RETRY_POLICIES)}"
+            + (" (HOT_SPARE needs spare replicas, which groups started all or nothing do not keep)"
+               if name == "HOT_SPARE" else ""))
+
+
+RETRIES = honoured("restarts under Role.retry_policy, at most max_retries times per policy unit "
+                   "(see Retries); run option retry_backoff_s", _retries)
+RETRY_POLICY = honoured("REPLICA: the failed replica alone, in its slot; ROLE: every replica of its role; "
+                        "APPLICATION: the whole group. Compared by value, so ROLE works on torchx 0.7.0 too; "
+                        "HOT_SPARE is refused", _retry_policy)
+
 # what every torchx-ext scheduler does the same way; backends add or override entries
 COMMON: dict[str, Support] = {
     "AppDef.name": honoured("names the app: part of its id (lowercased, non-alphanumerics as '-')"),
@@ -134,6 +155,8 @@ def _named_devices(devices: Mapping[str, int], role: Role) -> Optional[str]:
 # ----------------------------------------------------------------------- per scheduler --------
 HOST: dict[str, Support] = {
     **COMMON,
+    "Role.max_retries": RETRIES,
+    "Role.retry_policy": RETRY_POLICY,
     "Role.image": honoured("a directory is the replicas' working directory (a --workspace copy is one); "
                            "any other value, such as the container image TorchX's components name, is not "
                            "used: host runs no containers"),

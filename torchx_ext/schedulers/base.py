@@ -270,7 +270,7 @@ def role_summaries(app: AppDef) -> list[dict[str, Any]]:
 
 def describe_response(
     app_id: str, state: AppState, msg: str, summaries: Sequence[Mapping[str, Any]],
-    replica: Callable[[str, int], tuple[AppState, str]],
+    replica: Callable[[str, int], tuple[AppState, str]], num_restarts: int = 0,
 ) -> DescribeAppResponse:
     """A describe answer: roles from ``summaries``, each replica's (state, hostname) from ``replica``."""
     roles, statuses = [], []
@@ -283,7 +283,8 @@ def describe_response(
             rstate, host = replica(name, k)
             replicas.append(ReplicaStatus(id=k, state=rstate, role=name, hostname=host))
         statuses.append(RoleStatus(name, replicas))
-    return DescribeAppResponse(app_id=app_id, state=state, msg=msg, roles=roles, roles_statuses=statuses)
+    return DescribeAppResponse(app_id=app_id, state=state, msg=msg, roles=roles, roles_statuses=statuses,
+                               num_restarts=num_restarts)
 
 
 def is_current_dir(workspace: str) -> bool:

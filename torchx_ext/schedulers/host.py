@@ -31,9 +31,9 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext import support as matrices
-from torchx_ext.errors import DependencyError, InvalidAppError
+from torchx_ext.errors import DependencyError, InvalidAppError, InvalidOptionError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
-from torchx_ext.groups import discovery_env, is_service
+from torchx_ext.groups import discovery_env, is_service, retry_policy_name
 from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.base import (
     ExtScheduler,
@@ -65,6 +65,10 @@ class HostExecutor(Executor):
     gpu_count: Optional[int] = option(
         None, help="GPUs on this host for auto_set_cuda_visible_devices (default: nvidia-smi -L)"
     )
+    retry_backoff_s: float = option(
+        0.0, help="seconds before a role's first restart (Role.max_retries), doubled for each further "
+        "restart of the same unit, capped at 60; 0 restarts at once"
+    )
 
 
 @dataclass
@@ -75,6 +79,8 @@ class ReplicaRequest:
     cmd: list[str]
     cwd: str
     env: dict[str, str]
+    max_retries: int = 0
+    retry_policy: str = "APPLICATION"
 
 
 @dataclass
@@ -87,6 +93,7 @@ class HostRequest:
     dependencies: list[str]
     roles: list[dict[str, Any]]
     replicas: list[ReplicaRequest] = field(default_factory=list)
+    retry_backoff_s: float = 0.0
 
     def __repr__(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -145,8 +152,11 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
             total = executor.gpu_count
             gpus = assign_gpus(app, int(total) if total is not None else _gpu_count())
         hosts = {role.name: [LOOPBACK] * role.num_replicas for role in app.roles}
+        if executor.retry_backoff_s < 0:
+            raise InvalidOptionError(f"retry_backoff_s={executor.retry_backoff_s}: a delay in seconds, >= 0")
         request = HostRequest(app_id=app_id, app_name=app.name, app_dir=state.scheduler_dir(SCHEDULER, app_id),
-                              dependencies=dependencies, roles=role_summaries(app))
+                              dependencies=dependencies, roles=role_summaries(app),
+                              retry_backoff_s=float(executor.retry_backoff_s))
         for role in app.roles:
             cwd = role.image if role.image and os.path.isdir(role.image) else os.getcwd()
             for i in range(role.num_replicas):
@@ -158,9 +168,10 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
                 env.update(discovery_env(app_id, role.name, i, role.num_replicas, hosts))
                 if (role.name, i) in gpus:
                     env["CUDA_VISIBLE_DEVICES"] = gpus[(role.name, i)]
-                request.replicas.append(
-                    ReplicaRequest(role.name, i, is_service(role), [r.entrypoint, *r.args], cwd, env)
-                )
+                request.replicas.append(ReplicaRequest(
+                    role.name, i, is_service(role), [r.entrypoint, *r.args], cwd, env,
+                    max_retries=role.max_retries, retry_policy=retry_policy_name(role.retry_policy),
+                ))
         return request
 
     def _schedule(self, req: HostRequest) -> str:
@@ -229,7 +240,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
             return AppState[rs.get("state", "PENDING")], rs.get("host", LOOPBACK)
 
         return describe_response(app_id, AppState[st.get("state", "UNKNOWN")], st.get("msg", ""),
-                                 spec.get("roles", []), replica)
+                                 spec.get("roles", []), replica, num_restarts=int(st.get("num_restarts", 0)))
 
     def _describe_native(self, app_id: str) -> Optional[HostRequest]:
         loaded = self._load(app_id)

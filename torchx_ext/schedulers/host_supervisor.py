@@ -26,6 +26,7 @@ from typing import IO, Any, Optional, cast
 
 from torchx.specs import AppState, is_terminal
 
+from torchx_ext import groups
 from torchx_ext.state import locked, read_json, update_json, write_json
 
 TERMINAL = tuple(s.name for s in AppState if is_terminal(s))
@@ -124,6 +125,10 @@ class _Replica:
             for name in ("stdout", "stderr", "combined")
         }
         self.partial = {"stdout": b"", "stderr": b""}
+        self.pipes: set[int] = set()  # fds of this attempt's stdout/stderr still open
+        # restarts (Role.max_retries under Role.retry_policy)
+        self.max_retries = int(spec.get("max_retries", 0))
+        self.policy = str(spec.get("retry_policy", "APPLICATION"))
 
     def write(self, stream: str, data: bytes, final: bool = False) -> None:
         buf = self.partial[stream] + data
@@ -153,13 +158,17 @@ class Supervisor:
         self.cancelled = False
         self.replica_state: dict[str, dict[str, Any]] = {
             r.key: {"role": r.spec["role"], "replica_id": r.spec["replica_id"],
-                    "service": r.spec["service"], "state": "PENDING", "host": "127.0.0.1"}
+                    "service": r.spec["service"], "state": "PENDING", "host": "127.0.0.1", "attempt": 1}
             for r in self.replicas
         }
+        self.by_key = {(r.spec["role"], r.spec["replica_id"]): r for r in self.replicas}
+        self.used: dict[str, int] = {}  # restarts used, per retry unit (groups.retry_unit)
+        self.num_restarts = 0
+        self.due: dict[str, float] = {}  # replica key -> when its next attempt starts
 
     # -- state ------------------------------------------------------------------------
     def _save(self, **changes: Any) -> None:
-        update_state(self.app_dir, replicas=self.replica_state, **changes)
+        update_state(self.app_dir, replicas=self.replica_state, num_restarts=self.num_restarts, **changes)
 
     def _finish(self, state: str, msg: str) -> None:
         self._stop_all()
@@ -202,34 +211,37 @@ class Supervisor:
             time.sleep(POLL_S)
 
     # -- replicas ---------------------------------------------------------------------
+    def _start(self, r: _Replica) -> Optional[str]:
+        """Starts one attempt of ``r``; None, or why it could not start."""
+        env = dict(os.environ)
+        env.update(r.spec["env"])
+        if "PATH" in r.spec["env"] and os.environ.get("PATH"):
+            # like local_cwd: a role's PATH is prepended, not a replacement
+            env["PATH"] = r.spec["env"]["PATH"] + os.pathsep + os.environ["PATH"]
+        env[TOKEN_ENV] = r.token
+        env[groups.ENV_ATTEMPT] = str(self.replica_state[r.key].get("attempt", 1))
+        try:
+            r.proc = subprocess.Popen(
+                r.spec["cmd"], env=env, cwd=r.spec["cwd"], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            )
+        except OSError as e:
+            self.replica_state[r.key].update(state="FAILED", reason=f"failed to start: {e}", ended=time.time())
+            return str(e)
+        assert r.proc.stdout is not None and r.proc.stderr is not None
+        for pipe, stream in ((r.proc.stdout, "stdout"), (r.proc.stderr, "stderr")):
+            self.sel.register(pipe, selectors.EVENT_READ, (r, stream))
+            r.pipes.add(pipe.fileno())
+        self.replica_state[r.key].update(state="RUNNING", pid=r.proc.pid, pgid=r.proc.pid, started=time.time())
+        return None
+
     def _start_all(self) -> bool:
         for r in self.replicas:
-            env = dict(os.environ)
-            env.update(r.spec["env"])
-            if "PATH" in r.spec["env"] and os.environ.get("PATH"):
-                # like local_cwd: a role's PATH is prepended, not a replacement
-                env["PATH"] = r.spec["env"]["PATH"] + os.pathsep + os.environ["PATH"]
-            env[TOKEN_ENV] = r.token
-            try:
-                r.proc = subprocess.Popen(
-                    r.spec["cmd"], env=env, cwd=r.spec["cwd"], stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                )
-            except OSError as e:
-                rs = self.replica_state[r.key]
-                rs.update(state="FAILED", reason=f"failed to start: {e}", ended=time.time())
-                self._finish(
-                    "FAILED",
-                    f"role '{r.spec['role']}' replica {r.spec['replica_id']} failed to start: {e}; "
-                    "the group was stopped (all or nothing)",
-                )
+            error = self._start(r)
+            if error is not None:
+                self._finish("FAILED", f"role '{r.spec['role']}' replica {r.spec['replica_id']} failed to start: "
+                             f"{error}; the group was stopped (all or nothing)")
                 return False
-            assert r.proc.stdout is not None and r.proc.stderr is not None
-            self.sel.register(r.proc.stdout, selectors.EVENT_READ, (r, "stdout"))
-            self.sel.register(r.proc.stderr, selectors.EVENT_READ, (r, "stderr"))
-            self.replica_state[r.key].update(
-                state="RUNNING", pid=r.proc.pid, pgid=r.proc.pid, started=time.time()
-            )
         self._save(state="RUNNING", msg="", started=time.time())
         return True
 
@@ -241,6 +253,7 @@ class Supervisor:
                 r.write(stream, data)
             else:
                 r.write(stream, b"", final=True)
+                r.pipes.discard(key.fd)
                 self.sel.unregister(key.fileobj)
                 cast(IO[bytes], key.fileobj).close()  # a replica's stdout/stderr (_start_all)
 
@@ -251,29 +264,98 @@ class Supervisor:
             if r.proc is None or rs["state"] != "RUNNING":
                 continue
             code = r.proc.poll()
-            if code is not None:
-                rs.update(state="SUCCEEDED" if code == 0 else "FAILED", exit_code=code, ended=time.time())
-                changed = True
+            if code is None:
+                continue
+            changed = True
+            rs.update(state="SUCCEEDED" if code == 0 else "FAILED", exit_code=code, ended=time.time())
+            if groups.wants_restart(r.spec["service"], code):
+                self._maybe_restart(r, code)
         return changed
 
-    def _stop_all(self) -> None:
-        """SIGTERM every running replica's process group, SIGKILL after a grace period."""
-        running = [r for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+    def _maybe_restart(self, r: _Replica, code: int) -> None:
+        """Schedules the restart ``r``'s retry policy asks for, if its budget has one left;
+        otherwise records in the replica's reason how many attempts it had."""
+        unit = groups.retry_unit(r.policy, r.spec["role"], r.spec["replica_id"])
+        used = self.used.get(unit, 0)
+        rs = self.replica_state[r.key]
+        if used >= r.max_retries:
+            if r.max_retries:
+                rs["reason"] = f"after {used + 1} attempts ({r.policy} policy, max_retries={r.max_retries})"
+            return
+        self.used[unit] = used + 1
+        self.num_restarts += 1
+        scope = [self.by_key[k] for k in groups.restart_scope(r.policy, r.spec["role"], r.spec["replica_id"],
+                                                              list(self.by_key))]
+        self._stop([x for x in scope if x.proc is not None and x.proc.poll() is None])
+        for x in scope:
+            self._close_attempt(x)
+        when = time.time() + groups.backoff_s(float(self.spec.get("retry_backoff_s", 0.0)), used + 1)
+        why = f"role '{r.spec['role']}' replica {r.spec['replica_id']} ended with {groups.exit_description(code)}"
+        for x in scope:
+            xs = self.replica_state[x.key]
+            xs.update(state="PENDING", attempt=xs.get("attempt", 1) + 1, exit_code=None, reason="")
+            self.due[x.key] = when
+            x.write("stderr", (f"[torchx-ext] attempt {xs['attempt']} of role '{x.spec['role']}' replica "
+                               f"{x.spec['replica_id']} begins: {why}; {r.policy} policy, restart "
+                               f"{used + 1} of {r.max_retries}\n").encode())
+
+    def _close_attempt(self, r: _Replica) -> None:
+        """Reads what the ended attempt left in its pipes and kills what it left behind, so the
+        next attempt starts clean (its lines after the attempt marker, no leftover process)."""
+        if r.proc is not None:
+            kill_group(r.proc.pid, signal.SIGKILL)
+        kill_marked({r.token})
+        deadline = time.time() + 1.0
+        while r.pipes and time.time() < deadline:
+            self._pump(0.05)
+        for key in [k for k in self.sel.get_map().values() if k.data[0] is r]:
+            self.sel.unregister(key.fileobj)
+            cast(IO[bytes], key.fileobj).close()
+        r.pipes.clear()
+        for stream in ("stdout", "stderr"):
+            r.write(stream, b"", final=True)
+
+    def _start_due(self) -> bool:
+        """Starts the attempts whose backoff is over; False if one could not start (the app
+        then FAILED)."""
+        now = time.time()
+        for key in [k for k, t in self.due.items() if t <= now]:
+            del self.due[key]
+            r = next(x for x in self.replicas if x.key == key)
+            error = self._start(r)
+            if error is not None:
+                self._finish("FAILED", f"role '{r.spec['role']}' replica {r.spec['replica_id']} failed to "
+                             f"restart: {error}")
+                return False
+            self._save()
+        return True
+
+    def _stop(self, running: list[_Replica]) -> None:
+        """SIGTERM these replicas' process groups, SIGKILL after a grace period, and record
+        the ones still RUNNING as CANCELLED."""
         for r in running:
             kill_group(r.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
         deadline = time.time() + STOP_GRACE_S
         while time.time() < deadline and any(r.proc.poll() is None for r in running):  # type: ignore[union-attr]
             self._pump(0.05)
+        for r in running:
+            kill_group(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            r.proc.wait()  # type: ignore[union-attr]
+            rs = self.replica_state[r.key]
+            if rs["state"] == "RUNNING":
+                rs.update(state="CANCELLED", exit_code=r.proc.returncode, ended=time.time())  # type: ignore[union-attr]
+
+    def _stop_all(self) -> None:
+        """Stops every running replica; a replica waiting for its restart is CANCELLED."""
+        self._stop([r for r in self.replicas if r.proc is not None and r.proc.poll() is None])
         for r in self.replicas:
             if r.proc is not None:
                 # also reaps grandchildren left in the group after the leader exited
                 kill_group(r.proc.pid, signal.SIGKILL)
         kill_marked({r.token for r in self.replicas})  # what left the groups (see TOKEN_ENV)
-        for r in running:
-            r.proc.wait()  # type: ignore[union-attr]
-            rs = self.replica_state[r.key]
-            if rs["state"] == "RUNNING":
-                rs.update(state="CANCELLED", exit_code=r.proc.returncode, ended=time.time())  # type: ignore[union-attr]
+        for key in self.due:
+            self.replica_state[key].update(state="CANCELLED", ended=time.time())
+        self.due.clear()
         # drain what is left in the pipes, bounded: a daemonised grandchild could hold them open
         deadline = time.time() + 1.0
         while self.sel.get_map() and time.time() < deadline:
@@ -283,14 +365,12 @@ class Supervisor:
                 r.write(stream, b"", final=True)
 
     def _group_state(self) -> tuple[str, str]:
-        from torchx_ext.groups import ReplicaOutcome, group_state
-
         outcomes = [
-            ReplicaOutcome(rs["role"], rs["replica_id"], rs["service"], AppState[rs["state"]],
+            groups.ReplicaOutcome(rs["role"], rs["replica_id"], rs["service"], AppState[rs["state"]],
                            rs.get("exit_code"), rs.get("reason", ""))
             for rs in self.replica_state.values()
         ]
-        state, msg = group_state(outcomes)
+        state, msg = groups.group_state(outcomes)
         return state.name, msg
 
     def run(self) -> None:
@@ -312,6 +392,8 @@ class Supervisor:
             self._pump(POLL_S)
             if self.cancelled:
                 self._finish("CANCELLED", "cancelled by user")
+                return
+            if self.due and not self._start_due():
                 return
             if self._poll_exits():
                 state, msg = self._group_state()
