@@ -69,7 +69,7 @@ class TestRayJobsContract(SchedulerContract):
                        # nothing listens on 127.0.0.1:9: every Jobs API call fails
                        broken_cfg={"dashboard_url": DEAD_DASHBOARD, "request_timeout_s": 3},
                        broken_env={"RAY_ADDRESS": DEAD_DASHBOARD},
-                       broken_app_id=make_app_id(DEAD_DASHBOARD, "no-such-app-42"))
+                       broken_app_id=make_app_id(DEAD_DASHBOARD, "no-such-app-42"), retries=True)
 
 
 # ------------------------------------------------------------------------------ helpers -----
@@ -299,6 +299,24 @@ def test_a_cancel_whose_stop_never_reaches_the_driver_still_ends_the_app(runner:
     status = wait_terminal(runner, handle, TIMEOUT)
     assert status.state == AppState.CANCELLED, status
     assert nothing_running(handle), app_processes(handle)
+
+
+def test_a_replica_whose_actor_is_killed_is_restarted_in_its_bundle(runner: Runner) -> None:
+    """SIGKILL of the Ray worker running a gang replica (as a lost node does to it): the driver
+    counts an attempt and starts the replica again in a new actor on the same bundle."""
+    code = ("import os, sys, time; a = os.environ['TORCHX_EXT_ATTEMPT']; "
+            "print('PPID', os.getppid(), a, flush=True); "
+            "time.sleep(600) if a == '1' and os.environ['TORCHX_EXT_REPLICA_ID'] == '0' else sys.exit(0)")
+    app = AppDef("lost-actor", roles=[role("main", code, num_replicas=2, max_retries=1, retry_policy="REPLICA")])
+    handle = runner.run(app, "ray_jobs", {"dashboard_url": dashboard()})
+    deadline = time.time() + TIMEOUT
+    while not (lines := [x for x in logs(runner, handle, "main", 0).splitlines() if x.startswith("PPID ")]):
+        assert time.time() < deadline, runner.status(handle)
+        time.sleep(0.2)
+    os.kill(int(lines[0].split()[1]), 9)  # the actor's worker process
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
+    assert "its Ray actor was lost" in logs(runner, handle, "main", 0)
 
 
 def test_unreachable_dashboard_is_one_clear_error() -> None:

@@ -56,6 +56,12 @@ def option(default: Any = None, help: str = "", required: bool = False) -> Any:
     return field(default=default, metadata={"help": help, "required": required})
 
 
+def retry_backoff_option() -> Any:
+    """The ``retry_backoff_s`` run option of every scheduler that restarts replicas."""
+    return option(0.0, help="seconds before a unit's first restart (Role.max_retries), doubled for each "
+                  "further restart of the same unit, capped at 60; 0 restarts at once")
+
+
 @dataclass
 class Executor:
     """Base of all executors. Subclasses set ``scheduler`` and ``capabilities``."""

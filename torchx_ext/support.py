@@ -91,7 +91,7 @@ def _retries(value: Any, role: Role) -> Optional[str]:
 
 
 def _retry_policy(value: Any, role: Role) -> Optional[str]:
-    from torchx_ext.groups import RETRY_POLICIES, retry_policy_name
+    from torchx_ext.schedulers.ray_jobs_cluster.rules import RETRY_POLICIES, retry_policy_name
 
     name = retry_policy_name(value)
     if not role.max_retries or name in RETRY_POLICIES:
@@ -207,6 +207,8 @@ DOCKER_JOBS: dict[str, Support] = {
 
 RAY_JOBS: dict[str, Support] = {
     **COMMON,
+    "Role.max_retries": RETRIES,
+    "Role.retry_policy": RETRY_POLICY,
     "Role.workspace": honoured("(torchx-nightly) one working_dir per Ray job: every role that names a "
                                "workspace must name the first role's"),
     "Role.image": ignored("the app runs in the Ray cluster's own environment; TorchX's components always "

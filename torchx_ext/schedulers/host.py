@@ -32,8 +32,8 @@ from torchx.workspace.api import WorkspaceMixin
 from torchx_ext import state
 from torchx_ext import support as matrices
 from torchx_ext.errors import DependencyError, InvalidAppError, InvalidOptionError
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
-from torchx_ext.groups import discovery_env, is_service, retry_policy_name
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
+from torchx_ext.groups import discovery_env, is_service
 from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.base import (
     ExtScheduler,
@@ -43,6 +43,7 @@ from torchx_ext.schedulers.base import (
     is_current_dir,
     role_summaries,
 )
+from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 
 SCHEDULER = "host"
 LOOPBACK = "127.0.0.1"
@@ -65,10 +66,7 @@ class HostExecutor(Executor):
     gpu_count: Optional[int] = option(
         None, help="GPUs on this host for auto_set_cuda_visible_devices (default: nvidia-smi -L)"
     )
-    retry_backoff_s: float = option(
-        0.0, help="seconds before a role's first restart (Role.max_retries), doubled for each further "
-        "restart of the same unit, capped at 60; 0 restarts at once"
-    )
+    retry_backoff_s: float = retry_backoff_option()
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import IO, Any, Optional, cast
 from torchx.specs import AppState, is_terminal
 
 from torchx_ext import groups
+from torchx_ext.schedulers.ray_jobs_cluster import rules as retry_rules  # one copy for every backend
 from torchx_ext.state import locked, read_json, update_json, write_json
 
 TERMINAL = tuple(s.name for s in AppState if is_terminal(s))
@@ -162,7 +163,7 @@ class Supervisor:
             for r in self.replicas
         }
         self.by_key = {(r.spec["role"], r.spec["replica_id"]): r for r in self.replicas}
-        self.used: dict[str, int] = {}  # restarts used, per retry unit (groups.retry_unit)
+        self.used: dict[str, int] = {}  # restarts used, per retry unit (retry_rules.retry_unit)
         self.num_restarts = 0
         self.due: dict[str, float] = {}  # replica key -> when its next attempt starts
 
@@ -268,14 +269,14 @@ class Supervisor:
                 continue
             changed = True
             rs.update(state="SUCCEEDED" if code == 0 else "FAILED", exit_code=code, ended=time.time())
-            if groups.wants_restart(r.spec["service"], code):
+            if retry_rules.wants_restart(r.spec["service"], code):
                 self._maybe_restart(r, code)
         return changed
 
     def _maybe_restart(self, r: _Replica, code: int) -> None:
         """Schedules the restart ``r``'s retry policy asks for, if its budget has one left;
         otherwise records in the replica's reason how many attempts it had."""
-        unit = groups.retry_unit(r.policy, r.spec["role"], r.spec["replica_id"])
+        unit = retry_rules.retry_unit(r.policy, r.spec["role"], r.spec["replica_id"])
         used = self.used.get(unit, 0)
         rs = self.replica_state[r.key]
         if used >= r.max_retries:
@@ -284,13 +285,13 @@ class Supervisor:
             return
         self.used[unit] = used + 1
         self.num_restarts += 1
-        scope = [self.by_key[k] for k in groups.restart_scope(r.policy, r.spec["role"], r.spec["replica_id"],
+        scope = [self.by_key[k] for k in retry_rules.restart_scope(r.policy, r.spec["role"], r.spec["replica_id"],
                                                               list(self.by_key))]
         self._stop([x for x in scope if x.proc is not None and x.proc.poll() is None])
         for x in scope:
             self._close_attempt(x)
-        when = time.time() + groups.backoff_s(float(self.spec.get("retry_backoff_s", 0.0)), used + 1)
-        why = f"role '{r.spec['role']}' replica {r.spec['replica_id']} ended with {groups.exit_description(code)}"
+        when = time.time() + retry_rules.backoff_s(float(self.spec.get("retry_backoff_s", 0.0)), used + 1)
+        why = f"role '{r.spec['role']}' replica {r.spec['replica_id']} ended with {retry_rules.exit_description(code)}"
         for x in scope:
             xs = self.replica_state[x.key]
             xs.update(state="PENDING", attempt=xs.get("attempt", 1) + 1, exit_code=None, reason="")

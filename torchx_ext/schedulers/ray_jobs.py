@@ -46,7 +46,7 @@ from torchx_ext.errors import (
     SchedulerUnavailable,
     TorchxExtError,
 )
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
@@ -54,6 +54,7 @@ from torchx_ext.schedulers import ray_jobs_local as rl
 from torchx_ext.schedulers import ray_jobs_preflight
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response
 from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
+from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 from torchx_ext.schedulers.ray_jobs_deps import Brokers
 
 SCHEDULER = "ray_jobs"
@@ -97,6 +98,7 @@ class RayJobsExecutor(Executor):
     manifest: Optional[str] = option(
         None, help="fsspec URL of the JSONL manifest of submissions "
         "(default: $TORCHX_EXT_HOME/ray_jobs/manifest.jsonl)")
+    retry_backoff_s: float = retry_backoff_option()
 
 
 @dataclass
@@ -196,13 +198,16 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         spec: dict[str, Any] = {
             "version": 1, "app_id": app_id, "mode": "local" if single else "gang", "strategy": strategy,
             "placement_timeout_s": float(ex.placement_timeout_s), "label_selector": dict(ex.label_selector or {}),
-            "roles": [],
+            "retry_backoff_s": float(ex.retry_backoff_s), "roles": [],
         }
+        if ex.retry_backoff_s < 0:
+            raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
         if not single:
             spec["placement_group"] = cluster.PG_PREFIX + sid
         for role in app.roles:
             entry = {"name": role.name, "service": is_service(role), "hosts_env": hosts_env_name(role.name),
-                     "resources": ray_jobs_preflight.role_resources(role) or {"CPU": 0.01}, "replicas": []}
+                     "resources": ray_jobs_preflight.role_resources(role) or {"CPU": 0.01}, "replicas": [],
+                     "max_retries": role.max_retries, "retry_policy": retry_policy_name(role.retry_policy)}
             for k in range(role.num_replicas):
                 r = macros.Values(img_root="", app_id=app_id, replica_id=str(k),
                                   rank0_env="TORCHX_RANK0_HOST").apply(role)
@@ -241,6 +246,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             KIND: "app", "torchx_ext_app": app.name, "torchx_ext_session": self.session_name,
             "torchx_ext_manifest": str(manifest), "torchx_ext_secret_names": json.dumps(names),
             **({"torchx_ext_placement_group": spec["placement_group"]} if not single else {}),
+            # describe then reads num_restarts from the job's log (see ray_jobs_client.restarts_in_log)
+            **({"torchx_ext_retries": "1"} if any(r.max_retries for r in app.roles) else {}),
             "torchx_ext_roles": json.dumps([{"name": r.name, "num_replicas": r.num_replicas, "service": is_service(r)}
                                             for r in app.roles]),
         }
@@ -330,6 +337,9 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 resp = None if waiting is None else self._response(app_id, waiting[2], waiting[0], waiting[1], {})
             else:
                 st, msg, verdict = rc.job_state(client, job)
+                if ((job.metadata or {}).get("torchx_ext_retries") and "num_restarts" not in verdict
+                        and rc.job_status(job) != "PENDING"):
+                    verdict = {**verdict, "num_restarts": rc.restarts_in_log(client.get_job_logs(sid))}
                 resp = self._response(app_id, job.metadata or {}, st, msg, verdict)
         except Exception as e:
             if not rc.is_unreachable(e):
@@ -359,7 +369,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             seen = by_replica.get((role, k), {})
             return (AppState[seen["state"]] if "state" in seen else st), seen.get("host", "")
 
-        return describe_response(app_id, st, msg, json.loads(meta.get("torchx_ext_roles", "[]")), replica)
+        return describe_response(app_id, st, msg, json.loads(meta.get("torchx_ext_roles", "[]")), replica,
+                                 num_restarts=int(verdict.get("num_restarts", 0)))
 
     # ------------------------------------------------------------------ list/cancel -
     def _list(self, cfg: Any) -> list[ListAppResponse]:

@@ -423,3 +423,18 @@ def ray_version() -> str:
         return f"ray {ray.__version__}"
     except ImportError:
         return "no ray"
+
+
+def restarts_in_log(text: str) -> int:
+    """num_restarts from a job's log: the driver's last ``restart N:`` line (0 if none)."""
+    prefix = f"{cluster.LINE_MARK}{cluster.DRIVER_ROLE} 0 o "
+    count = 0
+    for line in text.split("\n"):  # not splitlines(): it also splits at the \x1e of our marks
+        if line.startswith(prefix):
+            body = line[len(prefix):].split(" ", 1)[-1]  # after the timestamp
+            if body.startswith(cluster.RESTART_MARK):
+                try:
+                    count = int(body[len(cluster.RESTART_MARK):].split(":", 1)[0])
+                except ValueError:
+                    pass
+    return count

@@ -22,6 +22,9 @@ ENV_B64_PREFIX = "TORCHX_EXT_B64__"
 # Every line the driver writes for a replica starts with this; the client demultiplexes on it.
 LINE_MARK = "\x1etx "
 VERDICT_MARK = "\x1etx-verdict "
+# The driver's own line on each restart: "restart N: why" (how describe learns num_restarts of a
+# job Ray reports SUCCEEDED or RUNNING, whose message carries no verdict)
+RESTART_MARK = "restart "
 DRIVER_ROLE = "d"
 # A gang's placement group is named PG_PREFIX + submission id, so that describe() can tell a gang
 # still waiting for its resources (PENDING) from one that runs

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import DRIVER_ROLE, LINE_MARK, SPEC_ENV, VERDICT_MARK, rules
+from . import DRIVER_ROLE, LINE_MARK, RESTART_MARK, SPEC_ENV, VERDICT_MARK, rules
 from .replica import Line, ReplicaRunner, node_ip
 
 Result = Tuple[List[Line], Optional[int], str]  # (lines, exit code, error)
@@ -52,10 +52,11 @@ class Output:
         """A line of the driver's own log (``torchx log <app>/ray-driver``)."""
         self.lines(DRIVER_ROLE, 0, [("o", time.time(), text)])
 
-    def verdict(self, state: str, msg: str, replicas: List[Dict[str, Any]]) -> int:
+    def verdict(self, state: str, msg: str, replicas: List[Dict[str, Any]], num_restarts: int = 0) -> int:
         self.say(f"app {state}" + (f": {msg}" if msg else ""))
         with self._lock:
-            sys.stdout.write(VERDICT_MARK + json.dumps({"state": state, "msg": msg, "replicas": replicas}) + "\n")
+            sys.stdout.write(VERDICT_MARK + json.dumps({"state": state, "msg": msg, "replicas": replicas,
+                                                        "num_restarts": num_restarts}) + "\n")
             sys.stdout.flush()
         return 0 if state == "SUCCEEDED" else 1
 
@@ -72,8 +73,8 @@ class LocalGroup:
     def node_ips(self) -> List[str]:
         return [node_ip()]
 
-    def start(self, cmds: List[Tuple[List[str], Dict[str, str]]]) -> List[Optional[str]]:
-        return [r.start(c, e) for r, (c, e) in zip(self.runners, cmds)]
+    def start(self, cmds: List[Tuple[List[str], Dict[str, str]]], indices: List[int]) -> List[Optional[str]]:
+        return [self.runners[i].start(*cmds[i]) for i in indices]
 
     def poll(self) -> List[Result]:
         return [(*r.poll(), "") for r in self.runners]
@@ -99,6 +100,7 @@ class GangGroup:
         ray.init(log_to_driver=False)
         self.pg: Any = None
         self.actors: List[Any] = []
+        self.lost: set[int] = set()
 
     def reserve(self) -> Optional[str]:
         from ray.util.placement_group import placement_group
@@ -115,17 +117,20 @@ class GangGroup:
             ray.get(self.pg.ready(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             return f"the group could not be placed within {timeout:g} s: {self._missing()}"
-        runner = ray.remote(ReplicaRunner)
+        self.actors = [self._actor(i) for i in range(len(self.bundles))]
+        return None
+
+    def _actor(self, i: int) -> Any:
+        """A replica actor pinned to bundle ``i`` of the gang's placement group."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        for i, b in enumerate(self.bundles):
-            custom = {k: v for k, v in b.items() if k not in ("CPU", "GPU", "memory")}
-            self.actors.append(runner.options(
-                num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), memory=b.get("memory"),
-                resources=custom, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote())
-        return None
+        b = self.bundles[i]
+        custom = {k: v for k, v in b.items() if k not in ("CPU", "GPU", "memory")}
+        return self.ray.remote(ReplicaRunner).options(
+            num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), memory=b.get("memory"),
+            resources=custom, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+        ).remote()
 
     def _missing(self) -> str:
         ray = self.ray
@@ -153,20 +158,27 @@ class GangGroup:
     def node_ips(self) -> List[str]:
         return self.ray.get([a.node_ip.remote() for a in self.actors], timeout=120)
 
-    def start(self, cmds: List[Tuple[List[str], Dict[str, str]]]) -> List[Optional[str]]:
-        refs = [a.start.remote(c, e) for a, (c, e) in zip(self.actors, cmds)]
+    def start(self, cmds: List[Tuple[List[str], Dict[str, str]]], indices: List[int]) -> List[Optional[str]]:
+        # a restart reuses the replica's actor (same bundle, same node: discovery stays true); a
+        # lost one (its worker or node died) is replaced in the same bundle
+        for i in indices:
+            if i in self.lost:
+                self.lost.discard(i)
+                self.actors[i] = self._actor(i)
+        refs = [self.actors[i].start.remote(*cmds[i]) for i in indices]
         return self.ray.get(refs, timeout=120)
 
     def poll(self) -> List[Result]:
         ray = self.ray
         refs = [a.poll.remote() for a in self.actors]
         out: List[Result] = []
-        for ref in refs:
+        for i, ref in enumerate(refs):
             try:
                 lines, code = ray.get(ref, timeout=60)
                 out.append((lines, code, ""))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                 # the node or worker died: the replica is lost (its process died with it)
+                self.lost.add(i)
                 out.append(([], -1, f"its Ray actor was lost: {type(e).__name__}: {str(e).splitlines()[0]}"))
         return out
 
@@ -197,13 +209,67 @@ def _fmt_res(res: Dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {_fmt(k, v)}" for k, v in sorted(res.items())) + "}"
 
 
+ATTEMPT_ENV = "TORCHX_EXT_ATTEMPT"  # torchx_ext.groups.ENV_ATTEMPT: 1, then 2, ... on each restart
+
+
+class Restarts:
+    """Role.max_retries under Role.retry_policy (the rules are in :mod:`.rules`, shared with the
+    other schedulers): which replicas restart when one ends, when, and the budgets used."""
+
+    def __init__(self, spec: Dict[str, Any], replicas: List[Any], outcomes: List[Dict[str, Any]]) -> None:
+        self.roles = [role for _, role, _, _ in replicas]
+        self.keys = [(role["name"], k) for _, role, k, _ in replicas]
+        self.outcomes = outcomes
+        self.backoff = float(spec.get("retry_backoff_s", 0.0))
+        self.used: Dict[str, int] = {}
+        self.due: Dict[int, float] = {}
+        self.count = 0
+        self.why = ""
+
+    def on_end(self, i: int, code: int, lost: str = "") -> List[int]:
+        """The replicas to restart now that replica ``i`` ended with ``code`` (none: its outcome
+        stands, with the attempts it had in its reason)."""
+        role, o = self.roles[i], self.outcomes[i]
+        limit, policy = int(role.get("max_retries", 0)), str(role.get("retry_policy", "APPLICATION"))
+        if not rules.wants_restart(o["service"], code):
+            return []
+        unit = rules.retry_unit(policy, role["name"], o["replica_id"])
+        used = self.used.get(unit, 0)
+        if used >= limit:
+            if limit:
+                o["reason"] = f"after {used + 1} attempts ({policy} policy, max_retries={limit})"
+            return []
+        self.used[unit] = used + 1
+        self.count += 1
+        when = time.time() + rules.backoff_s(self.backoff, used + 1)
+        scope = [self.keys.index(key) for key in rules.restart_scope(policy, role["name"], o["replica_id"], self.keys)]
+        for x in scope:
+            self.due[x] = when
+        ended = f"ended: {lost}" if lost else f"ended with {rules.exit_description(code)}"
+        self.why = (f"role '{role['name']}' replica {o['replica_id']} {ended}; "
+                    f"{policy} policy, restart {used + 1} of {limit}")
+        return scope
+
+    def ready(self) -> List[int]:
+        now = time.time()
+        out = sorted(i for i, t in self.due.items() if t <= now)
+        for i in out:
+            del self.due[i]
+        return out
+
+
 def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
         orphaned: Optional[threading.Event] = None) -> int:
     replicas = [(ri, role, k, rep) for ri, role in enumerate(spec["roles"]) for k, rep in enumerate(role["replicas"])]
     outcomes = [rules.outcome(role["name"], k, bool(role.get("service")), "PENDING") for _, role, k, _ in replicas]
 
+    restarts: Optional[Restarts] = None
+
     def finish(state: str, msg: str) -> int:
-        return out.verdict(state, msg, outcomes)
+        for o in outcomes:  # waiting for a restart when the group was decided: it never ran again
+            if o["state"] == "PENDING" and o.get("attempt", 1) > 1:
+                o["state"] = "CANCELLED"
+        return out.verdict(state, msg, outcomes, restarts.count if restarts else 0)
 
     group = LocalGroup(spec) if spec["mode"] == "local" else GangGroup(spec)
     try:
@@ -227,7 +293,7 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
             if orphaned is not None and orphaned.is_set():
                 return finish("FAILED", "Ray's job supervisor of this driver is gone (head or node lost)")
             return finish("CANCELLED", "stopped (the Ray job was stopped)")
-        errors = group.start(cmds)
+        errors = group.start([(c, {**e, ATTEMPT_ENV: "1"}) for c, e in cmds], list(range(len(cmds))))
         failed = [i for i, e in enumerate(errors) if e]
         if failed:
             group.stop([i for i, e in enumerate(errors) if not e])
@@ -238,14 +304,35 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
                 "FAILED", f"role '{first['role']}' replica {first['replica_id']} failed to start: {errors[failed[0]]}"
             )
         for o in outcomes:
-            o["state"] = "RUNNING"
+            o.update(state="RUNNING", attempt=1)
+        restarts = Restarts(spec, replicas, outcomes)
         interval = float(spec.get("poll_interval_s", 0.2))
         while True:
             for i, (lines, code, err) in enumerate(group.poll()):
                 ri, _, k, _ = replicas[i]
                 out.lines(str(ri), k, lines)
                 if code is not None and outcomes[i]["state"] == "RUNNING":
-                    outcomes[i].update(state="SUCCEEDED" if code == 0 else "FAILED", exit_code=code, reason=err)
+                    # a lost actor (err) has no exit code of its own: its reason says what happened
+                    outcomes[i].update(state="SUCCEEDED" if code == 0 else "FAILED",
+                                       exit_code=None if err else code, reason=err)
+                    scope = restarts.on_end(i, code, err)
+                    if scope:
+                        out.say(f"{RESTART_MARK}{restarts.count}: {restarts.why}")
+                        group.stop([x for x in scope if outcomes[x]["state"] == "RUNNING"])
+                        for x in scope:
+                            outcomes[x].update(state="PENDING", attempt=outcomes[x]["attempt"] + 1,
+                                               exit_code=None, reason="")
+                            out.lines(str(replicas[x][0]), replicas[x][2], [("e", time.time(), (
+                                f"[torchx-ext] attempt {outcomes[x]['attempt']} of role '{outcomes[x]['role']}' "
+                                f"replica {outcomes[x]['replica_id']} begins: {restarts.why}"))])
+            ready = restarts.ready() if not stopping.is_set() else []
+            if ready:
+                started = group.start([(c, {**e, ATTEMPT_ENV: str(outcomes[i]["attempt"])})
+                                       for i, (c, e) in enumerate(cmds)], ready)
+                for i, error in zip(ready, started):
+                    outcomes[i].update(state="FAILED", reason=f"failed to restart: {error}")
+                    if not error:
+                        outcomes[i].update(state="RUNNING", reason="")
             state, msg = rules.group_state(outcomes)
             if orphaned is not None and orphaned.is_set() and state not in rules.TERMINAL:
                 state, msg = "FAILED", "Ray's job supervisor of this driver is gone (head or node lost)"

@@ -131,6 +131,11 @@ class ReplicaRunner:
 
         Returns None on success or the reason it could not start.
         """
+        if self._proc is not None:  # a restart: what the last attempt left in its group goes first
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         full_env = decoded_env(os.environ)
         full_env.update(env)
         full_env[TOKEN_ENV] = token = os.urandom(8).hex()
