@@ -6,6 +6,9 @@
    RUNNING, which it does as soon as Popen returns: a signal that favours local_cwd).
 2. A ``torchx status`` in a new process: ``host`` (reads the state dir) vs ``local_cwd`` (which,
    in a new process, can only say the app does not exist) vs a raw ``python -c pass`` process.
+3. Restart latency (``Role.max_retries``): from the instant a replica exits 1 to the instant its
+   next attempt runs (both read from the processes' own clocks), vs a bare Popen loop that starts
+   the same command again as soon as ``wait`` returns.
 
 Run: ``python bench/bench_host.py [--repeat N]``. Prints medians and ratios.
 """
@@ -96,6 +99,37 @@ def bench_start_popen() -> float:
     return took
 
 
+# prints its start time; the first attempt then prints its exit time and exits 1
+RESTART_CODE = ("import os, sys, time; print('START %.6f' % time.time(), flush=True); "
+                "a = os.environ.get('TORCHX_EXT_ATTEMPT', sys.argv[1] if len(sys.argv) > 1 else '1'); "
+                "(print('EXIT %.6f' % time.time(), flush=True), sys.exit(1)) if a == '1' else None")
+
+
+def _restart_gap(text: str) -> float:
+    exit_t = next(float(x.split()[1]) for x in text.splitlines() if x.startswith("EXIT "))
+    return [float(x.split()[1]) for x in text.splitlines() if x.startswith("START ")][1] - exit_t
+
+
+def bench_restart_host(runner) -> float:
+    app = AppDef("restart", roles=[Role("r", image=os.getcwd(), entrypoint=sys.executable,
+                                        args=["-c", RESTART_CODE], max_retries=1)])
+    handle = runner.run(app, "host", {})
+    deadline = time.time() + 60
+    while (st := runner.status(handle)) is None or st.state != AppState.SUCCEEDED:
+        if time.time() > deadline:
+            raise TimeoutError(handle)
+        time.sleep(0.01)
+    return _restart_gap("".join(runner.log_lines(handle, "r", 0)))
+
+
+def bench_restart_popen() -> float:
+    out = ""
+    for attempt in ("1", "2"):
+        p = subprocess.run([sys.executable, "-c", RESTART_CODE, attempt], capture_output=True, text=True)
+        out += p.stdout
+    return _restart_gap(out)
+
+
 def bench_cmd(cmd: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(cmd, capture_output=True, check=False)
@@ -126,6 +160,12 @@ def main() -> None:
         ("new-process status: raw python -c pass", raw, 1.0),
         ("new-process status: torchx status host://", st_host, st_host / raw),
         ("new-process status: torchx status local_cwd://", st_lcwd, st_lcwd / raw),
+    ]
+    popen_restart = statistics.median(bench_restart_popen() for _ in range(a.repeat))
+    host_restart = statistics.median(bench_restart_host(runner) for _ in range(a.repeat))
+    rows += [
+        ("restart (exit 1 -> next attempt runs): Popen loop", popen_restart, 1.0),
+        ("restart (exit 1 -> next attempt runs): host", host_restart, host_restart / popen_restart),
     ]
     runner.close()
     title = f"measure (median of {a.repeat})"

@@ -248,6 +248,12 @@ class Supervisor:
 
     def _pump(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
+            if key.data is None:  # the SIGCHLD wakeup pipe (see _wake_on_child_exit)
+                try:
+                    os.read(key.fd, 4096)
+                except BlockingIOError:
+                    pass
+                continue
             r, stream = key.data
             data = os.read(key.fd, 65536)
             if data:
@@ -309,7 +315,7 @@ class Supervisor:
         deadline = time.time() + 1.0
         while r.pipes and time.time() < deadline:
             self._pump(0.05)
-        for key in [k for k in self.sel.get_map().values() if k.data[0] is r]:
+        for key in [k for k in self.sel.get_map().values() if k.data is not None and k.data[0] is r]:
             self.sel.unregister(key.fileobj)
             cast(IO[bytes], key.fileobj).close()
         r.pipes.clear()
@@ -359,7 +365,7 @@ class Supervisor:
         self.due.clear()
         # drain what is left in the pipes, bounded: a daemonised grandchild could hold them open
         deadline = time.time() + 1.0
-        while self.sel.get_map() and time.time() < deadline:
+        while any(k.data is not None for k in self.sel.get_map().values()) and time.time() < deadline:
             self._pump(0.05)
         for r in self.replicas:
             for stream in ("stdout", "stderr"):
@@ -389,12 +395,12 @@ class Supervisor:
             return
         if not self._start_all():
             return
+        self._wake_on_child_exit()
         while True:
-            self._pump(POLL_S)
+            # until the next due restart at most: a restart without backoff starts at once
+            self._pump(max(0.0, min([POLL_S, *(t - time.time() for t in self.due.values())])))
             if self.cancelled:
                 self._finish("CANCELLED", "cancelled by user")
-                return
-            if self.due and not self._start_due():
                 return
             if self._poll_exits():
                 state, msg = self._group_state()
@@ -403,6 +409,18 @@ class Supervisor:
                     self._finish(state, msg)
                     return
                 self._save()
+            if self.due and not self._start_due():
+                return
+
+    def _wake_on_child_exit(self) -> None:
+        """Makes a replica's exit wake the select at once (SIGCHLD through a wakeup pipe), so the
+        group rules and restarts act on it without waiting out the poll interval."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(w)
+        self.sel.register(r, selectors.EVENT_READ, None)
 
 
 def main(argv: list[str]) -> int:
