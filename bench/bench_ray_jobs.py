@@ -1,7 +1,7 @@
 """``ray_jobs`` vs the raw Ray Jobs API (``JobSubmissionClient``), timed in the same run.
 
     python bench/bench_ray_jobs.py [--dashboard URL] [--repeat 5] [--apps 200] [--dag 100]
-                                   [--only dryrun,submit,throughput,dag,memory]
+                                   [--only dryrun,submit,throughput,dag,memory,restart]
 
 The dashboard: ``--dashboard``, else ``$TORCHX_EXT_TEST_RAY_DASHBOARD`` (``testbed/.state/ray.env``
 is read when present). Every job the bench makes is deleted at the end; the shared broker job
@@ -26,6 +26,10 @@ is read when present). Every job the bench makes is deleted at the end; the shar
    naive waiting job (``--naive`` raw jobs running ``time.sleep``: the cheapest waiting driver,
    which flatters the naive way), over the local head's process tree (from the dashboard's
    ``--temp-dir``): a job's driver counts though its command line does not say "ray".
+6. ``restart``: restart latency (``Role.max_retries``): from the instant a replica exits 1 to the
+   instant its next attempt runs (both from the processes' own clocks), for a gang replica
+   (restarted in its actor) vs Ray's own mechanism, an actor with ``max_restarts=1`` that exits
+   (time to the restarted actor's ``__init__``).
 
 Runtime: the head starts ~1.4 jobs/s on the 2-core testbed; the defaults make ~330 jobs
 (waiting records included), most of the run is the cluster draining them.
@@ -62,7 +66,7 @@ TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 BROKER_POLL_S = 0.5  # the broker's default interval (TORCHX_EXT_BROKER_POLL_S), also the raw orchestrator's
 SETTLE_S = 3.0  # Ray's job monitor polls every second; give it a few to see a job's end
-BENCHES = ("dryrun", "submit", "throughput", "dag", "memory")
+BENCHES = ("dryrun", "submit", "throughput", "dag", "memory", "restart")
 
 
 # ------------------------------------------------------------------------------- helpers --
@@ -619,6 +623,75 @@ def bench_memory(url: str, client: Any, jobs: Jobs, waiters: int, naive: int) ->
 
 
 # ------------------------------------------------------------------------------- main -----
+# ---------------------------------------------------------------------------- 6. restart ---
+RESTART_CODE = ("import os, sys, time; print('START %.6f' % time.time(), flush=True); "
+                "(print('EXIT %.6f' % time.time(), flush=True), sys.exit(1)) "
+                "if os.environ['TORCHX_EXT_ATTEMPT'] == '1' else None")
+
+
+class _Dying:
+    """Ray's own restart: an actor with max_restarts=1 that exits; __init__ time on each start."""
+
+    def __init__(self, mark: str) -> None:
+        self.started, self.mark = time.time(), mark
+
+    def started_at(self) -> float:
+        return self.started
+
+    def die(self) -> None:
+        with open(self.mark, "w") as f:
+            f.write(f"{time.time():.6f}")
+        os._exit(1)
+
+
+def bench_restart(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
+    import ray
+
+    runner = get_runner()
+    ours: list[float] = []
+    for _ in range(repeat):
+        role = Role("r", image="", entrypoint="python", args=["-c", RESTART_CODE], num_replicas=2, max_retries=1,
+                    resource=Resource(cpu=0, gpu=0, memMB=0))
+        role.retry_policy = "REPLICA"  # type: ignore[assignment]  # by value: also on torchx 0.7.0
+        handle = runner.run(AppDef("bench-restart", roles=[role]), "ray_jobs", {"dashboard_url": url})
+        jobs.add_app(handle)
+        wait_terminal(client, [sid_of(handle)], 180)
+        text = "".join(runner.log_lines(handle, "r", 0))
+        exit_t = next(float(x.split()[1]) for x in text.splitlines() if x.startswith("EXIT "))
+        ours.append([float(x.split()[1]) for x in text.splitlines() if x.startswith("START ")][1] - exit_t)
+    runner.close()
+    ray.init(address=os.environ["TORCHX_EXT_TEST_RAY_ADDRESS"], log_to_driver=False, logging_level=logging.WARNING)
+    raw: list[float] = []
+    try:
+        dying = ray.remote(max_restarts=1, num_cpus=0)(_Dying)
+        for _ in range(repeat):
+            mark = tempfile.mktemp(prefix="bench_restart_")
+            actor = dying.remote(mark)
+            ray.get(actor.started_at.remote())
+            actor.die.remote()
+            deadline = time.time() + 120
+            while True:
+                try:
+                    started = ray.get(actor.started_at.remote(), timeout=30)
+                    if os.path.exists(mark) and started > float(open(mark).read() or 0):
+                        break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass
+                if time.time() > deadline:
+                    raise TimeoutError("the actor did not restart")
+                time.sleep(0.01)
+            raw.append(started - float(open(mark).read()))
+            ray.kill(actor)
+            os.unlink(mark)
+    finally:
+        ray.shutdown()
+    table(f"6. restart latency, exit 1 -> next attempt runs, median of {repeat}", [
+        ("gang replica restarted by the driver vs actor max_restarts", statistics.median(ours),
+         statistics.median(raw), "s"),
+    ])
+    jobs.drain(120)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dashboard", default=None, help="Ray dashboard URL (default: $TORCHX_EXT_TEST_RAY_DASHBOARD)")
@@ -667,6 +740,8 @@ def main() -> int:
             bench_dag(url, client, jobs, args.dag, args.dag_width, args.raw_dag_layers, args.dag_timeout)
         if "memory" in only:
             bench_memory(url, client, jobs, args.waiters, args.naive)
+        if "restart" in only:
+            bench_restart(url, client, jobs, args.repeat)
     finally:
         try:
             left = jobs.drain(300)
