@@ -18,7 +18,14 @@ def _nothing_running(handle: str) -> bool:
     app_id = handle.rsplit("/", 1)[-1]
     st = state.read_json(os.path.join(state.home(), "host", app_id, "state.json")) or {}
     pids = [r.get("pid") for r in st.get("replicas", {}).values()] + [st.get("supervisor_pid")]
-    return not any(sup.pid_alive(p) for p in pids)
+    # the supervisor records the verdict, then exits: give its exit a moment (a CI run at
+    # 6b54dc5 saw it alive just after the app read SUCCEEDED)
+    deadline = time.time() + 10
+    while any(sup.pid_alive(p) for p in pids):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _no_process_left(handle: str) -> bool:

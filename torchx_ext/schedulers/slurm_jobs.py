@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import signal as signal_module
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -34,7 +35,7 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext import support as matrices
-from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, SchedulerUnavailable
+from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, SchedulerUnavailable
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
 from torchx_ext.schedulers import slurm_jobs_client as sc
@@ -66,6 +67,10 @@ class SlurmJobsExecutor(Executor):
 
     partition: Optional[str] = option(None, help="Slurm partition (every role's component)")
     time: Optional[str] = option(None, help="time limit, in any sbatch --time format (e.g. 1:00:00)")
+    signal: Optional[str] = option(
+        None, help="a signal for every replica's process before the time limit, as SIG[@SECONDS] "
+        "(sbatch --signal; e.g. USR1@120: SIGUSR1 about 120 s before; Slurm may send it up to 60 s early) "
+        "so a training script can checkpoint")
     account: Optional[str] = option(None, help="account to charge (sbatch --account)")
     qos: Optional[str] = option(None, help="quality of service (sbatch --qos)")
     constraint: Optional[str] = option(None, help="node features (sbatch --constraint)")
@@ -124,6 +129,19 @@ def _record_dir(app_id: str) -> str:
     return state.scheduler_dir(SCHEDULER, app_id)
 
 
+_SIGNAL = re.compile(r"(?:SIG)?([A-Z][A-Z0-9]*|[0-9]+)(?:@([0-9]+))?")
+
+
+def _signal_option(value: str) -> str:
+    """``signal`` as sbatch --signal wants it, refusing what would not reach the replicas."""
+    m = _SIGNAL.fullmatch(value.strip().upper())
+    if not m or (not m.group(1).isdigit() and not hasattr(signal_module.Signals, "SIG" + m.group(1))):
+        raise InvalidOptionError(
+            f"signal={value!r}: give a signal name or number and, optionally, @SECONDS before the time "
+            "limit (e.g. USR1@120); 'B:' (the batch shell only) is not offered: it would not reach the replicas")
+    return m.group(1) + (f"@{m.group(2)}" if m.group(2) else "")
+
+
 class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     """Slurm jobs, one (heterogeneous) job per app. See the module docstring."""
 
@@ -156,6 +174,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         for key in ("mail_user", "mail_type"):
             if getattr(ex, key):
                 job_opts.append(f"--{key.replace('_', '-')}={getattr(ex, key)}")
+        if ex.signal:
+            job_opts.append(f"--signal={_signal_option(ex.signal)}")
         components = [self._component(role, ex) for role in app.roles]
         spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
                           dependencies=dependencies, components=components,
