@@ -384,3 +384,22 @@ def test_a_lost_node_fails_the_app_naming_it_and_nothing_is_requeued(runner: Run
         while "idle" not in subprocess.run(["sinfo", "-h", "-n", lost, "-o", "%t"], capture_output=True,
                                            text=True).stdout and time.time() < deadline:
             time.sleep(0.5)
+
+
+def test_a_signal_before_the_time_limit_reaches_the_replica(runner: Runner, partition: str) -> None:
+    """``signal=USR1@50`` with a 1-minute limit: Slurm signals the replica's process (its steps),
+    whose handler's output is in ``torchx log`` (Slurm may send it up to 60 s early: at once here)."""
+    code = ("import signal, sys, time; "
+            "signal.signal(signal.SIGUSR1, lambda *_: (print('GOT SIGUSR1', flush=True), sys.exit(0))); "
+            "print('up', flush=True); time.sleep(300)")
+    app = _role_app("sig", code)
+    handle = runner.run(app, SCHEDULER, {"partition": partition, "time": "00:01:00", "signal": "USR1@50"})
+    _wait_for_line(runner, handle, "main", "GOT SIGUSR1")
+    assert wait_terminal(runner, handle, 120).state == AppState.SUCCEEDED
+
+
+def test_a_signal_for_the_batch_shell_only_is_refused(runner: Runner, partition: str) -> None:
+    from torchx_ext.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="B:"):
+        runner.dryrun(_role_app("sig", "pass"), SCHEDULER, {"partition": partition, "signal": "B:USR1@50"})
