@@ -94,7 +94,7 @@ class TestDockerContract(SchedulerContract):
         return Backend(scheduler="docker_jobs", image=python_image(), python="python3",
                        resource=SMALL, timeout=90, nothing_running=nothing_running,
                        # nothing listens there: every call to the daemon fails
-                       broken_env={"DOCKER_HOST": "tcp://127.0.0.1:9"})
+                       broken_env={"DOCKER_HOST": "tcp://127.0.0.1:9"}, retries=True)
 
 
 # ------------------------------------------------------------------------------ helpers -----
@@ -382,3 +382,23 @@ def test_missing_image_that_cannot_be_pulled_is_one_line() -> None:
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
     errors = [x for x in out.stderr.splitlines() if x.startswith("torchx: error:")]
     assert len(errors) == 1 and "not present locally" in errors[0], out.stderr
+
+
+def test_a_container_killed_from_outside_is_a_failed_attempt(runner: Runner) -> None:
+    """`docker kill` of a running replica (as the OOM killer would): a new container takes its
+    place under the same alias, and its log follows the first attempt's."""
+    code = ("import os, sys, time; print('ATTEMPT', os.environ['TORCHX_EXT_ATTEMPT'], flush=True); "
+            "time.sleep(600) if os.environ['TORCHX_EXT_ATTEMPT'] == '1' else sys.exit(0)")
+    app = AppDef("killed", roles=[role("main", code, max_retries=1, retry_policy="REPLICA")])
+    handle = runner.run(app, "docker_jobs", {})
+    wait_state(runner, handle, AppState.RUNNING, 90)
+    app_id = handle.rsplit("/", 1)[-1]
+    deadline = time.time() + 90
+    while "ATTEMPT 1" not in logs(runner, handle, "main"):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    subprocess.run(["docker", "kill", f"{app_id}-main-0"], check=True, capture_output=True)
+    status = wait_terminal(runner, handle, 90)
+    assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
+    log = logs(runner, handle, "main")
+    assert log.index("ATTEMPT 1") < log.index("ended with exit code 137") < log.index("ATTEMPT 2"), log

@@ -191,6 +191,8 @@ SLURM_JOBS: dict[str, Support] = {
 
 DOCKER_JOBS: dict[str, Support] = {
     **COMMON,
+    "Role.max_retries": RETRIES,
+    "Role.retry_policy": RETRY_POLICY,
     "Role.image": honoured("the container image (pulled only as pull_policy says)"),
     "Role.port_map": honoured("published on publish_host (127.0.0.1) at a free host port; describe's "
                               "roles show them as port_map {'NAME/k': host port, 'NAME': replica 0's}"),

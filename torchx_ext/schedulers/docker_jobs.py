@@ -44,13 +44,15 @@ from torchx.workspace.api import WorkspaceMixin
 from torchx_ext import state
 from torchx_ext import support as matrices
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, TorchxExtError
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
-from torchx_ext.groups import discovery_env, is_service
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
+from torchx_ext.groups import ENV_ATTEMPT, discovery_env, is_service
 from torchx_ext.schedulers import docker_jobs_daemon as d
+from torchx_ext.schedulers import docker_jobs_retries as retries
 from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
 from torchx_ext.schedulers.docker_jobs_images import build_workspace, ensure_image
-from torchx_ext.schedulers.docker_jobs_logs import LogReader
+from torchx_ext.schedulers.docker_jobs_logs import AttemptsReader
+from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 
 SCHEDULER = d.SCHEDULER
 PULL_POLICIES = ("never", "if-not-present", "always")
@@ -88,6 +90,7 @@ class DockerJobsExecutor(Executor):
     publish_host: str = option(
         "127.0.0.1", help="address on which the ports of Role.port_map are published, each at a free host port "
         "that describe shows (0.0.0.0: every interface)")
+    retry_backoff_s: float = retry_backoff_option()
 
 
 @dataclass
@@ -230,7 +233,10 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             d.L_SESSION: self.session_name, d.L_DEPENDENCIES: ",".join(dependencies),
             d.L_ROLES: json.dumps(role_summaries(app)), d.L_NETWORK: network or "",
             d.L_STOP_TIMEOUT: str(host["stop_timeout"]), d.L_CREATED: f"{time.time():.3f}",
+            d.L_RETRY_BACKOFF: str(float(ex.retry_backoff_s)),
         }
+        if ex.retry_backoff_s < 0:
+            raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
         request = DockerRequest(
             app_id=app_id, network=network, network_mode=mode or app_id, pull_policy=ex.pull_policy,
             dependencies=dependencies, copy_env=ex.copy_env or [], host=host, labels=labels,
@@ -243,6 +249,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                 r = values.apply(role)
                 env = {"TORCHX_RANK0_HOST": hosts[role.name][0], **r.env}
                 env.update(discovery_env(app_id, role.name, i, role.num_replicas, hosts))
+                env[ENV_ATTEMPT] = "1"
                 request.containers.append(ContainerRequest(
                     name=names[role.name][i], role=role.name, replica_id=i, service=is_service(role),
                     image=role.image, command=[r.entrypoint, *r.args], env=env,
@@ -250,7 +257,9 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                     aliases=[aliases[role.name][i]] if network else [],
                     labels={**labels, d.L_ROLE: role.name, d.L_REPLICA: str(i),
                             d.L_SERVICE: "true" if is_service(role) else "false",
-                            d.L_HOST: hosts[role.name][i]},
+                            d.L_HOST: hosts[role.name][i], d.L_ATTEMPT: "1",
+                            d.L_MAX_RETRIES: str(role.max_retries),
+                            d.L_RETRY_POLICY: retry_policy_name(role.retry_policy)},
                     nano_cpus=int(res.cpu * 1e9) if res.cpu and res.cpu > 0 else None,
                     mem_limit=f"{int(res.memMB)}m" if res.memMB and res.memMB > 0 else None,
                     gpus=max(int(res.gpu or 0), 0), mounts=mounts, devices=devices,
@@ -362,7 +371,8 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             rep = by_key.get((role, k))
             return (d.displayed_state(rep, snap.verdict), rep.host) if rep else (AppState.UNKNOWN, "")
 
-        return describe_response(app_id, st.state, st.msg, d.published_roles(snap), replica)
+        return describe_response(app_id, st.state, st.msg, d.published_roles(snap), replica,
+                                 num_restarts=retries.num_restarts(snap))
 
     def app_ids(self) -> list[str]:
         """Ids of every docker_jobs app the daemon knows (containers or a verdict)."""
@@ -423,18 +433,20 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         import docker
 
         api = self._api()
-        found = d.retrying(lambda: api.containers(
-            all=True, filters=d.app_filter(app_id, **{d.L_ROLE: role_name, d.L_REPLICA: str(k)})))
-        if not found:  # removed by hand: nothing to read
+        reader = AttemptsReader(api, app_id, role_name, k, streams, since, until)
+        if not reader.containers():  # removed by hand: nothing to read
             return (lambda: []), None
-        reader = LogReader(api, found[0]["Id"], streams, since, until)
 
         def done() -> bool:
+            last = reader.containers()
+            if not last:
+                return True
             try:
-                status = api.inspect_container(reader.container_id)["State"].get("Status")
+                status = api.inspect_container(last[-1]["Id"])["State"].get("Status")
             except docker.errors.NotFound:
                 return True
-            if status == "created":  # not started yet: only over if the app is
+            if status == "created" or last[-1]["Labels"].get(d.L_MAX_RETRIES, "0") != "0":
+                # not started yet, or another attempt may follow: only over if the app is
                 return self._over(app_id)
             return status in ("exited", "dead")
 

@@ -51,6 +51,15 @@ L_VERDICT = P + "verdict"
 L_STATE = P + "state"
 L_MSG = P + "msg"
 L_TIME = P + "time"
+# restarts (Role.max_retries): every attempt is a new container; see docker_jobs_retries
+L_ATTEMPT = P + "attempt"
+L_MAX_RETRIES = P + "max-retries"
+L_RETRY_POLICY = P + "retry-policy"
+L_RETRY_BACKOFF = P + "retry-backoff-s"
+L_RESTART = P + "restart"  # the number of the restart that created this attempt
+L_RESTART_UNIT = P + "restart-unit"  # the budget it was charged to (rules.retry_unit)
+L_START_AFTER = P + "start-after"  # unix time: the end of its backoff
+L_RESTART_WHY = P + "restart-why"  # shown in its log as the attempt's first line
 
 _RUNNING = {"running", "restarting", "paused"}
 _NEVER = "0001-01-01T00:00:00Z"
@@ -158,6 +167,12 @@ class Replica:
     started: bool = False
     finished_at: Optional[float] = None
     ports: dict[int, str] = field(default_factory=dict)  # container port -> "host ip:host port"
+    attempt: int = 1
+    max_retries: int = 0
+    policy: str = "APPLICATION"
+    restart: int = 0
+    restart_unit: str = ""
+    start_after: float = 0.0
 
     @property
     def running(self) -> bool:
@@ -181,8 +196,10 @@ class Snapshot:
     dependencies: list[str]
     network: str
     stop_timeout: int
-    replicas: list[Replica] = field(default_factory=list)
+    replicas: list[Replica] = field(default_factory=list)  # each replica's latest attempt
     verdict: Optional[Verdict] = None
+    previous: list[Replica] = field(default_factory=list)  # earlier attempts (their logs, budgets)
+    retry_backoff_s: float = 0.0
 
     @property
     def running(self) -> list[Replica]:
@@ -237,6 +254,8 @@ def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
         network=labels.get(L_NETWORK, ""), stop_timeout=int(labels.get(L_STOP_TIMEOUT) or 10),
         verdict=found[0] if found else None,
     )
+    snap.retry_backoff_s = float(labels.get(L_RETRY_BACKOFF) or 0.0)
+    latest: dict[tuple[str, int], Replica] = {}
     for s in summaries:
         lab = s["Labels"]
         rep = Replica(
@@ -246,12 +265,23 @@ def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
             status=s.get("State", ""), started=s.get("State") != "created",
             ports={int(p["PrivatePort"]): f"{p.get('IP', '')}:{p['PublicPort']}"
                    for p in s.get("Ports") or [] if p.get("PublicPort")},
+            attempt=int(lab.get(L_ATTEMPT) or 1), max_retries=int(lab.get(L_MAX_RETRIES) or 0),
+            policy=lab.get(L_RETRY_POLICY) or "APPLICATION", restart=int(lab.get(L_RESTART) or 0),
+            restart_unit=lab.get(L_RESTART_UNIT, ""), start_after=float(lab.get(L_START_AFTER) or 0.0),
         )
+        key = (rep.role, rep.replica_id)
+        if key in latest and latest[key].attempt > rep.attempt:
+            snap.previous.append(rep)
+            continue
+        if key in latest:
+            snap.previous.append(latest[key])
+        latest[key] = rep
+    for rep in latest.values():
         if not rep.running:
             # exit codes, OOM and start errors are only in the full inspect; running ones
             # (the common case while polling) need none of that
             try:
-                state = api.inspect_container(s["Id"])["State"]
+                state = api.inspect_container(rep.container_id)["State"]
             except docker.errors.NotFound:
                 continue  # removed between the list and the inspect
             rep.status = state.get("Status", rep.status)
@@ -262,6 +292,7 @@ def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
             rep.finished_at = parse_ts(state.get("FinishedAt", _NEVER))
         snap.replicas.append(rep)
     snap.replicas.sort(key=lambda r: (r.role, r.replica_id))
+    snap.previous.sort(key=lambda r: (r.role, r.replica_id, r.attempt))
     return snap
 
 
@@ -329,10 +360,16 @@ def computed_state(api: Any, snap: Snapshot) -> tuple[AppState, str]:
             if (role["name"], i) not in present:
                 outcomes.append(ReplicaOutcome(role["name"], i, bool(role.get("service")), AppState.FAILED,
                                                None, "its container was removed"))
+    from torchx_ext.schedulers.docker_jobs_retries import exhausted_reason, restart_due
+
     for rep in snap.replicas:
         state, reason = replica_outcome(rep)
+        if restart_due(snap, rep):  # the watcher restarts it: neither its failure nor its end counts
+            state, reason = AppState.PENDING, ""
         if state == AppState.FAILED and not reason:
             reason = _last_stderr_line(api, rep)  # e.g. the last line of a traceback
+        if state in (AppState.FAILED, AppState.SUCCEEDED) and rep.max_retries:
+            reason = "; ".join(x for x in (reason, exhausted_reason(snap, rep)) if x)
         outcomes.append(ReplicaOutcome(rep.role, rep.replica_id, rep.service, state, rep.exit_code, reason))
     return group_state(outcomes)
 

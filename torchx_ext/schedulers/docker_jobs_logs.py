@@ -8,7 +8,15 @@ from typing import Any, Optional
 from torchx.schedulers.api import Stream
 
 from torchx_ext.logs import TimedLine
-from torchx_ext.schedulers.docker_jobs_daemon import parse_ts, retrying
+from torchx_ext.schedulers.docker_jobs_daemon import (
+    L_ATTEMPT,
+    L_REPLICA,
+    L_RESTART_WHY,
+    L_ROLE,
+    app_filter,
+    parse_ts,
+    retrying,
+)
 
 
 class LogReader:
@@ -48,3 +56,37 @@ class LogReader:
             self.cursor = newest
             self.recent = {ln for ln in lines if (parse_ts(ln.partition(" ")[0]) or 0.0) >= newest - 0.01}
         return out
+
+
+class AttemptsReader:
+    """Reads one replica's log across its attempts (a container each), oldest first; a new
+    attempt is found on the next read, so ``torchx log -f`` follows a restart."""
+
+    def __init__(self, api: Any, app_id: str, role: str, replica_id: int, streams: Optional[Stream],
+                 since: Optional[datetime], until: Optional[datetime]) -> None:
+        self.api, self.streams, self.since, self.until = api, streams, since, until
+        self.filters = app_filter(app_id, **{L_ROLE: role, L_REPLICA: str(replica_id)})
+        self.readers: dict[str, LogReader] = {}
+
+    def containers(self) -> list[dict[str, Any]]:
+        found = retrying(lambda: self.api.containers(all=True, filters=self.filters))
+        return sorted(found, key=lambda c: int((c.get("Labels") or {}).get(L_ATTEMPT) or 1))
+
+    def read_new(self) -> list[TimedLine]:
+        out: list[TimedLine] = []
+        for c in self.containers():
+            if c["Id"] not in self.readers:
+                self.readers[c["Id"]] = LogReader(self.api, c["Id"], self.streams, self.since, self.until)
+                out += self._attempt_line(c)
+            out += self.readers[c["Id"]].read_new()
+        return out
+
+    def _attempt_line(self, c: dict[str, Any]) -> list[TimedLine]:
+        """A restart's first line, as host and ray_jobs write it to the replica's stderr."""
+        labels = c.get("Labels") or {}
+        ts = float(c.get("Created") or 0)
+        if int(labels.get(L_ATTEMPT) or 1) < 2 or self.streams == Stream.STDOUT or \
+                (self.since and ts < self.since.timestamp()) or (self.until and ts > self.until.timestamp()):
+            return []
+        return [(ts, f"[torchx-ext] attempt {labels[L_ATTEMPT]} of role '{labels.get(L_ROLE)}' replica "
+                     f"{labels.get(L_REPLICA)} begins: {labels.get(L_RESTART_WHY, '')}")]

@@ -32,6 +32,7 @@ from typing import IO, Any, Optional
 from torchx.specs import AppState, is_terminal
 
 from torchx_ext import state
+from torchx_ext.schedulers import docker_jobs_retries as retries
 from torchx_ext.schedulers.docker_jobs_daemon import (
     SCHEDULER,
     Replica,
@@ -110,8 +111,16 @@ def reconcile(api: Any, app_id: str, acting: bool) -> Optional[AppStatus]:
     if snap is None:
         return None
     verdict = snap.verdict
+    if verdict is None and acting:
+        due = [r for r in snap.replicas if retries.restart_due(snap, r)]
+        if due:
+            retries.restart(api, snap, due[0])  # its scope may hold the others: one per pass
+            snap = fetch(api, app_id) or snap
+        retries.start_due(api, snap)
     if verdict is None:
-        waiting = [r for r in snap.replicas if r.status == "created" and not r.started and not r.error]
+        # first attempts not started: waiting for their dependencies (a restart's wait is its backoff)
+        waiting = [r for r in snap.replicas if r.status == "created" and not r.started and not r.error
+                   and r.attempt == 1]
         if waiting:
             ok, why = dependency_verdict(api, snap.dependencies)
             if why and not acting:
