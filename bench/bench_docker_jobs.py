@@ -13,6 +13,11 @@ daemon reports it:
 * ``sdk (threaded)``: the same with creates and starts in threads (what docker_jobs does).
 
 Prints medians and the ratio docker_jobs / sdk; removes everything it made.
+
+Then restart latency (``Role.max_retries=1``): from the instant a replica exits 1 to the instant
+its next attempt runs (both from the processes' own clocks, in the container logs), for
+``docker_jobs`` (the watcher creates and starts a new container) vs Docker's own restart policy
+(``on-failure:1``: the daemon restarts the same container), on the testbed's python image.
 """
 
 from __future__ import annotations
@@ -106,6 +111,55 @@ def run_sdk(api: Any, image: str, threaded: bool) -> tuple[float, Callable[[], N
     return took, cleanup
 
 
+RESTART_CODE = ("import os, sys, time; print('START %.6f' % time.time(), flush=True); "
+                "first = os.environ.get('TORCHX_EXT_ATTEMPT', '1') == '1' and not os.path.exists('/tmp/ran'); "
+                "open('/tmp/ran', 'w').close(); "
+                "(print('EXIT %.6f' % time.time(), flush=True), sys.exit(1)) if first else None")
+
+
+def _gap(text: str) -> float:
+    lines = text.splitlines()
+    exit_t = next(float(x.split()[1]) for x in lines if x.startswith("EXIT "))
+    return [float(x.split()[1]) for x in lines if x.startswith("START ")][1] - exit_t
+
+
+def restart_ours(image: str) -> float:
+    from torchx.runner import get_runner
+    from torchx.specs import AppDef, AppState, Role
+
+    from torchx_ext.schedulers.docker_jobs import create_scheduler
+
+    runner = get_runner()
+    handle = runner.run(AppDef("bench-restart", roles=[Role("r", image=image, entrypoint="python3",
+                                                            args=["-c", RESTART_CODE], max_retries=1)]),
+                        "docker_jobs", {"stop_timeout": 1})
+    deadline = time.time() + 120
+    while (st := runner.status(handle)) is None or st.state != AppState.SUCCEEDED:
+        if time.time() > deadline:
+            raise RuntimeError(f"{handle}: {st}")
+        time.sleep(0.05)
+    gap = _gap("".join(runner.log_lines(handle, "r", 0)))
+    runner.close()
+    create_scheduler("bench").delete(handle.rsplit("/", 1)[-1])
+    return gap
+
+
+def restart_raw(api: Any, image: str) -> float:
+    cid = api.create_container(image, command=["python3", "-c", RESTART_CODE], labels={"torchx-ext-bench": "1"},
+                               host_config=api.create_host_config(restart_policy={"Name": "on-failure",
+                                                                                  "MaximumRetryCount": 1}))["Id"]
+    api.start(cid)
+    deadline = time.time() + 120
+    while api.inspect_container(cid)["State"]["Status"] != "exited" or \
+            api.inspect_container(cid)["RestartCount"] < 1:
+        if time.time() > deadline:
+            raise RuntimeError("the container did not restart")
+        time.sleep(0.05)
+    gap = _gap(api.logs(cid).decode())
+    api.remove_container(cid, force=True)
+    return gap
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
@@ -141,6 +195,13 @@ def main() -> int:
     ours = statistics.median(times["docker_jobs"])
     for base in ("sdk (sequential)", "sdk (threaded)"):
         print(f"ratio docker_jobs / {base}: {ours / statistics.median(times[base]):.2f}")
+    py = os.environ.get("TORCHX_EXT_TEST_DOCKER_PYTHON") or "torchx-ext-test/python:latest"
+    api.inspect_image(py)
+    ours_r = statistics.median(restart_ours(py) for _ in range(args.reps))
+    raw_r = statistics.median(restart_raw(api, py) for _ in range(args.reps))
+    print(f"\nrestart latency (exit 1 -> next attempt runs), image {py}, median of {args.reps}:")
+    print(f"docker_jobs (new container): {ours_r:.3f} s; docker restart policy on-failure:1: {raw_r:.3f} s; "
+          f"ratio {ours_r / raw_r:.2f}")
     shutil.rmtree(home, ignore_errors=True)
     return 0
 

@@ -65,7 +65,7 @@ def exhausted_reason(snap: Snapshot, rep: Replica) -> str:
 def restart(api: Any, snap: Snapshot, rep: Replica) -> None:
     """Replaces ``rep`` and whatever its policy restarts with it by new, created containers
     (started by :func:`start_due` once the backoff is over), then stops the old ones still running."""
-    from torchx_ext.schedulers.docker_jobs_daemon import stop
+    from torchx_ext.schedulers.docker_jobs_daemon import parallel, stop
 
     unit = rules.retry_unit(rep.policy, rep.role, rep.replica_id)
     used = _used(snap, unit)
@@ -79,12 +79,14 @@ def restart(api: Any, snap: Snapshot, rep: Replica) -> None:
     start_after = time.time() + rules.backoff_s(snap.retry_backoff_s, used + 1)
     # the new attempts first, the old ones stopped after: a describe meanwhile sees each replica
     # either still running or about to restart, never a group that failed
-    for r in scope:
-        _recreate(api, r, number, unit, start_after, why)
+    created: list[str] = []
+    parallel(lambda r: created.append(_recreate(api, r, number, unit, start_after, why)), scope)
     stop(api, [r for r in scope if r.running], snap.stop_timeout)
+    if len(created) == len(scope) and start_after <= time.time():  # no backoff: start them now
+        parallel(api.start, created)
 
 
-def _recreate(api: Any, rep: Replica, number: int, unit: str, start_after: float, why: str) -> None:
+def _recreate(api: Any, rep: Replica, number: int, unit: str, start_after: float, why: str) -> str:
     from torchx_ext.schedulers import docker_jobs_daemon as d
 
     info = api.inspect_container(rep.container_id)
@@ -101,12 +103,12 @@ def _recreate(api: Any, rep: Replica, number: int, unit: str, start_after: float
             net: {"Aliases": [a for a in (ep.get("Aliases") or []) if a not in own] or None}
             for net, ep in (info.get("NetworkSettings", {}).get("Networks") or {}).items()}}
     base = rep.name[: -len(f"-a{rep.attempt}")] if rep.attempt > 1 else rep.name
-    api.create_container(
+    return str(api.create_container(
         cfg["Image"], command=cfg.get("Cmd"), name=f"{base}-a{attempt}", hostname=cfg.get("Hostname"),
         environment=env, labels=labels, host_config=host_config, networking_config=networking,
         user=cfg.get("User") or None, stop_timeout=cfg.get("StopTimeout"), detach=True,
         ports=list(cfg.get("ExposedPorts") or {}) or None,
-    )
+    )["Id"])
 
 
 def start_due(api: Any, snap: Snapshot) -> None:

@@ -34,6 +34,7 @@ from torchx.specs import AppState, is_terminal
 from torchx_ext import state
 from torchx_ext.schedulers import docker_jobs_retries as retries
 from torchx_ext.schedulers.docker_jobs_daemon import (
+    L_APP_ID,
     SCHEDULER,
     Replica,
     Snapshot,
@@ -207,12 +208,17 @@ def watcher_alive(app_id: str) -> bool:
 
 
 def spawn(app_id: str) -> None:
-    """Starts a detached watcher for ``app_id``."""
-    state.makedirs(state.scheduler_dir(SCHEDULER))
-    with open(log_path(app_id), "ab") as log:
+    """Starts a detached watcher for ``app_id`` (none if one runs), holding its lock already:
+    the lock is taken here and the watcher inherits it, so a status query right after this
+    finds the watcher alive before its interpreter has even started."""
+    lock = _try_lock(app_id)
+    if lock is None:
+        return
+    with lock, open(log_path(app_id), "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "torchx_ext.schedulers.docker_jobs_watcher", app_id],
+            [sys.executable, "-m", "torchx_ext.schedulers.docker_jobs_watcher", app_id, str(lock.fileno())],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+            pass_fds=(lock.fileno(),),
         )
 
 
@@ -252,13 +258,29 @@ def watch(app_id: str, poll: float = POLL_S) -> int:
             continue
         if status is None or status.over:
             return 0
-        time.sleep(poll)
+        _wait_for_a_change(api, app_id, poll)
+
+
+def _wait_for_a_change(api: Any, app_id: str, poll: float) -> None:
+    """Sleeps ``poll`` seconds, or less: until one of the app's containers dies (the daemon's
+    event stream), so the group rules and restarts act on an exit at once."""
+    try:
+        now = time.time()
+        events = api.events(since=now, until=now + poll, decode=True,
+                            filters={"label": [f"{L_APP_ID}={app_id}"], "event": ["die"]})
+        for _ in events:
+            events.close()
+            return
+    except Exception as e:  # a daemon without events: poll as before
+        if not transient(e):
+            time.sleep(poll)
 
 
 def main(argv: list[str]) -> int:
-    """``python -m torchx_ext.schedulers.docker_jobs_watcher APP_ID``."""
+    """``python -m torchx_ext.schedulers.docker_jobs_watcher APP_ID [LOCK_FD]`` (LOCK_FD: the
+    app's lock, taken by :func:`spawn` and inherited)."""
     app_id = argv[1]
-    lock = _try_lock(app_id)
+    lock = os.fdopen(int(argv[2]), "a+") if len(argv) > 2 else _try_lock(app_id)
     if lock is None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} another watcher of {app_id} runs; exiting", flush=True)
         return 0
