@@ -315,6 +315,14 @@ class SchedulerContract:
             r.max_retries, r.retry_policy = retries, policy  # type: ignore[assignment]  # a str: ROLE on 0.7.0
         return AppDef(name, roles=roles)
 
+    def _run_or_refused(self, runner: Runner, backend: Backend, app: AppDef, **cfg: Any) -> Optional[str]:
+        """The handle, or None on a backend without restarts, once it refused the app by name."""
+        if backend.retries:
+            return self.run(runner, backend, app, **cfg)
+        with pytest.raises(InvalidAppError, match="max_retries"):
+            self.run(runner, backend, app)  # without cfg: its options (retry_backoff_s) are not this backend's
+        return None
+
     @staticmethod
     def _attempts(runner: Runner, handle: str, role: str, k: int) -> list[str]:
         return [x.split()[1] for x in logs(runner, handle, role, k).splitlines() if x.startswith("ATTEMPT ")]
@@ -329,11 +337,9 @@ class SchedulerContract:
             self.role(backend, "other", "import os, time; print('ATTEMPT', os.environ['TORCHX_EXT_ATTEMPT'], "
                       "os.getpid(), flush=True); time.sleep(600)", service=True),
         ], 1, policy)
-        if not backend.retries:
-            with pytest.raises(InvalidAppError, match="max_retries"):
-                self.run(runner, backend, app)
+        handle = self._run_or_refused(runner, backend, app)
+        if handle is None:
             return
-        handle = self.run(runner, backend, app)
         status = wait_terminal(runner, handle, backend.timeout)
         assert status.state == AppState.SUCCEEDED, status
         assert status.num_restarts == 1, status
@@ -347,11 +353,9 @@ class SchedulerContract:
     def test_retries_exhausted_fail_naming_the_attempts_and_the_exit(self, runner: Runner, backend: Backend) -> None:
         app = self._retry_app(backend, "retry-exhausted", [self.role(backend, "main", "import sys; sys.exit(4)")],
                               2, "REPLICA")
-        if not backend.retries:
-            with pytest.raises(InvalidAppError, match="max_retries"):
-                self.run(runner, backend, app)
+        handle = self._run_or_refused(runner, backend, app)
+        if handle is None:
             return
-        handle = self.run(runner, backend, app)
         status = wait_terminal(runner, handle, backend.timeout)
         assert status.state == AppState.FAILED and status.num_restarts == 2, status
         assert "role 'main' replica 0 failed with exit code 4" in status.msg, status.msg
@@ -364,11 +368,9 @@ class SchedulerContract:
                       "print('ATTEMPT', a, flush=True); sys.exit(0) if a == '1' else time.sleep(600)", service=True),
             self.role(backend, "main", "import time; time.sleep(1)"),
         ], 1, "REPLICA")
-        if not backend.retries:
-            with pytest.raises(InvalidAppError, match="max_retries"):
-                self.run(runner, backend, app)
+        handle = self._run_or_refused(runner, backend, app)
+        if handle is None:
             return
-        handle = self.run(runner, backend, app)
         status = wait_terminal(runner, handle, backend.timeout)
         assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
         assert self._attempts(runner, handle, "svc", 0) == ["1", "2"]
@@ -382,9 +384,9 @@ class SchedulerContract:
                       "flush=True); sys.exit(1) if os.environ['TORCHX_EXT_REPLICA_ID'] == '0' else time.sleep(600)",
                       replicas=2),
         ], 3, "REPLICA")
-        if not backend.retries:
-            return  # refusal: covered above
-        handle = self.run(runner, backend, app, retry_backoff_s=60.0)
+        handle = self._run_or_refused(runner, backend, app, retry_backoff_s=60.0)
+        if handle is None:
+            return
         deadline = time.time() + backend.timeout
         while "[torchx-ext] attempt 2 of role 'main' replica 0" not in logs(runner, handle, "main", 0):
             assert time.time() < deadline, runner.status(handle)
