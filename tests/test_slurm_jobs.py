@@ -161,7 +161,8 @@ def test_dryrun_prints_script_without_submitting(partition: str) -> None:
                   "group.server_client", "--server", "python3 -m http.server", "--client", "true")
     assert "#SBATCH hetjob" in out and "--container-image=nvcr.io#nvidia/pytorch:24.01-py3" in out
     after = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout
-    assert before == after
+    # nothing new: ended jobs may meanwhile leave the list (MinJobAge), which a CI run saw
+    assert set(after.split()) <= set(before.split()), (before, after)
 
 
 # ---------------------------------------------------------------------- Slurm-specific ----------
