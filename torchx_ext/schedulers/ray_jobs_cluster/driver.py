@@ -330,9 +330,10 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
                 started = group.start([(c, {**e, ATTEMPT_ENV: str(outcomes[i]["attempt"])})
                                        for i, (c, e) in enumerate(cmds)], ready)
                 for i, error in zip(ready, started):
-                    outcomes[i].update(state="FAILED", reason=f"failed to restart: {error}")
-                    if not error:
-                        outcomes[i].update(state="RUNNING", reason="")
+                    if error:
+                        outcomes[i].update(state="FAILED", reason=f"failed to restart: {error}")
+                    else:
+                        outcomes[i]["state"] = "RUNNING"
             state, msg = rules.group_state(outcomes)
             if orphaned is not None and orphaned.is_set() and state not in rules.TERMINAL:
                 state, msg = "FAILED", "Ray's job supervisor of this driver is gone (head or node lost)"
