@@ -91,7 +91,7 @@ class TestSlurmContract(SchedulerContract):
                        # sbatch rejects the job
                        broken_cfg={"partition": "no-such-partition"},
                        # Slurm's client commands (sbatch, squeue, scontrol, scancel) are not on PATH
-                       broken_env={"PATH": _path_without("sbatch")})
+                       broken_env={"PATH": _path_without("sbatch")}, retries=True)
 
 
 @pytest.fixture
@@ -404,3 +404,38 @@ def test_a_signal_for_the_batch_shell_only_is_refused(runner: Runner, partition:
 
     with pytest.raises(InvalidOptionError, match="B:"):
         runner.dryrun(_role_app("sig", "pass"), SCHEDULER, {"partition": partition, "signal": "B:USR1@50"})
+
+
+@pytest.mark.parametrize("by", ["scontrol", "the replica"])
+def test_a_requeued_app_reads_pending_then_runs_again_under_its_handle(runner: Runner, partition: str, by: str) -> None:
+    """A job Slurm requeues (here ``scontrol requeue``, by an operator or by the replica itself after
+    a checkpoint: the README's convention) is one restart: PENDING while it waits, never FAILED."""
+    code = ("import os, subprocess, sys, time; a = os.environ['TORCHX_EXT_ATTEMPT']; "
+            "print('ATTEMPT', a, os.environ.get('SLURM_RESTART_COUNT'), flush=True); "
+            "sys.exit(0) if a == '2' else None; "
+            + ("subprocess.run(['scontrol', 'requeue', os.environ['TORCHX_EXT_APP_ID']], check=True); "
+               if by == "the replica" else "") + "time.sleep(300)")
+    app = _role_app("requeue", code)
+    app.roles[0].max_retries = 1
+    handle = runner.run(app, SCHEDULER, {"partition": partition})
+    _wait_for_line(runner, handle, "main", "ATTEMPT 1")
+    app_id = _app_id(handle)
+    if by == "scontrol":
+        subprocess.run(["scontrol", "requeue", app_id], check=True)
+    seen, deadline = [], time.time() + TIMEOUT
+    while True:
+        status = runner.status(handle)
+        assert status is not None and status.state != AppState.FAILED, status
+        seen.append(status.state)
+        if status.state == AppState.PENDING and "Restarts=1" in _scontrol(app_id):
+            break
+        assert time.time() < deadline, seen
+        time.sleep(0.2)
+    assert status.num_restarts == 1 and all(r.state == AppState.PENDING for r in status.roles[0].replicas), status
+    # Slurm holds a requeued job ~2 minutes (BeginTime) before it may start again
+    subprocess.run(["scontrol", "update", f"JobId={app_id}", "StartTime=now"], check=True)
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
+    out = logs(runner, handle, "main")
+    assert [x.split()[1:] for x in out.splitlines() if x.startswith("ATTEMPT ")] == [["1", "None"], ["2", "1"]], out
+    assert "[torchx-ext] attempt 2 of role 'main' replica 0 begins: Slurm requeued the job (requeue 1)" in out, out

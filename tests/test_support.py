@@ -12,7 +12,6 @@ import pytest
 from torchx.runner import get_runner
 from torchx.specs import AppDef, BindMount, Resource, Role, VolumeMount
 
-from torchx_ext import support as matrices
 from torchx_ext.errors import InvalidAppError
 from torchx_ext.support import HONOURED, IGNORED, REFUSED, all_matrices, markdown, torchx_fields
 
@@ -57,11 +56,9 @@ def _refusals() -> list[tuple[str, str, AppDef]]:
         def add(key: str, app: AppDef, sched: str = scheduler) -> None:
             cases.append((sched, key, app))
 
-        if matrix["Role.max_retries"].note == matrices.COMMON["Role.max_retries"].note:  # no restarts yet
-            add("Role.max_retries", AppDef("a", roles=[role(max_retries=2)]))
-        else:
-            add("Role.max_retries", AppDef("a", roles=[role(max_retries=-1)]))
-            add("Role.retry_policy", AppDef("a", roles=[role(max_retries=1, retry_policy="HOT_SPARE")]))
+        # every scheduler restarts: a negative budget and a policy no group can honour are refused
+        add("Role.max_retries", AppDef("a", roles=[role(max_retries=-1)]))
+        add("Role.retry_policy", AppDef("a", roles=[role(max_retries=1, retry_policy="HOT_SPARE")]))
         add("Role.min_replicas", AppDef("a", roles=[role(num_replicas=2, min_replicas=1)]))
         if "base_image" in fields:
             add("Role.base_image", AppDef("a", roles=[role(base_image="old")]))

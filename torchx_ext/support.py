@@ -81,11 +81,6 @@ def _min_replicas(value: Any, role: Role) -> Optional[str]:
             "leave min_replicas unset or equal to num_replicas")
 
 
-def _no_retries(value: Any, role: Role) -> Optional[str]:
-    return None if not value else (f"max_retries={value}: restarts are not supported yet; "
-                                   "run with max_retries=0 and resubmit on failure")
-
-
 def _retries(value: Any, role: Role) -> Optional[str]:
     return f"max_retries={value}: a number of restarts, >= 0" if not isinstance(value, int) or value < 0 else None
 
@@ -119,8 +114,8 @@ COMMON: dict[str, Support] = {
     "Role.num_replicas": honoured("replicas of the role"),
     "Role.min_replicas": honoured("only as num_replicas: groups are all or nothing", _min_replicas),
     "Role.base_image": refused("TorchX deprecated it; put the image in Role.image"),
-    "Role.max_retries": honoured("0 only: no engine retries the app behind your back", _no_retries),
-    "Role.retry_policy": ignored("only read with max_retries > 0, which is refused"),
+    "Role.max_retries": RETRIES,
+    "Role.retry_policy": RETRY_POLICY,
     "Role.resource": honoured("see the Resource rows"),
     "Role.metadata": honoured("'torchx_ext/service' marks a service role; other keys are free-form and ignored"),
     "Role.port_map": ignored("replicas use their host's (node's) network: a port the process opens is "
@@ -155,8 +150,6 @@ def _named_devices(devices: Mapping[str, int], role: Role) -> Optional[str]:
 # ----------------------------------------------------------------------- per scheduler --------
 HOST: dict[str, Support] = {
     **COMMON,
-    "Role.max_retries": RETRIES,
-    "Role.retry_policy": RETRY_POLICY,
     "Role.image": honoured("a directory is the replicas' working directory (a --workspace copy is one); "
                            "any other value, such as the container image TorchX's components name, is not "
                            "used: host runs no containers"),
@@ -173,6 +166,10 @@ HOST: dict[str, Support] = {
 
 SLURM_JOBS: dict[str, Support] = {
     **COMMON,
+    "Role.max_retries": honoured("restarts inside the allocation, on the replica's own node, under "
+                                 "Role.retry_policy; the job is then submitted --requeue: a requeue by Slurm "
+                                 "(preemption, node failure, scontrol requeue) is a restart of the whole app "
+                                 "that draws on no budget (see Retries)", _retries),
     "Role.image": honoured("a directory is the replicas' working directory (--chdir; a --workspace copy "
                            "is one); with container_image an absolute path is the container's working "
                            "directory; other values (container image names) are not used: set container_image"),
@@ -191,8 +188,6 @@ SLURM_JOBS: dict[str, Support] = {
 
 DOCKER_JOBS: dict[str, Support] = {
     **COMMON,
-    "Role.max_retries": RETRIES,
-    "Role.retry_policy": RETRY_POLICY,
     "Role.image": honoured("the container image (pulled only as pull_policy says)"),
     "Role.port_map": honoured("published on publish_host (127.0.0.1) at a free host port; describe's "
                               "roles show them as port_map {'NAME/k': host port, 'NAME': replica 0's}"),
@@ -209,8 +204,6 @@ DOCKER_JOBS: dict[str, Support] = {
 
 RAY_JOBS: dict[str, Support] = {
     **COMMON,
-    "Role.max_retries": RETRIES,
-    "Role.retry_policy": RETRY_POLICY,
     "Role.workspace": honoured("(torchx-nightly) one working_dir per Ray job: every role that names a "
                                "workspace must name the first role's"),
     "Role.image": ignored("the app runs in the Ray cluster's own environment; TorchX's components always "

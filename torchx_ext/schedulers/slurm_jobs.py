@@ -10,7 +10,9 @@
   records per-replica results in the job directory (see :mod:`.slurm_jobs_script`);
 * the app id IS the Slurm job id (``squeue -j <app id>`` works); status comes from ``scontrol``
   while slurmctld knows the job, ``sacct`` where accounting exists, then the job directory;
-* dependencies are Slurm's own ``--dependency=afterok`` with ``--kill-on-invalid-dep=yes``.
+* dependencies are Slurm's own ``--dependency=afterok`` with ``--kill-on-invalid-dep=yes``;
+* restarts (``Role.max_retries``) happen inside the allocation, in the batch script; an app with
+  retries is submitted ``--requeue`` and a requeue by Slurm is one more restart (README: Retries).
 
 State lives under ``$TORCHX_EXT_HOME/slurm_jobs/<job id>/`` (``app.json``; also the job directory
 unless ``job_dir`` is set), so any shell can query any app. Run ``torchx`` where ``sbatch`` works.
@@ -36,10 +38,11 @@ from torchx.workspace.api import WorkspaceMixin
 from torchx_ext import state
 from torchx_ext import support as matrices
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, SchedulerUnavailable
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
 from torchx_ext.schedulers import slurm_jobs_client as sc
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, is_current_dir, role_summaries
+from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 from torchx_ext.schedulers.slurm_jobs_script import (
     APP_ID_TOKEN,
     DEP_NEVER,
@@ -83,6 +86,7 @@ class SlurmJobsExecutor(Executor):
         None, help="replicas per node (sbatch --ntasks-per-node; nodes = ceil(replicas / this)); "
         "default: Slurm packs replicas as resources allow"
     )
+    retry_backoff_s: float = retry_backoff_option()
     mail_user: Optional[str] = option(None, help="who gets Slurm's mail (sbatch --mail-user)")
     mail_type: Optional[str] = option(None, help="when Slurm sends mail, e.g. END,FAIL (sbatch --mail-type)")
     sbatch_args: Optional[list[str]] = option(
@@ -169,17 +173,20 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         job_opts = [f"--job-name={_job_name(app.name)}", f"--comment={MARKER}",
                     # %% is a literal % in Slurm's filename patterns; %j is the job id
                     f"--output={job_root.replace('%', '%%')}/slurm-%j.out", "--open-mode=append",
-                    # no retries asked for (max_retries=0): Slurm must not requeue it behind the user's back
-                    "--no-requeue"]
+                    # with retries Slurm may requeue it (preemption, a node failure, scontrol requeue);
+                    # without, it must not, behind the user's back
+                    "--requeue" if any(r.max_retries for r in app.roles) else "--no-requeue"]
         for key in ("mail_user", "mail_type"):
             if getattr(ex, key):
                 job_opts.append(f"--{key.replace('_', '-')}={getattr(ex, key)}")
         if ex.signal:
             job_opts.append(f"--signal={_signal_option(ex.signal)}")
+        if ex.retry_backoff_s < 0:
+            raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
         components = [self._component(role, ex) for role in app.roles]
         spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
                           dependencies=dependencies, components=components,
-                          container=bool(ex.container_image))
+                          container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s))
         roles = [{**summary, "dirname": _dirname(summary["name"])} for summary in role_summaries(app)]
         return SlurmJobsRequest(spec=spec, roles=roles)
 
@@ -233,6 +240,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         comp = RoleComponent(
             name=role.name, dirname=_dirname(role.name), env_suffix=role_env_suffix(role.name),
             service=is_service(role), num_replicas=n, sbatch_opts=sbatch, srun_opts=step,
+            max_retries=role.max_retries, retry_policy=retry_policy_name(role.retry_policy),
         )
         for k in range(n):
             values = macros.Values(img_root=workdir or role.image, app_id=APP_ID_TOKEN,
@@ -341,7 +349,16 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             return None  # not an app of ours (or deleted): Slurm may still list the job for a while
         roles, statuses, outcomes = self._replicas(record, job)
         st, msg = self._app_state(app_id, record, job, err, outcomes)
-        return DescribeAppResponse(app_id=app_id, state=st, msg=msg, roles=roles, roles_statuses=statuses)
+        return DescribeAppResponse(app_id=app_id, state=st, msg=msg, roles=roles, roles_statuses=statuses,
+                                   num_restarts=self._num_restarts(record, job))
+
+    @staticmethod
+    def _num_restarts(record: dict[str, Any], job: Optional[SlurmJob]) -> int:
+        """Restarts inside the allocation (a line each in the job directory's ``restarts``) plus
+        Slurm's requeues (slurmctld's count; the script's own record once Slurm forgot the job)."""
+        text = sc.read_text(os.path.join(record["job_dir"], "restarts")) or ""
+        requeues = max(sc.read_int(os.path.join(record["job_dir"], "requeues")) or 0, job.restarts if job else 0)
+        return len(text.splitlines()) + requeues
 
     def _replicas(
         self, record: dict[str, Any], job: Optional[SlurmJob]
@@ -360,7 +377,9 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                 code = sc.read_int(os.path.join(rdir, "exit"))
                 host = (sc.read_text(os.path.join(rdir, "host")) or "").split()
                 shown = outcome = AppState.PENDING
-                if code is not None and os.path.exists(os.path.join(rdir, "stopped")):
+                if job_state == AppState.PENDING:
+                    pass  # requeued: what the last run left is not this run's
+                elif code is not None and os.path.exists(os.path.join(rdir, "stopped")):
                     # the group stopped it: judged as it was then (running), shown as stopped
                     outcome = AppState.RUNNING
                     ok = result is not None and result[0] == 0
@@ -374,6 +393,10 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                 reason = ""
                 if outcome in (AppState.FAILED, AppState.SUCCEEDED) and code:
                     reason = signal_reason(code) or sc.last_error(os.path.join(rdir, "log"))
+                if outcome in (AppState.FAILED, AppState.SUCCEEDED):
+                    # out of restarts: "after 3 attempts (REPLICA policy, max_retries=2)"
+                    attempts = (sc.read_text(os.path.join(rdir, "reason")) or "").strip()
+                    reason = "; ".join(x for x in (reason, attempts) if x)
                 outcomes.append(ReplicaOutcome(name, k, service, outcome, code, reason))
                 replicas.append(ReplicaStatus(id=k, state=shown, role=name, hostname=host[-1] if host else ""))
             statuses.append(RoleStatus(name, replicas))

@@ -11,6 +11,10 @@ with reference files under ``tests/slurm_reference/``. Layout of what it writes,
     <role>/<replica>/host   "<node> <address>" it ran on
     <role>/<replica>/stopped present when the group stopped it (services at the end, or the
                             rest of the group after a failure)
+    <role>/<replica>/attempt the number of its last started attempt (TORCHX_EXT_ATTEMPT)
+    <role>/<replica>/reason  "after N attempts (...)" once its restarts are used up
+    restarts                a line per restart inside the allocation: "<budget unit> <why>"
+    requeues                how many times Slurm requeued the job (SLURM_RESTART_COUNT)
     result                  "<exit code> <role>/<replica that decided it>", written last
 
 The batch script's own output goes to ``<job_dir>/slurm-<job id>.out`` (Slurm needs an existing
@@ -29,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from torchx.specs import AppState
+
+from torchx_ext.schedulers.ray_jobs_cluster import rules
 
 # Stands for the Slurm job id in argv/env until the script is rendered (TorchX's ${app_id} macro):
 # the id only exists once sbatch has answered, so the script reads it from $SLURM_JOB_ID.
@@ -59,6 +65,11 @@ def sh_word(value: str) -> str:
     return '"$SLURM_JOB_ID"'.join(shlex.quote(p) if p else "" for p in parts)
 
 
+def _readable_word(value: str) -> str:
+    """:func:`sh_word`, double-quoted where that needs no escape (a name with single quotes)."""
+    return f'"{value}"' if re.fullmatch(r"[^\x00-\x1f$`\"\\!]*", value) else sh_word(value)
+
+
 @dataclass
 class ReplicaCommand:
     """One replica: its command line and its own environment (discovery env is added at run time)."""
@@ -80,6 +91,8 @@ class RoleComponent:
     sbatch_opts: list[str]  # this component's resources and placement
     srun_opts: list[str]  # every replica's step options (resources, chdir, container, ...)
     replicas: list[ReplicaCommand] = field(default_factory=list)
+    max_retries: int = 0  # Role.max_retries
+    retry_policy: str = "APPLICATION"  # Role.retry_policy, by value
 
 
 @dataclass
@@ -93,6 +106,7 @@ class ScriptSpec:
     dependencies: list[str]
     components: list[RoleComponent]
     container: bool = False  # replicas run in a container image (no watchdog: see _TXE_TASK)
+    retry_backoff_s: float = 0.0
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ScriptSpec:
@@ -211,39 +225,142 @@ _txe_replica() {
   ) &
 }
 
-# _txe_group: the group rules. Ends when every main replica succeeded, any main replica failed,
-# or a service ended early; stops what still runs; records the verdict; exits with its code.
+# Restarts (Role.max_retries x retry_policy). Per replica i the script's tables give: _TXE_D[i]
+# its directory, _TXE_NAME[i] "role 'a' replica 0", _TXE_SVC[i] 1 for a service, _TXE_MAXR[i] and
+# _TXE_POL[i] its role's budget and policy, _TXE_UNIT[i] the budget it draws on, _TXE_SCOPE[i] the
+# replicas that restart with it; _TXE_DELAY_US[n] is the wait before a unit's n-th restart. A
+# budget's use is the job directory's "restarts" file (a line per restart), so it survives a
+# requeue; each replica's "attempt" file holds the number of its last started attempt.
+declare -a _TXE_ATT=() _TXE_USED=() _TXE_DUE=()
+
+_txe_us() { _TXE_US=${EPOCHREALTIME//[.,]/}; [[ -n $_TXE_US ]] || _TXE_US=$(date +%s%6N); }
+
+# _txe_mark I TEXT: "[torchx-ext] attempt N of <replica I> TEXT" in replica I's log, as stderr.
+_txe_mark() {
+  local d=${_TXE_D[$1]}
+  mkdir -p "$d"
+  printf '%s E [torchx-ext] attempt %s of %s %s\n' "${EPOCHREALTIME:-$(date +%s)}" \
+    "$((${_TXE_ATT[$1]:-0} + 1))" "${_TXE_NAME[$1]}" "$2" >>"$d/log"
+}
+
+# _txe_start I: starts replica I's next attempt (its step function _txe_r_I).
+_txe_start() {
+  _TXE_ATT[$1]=$((${_TXE_ATT[$1]:-0} + 1))
+  mkdir -p "${_TXE_D[$1]}"
+  echo "${_TXE_ATT[$1]}" >"${_TXE_D[$1]}/attempt"
+  _TXE_ATTEMPT=${_TXE_ATT[$1]}
+  "_txe_r_$1"
+}
+
+# _txe_begin: the first start of every replica, in this run of the job (Slurm may requeue it).
+_txe_begin() {
+  local i u rest n=0
+  for i in "${!_TXE_D[@]}"; do
+    read -r _TXE_ATT[i] 2>/dev/null <"${_TXE_D[i]}/attempt" || _TXE_ATT[i]=0
+  done
+  if [[ -f $_TXE_DIR/restarts ]]; then
+    while read -r u rest; do _TXE_USED[u]=$((${_TXE_USED[u]:-0} + 1)); done <"$_TXE_DIR/restarts"
+  fi
+  read -r n 2>/dev/null <"$_TXE_DIR/requeues" || n=0
+  if ((${SLURM_RESTART_COUNT:-0} > n)); then  # a requeue: counted, not drawn from any budget
+    echo "$SLURM_RESTART_COUNT" >"$_TXE_DIR/requeues"
+    for i in "${!_TXE_D[@]}"; do
+      _txe_mark "$i" "begins: Slurm requeued the job (requeue $SLURM_RESTART_COUNT)"
+    done
+  fi
+  for i in "${!_TXE_D[@]}"; do _txe_start "$i"; done
+}
+
+# _txe_ended I: replica I's attempt has ended (code in _TXE_C) and no restart of it is pending.
+_txe_ended() {
+  [[ -z ${_TXE_DUE[$1]:-} && -f ${_TXE_D[$1]}/exit ]] || return 1
+  read -r _TXE_C <"${_TXE_D[$1]}/exit"
+}
+
+# _txe_settle I...: waits (up to 60 s; srun ends a step with SIGTERM, then SIGKILL after
+# KillWait) until these replicas have no step left running.
+_txe_settle() {
+  local i k pending
+  for ((k = 0; k < 300; k++)); do
+    pending=0
+    for i in "$@"; do [[ -n ${_TXE_DUE[i]:-} || -f ${_TXE_D[i]}/exit ]] || pending=1; done
+    ((pending)) || return 0
+    sleep 0.2
+  done
+}
+
+# _txe_restart I CODE: replica I ended with CODE and wants a restart. Schedules its scope's
+# restart if I's budget has one left (returns 0); otherwise records the attempts (returns 1).
+_txe_restart() {
+  local i=$1 c=$2 u=${_TXE_UNIT[$1]} n j why
+  n=${_TXE_USED[u]:-0}
+  if ((n >= _TXE_MAXR[i])); then
+    ((_TXE_MAXR[i])) &&
+      echo "after $((n + 1)) attempts (${_TXE_POL[i]} policy, max_retries=${_TXE_MAXR[i]})" >"${_TXE_D[i]}/reason"
+    return 1
+  fi
+  _TXE_USED[u]=$((n + 1))
+  if ((c > 128 && c <= 192)) && j=$(kill -l "$((c - 128))" 2>/dev/null); then
+    why="${_TXE_NAME[i]} ended with signal SIG$j"
+  else
+    why="${_TXE_NAME[i]} ended with exit code $c"
+  fi
+  echo "$u $why" >>"$_TXE_DIR/restarts"
+  # from here on describe shows I waiting for its restart, not failed (the scope may take a while)
+  _TXE_DUE[i]=0; rm -f "${_TXE_D[i]}"/{exit,pid,host}
+  for j in ${_TXE_SCOPE[i]}; do
+    [[ -z ${_TXE_DUE[j]:-} && ! -f ${_TXE_D[j]}/exit && -f ${_TXE_D[j]}/pid ]] &&
+      kill -TERM "$(<"${_TXE_D[j]}/pid")" 2>/dev/null
+  done
+  _txe_settle ${_TXE_SCOPE[i]}
+  _txe_us
+  for j in ${_TXE_SCOPE[i]}; do
+    rm -f "${_TXE_D[j]}"/{exit,pid,stopped,host,reason}
+    _TXE_DUE[j]=$((_TXE_US + ${_TXE_DELAY_US[n + 1]:-0}))
+    _txe_mark "$j" "begins: $why; ${_TXE_POL[i]} policy, restart $((n + 1)) of ${_TXE_MAXR[i]}"
+  done
+}
+
+_txe_start_due() {
+  local j
+  ((${#_TXE_DUE[@]})) || return 0
+  _txe_us
+  for j in "${!_TXE_DUE[@]}"; do
+    ((_TXE_DUE[j] <= _TXE_US)) || continue
+    unset '_TXE_DUE[j]'
+    _txe_start "$j"
+  done
+}
+
+# _txe_group: the group rules. Ends when every main replica succeeded, or a main replica failed
+# (or a service ended) with no restart left; stops what still runs; records the verdict; exits
+# with its code. _TXE_MAIN and _TXE_SERVICES list replica numbers.
 _txe_group() {
-  local d c code=0 culprit= pending i
+  local i code=0 culprit= pending
+  _txe_begin
   while :; do
     pending=0
-    for d in "${_TXE_MAIN[@]}"; do
-      if [[ -f $d/exit ]]; then
-        read -r c <"$d/exit"
-        if [[ $c != 0 ]]; then code=$c; culprit=$d; break 2; fi
-      else
-        pending=1
-      fi
+    for i in "${_TXE_MAIN[@]}"; do
+      _txe_ended "$i" || { pending=1; continue; }
+      [[ $_TXE_C == 0 ]] && continue
+      _txe_restart "$i" "$_TXE_C" && { pending=1; continue; }
+      code=$_TXE_C; culprit=${_TXE_D[i]}; break 2
     done
     [[ $pending == 0 ]] && break
-    for d in "${_TXE_SERVICES[@]}"; do
-      if [[ -f $d/exit ]]; then
-        read -r c <"$d/exit"; code=$c; [[ $c == 0 ]] && code=1; culprit=$d; break 2
-      fi
+    for i in "${_TXE_SERVICES[@]}"; do
+      _txe_ended "$i" || continue
+      _txe_restart "$i" "$_TXE_C" && continue
+      code=$_TXE_C; [[ $code == 0 ]] && code=1; culprit=${_TXE_D[i]}; break 2
     done
-    sleep 0.5
+    _txe_start_due
+    sleep 0.2
   done
-  for d in "${_TXE_MAIN[@]}" "${_TXE_SERVICES[@]}"; do
-    [[ -f $d/exit ]] && continue
-    : >"$d/stopped"
-    [[ -f $d/pid ]] && kill -TERM "$(<"$d/pid")" 2>/dev/null
+  for i in "${!_TXE_D[@]}"; do
+    [[ -n ${_TXE_DUE[i]:-} || -f ${_TXE_D[i]}/exit ]] && continue
+    : >"${_TXE_D[i]}/stopped"
+    [[ -f ${_TXE_D[i]}/pid ]] && kill -TERM "$(<"${_TXE_D[i]}/pid")" 2>/dev/null
   done
-  for ((i = 0; i < 120; i++)); do  # srun ends its step (SIGTERM, then SIGKILL after KillWait)
-    pending=0
-    for d in "${_TXE_MAIN[@]}" "${_TXE_SERVICES[@]}"; do [[ -f $d/exit ]] || pending=1; done
-    [[ $pending == 0 ]] && break
-    sleep 0.5
-  done
+  _txe_settle "${!_TXE_D[@]}"
   echo "$code ${culprit#"$_TXE_DIR/"}" >"$_TXE_DIR/result.tmp" && mv -f "$_TXE_DIR/result.tmp" "$_TXE_DIR/result"
   if ((code > 255)); then code=1; fi
   exit "$code"
@@ -282,7 +399,7 @@ def render(spec: ScriptSpec) -> str:
     out.append("")
     out.append("# a requeued job starts over: forget the previous run's exit codes (logs are kept)")
     dirs = " ".join(f'"$_TXE_DIR"/{sh_word(c.dirname)}' for c in spec.components)
-    out.append(f'rm -f "$_TXE_DIR/result"; for _d in {dirs}; do rm -f "$_d"/*/{{exit,pid,stopped,host}}; done')
+    out.append(f'rm -f "$_TXE_DIR/result"; for _d in {dirs}; do rm -f "$_d"/*/{{exit,pid,stopped,host,reason}}; done')
     out.append("")
     out.append("# where each replica runs, and the discovery environment every replica gets")
     env_words = ['TORCHX_EXT_APP_ID="$SLURM_JOB_ID"']
@@ -298,11 +415,22 @@ def render(spec: ScriptSpec) -> str:
     out.append("")
     main: list[str] = []
     services: list[str] = []
+    table: dict[str, list[str]] = {k: [] for k in ("D", "NAME", "SVC", "MAXR", "POL", "UNIT", "SCOPE")}
+    pairs = [(c.name, r.replica_id) for c in spec.components for r in c.replicas]
+    units: dict[str, int] = {}
+    i = 0
     for g, comp in enumerate(spec.components):
         het = [f"--het-group={g}"] if spec.heterogeneous else []
         for rep in comp.replicas:
             rdir = f'"$_TXE_DIR"/{sh_word(comp.dirname)}/{rep.replica_id}'
-            (services if comp.service else main).append(rdir)
+            (services if comp.service else main).append(str(i))
+            unit = rules.retry_unit(comp.retry_policy, comp.name, rep.replica_id)
+            scope = rules.restart_scope(comp.retry_policy, comp.name, rep.replica_id, pairs)
+            for key, value in (("D", rdir), ("NAME", _readable_word(f"role '{comp.name}' replica {rep.replica_id}")),
+                               ("SVC", str(int(comp.service))), ("MAXR", str(comp.max_retries)),
+                               ("POL", comp.retry_policy), ("UNIT", str(units.setdefault(unit, len(units)))),
+                               ("SCOPE", sh_word(" ".join(str(pairs.index(p)) for p in scope)))):
+                table[key].append(value)
             # the discovery variables come last: `env` applies assignments in order, so they win
             env = [
                 f'TORCHX_RANK0_HOST="${{_TXE_HOSTS_{g}%%,*}}"',
@@ -311,19 +439,30 @@ def render(spec: ScriptSpec) -> str:
                 f"TORCHX_EXT_ROLE={sh_word(comp.name)}",
                 f"TORCHX_EXT_REPLICA_ID={rep.replica_id}",
                 f"TORCHX_EXT_NUM_REPLICAS={comp.num_replicas}",
+                'TORCHX_EXT_ATTEMPT="$_TXE_ATTEMPT"',
             ]
             # in a container (pyxis) the image need not have bash; its clusters track by cgroup
             task = "" if spec.container else 'bash -c "$_TXE_TASK" torchx-ext '
             srun = [*het, f'--nodelist="${{_TXE_NODES_{g}[{rep.replica_id}]}}"',
                     *[sh_word(o) for o in comp.srun_opts]]
-            out.append(f"# role {comp.name!r} replica {rep.replica_id}")
+            out.append(f"# role {comp.name!r} replica {rep.replica_id}: replica {i} of the tables below")
             out.append(
-                f'_txe_replica {rdir} "${{_TXE_NODES_{g}[{rep.replica_id}]}}" \\\n'
-                f'  env -- {" ".join(env)} \\\n'
-                f'  "$_TXE_SRUN" {" ".join(srun)} \\\n'
-                f"  {task}{' '.join(sh_word(a) for a in rep.argv)}"
+                f"_txe_r_{i}() {{\n"
+                f'  _txe_replica {rdir} "${{_TXE_NODES_{g}[{rep.replica_id}]}}" \\\n'
+                f'    env -- {" ".join(env)} \\\n'
+                f'    "$_TXE_SRUN" {" ".join(srun)} \\\n'
+                f"    {task}{' '.join(sh_word(a) for a in rep.argv)}\n"
+                "}"
             )
+            i += 1
     out.append("")
+    out.append("# per replica: directory, name, service?, its role's max_retries and retry_policy, the budget")
+    out.append("# it draws on and the replicas that restart with it (see _txe_restart)")
+    for key, values in table.items():
+        out.append(f"_TXE_{key}=(" + " ".join(values) + ")")
+    most = max((c.max_retries for c in spec.components), default=0)
+    delays = [0] + [round(rules.backoff_s(spec.retry_backoff_s, n) * 1e6) for n in range(1, most + 1)]
+    out.append("_TXE_DELAY_US=(" + " ".join(map(str, delays)) + ")  # before a unit's restart n (retry_backoff_s)")
     out.append("_TXE_MAIN=(" + " ".join(main) + ")")
     out.append("_TXE_SERVICES=(" + " ".join(services) + ")")
     out.append("_txe_group")
@@ -380,6 +519,7 @@ class SlurmJob:
     signal: int = 0
     dependency: str = ""
     nodes: str = ""  # every component's NodeList, comma-separated (scontrol only)
+    restarts: int = 0  # times Slurm requeued it (scontrol only)
 
     @property
     def app_state(self) -> AppState:
@@ -397,7 +537,7 @@ def app_state_of(state: str, reason: str = "") -> AppState:
     return SLURM_STATES.get(base, AppState.UNKNOWN)
 
 
-_SCONTROL_KEYS = re.compile(r"(?:^|\s)(JobId|HetJobId|JobState|Reason|ExitCode|Dependency|NodeList)=(\S*)")
+_SCONTROL_KEYS = re.compile(r"(?:^|\s)(JobId|HetJobId|JobState|Reason|ExitCode|Dependency|NodeList|Restarts)=(\S*)")
 
 
 def parse_scontrol_job(text: str, job_id: str) -> Optional[SlurmJob]:
@@ -420,6 +560,7 @@ def parse_scontrol_job(text: str, job_id: str) -> Optional[SlurmJob]:
         found = SlurmJob(
             job_id=job_id, state=fields.get("JobState", ""), reason=fields.get("Reason", ""),
             exit_code=int(code or 0), signal=int(sig or 0), dependency="" if dep == "(null)" else dep,
+            restarts=int(fields.get("Restarts", "0") or 0),
         )
     if found is not None:
         found.nodes = ",".join(dict.fromkeys(nodes))
