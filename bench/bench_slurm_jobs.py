@@ -5,7 +5,12 @@
 1. submit: ``get_runner().run(app, "slurm_jobs")`` (dry-run, script, sbatch, record) against
    ``sbatch --parsable`` of the very same script; median of N each (jobs are held, then cancelled);
 2. status of many jobs: ``SlurmJobsScheduler.list()`` (ONE ``squeue --json`` call, target < 1 s)
-   against one ``scontrol show job`` per job, over the same held jobs.
+   against one ``scontrol show job`` per job, over the same held jobs;
+3. restart latency (a replica exits 1 -> its next attempt runs, both from the processes' own
+   clocks): ``max_retries=1`` (a new step inside the allocation) against Slurm's own way back,
+   ``scontrol requeue`` of a ``--requeue`` job, released with ``StartTime=now`` as soon as Slurm
+   can start it (Slurm would hold it ~120 s; slurmd refuses it within the second of the requeue);
+   median of ``--restarts`` each.
 
 Everything submitted here is cancelled at the end, also when the benchmark fails.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -34,6 +40,51 @@ def _sbatch(script: str, *extra: str) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
+# prints its start time; the first attempt then prints its exit time and exits 1
+RESTART_CODE = ("import os, sys, time; print('START %.6f' % time.time(), flush=True); "
+                "a = os.environ.get('TORCHX_EXT_ATTEMPT', sys.argv[1] if len(sys.argv) > 1 else '1'); "
+                "(print('EXIT %.6f' % time.time(), flush=True), sys.exit(1)) if a == '1' else None")
+
+
+def _restart_gap(text: str) -> float:
+    exit_t = next(float(x.split()[1]) for x in text.splitlines() if x.startswith("EXIT "))
+    return [float(x.split()[1]) for x in text.splitlines() if x.startswith("START ")][1] - exit_t
+
+
+def _wait(check, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        if time.time() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def bench_restart_ours(runner, partition: str) -> float:
+    from torchx.specs import AppState
+
+    app = AppDef("restart", roles=[Role("r", image=os.getcwd(), entrypoint=sys.executable, max_retries=1,
+                                        args=["-c", RESTART_CODE], resource=Resource(cpu=1, gpu=0, memMB=100))])
+    handle = runner.run(app, "slurm_jobs", {"partition": partition})
+    _wait(lambda: (st := runner.status(handle)) is not None and st.state == AppState.SUCCEEDED, handle)
+    return _restart_gap("".join(runner.log_lines(handle, "r", 0)))
+
+
+def bench_restart_requeue(partition: str, out_dir: str) -> float:
+    script = (f"#!/bin/bash\n{sys.executable} -c {shlex.quote(RESTART_CODE)} $((${{SLURM_RESTART_COUNT:-0}} + 1)) "
+              "|| { scontrol requeue \"$SLURM_JOB_ID\"; sleep 60; }\n")
+    job = _sbatch(script, f"--partition={partition}", "--requeue", "--cpus-per-task=1", "--mem=100",
+                  f"--output={out_dir}/raw-%j.out", "--open-mode=append")
+    show = lambda: subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout  # noqa: E731
+    _wait(lambda: "JobState=PENDING" in show() and "Restarts=1" in show(), f"requeue of {job}")
+    # slurmd refuses a credential made in the second its job was revoked (the requeue): release
+    # it in the next second, the earliest Slurm can start it at all
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    _wait(lambda: "JobState=COMPLETED" in show(), f"second run of {job}")
+    with open(f"{out_dir}/raw-{job}.out") as f:
+        return _restart_gap(f.read())
+
+
 def _table(rows: list[tuple[str, float, float]]) -> None:
     print(f"\n{'measure':<44} {'slurm_jobs':>12} {'raw Slurm':>12} {'ratio':>8}")
     for name, ours, raw in rows:
@@ -45,6 +96,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--submits", type=int, default=10, help="submissions timed on each side")
     parser.add_argument("--jobs", type=int, default=500, help="jobs whose status is read")
+    parser.add_argument("--restarts", type=int, default=3, help="restarts timed on each side")
     parser.add_argument("--partition", default=os.environ.get("TORCHX_EXT_TEST_SLURM_PARTITION", "debug"))
     args = parser.parse_args()
     if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
@@ -86,6 +138,14 @@ def main() -> int:
             subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, check=True)
         t_each = time.perf_counter() - t0
         rows.append((f"status of {len(ids)} jobs (1 squeue vs {len(ids)} scontrol)", t_list, t_each))
+        for i in range(0, len(submitted), 200):  # the held jobs would keep the nodes' queue busy
+            subprocess.run(["scancel", *submitted[i:i + 200]], capture_output=True)
+        ours_r, raw_r = [], []
+        for _ in range(args.restarts):
+            ours_r.append(bench_restart_ours(runner, args.partition))
+            raw_r.append(bench_restart_requeue(args.partition, os.environ["TORCHX_EXT_HOME"]))
+        rows.append((f"restart, median of {args.restarts} (vs scontrol requeue)",
+                     statistics.median(ours_r), statistics.median(raw_r)))
         _table(rows)
         print(f"\nlist() of {len(listed)} apps took {t_list:.3f}s (target < 1 s): "
               f"{'OK' if t_list < 1 else 'TOO SLOW'}")

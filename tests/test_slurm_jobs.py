@@ -432,7 +432,10 @@ def test_a_requeued_app_reads_pending_then_runs_again_under_its_handle(runner: R
         assert time.time() < deadline, seen
         time.sleep(0.2)
     assert status.num_restarts == 1 and all(r.state == AppState.PENDING for r in status.roles[0].replicas), status
-    # Slurm holds a requeued job ~2 minutes (BeginTime) before it may start again
+    # Slurm holds a requeued job ~2 minutes (BeginTime) before it may start again; released at
+    # once, slurmd refuses a job credential made in the same second as the requeue ("Job
+    # credential revoked": the job FAILS), so wait for the next second
+    time.sleep(1.0 - time.time() % 1.0 + 0.1)
     subprocess.run(["scontrol", "update", f"JobId={app_id}", "StartTime=now"], check=True)
     status = wait_terminal(runner, handle, TIMEOUT)
     assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
