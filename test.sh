@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything and runs the whole test suite against a real testbed on this machine:
 # Debian packages (Slurm + munge, Docker engine), a Python env with torchx 0.7.0 and every extra,
-# a Ray head, a two-node Slurm cluster and a Docker engine with locally built images; then lint,
+# a Ray head, a two-node Slurm cluster, a Docker engine with locally built images and an sshd on
+# loopback (the login node of remote Slurm); then lint,
 # the whole suite on torchx 0.7.0, and the whole suite again on torchx-nightly.
 # With CI=true a skipped test counts as a failure (tests/conftest.py).
 set -euo pipefail
@@ -13,9 +14,10 @@ say() { echo "== $(date +%T) $*"; }
 # pip prints one warning per unused local index entry on these machines; keep the log readable
 pipq() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; return "${PIPESTATUS[0]}"; }
 
-say "system packages (Slurm, Docker)"
+say "system packages (Slurm, Docker, OpenSSH server for remote Slurm)"
 bash testbed/slurm.sh install
 bash testbed/docker.sh install
+bash testbed/sshd.sh install
 
 say "python env $VENV (torchx 0.7.0, every extra (ray, docker), torch CPU for dist.ddp)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -31,7 +33,7 @@ cleanup() {
     for tb in "${started[@]}"; do bash "testbed/$tb.sh" stop >/dev/null 2>&1 || true; done
 }
 trap cleanup EXIT
-for tb in slurm docker ray; do
+for tb in slurm docker ray sshd; do
     # start is idempotent and writes testbed/.state/$tb.env for this checkout even when the
     # daemons were already up (another checkout); only what was down is stopped at exit
     VENV="$VENV" bash "testbed/$tb.sh" status >/dev/null 2>&1 || started+=("$tb")

@@ -1,0 +1,534 @@
+"""The SSH transport of slurm_jobs' remote mode: commands, files and workspaces on a login node.
+
+:class:`SshLogin` drives the *system* OpenSSH client rather than a Python SSH library, so that what
+already works for the user's ``ssh login`` works here unchanged: ``~/.ssh/config`` (Host aliases,
+``ProxyJump``, ``User``), the ssh-agent, ``known_hosts``, hardware keys, GSSAPI. One authenticated
+master connection per login node (``ControlMaster``/``ControlPersist``) is shared by every call from
+any local process, so after the first login a call costs one round trip, not a handshake.
+
+Nothing here ever prompts (``BatchMode=yes``). A failure of ssh itself becomes one line naming the
+host and what to check (:func:`ssh_failure_message`), raised as
+:class:`~torchx_ext.errors.SchedulerUnavailable`; a remote command that fails is the caller's to
+judge and comes back as a :class:`subprocess.CompletedProcess`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import time
+from types import TracebackType
+from typing import IO, List, Optional, Sequence, Tuple, Type
+
+from torchx_ext.errors import BackendError, InvalidOptionError, SchedulerUnavailable, StateError
+from torchx_ext.state import home
+
+logger = logging.getLogger(__name__)
+
+#: The remote shell brackets the command's stderr with these: the first proves the command started,
+#: the second carries its exit status. ssh's own 255 and a command's ``exit 255`` read the same
+#: otherwise, and so do a command's 255 and a connection lost under a multiplexed call (the
+#: master, not the caller's ssh, would print why; the caller's ssh only exits 255).
+_STARTED = "__torchx_ext_ssh_started__"
+_ENDED = "__torchx_ext_ssh_exit__"
+
+#: ``sun_path`` holds 108 bytes with its NUL; ssh first binds ``<ControlPath>.<16 random chars>``
+#: and renames it to ``%C`` (40 hex digits), so the directory may use at most 108 - 1 - 1 - 40 - 17.
+_MAX_CONTROL_DIR = 49
+
+# rsync's last words after the other end stopped; they say nothing about why.
+_RSYNC_TRAILER = re.compile(r"rsync( error)?: (connection unexpectedly closed|.*\(code \d+\))")
+
+# A target as users write it: [user@]host[:port], host possibly a [bracketed] IPv6 address.
+_TARGET = re.compile(r"^(?:(?P<user>[^@\s/]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@\s:/\[\]]+)(?::(?P<port>\d+))?$")
+
+
+def ssh_failure_message(target: str, stderr: str, started: bool = False) -> str:
+    """One line telling what failed in ssh's own terms (exit status 255) and what to check.
+
+    The single place that reads ssh's stderr text: OpenSSH has no machine-readable error codes,
+    so the match is on the messages it prints (tested against the real ones).
+
+    Args:
+        target: the login node as the user named it (``user@host[:port]`` or a Host alias)
+        stderr: everything ssh printed on stderr
+        started: the remote command had started (so the connection was lost, whatever the text)
+
+    Returns:
+        The message, without newlines.
+    """
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("@@@")]
+    last = lines[-1] if lines else "ssh exited with status 255 and printed nothing"
+    text = stderr.lower()
+    if "remote host identification has changed" in text or "host key verification failed" in text \
+            or "host key is known for" in text:
+        why = "its host key changed" if "has changed" in text else "its host key is not in known_hosts"
+        return (f"ssh to {target}: host key verification failed ({why}); check known_hosts "
+                f"(~/.ssh/known_hosts or UserKnownHostsFile): run `ssh {target}` once by hand to "
+                "accept the key, or remove the stale entry with `ssh-keygen -R <host>`")
+    if "permission denied (" in text or "too many authentication failures" in text:
+        hint = "check the identity file and the keys in your ssh-agent (`ssh-add -l`)"
+        if "unprotected private key file" in text:
+            hint = "the identity file is readable by others and was ignored: chmod 600 it"
+        elif "not accessible" in text and "identity file" in text:
+            hint = "the identity file does not exist or cannot be read"
+        elif "too many authentication failures" in text:
+            hint = ("the server gave up before the right key was tried: name it with the identity "
+                    "file option, or `IdentitiesOnly yes` in ~/.ssh/config")
+        return f"ssh to {target} was refused (key not accepted): {hint}; check that `ssh {target}` works by hand"
+    unreachable = ("connection refused", "connection timed out", "operation timed out", "could not resolve",
+                   "name or service not known", "temporary failure in name resolution", "no route to host",
+                   "network is unreachable", "kex_exchange_identification", "banner exchange",
+                   "connection reset", "connection closed by")
+    if any(u in text for u in unreachable):
+        # the line that says so (rsync and others print their own last lines after ssh's)
+        said = next((ln for ln in lines if any(u in ln.lower() for u in unreachable)), last)
+        return (f"cannot reach {target} ({said.removeprefix('ssh: ')}): check that the host is up, "
+                "the host name and port (and any ProxyJump) are right, and that sshd runs there")
+    lost = ("closed by remote host", "client_loop:", "broken pipe", "not responding")
+    if started or any(u in text for u in lost):
+        why = f" ({last})" if lines else ""
+        return (f"the connection to {target} was lost{why}; the remote command may still be running; "
+                "check the network and retry")
+    return f"ssh to {target} failed: {last}"
+
+
+class SshLogin:
+    """A login node reached with the system ``ssh`` client over one shared master connection.
+
+    Constructing one touches neither the network nor the disk; the first call logs in and leaves a
+    master connection that lives ``ControlPersist`` seconds past the last call (from any process).
+
+    Remote commands run through the user's login shell, which must be POSIX (bash, zsh, sh):
+    arguments are quoted with :func:`shlex.quote`. It is a non-interactive, non-login shell: what
+    ``~/.bashrc`` sets applies, ``~/.bash_profile`` does not.
+
+    Args:
+        target: ``user@host[:port]``, ``host[:port]``, or a Host alias from ``~/.ssh/config``
+        identity_file: a private key to use (and only it: ``IdentitiesOnly``, so an agent holding
+            many keys cannot exhaust the server's ``MaxAuthTries`` first); None: ssh's own choice
+        config_file: an ssh config file to read instead of ``~/.ssh/config`` (``ssh -F``; tests)
+        connect_timeout: seconds to wait for the TCP connection (``ConnectTimeout``)
+        control_persist: seconds the master connection outlives its last use
+    """
+
+    def __init__(self, target: str, identity_file: Optional[str] = None, config_file: Optional[str] = None,
+                 connect_timeout: int = 10, control_persist: int = 300) -> None:
+        m = _TARGET.match(target.strip())
+        if not m or target.strip().startswith("-"):
+            raise InvalidOptionError(
+                f"invalid SSH login {target!r}: expected user@host[:port], host[:port] or a Host alias "
+                "from ~/.ssh/config")
+        self._user, self._host, port = m.group("user"), m.group("host"), m.group("port")
+        self._port = int(port) if port else None
+        if self._port is not None and not 0 < self._port < 65536:
+            raise InvalidOptionError(f"invalid SSH login {target!r}: port {self._port} is not in 1..65535")
+        self._identity_file = os.path.expanduser(identity_file) if identity_file else None
+        self._config_file = os.path.expanduser(config_file) if config_file else None
+        self._connect_timeout = connect_timeout
+        self._control_persist = control_persist
+        self._control_dir: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        """The canonical target, ``[user@]host[:port]``: what a handle stores to find this node again."""
+        user = f"{self._user}@" if self._user else ""
+        port = f":{self._port}" if self._port is not None else ""
+        return f"{user}{self._host}{port}"
+
+    def __repr__(self) -> str:
+        return f"SshLogin({self.name!r})"
+
+    # -- the ssh command line ---------------------------------------------------------------------
+
+    @property
+    def control_dir(self) -> str:
+        """The private (0700) directory holding the master connections' sockets; created on first use.
+
+        ``$TORCHX_EXT_HOME/ssh`` unless that path is too long for a unix socket, then
+        ``/tmp/torchx_ext-ssh-<uid>``.
+        """
+        if self._control_dir is None:
+            preferred = os.path.join(home(), "ssh")
+            if len(os.fsencode(preferred)) <= _MAX_CONTROL_DIR:
+                self._control_dir = _private_dir(preferred)
+            else:
+                self._control_dir = _private_dir(os.path.join(tempfile.gettempdir(), f"torchx_ext-ssh-{os.getuid()}"))
+        return self._control_dir
+
+    def ssh_options(self) -> List[str]:
+        """The options every ssh (and rsync's ssh) call uses, without the destination."""
+        opts = []
+        if self._config_file:
+            opts += ["-F", self._config_file]
+        opts += [
+            "-o", "BatchMode=yes",
+            "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={os.path.join(self.control_dir, '%C')}",
+            "-o", f"ControlPersist={self._control_persist}",
+            "-o", f"ConnectTimeout={self._connect_timeout}",
+            # a dead network is noticed within a minute instead of a TCP timeout (hours)
+            "-o", "ServerAliveInterval=15",
+        ]
+        if self._identity_file:
+            opts += ["-i", self._identity_file, "-o", "IdentitiesOnly=yes"]
+        if self._port is not None:
+            opts += ["-p", str(self._port)]
+        return opts
+
+    def _destination(self) -> str:
+        host = self._host.strip("[]")
+        return f"{self._user}@{host}" if self._user else host
+
+    def command(self, remote_command: str) -> List[str]:
+        """The local argv that runs ``remote_command`` (a shell line) on the login node.
+
+        For callers that stream (``log --tail``) with their own :class:`subprocess.Popen`; such a
+        caller gets ssh's raw exit status and should pass a 255 through :func:`ssh_failure_message`.
+        """
+        return ["ssh", *self.ssh_options(), "--", self._destination(), remote_command]
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def run(self, argv: Sequence[str], stdin: Optional[str] = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Runs ``argv`` on the login node; every word arrives exactly as given.
+
+        Args:
+            argv: the program and its arguments (not a shell line: each word is quoted)
+            stdin: text fed to the command's standard input; None: an empty input
+            timeout: seconds for the whole call, connection included
+
+        Returns:
+            The remote command's exit status, stdout and stderr, whatever the status.
+
+        Raises:
+            SchedulerUnavailable: ssh could not log in or lost the connection, or the call took
+                longer than ``timeout`` (the remote command is not killed: without a terminal it
+                does not notice the client left), or there is no ``ssh`` here.
+        """
+        if not argv:
+            raise ValueError("run() needs a command")
+        return self._call(" ".join(shlex.quote(a) for a in argv), stdin, timeout)
+
+    def run_script(self, script: str, args: Sequence[str] = (),
+                   timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Runs a bash script, fed on stdin (``bash -s``), so that its size and text need no quoting.
+
+        Args:
+            script: the script's text
+            args: its positional parameters (``$1`` ...)
+            timeout: as in :meth:`run`
+
+        Returns:
+            As :meth:`run`.
+        """
+        return self.run(["bash", "-s", "--", *args], stdin=script, timeout=timeout)
+
+    def _no_ssh(self) -> str:
+        return (f"cannot reach {self.name}: the OpenSSH client 'ssh' is not installed here; install it "
+                "(Debian/Ubuntu: apt install openssh-client)")
+
+    def _call(self, remote_command: str, stdin: Optional[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        # Markers around the command (see _STARTED); the newline ends the command whatever it holds.
+        line = (f"printf '%s\\n' {_STARTED} >&2; {remote_command}\n"
+                f"__txe_rc=$?; printf '\\n%s %d\\n' {_ENDED} \"$__txe_rc\" >&2; exit \"$__txe_rc\"")
+        argv = self.command(line)
+        started = time.monotonic()
+        try:
+            # stdin: never the caller's terminal (ssh would read it, and eat its input)
+            proc = subprocess.run(argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                                  capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                  timeout=timeout)
+        except FileNotFoundError as e:
+            raise SchedulerUnavailable(self._no_ssh()) from e
+        except subprocess.TimeoutExpired as e:
+            raise SchedulerUnavailable(
+                f"{self.name} did not answer within {timeout:g} s (ssh {remote_command[:60]!r}); check "
+                "the network and the login node's load") from e
+        logger.debug("ssh %s %r: exit %d in %.3f s", self.name, remote_command[:200], proc.returncode,
+                     time.monotonic() - started)
+        before, found, rest = proc.stderr.partition(_STARTED + "\n")
+        if not found:
+            if proc.returncode == 255:
+                raise SchedulerUnavailable(ssh_failure_message(self.name, proc.stderr))
+            # The login shell itself failed (e.g. /sbin/nologin): the remote answered; caller judges.
+            return proc
+        body, ended, status = rest.rpartition("\n" + _ENDED + " ")
+        if not ended:
+            # started, never finished: ssh's 255 is a lost connection (any other status is the remote's)
+            if proc.returncode == 255:
+                raise SchedulerUnavailable(ssh_failure_message(self.name, rest, started=True))
+            proc.stderr = before + rest
+            return proc
+        proc.stderr = before + body
+        return proc
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def put_text(self, remote_path: str, text: str, mode: int = 0o600, timeout: float = 60) -> None:
+        """Writes ``text`` to ``remote_path`` in one round trip: parent made, file replaced atomically.
+
+        A reader sees the old file or the new one, never half of it (written beside it, then renamed).
+
+        Args:
+            remote_path: absolute, or relative to the remote home (``~`` is not expanded)
+            text: the content (UTF-8)
+            mode: the file's permission bits
+            timeout: as in :meth:`run`
+
+        Raises:
+            BackendError: the remote could not write it (permissions, full disk); the message has
+                the remote's reason.
+            SchedulerUnavailable: as in :meth:`run`.
+        """
+        script = ('set -e; d=$(dirname -- "$1"); mkdir -p -- "$d"; t=$(mktemp -- "$1.tmp.XXXXXX"); '
+                  'trap \'rm -f -- "$t"\' EXIT; cat >"$t"; chmod "$2" "$t"; mv -f -- "$t" "$1"')
+        proc = self.run(["sh", "-c", script, "sh", remote_path, format(mode, "o")], stdin=text, timeout=timeout)
+        if proc.returncode != 0:
+            raise BackendError(f"cannot write {remote_path} on {self.name}: {_last_line(proc.stderr)}")
+
+    def sync_dir(self, local_dir: str, remote_dir: str, ignore_file: str = ".torchxignore",
+                 delete: bool = True, timeout: float = 600) -> int:
+        """Makes ``remote_dir`` a copy of the workspace ``local_dir``, sending only what changed.
+
+        What is copied follows TorchX's workspace rules (``walk_workspace``): everything but what
+        ``ignore_file`` in ``local_dir`` excludes, symlinks copied as the files they point to. With
+        rsync on both sides, an unchanged file is not sent again and a changed one as a delta.
+        Without rsync on either side the copy falls back to a tar stream, which sends everything,
+        every time.
+
+        Args:
+            local_dir: the workspace directory here
+            remote_dir: the copy on the login node (absolute, or relative to the remote home);
+                created if missing
+            ignore_file: the ignore file's name in ``local_dir``
+            delete: remove what is in ``remote_dir`` and not in the workspace (files deleted or
+                ignored since the last sync), so that the copy is exact. Anything else kept in
+                ``remote_dir`` is deleted too: give the workspace a directory of its own.
+            timeout: seconds for the whole transfer (tar: for the remote end to finish once all is sent)
+
+        Returns:
+            The bytes of file content sent (rsync: of the files that changed; tar: all of them).
+
+        Raises:
+            SchedulerUnavailable: ssh could not log in, lost the connection, or timed out.
+            BackendError: the copy failed on the remote (permissions, full disk).
+        """
+        norm = posixpath.normpath(remote_dir) if remote_dir else ""
+        if norm in ("", ".", "/", "~") or norm.startswith("../") or norm == "..":
+            # with delete=True a sync into the home directory (or /) would empty it
+            raise InvalidOptionError(f"refusing to sync a workspace into {remote_dir!r} on {self.name}: "
+                                     "name a directory of its own")
+        files, excluded = _workspace_files(local_dir, ignore_file)
+        # One round trip first: it logs in through run() (whose errors are exact: rsync's own exit
+        # status races with ssh's and may say "protocol error" for a refused key), makes the
+        # directory and asks whether the remote has rsync.
+        check = self.run(["sh", "-c", 'mkdir -p -- "$1" && { command -v rsync >/dev/null && echo rsync || echo tar; }',
+                          "sh", norm])
+        if check.returncode != 0:
+            raise BackendError(f"cannot create {norm} on {self.name}: {_last_line(check.stderr)}")
+        if not shutil.which("rsync"):
+            logger.info("no local rsync: sending the whole workspace to %s as a tar stream", self.name)
+        elif check.stdout.strip() != "rsync":
+            logger.info("no rsync on %s: sending the whole workspace as a tar stream", self.name)
+        else:
+            return self._rsync(local_dir, norm, files, excluded, delete, timeout)
+        return self._tar(local_dir, norm, files, delete, timeout)
+
+    def _rsync(self, local_dir: str, remote_dir: str, files: List[str], excluded: List[str], delete: bool,
+               timeout: float) -> int:
+        """rsync over the shared master (up since the check in sync_dir) into the existing ``remote_dir``."""
+        with tempfile.NamedTemporaryFile("wb", prefix="torchx_ext_rsync_", suffix=".list") as rules:
+            if delete:
+                # Recurse, minus what the workspace rules leave out: the receiver then deletes both
+                # what vanished here and what is now ignored (--delete-excluded).
+                rules.write(b"".join(os.fsencode("/" + _rsync_literal(p)) + b"\0" for p in excluded))
+                selection = ["-r", "--delete", "--delete-excluded", f"--exclude-from={rules.name}"]
+            else:
+                rules.write(b"".join(os.fsencode(p) + b"\0" for p in files))
+                selection = [f"--files-from={rules.name}"]
+            rules.flush()
+            ssh = " ".join(shlex.quote(w) for w in ["ssh", *self.ssh_options()])
+            # The remote end starts through its shell: cd on the way, so that the directory's name is
+            # quoted by us (shell rules) and not by rsync (whose quoting of remote names changed in 3.2.4).
+            rsync_path = f"cd -- {shlex.quote(remote_dir)} && rsync"
+            argv = ["rsync", "-tpL", "--from0", "--stats", "--no-human-readable", *selection, "-e", ssh,
+                    f"--rsync-path={rsync_path}", "--", os.path.join(local_dir, ""), f"{self._rsync_host()}:."]
+            try:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                      encoding="utf-8", errors="replace", timeout=timeout)
+            except subprocess.TimeoutExpired as e:
+                raise SchedulerUnavailable(f"copying {local_dir} to {self.name} took longer than {timeout:g} s") from e
+        if proc.returncode == 0:
+            m = re.search(r"^Total transferred file size: ([\d,.]+)", proc.stdout, re.M)
+            return int(re.sub(r"\D", "", m.group(1))) if m else 0
+        # rsync's closing lines ("connection unexpectedly closed", "rsync error: ... (code N)") only
+        # say that it stopped; the first other line says why (disk full, permissions, ...)
+        reasons = [ln for ln in proc.stderr.splitlines() if ln.strip() and not _RSYNC_TRAILER.match(ln)]
+        if proc.returncode == 255 or (proc.returncode == 12 and not reasons):
+            # ssh's 255, or the other end gone without a word (rsync's 12 when it sees the EOF before
+            # ssh's exit): the check above logged in, so the connection was lost on the way
+            raise SchedulerUnavailable(ssh_failure_message(self.name, proc.stderr, started=True))
+        why = reasons[0].strip() if reasons else _last_line(proc.stderr)
+        raise BackendError(f"copying {local_dir} to {remote_dir} on {self.name} failed: {why}")
+
+    def _rsync_host(self) -> str:
+        # rsync reads [v6]:path with the brackets; the port is in the -e command (-p)
+        dest = self._destination()
+        return f"{self._user + '@' if self._user else ''}[{dest.split('@')[-1]}]" if ":" in dest else dest
+
+    def _tar(self, local_dir: str, remote_dir: str, files: List[str], delete: bool, timeout: float) -> int:
+        """The fallback: the workspace as one tar stream, unpacked by the remote ``tar``."""
+        q = shlex.quote(remote_dir)
+        if delete:
+            # unpacked beside, then swapped in: an interrupted copy never leaves a half workspace
+            tmp = shlex.quote(remote_dir.rstrip("/") + ".partial")
+            line = (f"rm -rf -- {tmp} && mkdir -p -- {tmp} && tar -C {tmp} -xf - && rm -rf -- {q} "
+                    f"&& mv -- {tmp} {q}")
+        else:
+            line = f"mkdir -p -- {q} && tar -C {q} -xf -"
+        argv = self.command(line)
+        sent = 0
+        # stderr to a file, not a pipe: a remote tar complaining about every file would fill a pipe
+        # nobody reads while we write, and both ends would wait forever
+        with tempfile.TemporaryFile() as err_file:
+            try:
+                # unbuffered: after a broken pipe, no buffered bytes are left to fail again on close
+                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err_file,
+                                        bufsize=0)
+            except FileNotFoundError as e:
+                raise SchedulerUnavailable(self._no_ssh()) from e
+            assert proc.stdin is not None
+            try:
+                sent = _write_tar(proc.stdin, local_dir, files)
+            except BrokenPipeError:
+                pass  # the remote end failed: its stderr says why
+            finally:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired as e:
+                proc.kill()
+                proc.wait()
+                raise SchedulerUnavailable(f"copying {local_dir} to {self.name} took longer than {timeout:g} s") from e
+            err_file.seek(0)
+            err = err_file.read().decode("utf-8", "replace")
+        if proc.returncode == 255:
+            raise SchedulerUnavailable(ssh_failure_message(self.name, err))
+        if proc.returncode != 0:
+            raise BackendError(f"copying {local_dir} to {remote_dir} on {self.name} failed: {_last_line(err)}")
+        return sent
+
+    # -- the master connection ----------------------------------------------------------------------
+
+    def is_connected(self) -> bool:
+        """Is a master connection up (so the next call needs no login)? Asks the local master only."""
+        try:
+            return subprocess.run(["ssh", *self.ssh_options(), "-O", "check", "--", self._destination()],
+                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=10).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    def close(self) -> None:
+        """Ends the master connection now instead of ``ControlPersist`` seconds after the last call."""
+        try:
+            subprocess.run(["ssh", *self.ssh_options(), "-O", "exit", "--", self._destination()],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # no ssh, or no master: nothing to close
+
+    def __enter__(self) -> SshLogin:
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()
+
+
+def _private_dir(path: str) -> str:
+    """``path`` as a directory only this user can enter (the sockets there are logged-in sessions)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            # e.g. planted in /tmp by another user: their socket would receive our commands
+            raise StateError(f"{path} is not a directory owned by this user; remove it or set $TORCHX_EXT_HOME "
+                             "to a short private path")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(path, 0o700)
+    except StateError:
+        raise
+    except OSError as e:
+        raise StateError(f"cannot create {path} for ssh connections: {e.strerror or e}; check that "
+                         "$TORCHX_EXT_HOME is writable") from e
+    return path
+
+
+def _workspace_files(local_dir: str, ignore_file: str) -> Tuple[List[str], List[str]]:
+    """The workspace's files and, beside them, the paths the workspace rules leave out.
+
+    Both relative to ``local_dir``. The files are TorchX's (``walk_workspace``, as DirWorkspace and
+    our ``copy_workspace`` read them); the left-out list holds every other entry of the directories
+    walked (ignored files and directories, broken links, links to directories, sockets), so that rsync's recursion
+    can be told exactly what to skip.
+    """
+    # torchx and fsspec are dependencies of this package; imported here so that `import` stays cheap
+    import fsspec
+    from torchx.workspace.api import walk_workspace
+
+    fs = fsspec.filesystem("file")
+    root = os.path.abspath(local_dir)
+    if not os.path.isdir(root):
+        raise InvalidOptionError(f"the workspace {local_dir} is not a directory")
+    files: List[str] = []
+    excluded: List[str] = []
+    for dirpath, dirs, entries in walk_workspace(fs, root, ignore_file):
+        rel = os.path.relpath(dirpath, root)
+        kept = {d for d in dirs}
+        for name, info in entries.items():
+            # a symlink to a file is listed as "other" by fsspec's walk; TorchX's DirWorkspace copies
+            # what it points to, and so do we (rsync -L, tar dereference). Broken links, links to
+            # directories, sockets: left out.
+            if info.get("type") == "file" or os.path.isfile(os.path.join(dirpath, name)):
+                kept.add(name)
+                files.append(name if rel == "." else os.path.join(rel, name))
+        for name in os.listdir(dirpath):
+            if name not in kept:
+                excluded.append(name if rel == "." else os.path.join(rel, name))
+    return files, excluded
+
+
+def _rsync_literal(path: str) -> str:
+    """``path`` as an rsync filter pattern matching only itself.
+
+    rsync reads a pattern literally unless it holds a wildcard (``*?[``); then backslash escapes.
+    """
+    if any(c in path for c in "*?["):
+        return re.sub(r"([*?\[\\])", r"\\\1", path)
+    return path
+
+
+def _write_tar(out: IO[bytes], local_dir: str, files: List[str]) -> int:
+    """Streams ``files`` (relative to ``local_dir``) as a tar to ``out``; returns their total size."""
+    total = 0
+    # dereference: a symlink is sent as the file it points to, as rsync -L and copy_workspace do
+    with tarfile.open(fileobj=out, mode="w|", dereference=True, format=tarfile.PAX_FORMAT) as tar:
+        for rel in files:
+            path = os.path.join(local_dir, rel)
+            total += os.path.getsize(path)
+            tar.add(path, arcname=rel, recursive=False)
+    return total
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "no error message"
