@@ -111,9 +111,11 @@ def run_sdk(api: Any, image: str, threaded: bool) -> tuple[float, Callable[[], N
     return took, cleanup
 
 
+# the first attempt runs a second before it fails, on both sides: a restart, not a replica dying
+# while the app's watcher is still starting, is what is measured
 RESTART_CODE = ("import os, sys, time; print('START %.6f' % time.time(), flush=True); "
                 "first = os.environ.get('TORCHX_EXT_ATTEMPT', '1') == '1' and not os.path.exists('/tmp/ran'); "
-                "open('/tmp/ran', 'w').close(); "
+                "open('/tmp/ran', 'w').close(); time.sleep(1) if first else None; "
                 "(print('EXIT %.6f' % time.time(), flush=True), sys.exit(1)) if first else None")
 
 

@@ -53,6 +53,7 @@ from torchx_ext.schedulers.docker_jobs_daemon import (
 )
 
 POLL_S = 0.25
+DIE_SETTLE_S, DIE_SETTLE_POLL_S = 0.5, 0.02  # after a "die" event: how long, and how often, to look again
 UNREACHABLE_GIVE_UP_S = 3600.0
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class AppStatus:
         return self.snapshot.verdict is not None and not self.snapshot.running
 
 
-def reconcile(api: Any, app_id: str, acting: bool) -> Optional[AppStatus]:
+def reconcile(api: Any, app_id: str, acting: bool, died: Optional[dict[str, int]] = None) -> Optional[AppStatus]:
     """Reads the app from the daemon, applies the group rules, and reports its state.
 
     Args:
@@ -107,10 +108,15 @@ def reconcile(api: Any, app_id: str, acting: bool) -> Optional[AppStatus]:
         app_id: the app
         acting: True in the watcher: start, pin, stop and clean up as the rules say. False in
             describe: the same state, computed only; nothing on the daemon changes
+        died: container id → exit code, from the daemon's "die" events: the daemon sends them
+            some 50-90 ms before a snapshot shows those containers exited
     """
     snap = fetch(api, app_id)
     if snap is None:
         return None
+    for rep in snap.replicas:
+        if rep.running and rep.container_id in (died or {}):
+            rep.status, rep.exit_code, rep.finished_at = "exited", died[rep.container_id], time.time()  # type: ignore[index]
     verdict = snap.verdict
     if verdict is None and acting:
         due = [r for r in snap.replicas if retries.restart_due(snap, r)]
@@ -239,11 +245,16 @@ def watch(app_id: str, poll: float = POLL_S) -> int:
     """Reconciles ``app_id`` until it is over or deleted; survives daemon restarts."""
     api = None
     down_since: Optional[float] = None
+    quick_until = 0.0
+    died: dict[str, int] = {}
     while True:
+        # events from this instant on wake the next wait, also the ones the reconcile misses
+        # (a replica that dies while the snapshot is read)
+        mark = time.time()
         try:
             if api is None:
                 api = client()
-            status = reconcile(api, app_id, acting=True)
+            status = reconcile(api, app_id, acting=True, died=died)
             down_since = None
         except Exception as e:
             if not transient(e):
@@ -258,22 +269,32 @@ def watch(app_id: str, poll: float = POLL_S) -> int:
             continue
         if status is None or status.over:
             return 0
-        _wait_for_a_change(api, app_id, poll)
+        if time.time() < quick_until:
+            time.sleep(DIE_SETTLE_POLL_S)
+            continue
+        died = _wait_for_a_change(api, app_id, poll, mark)
+        if died:
+            # the daemon sends "die" some 50-90 ms before a snapshot shows the container exited:
+            # the next pass takes the event's word for it, and later ones look again every few ms
+            quick_until = time.time() + DIE_SETTLE_S
 
 
-def _wait_for_a_change(api: Any, app_id: str, poll: float) -> None:
+def _wait_for_a_change(api: Any, app_id: str, poll: float, since: float) -> dict[str, int]:
     """Sleeps ``poll`` seconds, or less: until one of the app's containers dies (the daemon's
-    event stream), so the group rules and restarts act on an exit at once."""
+    event stream, replayed from ``since``), so the group rules and restarts act on an exit at
+    once. Returns the containers that died, with their exit codes."""
     try:
-        now = time.time()
-        events = api.events(since=now, until=now + poll, decode=True,
+        events = api.events(since=since, until=time.time() + poll, decode=True,
                             filters={"label": [f"{L_APP_ID}={app_id}"], "event": ["die"]})
-        for _ in events:
+        for event in events:
             events.close()
-            return
+            actor = event.get("Actor") or {}
+            code = str((actor.get("Attributes") or {}).get("exitCode"))
+            return {actor["ID"]: int(code)} if actor.get("ID") and code.lstrip("-").isdigit() else {"": 0}
     except Exception as e:  # a daemon without events: poll as before
         if not transient(e):
             time.sleep(poll)
+    return {}
 
 
 def main(argv: list[str]) -> int:
