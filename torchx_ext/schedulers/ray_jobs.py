@@ -152,8 +152,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         """``client_factory(url, token_env, timeout)`` replaces :func:`ray_jobs_client.connect`
         (tests use it for clients that no installed Ray provides, e.g. an old one)."""
         super().__init__(session_name, **kwargs)
-        self._connect = client_factory or rc.connect
-        self._clients: dict[str, Any] = {}  # connections, per dashboard: a cache, not a behaviour
+        self._connections = rl.Connections(client_factory or rc.connect, float(RayJobsExecutor.request_timeout_s))
         self._brokers = Brokers()
 
     def _translate_error(self, e: Exception, verb: str) -> Optional[TorchxExtError]:
@@ -302,6 +301,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         finally:
             if copy:
                 shutil.rmtree(copy, ignore_errors=True)  # uploaded (or failed): the copy is done
+        self._connections.submitted(req.submission_id)
         rl.update_cluster(req.dashboard_url, token_env=req.token_env, lost_contact_s=req.lost_contact_s)
         masked = req.masked()
         rl.append_manifest(req.manifest, {
@@ -316,13 +316,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
 
     # ------------------------------------------------------------------ clients -----
     def _client(self, url: str, token_env: Optional[str] = None, timeout: Optional[float] = None) -> Any:
-        known = rl.known_clusters().get(url, {}) if token_env is None or timeout is None else {}
-        token_env = token_env or known.get("token_env") or rl.torchxconfig().get("token_env") or None
-        timeout = timeout or float(RayJobsExecutor.request_timeout_s)
-        key = f"{url}|{token_env}"
-        if key not in self._clients:
-            self._clients[key] = self._connect(url, token_env, timeout)
-        return self._clients[key]
+        return self._connections.get(url, token_env, timeout)
 
     # ------------------------------------------------------------------ describe ----
     def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
@@ -331,12 +325,13 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             return None
         try:
             client = self._client(url)
+            marker = self._connections.prefetch_marker(client, sid)
             job = rc.get_job(client, sid)
             if job is None:
                 waiting = self._brokers.waiting_state(client, app_id, sid)
                 resp = None if waiting is None else self._response(app_id, waiting[2], waiting[0], waiting[1], {})
             else:
-                st, msg, verdict = rc.job_state(client, job)
+                st, msg, verdict = rc.job_state(client, job, marker)
                 if ((job.metadata or {}).get("torchx_ext_retries") and "num_restarts" not in verdict
                         and rc.job_status(job) != "PENDING"):
                     verdict = {**verdict, "num_restarts": rc.restarts_in_log(client.get_job_logs(sid))}
@@ -356,7 +351,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
 
     def _unreachable(self, app_id: str, url: str, e: BaseException) -> DescribeAppResponse:
         msg = str(e) if isinstance(e, SchedulerUnavailable) else rc.unreachable_message(url, e)
-        self._clients = {k: v for k, v in self._clients.items() if not k.startswith(url + "|")}
+        self._connections.drop(url)
         rl.lost_contact(url, msg, app_id, float(RayJobsExecutor.lost_contact_s))  # raises past lost_contact_s
         return DescribeAppResponse(app_id=app_id, state=AppState.UNKNOWN, msg=msg)
 
@@ -412,15 +407,15 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         if job is None or rc.job_status(job) not in ("PENDING", "RUNNING"):
             return
         client.stop_job(sid)
-        if rc.job_status(job) == "PENDING" and rc.get_job(client, sid + "--cancelled") is None:
-            rc.claim(client, sid + "--cancelled", {KIND: "cancel-marker"})
+        if rc.job_status(job) == "PENDING" and rc.get_job(client, sid + rc.CANCELLED_SUFFIX) is None:
+            rc.claim(client, sid + rc.CANCELLED_SUFFIX, {KIND: "cancel-marker"})
 
     def _delete(self, app_id: str) -> None:
         url, sid = rc.split_app_id(app_id)
         if url is None or self._describe(app_id) is None:
             return
         self._cancel(app_id)
-        rc.delete_jobs(self._client(url), [sid, sid + "--waiting", sid + "--cancelled"])
+        rc.delete_jobs(self._client(url), [sid, sid + "--waiting", sid + rc.CANCELLED_SUFFIX])
 
     # ------------------------------------------------------------------ logs --------
     def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:

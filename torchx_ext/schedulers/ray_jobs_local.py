@@ -1,5 +1,6 @@
 """What ``ray_jobs`` keeps on this machine: the clusters you submitted to (for status/list from
-any shell), when each was last unreachable (``lost_contact_s``), the manifest, workspace copies.
+any shell), when each was last unreachable (``lost_contact_s``), the manifest, workspace copies;
+and, in memory, this process's connections.
 
 Values of secrets are never stored here: ``token_env`` is kept by name.
 """
@@ -9,11 +10,70 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
-from typing import Any, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Optional
 
 from torchx_ext import state
 from torchx_ext.errors import SchedulerUnavailable
+
+
+class Connections:
+    """This process's Jobs API clients, per dashboard and token variable, shared by threads (a
+    cache, not a behaviour); and the jobs submitted lately, whose first status asks for the cancel
+    marker at the same time as for the job, not after it (a job just submitted is PENDING, and
+    a pending job's state needs the marker)."""
+
+    RECENT_S = 30.0
+
+    def __init__(self, connect: Callable[[str, Optional[str], float], Any], default_timeout: float) -> None:
+        self._connect = connect
+        self._default_timeout = default_timeout
+        self._clients: dict[str, Any] = {}
+        self._recent: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def get(self, url: str, token_env: Optional[str] = None, timeout: Optional[float] = None) -> Any:
+        if token_env is None and timeout is None:  # a query: any connection made to url will do
+            with self._lock:
+                made = [c for k, c in self._clients.items() if k.startswith(url + "|")]
+            if made:
+                return made[-1]
+        known = known_clusters().get(url, {}) if token_env is None or timeout is None else {}
+        token_env = token_env or known.get("token_env") or torchxconfig().get("token_env") or None
+        key = f"{url}|{token_env}"
+        with self._lock:
+            client = self._clients.get(key)
+        if client is None:
+            client = self._connect(url, token_env, timeout or self._default_timeout)  # asks: unlocked
+            with self._lock:
+                client = self._clients.setdefault(key, client)
+        return client
+
+    def drop(self, url: str) -> None:
+        """Forgets the clients of ``url`` (it stopped answering: the next call connects anew)."""
+        with self._lock:
+            self._clients = {k: v for k, v in self._clients.items() if not k.startswith(url + "|")}
+
+    def submitted(self, sid: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent = {k: t for k, t in self._recent.items() if now - t < self.RECENT_S}
+            self._recent[sid] = now
+
+    def prefetch_marker(self, client: Any, sid: str) -> Optional[Future[Any]]:
+        """The cancel marker's lookup, started now, for a job submitted lately; else None."""
+        from torchx_ext.schedulers.ray_jobs_client import CANCELLED_SUFFIX, get_job
+
+        with self._lock:
+            if time.monotonic() - self._recent.get(sid, -self.RECENT_S) >= self.RECENT_S:
+                return None
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(4, thread_name_prefix="ray_jobs-marker")
+            pool = self._pool
+        return pool.submit(get_job, client, sid + CANCELLED_SUFFIX)
 
 
 def local_dir(*parts: str) -> str:
