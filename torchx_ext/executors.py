@@ -91,7 +91,7 @@ class Executor:
         unknown = set(cfg) - names
         if unknown:
             raise UnknownOptionError(cls.scheduler or cls.__name__, unknown, names)
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         values: dict[str, Any] = {}
         for name, value in cfg.items():
             if value is None:
@@ -103,6 +103,16 @@ class Executor:
 
 
 _OPT_TYPES = (str, int, float, bool)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    # per class, once: evaluating the string annotations compiles each one (~1 ms per submit)
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _runopt_type(tp: Any) -> Any:
@@ -123,7 +133,7 @@ def _runopt_type(tp: Any) -> Any:
 def runopts_for(executor_cls: Type[Executor]) -> runopts:
     """The ``runopts`` of a scheduler, generated from its executor's fields."""
     opts = runopts()
-    hints = typing.get_type_hints(executor_cls)
+    hints = _type_hints(executor_cls)
     for f in fields(executor_cls):
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:

@@ -155,11 +155,14 @@ def default_manifest() -> str:
 
 def append_manifest(url: str, record: Mapping[str, Any]) -> None:
     """Appends one JSON line to the manifest at fsspec ``url`` (local files: O_APPEND, atomic)."""
-    import fsspec
-
     line = json.dumps({"time": time.time(), **record}, sort_keys=True) + "\n"
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.protocol in ("file", ("file", "local")):
+    if url.startswith("file://") or "://" not in url:  # the default: no fsspec needed
+        fs, path = None, url[len("file://"):] if url.startswith("file://") else url
+    else:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+    if fs is None or fs.protocol in ("file", ("file", "local")):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
