@@ -2,6 +2,8 @@
 # A real sshd on 127.0.0.1 for slurm_jobs' remote (SSH) mode: key authentication only, one
 # non-root user (txe) whose login shell finds the Slurm commands, and a client config with a
 # `Host txe-login` alias so tests connect exactly as a user with a working `ssh login` would.
+# A second alias, `txe-noslurm`, logs in as the same user with a second key whose authorized_keys
+# entry forces a PATH without Slurm's commands: a login node where `sbatch` is "command not found".
 # Usage: bash testbed/sshd.sh install|start|stop|status
 #   SSHD_PORT=N  preferred port (default 2222; the next free one is taken if it is busy)
 set -euo pipefail
@@ -11,6 +13,10 @@ STATE_DIR="$HERE/.state"
 SSH_DIR="$STATE_DIR/ssh"
 HOST_KEY="$SSH_DIR/ssh_host_ed25519_key"
 CLIENT_KEY="$SSH_DIR/id_ed25519"
+NOSLURM_KEY="$SSH_DIR/id_ed25519_noslurm"
+# every command of /usr/bin and /usr/local/bin but Slurm's (readable by the test user)
+NOSLURM_BIN=/usr/local/lib/torchx-ext-testbed/noslurm-bin
+SLURM_COMMANDS="sbatch squeue scontrol scancel sacct srun salloc sinfo sstat sattach sprio sshare sdiag strigger sreport sacctmgr sbcast"
 PID_FILE="$SSH_DIR/sshd.pid"
 PORT_FILE="$SSH_DIR/port"
 CLIENT_CONFIG="$SSH_DIR/config"
@@ -19,6 +25,7 @@ ENV_FILE="$STATE_DIR/sshd.env"
 LOG_FILE="$SSH_DIR/sshd.log"
 TEST_USER=txe
 HOST_ALIAS=txe-login
+NOSLURM_ALIAS=txe-noslurm
 APT=(apt-get -o DPkg::Lock::Timeout=600 -y -q)
 export DEBIAN_FRONTEND=noninteractive
 # needrestart (pulled in by openssh-server here) prints pages of noise after every install.
@@ -62,7 +69,8 @@ make_keys() {
   # Generated once: the known_hosts of earlier runs (and a user's master connections) stay valid.
   [[ -f "$HOST_KEY" ]] || ssh-keygen -q -t ed25519 -N "" -C "txe-testbed-host" -f "$HOST_KEY"
   [[ -f "$CLIENT_KEY" ]] || ssh-keygen -q -t ed25519 -N "" -C "txe-testbed-client" -f "$CLIENT_KEY"
-  chmod 600 "$HOST_KEY" "$CLIENT_KEY"
+  [[ -f "$NOSLURM_KEY" ]] || ssh-keygen -q -t ed25519 -N "" -C "txe-testbed-noslurm" -f "$NOSLURM_KEY"
+  chmod 600 "$HOST_KEY" "$CLIENT_KEY" "$NOSLURM_KEY"
 }
 
 make_user() {
@@ -74,6 +82,16 @@ make_user() {
   local keys="$home/.ssh/authorized_keys"
   [[ -f "$keys" ]] || install -m 600 -o "$TEST_USER" -g "$TEST_USER" /dev/null "$keys"
   grep -qxF "$(cat "$CLIENT_KEY.pub")" "$keys" || cat "$CLIENT_KEY.pub" >>"$keys"
+  # the no-Slurm login: same user, its own key, a forced PATH without Slurm's commands
+  rm -rf "$NOSLURM_BIN.new"; mkdir -p "$NOSLURM_BIN.new"
+  local f
+  for f in /usr/local/bin/* /usr/bin/*; do
+    [[ " $SLURM_COMMANDS " == *" $(basename "$f") "* ]] || ln -sf "$f" "$NOSLURM_BIN.new/"
+  done
+  rm -rf "$NOSLURM_BIN"; mv "$NOSLURM_BIN.new" "$NOSLURM_BIN"
+  local noslurm_line
+  noslurm_line="command=\"export PATH=$NOSLURM_BIN; eval \\\"\$SSH_ORIGINAL_COMMAND\\\"\" $(cat "$NOSLURM_KEY.pub")"
+  grep -qxF "$noslurm_line" "$keys" || echo "$noslurm_line" >>"$keys"
   chown "$TEST_USER:$TEST_USER" "$keys"; chmod 600 "$keys"
   chmod go-w "$home"
 }
@@ -82,12 +100,25 @@ write_client_config() {
   local port="$1"
   # The host's key is known up front (we made it): strict checking from the very first login.
   printf '[127.0.0.1]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$HOST_KEY.pub")" >"$KNOWN_HOSTS"
+  printf '[localhost]:%s %s\n' "$port" "$(cut -d' ' -f1,2 "$HOST_KEY.pub")" >>"$KNOWN_HOSTS"
   cat >"$CLIENT_CONFIG" <<EOF
 Host $HOST_ALIAS
   HostName 127.0.0.1
   Port $port
   User $TEST_USER
   IdentityFile $CLIENT_KEY
+  IdentitiesOnly yes
+  UserKnownHostsFile $KNOWN_HOSTS
+  StrictHostKeyChecking yes
+  BatchMode yes
+
+# the same user without Slurm on PATH; "localhost", so that ssh's ControlPath hash (%C) differs
+Host $NOSLURM_ALIAS
+  HostName localhost
+  AddressFamily inet
+  Port $port
+  User $TEST_USER
+  IdentityFile $NOSLURM_KEY
   IdentitiesOnly yes
   UserKnownHostsFile $KNOWN_HOSTS
   StrictHostKeyChecking yes
@@ -127,12 +158,17 @@ start() {
   if ! ssh -F "$CLIENT_CONFIG" "$HOST_ALIAS" -- command -v sbatch >/dev/null; then
     log "ssh $HOST_ALIAS cannot run sbatch"; tail -n 20 "$LOG_FILE" >&2 || true; exit 1
   fi
+  if ssh -F "$CLIENT_CONFIG" "$NOSLURM_ALIAS" -- command -v sbatch >/dev/null \
+      || ! ssh -F "$CLIENT_CONFIG" "$NOSLURM_ALIAS" -- command -v rsync >/dev/null; then
+    log "ssh $NOSLURM_ALIAS should run rsync but not sbatch"; exit 1
+  fi
   cat >"$ENV_FILE" <<EOF
 export TORCHX_EXT_TEST_SSH_CONFIG=$CLIENT_CONFIG
 export TORCHX_EXT_TEST_SSH_HOST=$HOST_ALIAS
 export TORCHX_EXT_TEST_SSH_PORT=$port
 export TORCHX_EXT_TEST_SSH_KEY=$CLIENT_KEY
 export TORCHX_EXT_TEST_SSH_USER=$TEST_USER
+export TORCHX_EXT_TEST_SSH_NOSLURM_HOST=$NOSLURM_ALIAS
 EOF
   log "sshd up on 127.0.0.1:$port (ssh -F $CLIENT_CONFIG $HOST_ALIAS)"
 }

@@ -124,6 +124,14 @@ def test_stdin_arrives_exactly(login: SshLogin) -> None:
     assert login.run(["cat"], stdin=text).stdout == text
 
 
+def test_run_bytes_returns_stdout_byte_for_byte(login: SshLogin) -> None:
+    # a log read from a byte offset: invalid UTF-8, a lone \r and a partial line stay as they are
+    proc = login.run_bytes(["printf", "\\377\\376 a\\r\\nb\\303"])
+    assert (proc.returncode, proc.stdout) == (0, b"\xff\xfe a\r\nb\xc3"), proc
+    proc = login.run_bytes(["tail", "-c", "+3", "--", "/nonexistent/log"])
+    assert proc.returncode == 1 and proc.stdout == b"" and "nonexistent" in proc.stderr
+
+
 def test_run_script_on_stdin(login: SshLogin) -> None:
     script = """set -e
 for a in "$@"; do printf '<%s>\\n' "$a"; done

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import time
 from types import TracebackType
-from typing import IO, List, Optional, Sequence, Tuple, Type
+from typing import IO, Any, List, Optional, Sequence, Tuple, Type
 
 from torchx_ext.errors import BackendError, InvalidOptionError, SchedulerUnavailable, StateError
 from torchx_ext.state import home
@@ -233,11 +233,47 @@ class SshLogin:
         """
         return self.run(["bash", "-s", "--", *args], stdin=script, timeout=timeout)
 
+    def run_shell(self, line: str, stdin: Optional[str] = None,
+                  timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Runs ``line``, POSIX shell text, in the login shell itself (no ``bash -c`` started for it).
+
+        For a hot path whose cost is process starts (submit); the caller quotes every value in
+        ``line`` (:func:`shlex.quote`). An ``exit`` in ``line`` leaves the shell: run it in ``( )``.
+
+        Args:
+            line: the shell text
+            stdin: as in :meth:`run`
+            timeout: as in :meth:`run`
+
+        Returns:
+            As :meth:`run`.
+        """
+        return self._call(line, stdin, timeout)
+
+    def run_bytes(self, argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        """:meth:`run` whose stdout comes back as bytes, exactly (a log read from a byte offset).
+
+        Args:
+            argv: as in :meth:`run`
+            timeout: as in :meth:`run`
+
+        Returns:
+            The remote command's exit status, its stdout as bytes and its stderr as bytes.
+
+        Raises:
+            SchedulerUnavailable: as in :meth:`run`.
+        """
+        if not argv:
+            raise ValueError("run_bytes() needs a command")
+        proc: Any = self._call(" ".join(shlex.quote(a) for a in argv), None, timeout, binary=True)
+        return proc  # type: ignore[no-any-return]
+
     def _no_ssh(self) -> str:
         return (f"cannot reach {self.name}: the OpenSSH client 'ssh' is not installed here; install it "
                 "(Debian/Ubuntu: apt install openssh-client)")
 
-    def _call(self, remote_command: str, stdin: Optional[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    def _call(self, remote_command: str, stdin: Optional[str], timeout: float,
+              binary: bool = False) -> subprocess.CompletedProcess[str]:
         # Markers around the command (see _STARTED); the newline ends the command whatever it holds.
         line = (f"printf '%s\\n' {_STARTED} >&2; {remote_command}\n"
                 f"__txe_rc=$?; printf '\\n%s %d\\n' {_ENDED} \"$__txe_rc\" >&2; exit \"$__txe_rc\"")
@@ -245,9 +281,16 @@ class SshLogin:
         started = time.monotonic()
         try:
             # stdin: never the caller's terminal (ssh would read it, and eat its input)
-            proc = subprocess.run(argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-                                  capture_output=True, text=True, encoding="utf-8", errors="replace",
-                                  timeout=timeout)
+            proc: subprocess.CompletedProcess[str]
+            if binary:
+                raw = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+                # stdout stays bytes (typed loosely); stderr (ssh's and the markers) is read as text below
+                out: Any = raw.stdout
+                proc = subprocess.CompletedProcess(raw.args, raw.returncode, out, raw.stderr.decode("utf-8", "replace"))
+            else:
+                proc = subprocess.run(argv, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                                      capture_output=True, text=True, encoding="utf-8", errors="replace",
+                                      timeout=timeout)
         except FileNotFoundError as e:
             raise SchedulerUnavailable(self._no_ssh()) from e
         except subprocess.TimeoutExpired as e:
@@ -297,7 +340,7 @@ class SshLogin:
             raise BackendError(f"cannot write {remote_path} on {self.name}: {_last_line(proc.stderr)}")
 
     def sync_dir(self, local_dir: str, remote_dir: str, ignore_file: str = ".torchxignore",
-                 delete: bool = True, timeout: float = 600) -> int:
+                 delete: bool = True, timeout: float = 600, link_dest: Optional[str] = None) -> int:
         """Makes ``remote_dir`` a copy of the workspace ``local_dir``, sending only what changed.
 
         What is copied follows TorchX's workspace rules (``walk_workspace``): everything but what
@@ -315,6 +358,10 @@ class SshLogin:
                 ignored since the last sync), so that the copy is exact. Anything else kept in
                 ``remote_dir`` is deleted too: give the workspace a directory of its own.
             timeout: seconds for the whole transfer (tar: for the remote end to finish once all is sent)
+            link_dest: an earlier copy of the same workspace on the login node (absolute): a file
+                unchanged since then is hard-linked from it instead of sent (``rsync --link-dest``),
+                so that ``remote_dir`` can be a new directory every time and nothing that reads
+                the earlier copy sees it change. Ignored if it does not exist (or with tar).
 
         Returns:
             The bytes of file content sent (rsync: of the files that changed; tar: all of them).
@@ -332,20 +379,22 @@ class SshLogin:
         # One round trip first: it logs in through run() (whose errors are exact: rsync's own exit
         # status races with ssh's and may say "protocol error" for a refused key), makes the
         # directory and asks whether the remote has rsync.
-        check = self.run(["sh", "-c", 'mkdir -p -- "$1" && { command -v rsync >/dev/null && echo rsync || echo tar; }',
-                          "sh", norm])
+        check = self.run(["sh", "-c", 'mkdir -p -- "$1" && { command -v rsync >/dev/null && echo rsync || echo tar; } '
+                          '&& { [ -n "$2" ] && [ -d "$2" ] && echo link || :; }', "sh", norm, link_dest or ""])
         if check.returncode != 0:
             raise BackendError(f"cannot create {norm} on {self.name}: {_last_line(check.stderr)}")
+        answer = check.stdout.split()
         if not shutil.which("rsync"):
             logger.info("no local rsync: sending the whole workspace to %s as a tar stream", self.name)
-        elif check.stdout.strip() != "rsync":
+        elif not answer or answer[0] != "rsync":
             logger.info("no rsync on %s: sending the whole workspace as a tar stream", self.name)
         else:
-            return self._rsync(local_dir, norm, files, excluded, delete, timeout)
+            linked = link_dest if "link" in answer[1:] else None
+            return self._rsync(local_dir, norm, files, excluded, delete, timeout, linked)
         return self._tar(local_dir, norm, files, delete, timeout)
 
     def _rsync(self, local_dir: str, remote_dir: str, files: List[str], excluded: List[str], delete: bool,
-               timeout: float) -> int:
+               timeout: float, link_dest: Optional[str] = None) -> int:
         """rsync over the shared master (up since the check in sync_dir) into the existing ``remote_dir``."""
         with tempfile.NamedTemporaryFile("wb", prefix="torchx_ext_rsync_", suffix=".list") as rules:
             if delete:
@@ -361,6 +410,8 @@ class SshLogin:
             # The remote end starts through its shell: cd on the way, so that the directory's name is
             # quoted by us (shell rules) and not by rsync (whose quoting of remote names changed in 3.2.4).
             rsync_path = f"cd -- {shlex.quote(remote_dir)} && rsync"
+            if link_dest:
+                selection.append(f"--link-dest={link_dest}")
             argv = ["rsync", "-tpL", "--from0", "--stats", "--no-human-readable", *selection, "-e", ssh,
                     f"--rsync-path={rsync_path}", "--", os.path.join(local_dir, ""), f"{self._rsync_host()}:."]
             try:
