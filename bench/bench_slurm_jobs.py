@@ -10,7 +10,13 @@
    clocks): ``max_retries=1`` (a new step inside the allocation) against Slurm's own way back,
    ``scontrol requeue`` of a ``--requeue`` job, released with ``StartTime=now`` as soon as Slurm
    can start it (Slurm would hold it ~120 s; slurmd refuses it within the second of the requeue);
-   median of ``--restarts`` each.
+   median of ``--restarts`` each;
+4. over SSH (run option ``login``; with testbed/sshd.sh's ``txe-login``, or ``--login``/``--ssh-config``):
+   submit through the runner against a raw ``ssh <login> sbatch --parsable`` of the same script, both
+   over the same warm master connection (goal <= 1.2x); status of ``--jobs`` jobs on that cluster,
+   ``list()`` (one ``squeue --json`` round trip, goal < 1 s) against a raw ``ssh <login> squeue --json``.
+
+    source testbed/.state/sshd.env && .venv/bin/python bench/bench_slurm_jobs.py
 
 Everything submitted here is cancelled at the end, also when the benchmark fails.
 """
@@ -85,6 +91,86 @@ def bench_restart_requeue(partition: str, out_dir: str) -> float:
         return _restart_gap(f.read())
 
 
+def bench_ssh(args: argparse.Namespace, rows: list[tuple[str, float, float]]) -> None:
+    """Submit and status over SSH (the login node's Slurm), appended to ``rows``."""
+    from torchx_ext import state
+    from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
+
+    cfg = {"partition": args.partition, "sbatch_args": ["--hold"], "login": args.login}
+    if args.ssh_config:
+        cfg["ssh_config"] = args.ssh_config
+    app = AppDef("bench", roles=[Role("main", image="/tmp", entrypoint="/usr/bin/python3", args=["-c", "pass"],
+                                      resource=Resource(cpu=1, gpu=0, memMB=100))])
+    login = SshLogin(args.login, config_file=args.ssh_config)
+    runner = get_runner()
+    sched = create_scheduler("bench")
+    submitted: list[str] = []
+
+    def raw_sbatch(script: str, *extra: str) -> str:
+        argv = login.command(" ".join(shlex.quote(w) for w in ["sbatch", "--parsable", *extra]))
+        return subprocess.run(argv, input=script, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        # warms the connection, resolves the remote root once
+        submitted.append(runner.run(app, "slurm_jobs", cfg).rsplit(":", 1)[-1])
+        root = state.read_json(state.scheduler_dir("slurm_jobs", "remote_roots.json")) or {}
+        spec_root = next(iter(root.values()))
+        script = repr(sched.submit_dryrun(app, {**cfg, "remote_dir": spec_root}).request)
+        ours, raw = [], []
+        raw_ids: list[str] = []
+        for _ in range(args.submits):
+            t0 = time.perf_counter()
+            submitted.append(runner.run(app, "slurm_jobs", cfg).rsplit(":", 1)[-1])
+            ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            raw_ids.append(raw_sbatch(script))
+            raw.append(time.perf_counter() - t0)
+        submitted += raw_ids
+        rows.append((f"submit over SSH, median of {args.submits}", statistics.median(ours), statistics.median(raw)))
+
+        more = args.jobs - len(submitted)
+        print(f"submitting {more} more held jobs on {login.name} ...", file=sys.stderr)
+        loop = f"for i in $(seq {more}); do sbatch --parsable --hold --comment={MARKER} <<'EOS'\n{script}EOS\ndone"
+        out = login.run(["bash", "-c", loop], timeout=600)
+        new = [x.split(";")[0] for x in out.stdout.split()]
+        submitted += new
+        for job_id in raw_ids + new:  # records, as if submitted by slurm_jobs: list() covers recorded apps
+            d = state.scheduler_dir("slurm_jobs", f"{login.name}:{job_id}")
+            os.makedirs(d, exist_ok=True)
+            state.write_json(os.path.join(d, "app.json"), {"app_id": f"{login.name}:{job_id}", "app_name": "bench",
+                                                           "login": login.name, "identity_file": None,
+                                                           "ssh_config": args.ssh_config, "roles": []})
+        ids = {f"{login.name}:{j}" for j in submitted}
+        fresh = create_scheduler("bench")
+        # as on a laptop: Slurm's commands are not on PATH here, so list() asks the cluster only
+        bin_dir = tempfile.mkdtemp(prefix="bench-ssh-bin-")
+        for tool in ("ssh", "rsync"):
+            if shutil.which(tool):
+                os.symlink(shutil.which(tool), os.path.join(bin_dir, tool))  # type: ignore[arg-type]
+        saved = os.environ["PATH"]
+        os.environ["PATH"] = os.pathsep.join([bin_dir] + [d for d in saved.split(os.pathsep)
+                                                          if not os.path.exists(os.path.join(d, "squeue"))])
+        try:
+            t0 = time.perf_counter()
+            listed = {a.app_id for a in fresh.list()}
+            t_list = time.perf_counter() - t0
+        finally:
+            os.environ["PATH"] = saved
+            shutil.rmtree(bin_dir, ignore_errors=True)
+        assert ids <= listed, f"{len(ids - listed)} of our jobs missing from list()"
+        t0 = time.perf_counter()
+        login.run(["squeue", "--json"])
+        t_raw = time.perf_counter() - t0
+        rows.append((f"status of {len(ids)} jobs over SSH (vs ssh squeue --json)", t_list, t_raw))
+        print(f"list() over SSH of {len(listed)} apps took {t_list:.3f}s (target < 1 s): "
+              f"{'OK' if t_list < 1 else 'TOO SLOW'}", file=sys.stderr)
+    finally:
+        runner.close()
+        for i in range(0, len(submitted), 200):
+            login.run(["scancel", *submitted[i:i + 200]])
+        print(f"cancelled {len(submitted)} jobs on {login.name}", file=sys.stderr)
+
+
 def _table(rows: list[tuple[str, float, float]]) -> None:
     print(f"\n{'measure':<44} {'slurm_jobs':>12} {'raw Slurm':>12} {'ratio':>8}")
     for name, ours, raw in rows:
@@ -98,6 +184,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=500, help="jobs whose status is read")
     parser.add_argument("--restarts", type=int, default=3, help="restarts timed on each side")
     parser.add_argument("--partition", default=os.environ.get("TORCHX_EXT_TEST_SLURM_PARTITION", "debug"))
+    parser.add_argument("--login", default=os.environ.get("TORCHX_EXT_TEST_SSH_HOST"),
+                        help="a login node for the SSH measures (default: the sshd testbed's, if running)")
+    parser.add_argument("--ssh-config", default=os.environ.get("TORCHX_EXT_TEST_SSH_CONFIG"))
+    parser.add_argument("--only-ssh", action="store_true", help="only the SSH measures")
     args = parser.parse_args()
     if subprocess.run(["sinfo"], capture_output=True).returncode != 0:
         print("Slurm is not running: bash testbed/slurm.sh start", file=sys.stderr)
@@ -112,6 +202,15 @@ def main() -> int:
     sched = create_scheduler("bench")
     script = repr(sched.submit_dryrun(app, cfg).request)
     submitted: list[str] = []
+    if args.only_ssh:
+        rows: list[tuple[str, float, float]] = []
+        try:
+            bench_ssh(args, rows)
+            _table(rows)
+        finally:
+            if own_home:
+                shutil.rmtree(os.environ["TORCHX_EXT_HOME"], ignore_errors=True)
+        return 0
     try:
         ours, raw = [], []
         for _ in range(args.submits):  # interleaved, so drift in slurmctld hits both sides alike
@@ -146,6 +245,8 @@ def main() -> int:
             raw_r.append(bench_restart_requeue(args.partition, os.environ["TORCHX_EXT_HOME"]))
         rows.append((f"restart, median of {args.restarts} (vs scontrol requeue)",
                      statistics.median(ours_r), statistics.median(raw_r)))
+        if args.login:
+            bench_ssh(args, rows)
         _table(rows)
         print(f"\nlist() of {len(listed)} apps took {t_list:.3f}s (target < 1 s): "
               f"{'OK' if t_list < 1 else 'TOO SLOW'}")

@@ -413,7 +413,7 @@ def test_a_requeued_app_reads_pending_then_runs_again_under_its_handle(runner: R
     code = ("import os, subprocess, sys, time; a = os.environ['TORCHX_EXT_ATTEMPT']; "
             "print('ATTEMPT', a, os.environ.get('SLURM_RESTART_COUNT'), flush=True); "
             "sys.exit(0) if a == '2' else None; "
-            + ("subprocess.run(['scontrol', 'requeue', os.environ['TORCHX_EXT_APP_ID']], check=True); "
+            + ("subprocess.run(['scontrol', 'requeue', os.environ['SLURM_JOB_ID']], check=True); "
                if by == "the replica" else "") + "time.sleep(300)")
     app = _role_app("requeue", code)
     app.roles[0].max_retries = 1

@@ -314,3 +314,85 @@ def test_job_forgotten_by_slurm_without_accounting(tmp_path: Any, monkeypatch: A
     assert ok is not None and ok.state == AppState.SUCCEEDED
     assert ok.roles_statuses[0].replicas[0].state == AppState.SUCCEEDED
     assert sched.describe("82") is None  # neither Slurm nor we know it
+
+
+# ---------------------------------------------------------------------- remote mode, pure parts --
+def test_remote_script_names_the_cluster_in_the_app_id_and_uses_the_remote_root() -> None:
+    app = AppDef("r", roles=[_role("main", "-c", "1", image="/home/u/ws")])
+    text = repr(create_scheduler("t").submit_dryrun(
+        app, {"login": "u@login.example:2200", "remote_dir": "/scratch/u/jobs"}).request)
+    assert "_TXE_DIR=/scratch/u/jobs/\"$SLURM_JOB_ID\"" in text
+    assert "#SBATCH --output=/scratch/u/jobs/slurm-%j.out" in text
+    assert "TORCHX_EXT_APP_ID=u@login.example:2200:\"$SLURM_JOB_ID\"" in text
+    assert "--chdir=/home/u/ws" in text  # an absolute image is a directory on the cluster
+    # local mode is unchanged: the app id is the job id
+    assert 'TORCHX_EXT_APP_ID="$SLURM_JOB_ID"' in _dryrun(app)
+
+
+def test_remote_options_are_checked_in_the_dryrun() -> None:
+    from torchx_ext.errors import InvalidOptionError
+
+    app = AppDef("r", roles=[_role("main", "-c", "1")])
+    with pytest.raises(InvalidOptionError, match="set login too"):
+        create_scheduler("t").submit_dryrun(app, {"remote_dir": "/x"})
+    with pytest.raises(InvalidOptionError, match="remote_dir"):
+        create_scheduler("t").submit_dryrun(app, {"login": "h", "job_dir": "/x"})
+    with pytest.raises(InvalidOptionError, match="invalid SSH login"):
+        create_scheduler("t").submit_dryrun(app, {"login": "-oProxyCommand=x"})
+    with pytest.raises(DependencyError, match="own cluster"):
+        create_scheduler("t").submit_dryrun(app, {"login": "h", "dependencies": ["slurm_jobs://t/other:12"]})
+    with pytest.raises(DependencyError, match="own cluster"):
+        _dryrun(app, dependencies=["slurm_jobs://t/h:12"])  # a remote app is no local dependency
+    text = repr(create_scheduler("t").submit_dryrun(
+        app, {"login": "h", "remote_dir": "/j", "dependencies": ["slurm_jobs://t/h:12"]}).request)
+    assert "--dependency=afterok:12" in text
+
+
+def test_snapshot_sections_keep_any_content() -> None:
+    from torchx_ext.schedulers.slurm_jobs_client import parse_sections
+
+    sep = "__sep__"
+    out = f"{sep} scontrol 0\nJobId=1 X=y\n{sep} file main/0/exit\n3\n\n{sep} file stopped\n\n{sep} file r\na\nb\n\n"
+    assert parse_sections(out, sep) == [("scontrol 0", "JobId=1 X=y"), ("file main/0/exit", "3\n"),
+                                        ("file stopped", ""), ("file r", "a\nb\n")]
+
+
+def test_chunk_reader_splits_streams_and_waits_for_whole_lines() -> None:
+    from torchx_ext.schedulers.slurm_jobs_client import StampedChunkReader
+
+    data = bytearray(b"100.5 O out one\n101.0 E err \xc3\xa9\nnot stamped\n102.0 O partial")
+    asked: list[int] = []
+
+    def fetch(offset: int) -> bytes:
+        asked.append(offset)
+        return bytes(data[offset:])
+
+    both, out = StampedChunkReader(fetch, tagged=True), StampedChunkReader(fetch, tagged=True, want_tag=b"O")
+    assert both.read_new() == [(100.5, "out one"), (101.0, "err é"), (None, "not stamped")]
+    assert out.read_new() == [(100.5, "out one")]
+    data.extend(b" line\n")
+    assert out.read_new() == [(102.0, "partial line")]
+    assert asked[-1] == len(b"100.5 O out one\n101.0 E err \xc3\xa9\nnot stamped\n")  # from where it stopped
+
+
+def test_job_files_are_read_the_same_here_and_remotely(tmp_path: Any) -> None:
+    """read_job_files (here) gives what the remote snapshot's sections give for the same directory."""
+    from torchx_ext.schedulers.slurm_jobs_client import _SNAPSHOT, job_file_names, parse_sections, read_job_files
+
+    job = tmp_path / "7"
+    (job / "main" / "0").mkdir(parents=True)
+    (job / "main" / "1").mkdir(parents=True)
+    (job / "result").write_text("3 main/0\n")
+    (job / "main" / "0" / "exit").write_text("3\n")
+    (job / "main" / "0" / "log").write_text("1.0 E boom\n")
+    (job / "main" / "1" / "exit").write_text("0\n")
+    (job / "main" / "1" / "stopped").write_text("")
+    names = job_file_names([{"name": "main", "dirname": "main", "num_replicas": 2}])
+    here = read_job_files(str(job), names)
+    # the snippet as the login node runs it (its scontrol section is not compared)
+    env = {"PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(["bash", "-c", _SNAPSHOT, "bash", "SEP", "7", str(job), *names], capture_output=True,
+                          text=True, env=env)
+    there = {h.split(" ", 1)[1]: b for h, b in parse_sections(proc.stdout, "SEP") if h.startswith("file ")}
+    assert here == there
+    assert here["main/0/log"] == "1.0 E boom\n" and "main/1/log" not in here and here["main/1/stopped"] == ""

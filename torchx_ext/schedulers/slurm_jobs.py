@@ -15,14 +15,21 @@
   retries is submitted ``--requeue`` and a requeue by Slurm is one more restart (README: Retries).
 
 State lives under ``$TORCHX_EXT_HOME/slurm_jobs/<job id>/`` (``app.json``; also the job directory
-unless ``job_dir`` is set), so any shell can query any app. Run ``torchx`` where ``sbatch`` works.
+unless ``job_dir`` is set), so any shell can query any app. Run ``torchx`` where ``sbatch`` works,
+or anywhere with run option ``login``: a remote cluster's login node over SSH
+(:mod:`.slurm_jobs_ssh`). The app id then names the cluster, ``<login>:<job id>``, and the
+record (``$TORCHX_EXT_HOME/slurm_jobs/<app id>/app.json``) keeps how to reach it, so that
+``torchx status/log/cancel <handle>`` from any local shell needs no options; the job directories
+and workspaces live on the cluster under ``remote_dir``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import signal as signal_module
 import time
@@ -56,9 +63,14 @@ from torchx_ext.schedulers.slurm_jobs_script import (
     render,
     signal_reason,
 )
+from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
 
+logger = logging.getLogger(__name__)
 SCHEDULER = "slurm_jobs"
 _JOB_ID = re.compile(r"^[0-9]+$")
+# remote mode: "<login>:<job id>", the login as SshLogin.name writes it (never a "/": no path)
+_REMOTE_ID = re.compile(r"^(?P<login>[^/\s\0]+):(?P<job>[0-9]+)$")
+_DEFAULT_REMOTE_DIR = "~/.torchx_ext/slurm_jobs"
 
 
 @dataclass
@@ -106,6 +118,23 @@ class SlurmJobsExecutor(Executor):
     container_mounts: Optional[list[str]] = option(
         None, help="pyxis mounts, SRC:DST[:FLAGS] per item (srun --container-mounts)"
     )
+    login: Optional[str] = option(
+        None, help="a remote cluster: its login node as user@host[:port] or a Host alias of ~/.ssh/config, "
+        "reached with the system ssh (your agent, ProxyJump, known_hosts; never prompts; one shared "
+        "connection). Slurm's commands run there; the handle names it, so status/log/cancel need no "
+        "options. Unset: Slurm's commands run here"
+    )
+    identity_file: Optional[str] = option(
+        None, help="with login: the private key to log in with (ssh -i, IdentitiesOnly); default: "
+        "what ssh would use (agent, ~/.ssh/config)"
+    )
+    ssh_config: Optional[str] = option(
+        None, help="with login: an ssh config file read instead of ~/.ssh/config (ssh -F)"
+    )
+    remote_dir: Optional[str] = option(
+        None, help="with login: the directory on the cluster for job directories and workspaces "
+        f"(must be visible from the nodes); default {_DEFAULT_REMOTE_DIR} of the login user"
+    )
 
 
 @dataclass
@@ -114,6 +143,8 @@ class SlurmJobsRequest:
 
     spec: ScriptSpec
     roles: list[dict[str, Any]]
+    # remote mode: login, identity_file, ssh_config, remote_dir (as given); None: here
+    remote: Optional[dict[str, Any]] = None
 
     def __repr__(self) -> str:
         return render(self.spec)
@@ -131,6 +162,30 @@ def _job_name(app_name: str) -> str:
 def _record_dir(app_id: str) -> str:
     # one place per user (not the cwd, not per option): any shell finds any app
     return state.scheduler_dir(SCHEDULER, app_id)
+
+
+def split_app_id(app_id: str) -> Optional[tuple[str, str]]:
+    """``(login, job id)`` of an app id; login "" for a local one; None: not an app id of ours.
+
+    An accepted id is always a plain directory name (never a path)."""
+    if _JOB_ID.match(app_id or ""):
+        return "", app_id
+    m = _REMOTE_ID.match(app_id or "")
+    if not m or not state.is_plain_name(app_id):
+        return None
+    try:
+        if SshLogin(m.group("login")).name != m.group("login"):
+            return None
+    except InvalidOptionError:
+        return None
+    return m.group("login"), m.group("job")
+
+
+def _with_root(spec: ScriptSpec, root: str) -> ScriptSpec:
+    """``spec`` with its job root replaced (the remote root, once resolved)."""
+    old = f"--output={spec.job_root.replace('%', '%%')}/slurm-%j.out"
+    new = f"--output={root.replace('%', '%%')}/slurm-%j.out"
+    return replace(spec, job_root=root, job_opts=[new if o == old else o for o in spec.job_opts])
 
 
 _SIGNAL = re.compile(r"(?:SIG)?([A-Z][A-Z0-9]*|[0-9]+)(?:@([0-9]+))?")
@@ -156,13 +211,71 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     def __init__(self, session_name: str, **kwargs: Any) -> None:
         super().__init__(session_name, **kwargs)
         self._slurm = sc.SlurmClient()
+        # remote clusters met so far, by (login, identity_file, ssh_config); nothing connects yet
+        self._remotes: dict[tuple[str, str, str], sc.RemoteSlurmClient] = {}
+        self._workspace_bytes: dict[str, int] = {}  # remote workspace copy -> bytes sent for it
+
+    # ------------------------------------------------------------------ clusters ----
+    def _remote(self, login: str, identity_file: Optional[str], ssh_config: Optional[str]) -> sc.RemoteSlurmClient:
+        key = (login, identity_file or "", ssh_config or "")
+        if key not in self._remotes:
+            self._remotes[key] = sc.RemoteSlurmClient(SshLogin(login, identity_file, ssh_config))
+        return self._remotes[key]
+
+    def _cluster(self, record: Optional[Mapping[str, Any]]) -> sc.SlurmClient:
+        """The Slurm client of an app (its record) or a run (its options): local, or on a login node."""
+        if not record or not record.get("login"):
+            return self._slurm
+        return self._remote(record["login"], record.get("identity_file"), record.get("ssh_config"))
+
+    def _remote_root(self, client: sc.RemoteSlurmClient, remote_dir: Optional[str]) -> str:
+        """The remote base directory, absolute: ``~`` resolved on the login node once, then remembered."""
+        wanted = remote_dir or _DEFAULT_REMOTE_DIR
+        if wanted.startswith("/"):
+            return os.path.normpath(wanted)
+        key = f"{client.login.name} {wanted}"
+        known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
+        if key in known:
+            return str(known[key])
+        proc = client.login.run(["sh", "-c", 'case $1 in "~") d=$HOME ;; "~/"*) d=$HOME/${1#"~/"} ;; '
+                                 '/*) d=$1 ;; *) d=$HOME/$1 ;; esac; mkdir -p -- "$d" && cd -- "$d" && pwd -P',
+                                 "sh", wanted])
+        if proc.returncode != 0 or not proc.stdout.strip().startswith("/"):
+            raise BackendError(f"cannot create {wanted} on {client.login.name}: "
+                               f"{(proc.stderr.strip().splitlines() or ['no answer'])[-1]}")
+        root = proc.stdout.strip().splitlines()[-1]
+        state.makedirs(state.scheduler_dir(SCHEDULER))
+        state.update_json(state.scheduler_dir(SCHEDULER), "remote_roots.json", **{key: root})
+        return root
 
     # ------------------------------------------------------------------ dry-run -----
     def _build_request(self, app: AppDef, ex: SlurmJobsExecutor, dependencies: list[str]) -> SlurmJobsRequest:
+        login = SshLogin(ex.login, ex.identity_file, ex.ssh_config).name if ex.login else ""
+        if not login:
+            for key in ("identity_file", "ssh_config", "remote_dir"):
+                if getattr(ex, key):
+                    raise InvalidOptionError(f"{key} is an option of a remote cluster: set login too")
+        elif ex.job_dir:
+            raise InvalidOptionError("job_dir is a directory here; with login, the directory on the cluster "
+                                     "is remote_dir")
+        dep_ids = []
         for dep in dependencies:
-            if not _JOB_ID.match(dep):
-                raise DependencyError(f"dependency '{dep}' is not a Slurm job id ({SCHEDULER} app ids are job ids)")
-        job_root = os.path.abspath(os.path.expanduser(ex.job_dir or state.scheduler_dir(SCHEDULER)))
+            where = split_app_id(dep)
+            if where is None or where[0] != login:
+                what = f"an app id of {login} (<login>:<job id>)" if login else "a Slurm job id"
+                raise DependencyError(f"dependency '{dep}' is not {what}: an app can depend on apps of its "
+                                      "own cluster only")
+            dep_ids.append(where[1])
+        dependencies = dep_ids
+        if login:
+            # resolved at submission (one round trip, remembered): a dry-run does not connect, and
+            # shows "~/..." until a first submission to that login resolved it
+            job_root = ex.remote_dir or _DEFAULT_REMOTE_DIR
+            known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
+            job_root = os.path.normpath(job_root) if job_root.startswith("/") else \
+                str(known.get(f"{login} {job_root}", job_root))
+        else:
+            job_root = os.path.abspath(os.path.expanduser(ex.job_dir or state.scheduler_dir(SCHEDULER)))
         shared: list[str] = []
         for key in ("partition", "time", "account", "qos"):
             if getattr(ex, key):
@@ -183,15 +296,19 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             job_opts.append(f"--signal={_signal_option(ex.signal)}")
         if ex.retry_backoff_s < 0:
             raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
-        components = [self._component(role, ex) for role in app.roles]
+        prefix = f"{login}:" if login else ""
+        components = [self._component(role, ex, prefix) for role in app.roles]
         spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
                           dependencies=dependencies, components=components,
-                          container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s))
+                          container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s),
+                          app_id_prefix=prefix)
         roles = [{**summary, "dirname": _dirname(summary["name"])} for summary in role_summaries(app)]
-        return SlurmJobsRequest(spec=spec, roles=roles)
+        remote = {"login": login, "identity_file": ex.identity_file, "ssh_config": ex.ssh_config,
+                  "remote_dir": ex.remote_dir} if login else None
+        return SlurmJobsRequest(spec=spec, roles=roles, remote=remote)
 
     @staticmethod
-    def _component(role: Role, ex: SlurmJobsExecutor) -> RoleComponent:
+    def _component(role: Role, ex: SlurmJobsExecutor, app_id_prefix: str = "") -> RoleComponent:
         n = role.num_replicas
         res = role.resource
         sbatch = [f"--ntasks={n}"]
@@ -222,7 +339,10 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         if role.mounts and not ex.container_image:
             raise InvalidAppError(f"role '{role.name}': Role.mounts need a container on {SCHEDULER}: set "
                                   "container_image (pyxis); a bare step sees the nodes' filesystems as they are")
-        workdir = os.path.abspath(role.image) if role.image and os.path.isdir(role.image) else None
+        if ex.login:  # an absolute image is a directory on the cluster (e.g. the shipped workspace)
+            workdir = role.image if role.image and role.image.startswith("/") else None
+        else:
+            workdir = os.path.abspath(role.image) if role.image and os.path.isdir(role.image) else None
         if ex.container_image:
             step.append(f"--container-image={ex.container_image}")
             mounts = list(ex.container_mounts or [])
@@ -243,7 +363,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             max_retries=role.max_retries, retry_policy=retry_policy_name(role.retry_policy),
         )
         for k in range(n):
-            values = macros.Values(img_root=workdir or role.image, app_id=APP_ID_TOKEN,
+            values = macros.Values(img_root=workdir or role.image, app_id=app_id_prefix + APP_ID_TOKEN,
                                    replica_id=str(k), rank0_env="TORCHX_RANK0_HOST")
             r = values.apply(role)
             comp.replicas.append(ReplicaCommand(k, [r.entrypoint, *r.args], dict(r.env)))
@@ -254,7 +374,12 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         """Runs the role in a copy of ``workspace`` (minus ``.torchxignore`` matches) under the job root
         (``job_dir``, which the nodes must see), as TorchX's DirWorkspace does; with container_image it
         is mounted at the same path. The current directory (the CLI's default) runs in place, as
-        sbatch does anyway; ``--workspace ""`` runs without one."""
+        sbatch does anyway; ``--workspace ""`` runs without one. With ``login`` the workspace (the
+        current directory too) is shipped to the cluster instead: see :meth:`_ship_workspace`."""
+        ex: SlurmJobsExecutor = SlurmJobsExecutor.from_cfg(cfg)  # type: ignore[assignment]
+        if ex.login:
+            role.image = self._ship_workspace(workspace, ex)
+            return
         if is_current_dir(workspace):
             return
         job_root = os.path.abspath(os.path.expanduser(str(cfg.get("job_dir") or state.scheduler_dir(SCHEDULER))))
@@ -263,8 +388,37 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             copy_workspace(workspace, target)
         role.image = target
 
+    def _ship_workspace(self, workspace: str, ex: SlurmJobsExecutor) -> str:
+        """Copies ``workspace`` to the cluster, into a NEW directory per submission, and returns it.
+
+        A directory per submission, so that no running job sees its files change under it; unchanged
+        files are hard links into the previous copy of the same workspace (``rsync --link-dest``),
+        so a re-submit sends only what changed. With a login, the current directory (the CLI's
+        default workspace) is shipped too: the cluster cannot run it in place.
+        """
+        local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
+        if "://" in local:
+            raise InvalidOptionError(f"workspace {workspace}: with login, a local directory")
+        local = os.path.realpath(local)
+        client = self._remote(SshLogin(str(ex.login)).name, ex.identity_file, ex.ssh_config)
+        root = self._remote_root(client, ex.remote_dir)
+        key = f"{client.login.name} {root} {local}"
+        base = f"{root}/workspaces/{uuid.uuid5(uuid.NAMESPACE_URL, key).hex[:12]}"
+        target = f"{base}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_workspaces.json")) or {}
+        previous = known.get(key)
+        sent = client.login.sync_dir(local, target, link_dest=previous)
+        state.makedirs(state.scheduler_dir(SCHEDULER))
+        state.update_json(state.scheduler_dir(SCHEDULER), "remote_workspaces.json", **{key: target})
+        self._workspace_bytes[target] = sent
+        logger.info("workspace %s shipped to %s:%s: %d bytes sent%s", local, client.login.name, target, sent,
+                    f" (unchanged files linked from {previous})" if previous else "")
+        return target
+
     # ------------------------------------------------------------------ submit ------
     def _schedule(self, req: SlurmJobsRequest) -> str:
+        if req.remote:
+            return self._schedule_remote(req)
         deps = self._resolve_dependencies(req.spec.dependencies)
         spec = replace(req.spec, dependencies=deps)
         state.makedirs(spec.job_root)  # sbatch needs it for slurm-<id>.out
@@ -291,22 +445,62 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         })
         return job_id
 
-    def _resolve_dependencies(self, deps: list[str]) -> list[str]:
+    def _schedule_remote(self, req: SlurmJobsRequest) -> str:
+        """sbatch on the login node: ONE round trip (once the remote root is known) that checks that
+        the remote root can be written (a full disk fails here, before anything is submitted) and
+        submits the script from stdin; a failed submission leaves no job and no file behind."""
+        remote = req.remote or {}
+        client = self._remote(remote["login"], remote.get("identity_file"), remote.get("ssh_config"))
+        login = client.login.name
+        deps = self._resolve_dependencies(req.spec.dependencies, client, login)
+        spec = _with_root(replace(req.spec, dependencies=deps), self._remote_root(client, remote.get("remote_dir")))
+        script = render(spec)
+        proc = client.login.run_shell(f"root={shlex.quote(spec.job_root)}\n{_REMOTE_SUBMIT}", stdin=script)
+        out = proc.stdout.strip().splitlines()
+        err = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
+        if sc.no_slurm_on_remote(proc):
+            raise client.no_slurm("sbatch: command not found")
+        if proc.returncode != 0 or not out or not _JOB_ID.match(out[-1].split(";")[0]):
+            where = f"{login}:{spec.job_root}"
+            if proc.returncode == 90:
+                raise BackendError(f"cannot write into {where}: {err}; nothing was submitted and no file "
+                                   "was left there")
+            if sc.unreachable(proc):
+                raise SchedulerUnavailable(f"sbatch on {login} could not reach slurmctld: {err}")
+            raise BackendError(f"sbatch on {login} rejected the job: {err or 'no answer'}; nothing was submitted "
+                               "and no file was left on the cluster")
+        job_id = out[-1].split(";")[0]
+        app_id = f"{login}:{job_id}"
+        state.makedirs(_record_dir(app_id), mode=0o700)
+        workspaces = {r["image"]: self._workspace_bytes[r["image"]] for r in req.roles
+                      if r.get("image") in self._workspace_bytes}
+        state.write_json(os.path.join(_record_dir(app_id), "app.json"), {
+            "app_id": app_id, "app_name": spec.app_name, "job_dir": f"{spec.job_root}/{job_id}",
+            "job_root": spec.job_root, "roles": req.roles,
+            "dependencies": [f"{login}:{d}" for d in req.spec.dependencies], "submitted": time.time(),
+            "login": login, "identity_file": remote.get("identity_file"), "ssh_config": remote.get("ssh_config"),
+            "workspace_bytes_sent": workspaces, "spec": asdict(spec),
+        })
+        return app_id
+
+    def _resolve_dependencies(self, deps: list[str], client: Optional[sc.SlurmClient] = None,
+                              login: str = "") -> list[str]:
         """The dependencies Slurm must still wait for; errors for unknown or failed ones.
 
         A dependency slurmctld has already forgotten (MinJobAge) cannot go into --dependency
         (sbatch rejects it): if it is known to have succeeded it is simply satisfied.
         """
         keep = []
+        slurm = client or self._slurm
         for dep in deps:
-            job, err = self._slurm.job(dep)
+            job, err = slurm.job(dep)
             if err:
                 raise SchedulerUnavailable(f"cannot check dependency {dep}: {err}")
             if job is not None:
                 keep.append(dep)
                 continue
-            job = self._slurm.sacct_job(dep)
-            st = job.app_state if job else self._state_from_files(dep)[0]
+            job = slurm.sacct_job(dep)
+            st = job.app_state if job else self._state_from_files(f"{login}:{dep}" if login else dep)[0]
             if st == AppState.SUCCEEDED:
                 continue
             if is_terminal(st):
@@ -320,7 +514,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     # ------------------------------------------------------------------ records -----
     @staticmethod
     def _record(app_id: str) -> Optional[dict[str, Any]]:
-        if not _JOB_ID.match(app_id or ""):
+        if split_app_id(app_id) is None:
             return None
         return state.read_json(os.path.join(_record_dir(app_id), "app.json"))
 
@@ -333,39 +527,56 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     def _state_from_files(self, app_id: str) -> tuple[AppState, str]:
         """The verdict the batch script left, for jobs Slurm has forgotten (no accounting)."""
         record = self._record(app_id)
-        return (AppState.UNKNOWN, "") if record is None else sc.verdict_from_files(app_id, record["job_dir"])
+        if record is None:
+            return AppState.UNKNOWN, ""
+        if not record.get("login"):
+            return sc.verdict_from_files(app_id, record["job_dir"])
+        _job, _err, files = self._cluster(record).snapshot(
+            app_id.rpartition(":")[2], record["job_dir"], ["result", "cancelled"])
+        return sc.verdict_from_files(app_id, f"{record['login']}:{record['job_dir']}", files)
 
     # ------------------------------------------------------------------ describe ----
     def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
-        if not _JOB_ID.match(app_id or ""):
+        where = split_app_id(app_id)
+        if where is None:
             return None
+        login, job_id = where
         record = self._record(app_id)
-        job, err = self._slurm.job(app_id)
-        if job is None and err is None:
-            job = self._slurm.sacct_job(app_id)
         if record is None:
+            if login:
+                return None  # not an app of ours: its record says how to reach the cluster
+            _job, err = self._slurm.job(app_id)
             if err:
                 raise SchedulerUnavailable(err)
             return None  # not an app of ours (or deleted): Slurm may still list the job for a while
-        roles, statuses, outcomes = self._replicas(record, job)
-        st, msg = self._app_state(app_id, record, job, err, outcomes)
+        # local: scontrol (sacct) and the job directory read here; remote: ONE round trip for both
+        job, err, files = self._cluster(record).snapshot(job_id, record["job_dir"],
+                                                         sc.job_file_names(record.get("roles", [])))
+        roles, statuses, outcomes = self._replicas(record, job, files)
+        st, msg = self._app_state(job_id, record, job, err, outcomes, files)
         return DescribeAppResponse(app_id=app_id, state=st, msg=msg, roles=roles, roles_statuses=statuses,
-                                   num_restarts=self._num_restarts(record, job))
+                                   num_restarts=self._num_restarts(job, files))
 
     @staticmethod
-    def _num_restarts(record: dict[str, Any], job: Optional[SlurmJob]) -> int:
+    def _num_restarts(job: Optional[SlurmJob], files: dict[str, str]) -> int:
         """Restarts inside the allocation (a line each in the job directory's ``restarts``) plus
         Slurm's requeues (slurmctld's count; the script's own record once Slurm forgot the job)."""
-        text = sc.read_text(os.path.join(record["job_dir"], "restarts")) or ""
-        requeues = max(sc.read_int(os.path.join(record["job_dir"], "requeues")) or 0, job.restarts if job else 0)
+        text = files.get("restarts") or ""
+        requeues = max(sc.file_int(files, "requeues") or 0, job.restarts if job else 0)
         return len(text.splitlines()) + requeues
 
+    @staticmethod
+    def _shown_dir(record: Mapping[str, Any], key: str) -> str:
+        """A directory of the record as a message shows it (``login:path`` when remote)."""
+        path = str(record.get(key, ""))
+        return f"{record['login']}:{path}" if record.get("login") else path
+
     def _replicas(
-        self, record: dict[str, Any], job: Optional[SlurmJob]
+        self, record: dict[str, Any], job: Optional[SlurmJob], files: dict[str, str]
     ) -> tuple[list[Role], list[RoleStatus], list[ReplicaOutcome]]:
-        job_dir = record["job_dir"]
-        job_state = job.app_state if job else self._state_from_files(record["app_id"])[0]
-        result = parse_result(sc.read_text(os.path.join(job_dir, "result")))
+        job_state = job.app_state if job else sc.verdict_from_files(
+            record["app_id"], self._shown_dir(record, "job_dir"), files)[0]
+        result = parse_result(files.get("result"))
         roles, statuses, outcomes = [], [], []
         for summary in record.get("roles", []):
             name, service = summary["name"], summary["service"]
@@ -373,13 +584,13 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                               num_replicas=summary["num_replicas"]))
             replicas = []
             for k in range(summary["num_replicas"]):
-                rdir = os.path.join(job_dir, summary["dirname"], str(k))
-                code = sc.read_int(os.path.join(rdir, "exit"))
-                host = (sc.read_text(os.path.join(rdir, "host")) or "").split()
+                rdir = f"{summary['dirname']}/{k}"
+                code = sc.file_int(files, f"{rdir}/exit")
+                host = (files.get(f"{rdir}/host") or "").split()
                 shown = outcome = AppState.PENDING
                 if job_state == AppState.PENDING:
                     pass  # requeued: what the last run left is not this run's
-                elif code is not None and os.path.exists(os.path.join(rdir, "stopped")):
+                elif code is not None and f"{rdir}/stopped" in files:
                     # the group stopped it: judged as it was then (running), shown as stopped
                     outcome = AppState.RUNNING
                     ok = result is not None and result[0] == 0
@@ -392,10 +603,10 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                     shown = outcome = AppState.RUNNING
                 reason = ""
                 if outcome in (AppState.FAILED, AppState.SUCCEEDED) and code:
-                    reason = signal_reason(code) or sc.last_error(os.path.join(rdir, "log"))
+                    reason = signal_reason(code) or sc.last_error_in(files.get(f"{rdir}/log", ""))
                 if outcome in (AppState.FAILED, AppState.SUCCEEDED):
                     # out of restarts: "after 3 attempts (REPLICA policy, max_retries=2)"
-                    attempts = (sc.read_text(os.path.join(rdir, "reason")) or "").strip()
+                    attempts = (files.get(f"{rdir}/reason") or "").strip()
                     reason = "; ".join(x for x in (reason, attempts) if x)
                 outcomes.append(ReplicaOutcome(name, k, service, outcome, code, reason))
                 replicas.append(ReplicaStatus(id=k, state=shown, role=name, hostname=host[-1] if host else ""))
@@ -403,12 +614,13 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         return roles, statuses, outcomes
 
     def _app_state(
-        self, app_id: str, record: dict[str, Any], job: Optional[SlurmJob], err: Optional[str],
-        outcomes: list[ReplicaOutcome],
+        self, job_id: str, record: dict[str, Any], job: Optional[SlurmJob], err: Optional[str],
+        outcomes: list[ReplicaOutcome], files: dict[str, str],
     ) -> tuple[AppState, str]:
-        out_file = os.path.join(record.get("job_root", ""), f"slurm-{app_id}.out")
+        out_file = f"{self._shown_dir(record, 'job_root')}/slurm-{job_id}.out" if record.get("login") \
+            else os.path.join(record.get("job_root", ""), f"slurm-{job_id}.out")
         if job is None:
-            st, msg = self._state_from_files(app_id)
+            st, msg = sc.verdict_from_files(job_id, self._shown_dir(record, "job_dir"), files)
             if st == AppState.UNKNOWN and err:
                 msg = f"slurmctld unreachable: {err}"
             if st == AppState.FAILED:
@@ -417,7 +629,10 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         st = job.app_state
         reason = job.reason if job.reason not in ("", "None") else ""
         if job.reason == DEP_NEVER:
-            failed = re.findall(r"(\d+)(?:_\*)?\(failed\)", job.dependency) or record.get("dependencies", [])
+            failed = re.findall(r"(\d+)(?:_\*)?\(failed\)", job.dependency) or [
+                d.rpartition(":")[2] for d in record.get("dependencies", [])]
+            if record.get("login"):  # named as the user knows them: app ids
+                failed = [f"{record['login']}:{d}" for d in failed]
             return st, (f"dependency {', '.join(failed)} did not succeed, so Slurm cancelled this job "
                         f"({DEP_NEVER})")
         if st == AppState.PENDING:
@@ -440,29 +655,71 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         return st, ""
 
     # ------------------------------------------------------------------ list/cancel -
-    def _list(self, cfg: Any) -> list[ListAppResponse]:
+    def _remote_records(self) -> dict[tuple[str, str, str], dict[str, str]]:
+        """The clusters this user submitted to (local records): ``{cluster: {job id: app name}}``."""
+        clusters: dict[tuple[str, str, str], dict[str, str]] = {}
         try:
-            ours = {d for d in os.listdir(state.scheduler_dir(SCHEDULER)) if _JOB_ID.match(d)}
+            names = os.listdir(state.scheduler_dir(SCHEDULER))
         except FileNotFoundError:
-            ours = set()
-        return [self.listed(j["job_id"], app_state_of(j["state"], j["reason"]),
-                            (self._record(j["job_id"]) or {}).get("app_name", ""))
-                for j in self._slurm.squeue_jobs()
-                if j["leader"] and (j["comment"] == MARKER or j["job_id"] in ours)]
+            return clusters
+        for name in names:
+            where = split_app_id(name)
+            if where is None or not where[0]:
+                continue
+            record = self._record(name)
+            if record is None:
+                continue
+            key = (record["login"], record.get("identity_file") or "", record.get("ssh_config") or "")
+            clusters.setdefault(key, {})[where[1]] = record.get("app_name", "")
+        return clusters
+
+    def _list(self, cfg: Any) -> list[ListAppResponse]:
+        remote = self._remote_records()
+        out: list[ListAppResponse] = []
+        if not remote or shutil.which("squeue"):  # a laptop without Slurm lists its clusters only
+            try:
+                ours = {d for d in os.listdir(state.scheduler_dir(SCHEDULER)) if _JOB_ID.match(d)}
+            except FileNotFoundError:
+                ours = set()
+            out = [self.listed(j["job_id"], app_state_of(j["state"], j["reason"]),
+                               (self._record(j["job_id"]) or {}).get("app_name", ""))
+                   for j in self._slurm.squeue_jobs()
+                   if j["leader"] and (j["comment"] == MARKER or j["job_id"] in ours)]
+        for (login, identity_file, ssh_config), apps in sorted(remote.items()):
+            # one squeue --json round trip per cluster
+            for j in self._remote(login, identity_file or None, ssh_config or None).squeue_jobs():
+                if j["leader"] and j["job_id"] in apps:
+                    out.append(self.listed(f"{login}:{j['job_id']}", app_state_of(j["state"], j["reason"]),
+                                           apps[j["job_id"]]))
+        return out
 
     def _cancel(self, app_id: str) -> None:
-        if not _JOB_ID.match(app_id or ""):
+        where = split_app_id(app_id)
+        if where is None:
             return
-        job, err = self._slurm.job(app_id)
+        login, job_id = where
+        record = self._record(app_id)
+        if login and record is None:
+            return  # not ours: how to reach its cluster is in the record
+        slurm = self._cluster(record)
+        job, err = slurm.job(job_id)
         if err:
             raise SchedulerUnavailable(f"cannot cancel {app_id}: {err}")
         if job is None or is_terminal(job.app_state):
             return  # idempotent: nothing to do for a finished or forgotten job
-        record = self._record(app_id)
-        if record is not None and os.path.isdir(record["job_dir"]):
-            # remembered for when Slurm has forgotten the job (no accounting)
-            open(os.path.join(record["job_dir"], "cancelled"), "w").close()
-        proc = sc.run(["scancel", app_id])
+        if login:
+            assert record is not None
+            # the marker (for when Slurm has forgotten the job) and scancel, in one round trip
+            proc = slurm.run(["sh", "-c", '[ -d "$1" ] && : >"$1/cancelled"; scancel -- "$2"', "sh",
+                              record["job_dir"], job_id])
+            if sc.no_slurm_on_remote(proc):
+                raise self._remote(login, record.get("identity_file"), record.get("ssh_config")).no_slurm(
+                    "scancel: command not found")
+        else:
+            if record is not None and os.path.isdir(record["job_dir"]):
+                # remembered for when Slurm has forgotten the job (no accounting)
+                open(os.path.join(record["job_dir"], "cancelled"), "w").close()
+            proc = sc.run(["scancel", app_id])
         if sc.unreachable(proc):  # any other error: the job ended meanwhile, which is what we want
             raise SchedulerUnavailable(f"scancel could not reach slurmctld: {proc.stderr.strip()}")
 
@@ -470,7 +727,12 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         record = self._record(app_id)
         self._cancel(app_id)
         if record is not None:
-            shutil.rmtree(record["job_dir"], ignore_errors=True)
+            if record.get("login"):
+                proc = self._cluster(record).run(["rm", "-rf", "--", record["job_dir"]])
+                if proc.returncode != 0:
+                    raise BackendError(f"cannot remove {self._shown_dir(record, 'job_dir')}: {proc.stderr.strip()}")
+            else:
+                shutil.rmtree(record["job_dir"], ignore_errors=True)
             shutil.rmtree(_record_dir(app_id), ignore_errors=True)
 
     # ------------------------------------------------------------------ logs --------
@@ -485,8 +747,29 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         record = self._record(app_id) or {}
         dirname = next(r["dirname"] for r in record.get("roles", []) if r["name"] == role_name)
         tag = {Stream.STDOUT: b"O", Stream.STDERR: b"E"}.get(streams)
+        if record.get("login"):
+            # the replica's log on the login node, read from where the last poll stopped
+            # (tail -c +OFFSET over the shared connection: one round trip per poll)
+            remote = self._cluster(record)
+            assert isinstance(remote, sc.RemoteSlurmClient)
+            path = f"{record['job_dir']}/{dirname}/{k}/log"
+            return sc.StampedChunkReader(lambda offset: remote.read_bytes_from(path, offset),
+                                         tagged=True, want_tag=tag).read_new, None
         path = os.path.join(record.get("job_dir", ""), dirname, str(k), "log")
         return state.StampedLineReader(path, tagged=True, want_tag=tag).read_new, None
+
+
+# sbatch on a login node in one round trip, run by the login shell itself (POSIX sh; $root is set
+# first), with the script on stdin. A byte written into the root by the shell (no process) finds
+# a full disk or an unwritable root before anything is submitted; then sbatch is the only process
+# (the round trip's cost is process starts). The job copies its script into its directory when it
+# starts (see slurm_jobs_script.render). Exit 90: the root cannot be written (nothing submitted);
+# else sbatch's own status (127: no sbatch on the remote PATH).
+_REMOTE_SUBMIT = r"""umask 077
+if { [ -d "$root" ] || mkdir -p -- "$root"; } && printf x >"$root/.torchx_ext_writable"
+then sbatch --parsable
+else rm -f -- "$root/.torchx_ext_writable"; (exit 90)
+fi"""
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> SlurmJobsScheduler:

@@ -3,6 +3,11 @@
 One place for what Slurm only tells in text: :func:`unreachable` is the single function that
 decides "slurmctld did not answer" from a command's stderr (Slurm's clients exit 1 for that and
 for every other error alike). It is tested against the real commands' messages.
+
+:class:`SlurmClient` runs the commands here; :class:`RemoteSlurmClient` on a login node over SSH,
+where describe's query and the job directory's files come back in one round trip
+(:meth:`RemoteSlurmClient.snapshot`) and are parsed by the same code as the local ones
+(:func:`read_job_files` returns the same ``{relative path: text}`` dict).
 """
 
 from __future__ import annotations
@@ -10,14 +15,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from typing import Any, Optional
+import uuid
+from typing import Any, Callable, Optional
 
 from torchx.specs import AppState
 
 from torchx_ext.errors import SchedulerUnavailable
+from torchx_ext.logs import TimedLine
 from torchx_ext.schedulers.slurm_jobs_script import SlurmJob, parse_result, parse_sacct, parse_scontrol_job
+from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
 
 # what Slurm's clients print when slurmctld cannot be reached (retrying is the caller's choice)
+_SACCT_ARGS = ["-n", "-P", "-X", "-o", "JobID,State,ExitCode,Reason", "-j"]
 _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Connection refused",
                 "Zero Bytes were transmitted", "Connection timed out")
 
@@ -55,14 +64,23 @@ def read_int(path: str) -> Optional[int]:
         return None
 
 
+#: how much of a failed replica's log end is read for its last error line
+LOG_TAIL_BYTES = 16384
+
+
 def last_error(log_path: str) -> str:
     """The last stderr line of a replica log that is not srun's own summary (why it failed)."""
     try:
         with open(log_path, "rb") as f:
-            f.seek(max(os.path.getsize(log_path) - 16384, 0))
+            f.seek(max(os.path.getsize(log_path) - LOG_TAIL_BYTES, 0))
             tail = f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
+    return last_error_in(tail)
+
+
+def last_error_in(tail: str) -> str:
+    """:func:`last_error` of a log's end already read (locally or from a login node)."""
     for line in reversed(tail.splitlines()):
         _stamp, _, rest = line.partition(" ")
         tag, _, text = rest.partition(" ")
@@ -71,26 +89,108 @@ def last_error(log_path: str) -> str:
     return ""
 
 
-def verdict_from_files(job_id: str, job_dir: str) -> tuple[AppState, str]:
-    """The verdict the batch script left in the job directory (for jobs Slurm has forgotten)."""
-    result = parse_result(read_text(os.path.join(job_dir, "result")))
+def job_file_names(roles: list[dict[str, Any]]) -> list[str]:
+    """The small files of a job directory that describe reads (relative; see slurm_jobs_script)."""
+    names = ["result", "cancelled", "restarts", "requeues"]
+    for role in roles:
+        for k in range(int(role["num_replicas"])):
+            names += [f"{role['dirname']}/{k}/{name}" for name in ("exit", "host", "reason", "stopped")]
+    return names
+
+
+def read_job_files(job_dir: str, names: list[str]) -> dict[str, str]:
+    """``{name: text}`` of the files of ``names`` that exist in ``job_dir``, read here.
+
+    Beside a replica's non-zero ``exit``, its log's last :data:`LOG_TAIL_BYTES` as ``<dir>/log``.
+    :meth:`RemoteSlurmClient.snapshot` answers the same dict from a login node.
+    """
+    files: dict[str, str] = {}
+    for name in names:
+        text = read_text(os.path.join(job_dir, name))
+        if text is None:
+            continue
+        files[name] = text
+        if name.endswith("/exit") and text.strip() not in ("", "0"):
+            log = name[: -len("exit")] + "log"
+            try:
+                with open(os.path.join(job_dir, log), "rb") as f:
+                    f.seek(max(os.path.getsize(os.path.join(job_dir, log)) - LOG_TAIL_BYTES, 0))
+                    files[log] = f.read().decode("utf-8", errors="replace")
+            except OSError:
+                pass
+    return files
+
+
+def file_int(files: dict[str, str], name: str) -> Optional[int]:
+    try:
+        return int(files[name].strip()) if files.get(name) else None
+    except ValueError:
+        return None
+
+
+def verdict_from_files(job_id: str, job_dir: str, files: Optional[dict[str, str]] = None) -> tuple[AppState, str]:
+    """The verdict the batch script left in the job directory (for jobs Slurm has forgotten).
+
+    Args:
+        job_id: the Slurm job id
+        job_dir: the job directory (named in the message)
+        files: its files as :func:`read_job_files` returns them; None: read them here
+    """
+    if files is None:
+        files = read_job_files(job_dir, ["result", "cancelled"])
+    result = parse_result(files.get("result"))
     if result is not None:
         return (AppState.SUCCEEDED if result[0] == 0 else AppState.FAILED), ""
-    if os.path.exists(os.path.join(job_dir, "cancelled")):
+    if "cancelled" in files:
         return AppState.CANCELLED, "cancelled by user"
     return AppState.UNKNOWN, (f"Slurm no longer knows job {job_id} and has no accounting (sacct); "
                               f"its job directory {job_dir} has no result")
 
 
+# %i is "<id>+<offset>" for het components; the comment is last (it may hold any text)
+_SQUEUE_FORMAT = ["-h", "-a", "-t", "all", "-o", "%i|%T|%r|%k"]
+
+
+def parse_squeue_format(text: str) -> list[dict[str, Any]]:
+    """:meth:`SlurmClient.squeue_jobs`'s rows from ``squeue -o "%i|%T|%r|%k"``."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split("|", 3)
+        if len(parts) == 4:
+            jid, _, offset = parts[0].partition("+")
+            out.append({"job_id": jid, "state": parts[1], "reason": parts[2],
+                        "comment": parts[3], "leader": offset in ("", "0")})
+    return out
+
+
 class SlurmClient:
-    """Queries of slurmctld (and sacct, where accounting exists). Nothing here changes a job."""
+    """Queries of slurmctld (and sacct, where accounting exists). Nothing here changes a job.
+
+    This one runs Slurm's commands here; :class:`RemoteSlurmClient` on a login node over SSH.
+    """
 
     def __init__(self) -> None:
         self._accounting: Optional[bool] = None  # learnt on first use: sacct works or not
 
+    def run(self, cmd: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+        """Runs one Slurm command where the cluster is."""
+        return run(cmd, stdin=stdin)
+
+    def snapshot(self, job_id: str, job_dir: str, names: list[str]
+                 ) -> tuple[Optional[SlurmJob], Optional[str], dict[str, str]]:
+        """What describe needs of a job: ``(job, error, files)``.
+
+        ``job``: from scontrol, else sacct where accounting exists (None: Slurm forgot it);
+        ``error``: slurmctld unreachable; ``files``: :func:`read_job_files` of ``names``.
+        """
+        job, err = self.job(job_id)
+        if job is None and err is None:
+            job = self.sacct_job(job_id)
+        return job, err, read_job_files(job_dir, names)
+
     def job(self, job_id: str) -> tuple[Optional[SlurmJob], Optional[str]]:
         """(job, None) if slurmctld knows it, (None, None) if not, (None, error) if unreachable."""
-        proc = run(["scontrol", "show", "job", "-o", job_id])
+        proc = self.run(["scontrol", "show", "job", "-o", job_id])
         if proc.returncode == 0:
             return parse_scontrol_job(proc.stdout, job_id), None
         if unreachable(proc):
@@ -101,7 +201,7 @@ class SlurmClient:
         if self._accounting is False:
             return None
         try:
-            proc = run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State,ExitCode,Reason"])
+            proc = self.run(["sacct", *_SACCT_ARGS, job_id])
         except SchedulerUnavailable:
             self._accounting = False
             return None
@@ -110,7 +210,7 @@ class SlurmClient:
 
     def squeue_jobs(self) -> list[dict[str, Any]]:
         """All jobs slurmctld knows, in ONE call: ``squeue --json`` (``-o`` fallback for old Slurm)."""
-        proc = run(["squeue", "--json"])
+        proc = self.run(["squeue", "--json"])
         if proc.returncode == 0:
             return [
                 {"job_id": str(j["job_id"]), "state": j.get("job_state", ""), "reason": j.get("state_reason", ""),
@@ -120,15 +220,160 @@ class SlurmClient:
             ]
         if unreachable(proc):
             raise SchedulerUnavailable(f"squeue could not reach slurmctld: {proc.stderr.strip()}")
-        # %i is "<id>+<offset>" for het components; the comment is last (it may hold any text)
-        proc = run(["squeue", "-h", "-a", "-t", "all", "-o", "%i|%T|%r|%k"])
+        proc = self.run(["squeue", *_SQUEUE_FORMAT])
         if proc.returncode != 0:
             raise SchedulerUnavailable(f"squeue failed: {proc.stderr.strip()}")
-        out = []
-        for line in proc.stdout.splitlines():
-            parts = line.split("|", 3)
-            if len(parts) == 4:
-                jid, _, offset = parts[0].partition("+")
-                out.append({"job_id": jid, "state": parts[1], "reason": parts[2],
-                            "comment": parts[3], "leader": offset in ("", "0")})
+        return parse_squeue_format(proc.stdout)
+
+
+def no_slurm_on_remote(proc: subprocess.CompletedProcess[str]) -> bool:
+    """Did the login node's shell not find a Slurm command ("sbatch: command not found", 127)?"""
+    return proc.returncode == 127
+
+
+# describe on a login node in ONE round trip: scontrol's answer (sacct's when scontrol does not know
+# the job) and the job directory's small files, each after a line "<separator> <kind> <name>".
+# $1: the separator (random: no file holds it), $2: the job id, $3: the job directory, $4...: files.
+_SNAPSHOT = r"""
+sep=$1 jid=$2 dir=$3; shift 3
+out=$(scontrol show job -o "$jid" 2>&1); rc=$?
+printf '%s scontrol %s\n%s\n' "$sep" "$rc" "$out"
+if [ "$rc" != 0 ] && [ "$rc" != 127 ]; then
+  out=$(sacct -n -P -X -o JobID,State,ExitCode,Reason -j "$jid" 2>&1); rc=$?
+  printf '%s sacct %s\n%s\n' "$sep" "$rc" "$out"
+fi
+for f in "$@"; do
+  [ -f "$dir/$f" ] || continue
+  printf '%s file %s\n' "$sep" "$f"; cat -- "$dir/$f"; printf '\n'
+  case $f in
+    */exit)
+      c=$(cat -- "$dir/$f")
+      if [ -n "$c" ] && [ "$c" != 0 ] && [ -f "$dir/${f%exit}log" ]; then
+        printf '%s file %s\n' "$sep" "${f%exit}log"; tail -c TAIL -- "$dir/${f%exit}log"; printf '\n'
+      fi ;;
+  esac
+done
+""".replace("TAIL", str(LOG_TAIL_BYTES))
+
+
+def parse_sections(text: str, sep: str) -> list[tuple[str, str]]:
+    """``[(header, body)]`` of an answer of :data:`_SNAPSHOT` (each body without the newline added)."""
+    parts = ("\n" + text).split("\n" + sep + " ")[1:]
+    out = []
+    for i, part in enumerate(parts):
+        header, _, body = part.partition("\n")
+        if i == len(parts) - 1 and body.endswith("\n"):
+            body = body[:-1]
+        out.append((header, body))
+    return out
+
+
+class RemoteSlurmClient(SlurmClient):
+    """:class:`SlurmClient` on a login node, over an :class:`~.slurm_jobs_ssh.SshLogin`.
+
+    Slurm's commands run there; a command the remote shell cannot find (exit 127) is
+    :class:`SchedulerUnavailable` naming the host.
+    """
+
+    def __init__(self, login: SshLogin) -> None:
+        super().__init__()
+        self.login = login
+
+    def no_slurm(self, what: str) -> SchedulerUnavailable:
+        return SchedulerUnavailable(
+            f"{self.login.name}: {what}: Slurm's commands are not on the remote PATH (exit 127); check that "
+            f"`ssh {self.login.name} sbatch --version` works (a non-interactive shell reads ~/.bashrc, "
+            "not ~/.bash_profile)")
+
+    def run(self, cmd: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+        proc = self.login.run(cmd, stdin=stdin)
+        if no_slurm_on_remote(proc):
+            if cmd[0] == "sacct":  # accounting is optional: as a missing sacct here
+                raise SchedulerUnavailable("no sacct")
+            raise self.no_slurm(_last_line(proc.stderr) or f"{cmd[0]}: command not found")
+        return proc
+
+    def snapshot(self, job_id: str, job_dir: str, names: list[str]
+                 ) -> tuple[Optional[SlurmJob], Optional[str], dict[str, str]]:
+        sep = f"__txe_{uuid.uuid4().hex}__"
+        proc = self.login.run_script(_SNAPSHOT, [sep, job_id, job_dir, *names])
+        if proc.returncode != 0 or not proc.stdout.startswith(sep):
+            raise SchedulerUnavailable(f"{self.login.name}: reading job {job_id} failed: {_last_line(proc.stderr)}")
+        job: Optional[SlurmJob] = None
+        err: Optional[str] = None
+        files: dict[str, str] = {}
+        for header, body in parse_sections(proc.stdout, sep):
+            kind, _, rest = header.partition(" ")
+            if kind == "scontrol":
+                done = subprocess.CompletedProcess(["scontrol"], int(rest), body, body)
+                if no_slurm_on_remote(done):
+                    raise self.no_slurm(_last_line(body))
+                if done.returncode == 0:
+                    job = parse_scontrol_job(body, job_id)
+                elif unreachable(done):
+                    err = body.strip()
+            elif kind == "sacct" and rest == "0" and self._accounting is not False:
+                job = parse_sacct(body, job_id)
+            elif kind == "file":
+                files[rest] = body
+        return job, err, files
+
+    def squeue_jobs(self) -> list[dict[str, Any]]:
+        """The login user's jobs in ONE round trip: ``squeue --me`` in the compact format.
+
+        Not ``--json`` here: Slurm 22.05's ``squeue --json`` ignores its filters, so it would carry
+        every user's jobs over the connection (~3 kB each); this sends ~50 bytes per job of ours.
+        A Slurm without ``--me`` (before 20.11) gets the local path's ``--json`` call instead.
+        """
+        proc = self.run(["squeue", "--me", *_SQUEUE_FORMAT])
+        if proc.returncode == 0:
+            return parse_squeue_format(proc.stdout)
+        if unreachable(proc):
+            raise SchedulerUnavailable(f"squeue on {self.login.name} could not reach slurmctld: {proc.stderr.strip()}")
+        return super().squeue_jobs()
+
+    def read_bytes_from(self, path: str, offset: int) -> bytes:
+        """The bytes of the remote file ``path`` from ``offset`` on (b"" while it does not exist)."""
+        proc = self.login.run_bytes(["tail", "-c", f"+{offset + 1}", "--", path])
+        return proc.stdout if proc.returncode == 0 else b""
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+class StampedChunkReader:
+    """:class:`torchx_ext.state.StampedLineReader` over bytes fetched by ``fetch(offset)`` instead of
+    a local file: a remote log read incrementally (``tail -c +OFFSET`` over the shared connection).
+
+    Args:
+        fetch: returns the log's bytes from the given offset on
+        tagged: lines carry a one-word stream tag after the time (``O``/``E``)
+        want_tag: with ``tagged``, keep only lines of this tag (None: all)
+    """
+
+    def __init__(self, fetch: Callable[[int], bytes], tagged: bool = False, want_tag: Optional[bytes] = None) -> None:
+        self.fetch = fetch
+        self.tagged = tagged
+        self.want_tag = want_tag
+        self.offset = 0
+
+    def read_new(self) -> list[TimedLine]:
+        data = self.fetch(self.offset)
+        end = data.rfind(b"\n") + 1  # whole lines only; a partial one is read next time
+        self.offset += end
+        out: list[TimedLine] = []
+        for raw in data[:end].split(b"\n")[:-1]:
+            stamp, _, rest = raw.partition(b" ")
+            tag = b""
+            if self.tagged:
+                tag, _, rest = rest.partition(b" ")
+            try:
+                ts: Optional[float] = float(stamp)
+            except ValueError:
+                ts, tag, rest = None, b"", raw
+            if self.want_tag is not None and tag != self.want_tag:
+                continue
+            out.append((ts, rest.decode("utf-8", errors="replace")))
         return out

@@ -107,6 +107,8 @@ class ScriptSpec:
     components: list[RoleComponent]
     container: bool = False  # replicas run in a container image (no watchdog: see _TXE_TASK)
     retry_backoff_s: float = 0.0
+    # remote mode: the app id is "<login>:<job id>" (it names the cluster); "" (local): the job id
+    app_id_prefix: str = ""
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ScriptSpec:
@@ -395,6 +397,10 @@ def render(spec: ScriptSpec) -> str:
     out.append("")
     out.append(f"_TXE_DIR={sh_word(spec.job_root)}/\"$SLURM_JOB_ID\"")
     out.append('mkdir -p "$_TXE_DIR" || exit 1')
+    if spec.app_id_prefix:
+        # remote: submitted from stdin in one round trip; the job keeps its script (Slurm's spooled
+        # copy, $0) in its private directory, as local mode does at submission
+        out.append('chmod 700 "$_TXE_DIR"; cp -- "$0" "$_TXE_DIR/script.sbatch" 2>/dev/null || :')
     out.append(RUNTIME.strip("\n"))
     out.append("")
     out.append("# a requeued job starts over: forget the previous run's exit codes (logs are kept)")
@@ -402,7 +408,8 @@ def render(spec: ScriptSpec) -> str:
     out.append(f'rm -f "$_TXE_DIR/result"; for _d in {dirs}; do rm -f "$_d"/*/{{exit,pid,stopped,host,reason}}; done')
     out.append("")
     out.append("# where each replica runs, and the discovery environment every replica gets")
-    env_words = ['TORCHX_EXT_APP_ID="$SLURM_JOB_ID"']
+    env_words = [sh_word(f"TORCHX_EXT_APP_ID={spec.app_id_prefix}{APP_ID_TOKEN}") if spec.app_id_prefix
+                 else 'TORCHX_EXT_APP_ID="$SLURM_JOB_ID"']
     for g, comp in enumerate(spec.components):
         sfx = f"_HET_GROUP_{g}" if spec.heterogeneous else ""
         out.append(
