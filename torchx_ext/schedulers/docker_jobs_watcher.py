@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any, Optional
 
 from torchx.specs import AppState, is_terminal
@@ -109,17 +109,15 @@ def reconcile(api: Any, app_id: str, acting: bool, died: Optional[dict[str, int]
         acting: True in the watcher: start, pin, stop and clean up as the rules say. False in
             describe: the same state, computed only; nothing on the daemon changes
         died: container id → exit code, from the daemon's "die" events: the daemon sends them
-            some 50-90 ms before a snapshot shows those containers exited
+            some 50-90 ms before a snapshot shows those containers exited. They start restarts
+            at once; a verdict waits for the snapshot (it alone says OOMKilled, for one)
     """
     snap = fetch(api, app_id)
     if snap is None:
         return None
-    for rep in snap.replicas:
-        if rep.running and rep.container_id in (died or {}):
-            rep.status, rep.exit_code, rep.finished_at = "exited", died[rep.container_id], time.time()  # type: ignore[index]
     verdict = snap.verdict
     if verdict is None and acting:
-        due = [r for r in snap.replicas if retries.restart_due(snap, r)]
+        due = [r for r in _as_died(api, snap.replicas, died or {}) if retries.restart_due(snap, r)]
         if due:
             retries.restart(api, snap, due[0])  # its scope may hold the others: one per pass
             snap = fetch(api, app_id) or snap
@@ -158,6 +156,21 @@ def reconcile(api: Any, app_id: str, acting: bool, died: Optional[dict[str, int]
     if acting and snap.network:
         remove_network(api, snap.network)
     return AppStatus(snap, verdict.state, verdict.msg)
+
+
+def _as_died(api: Any, replicas: list[Replica], died: dict[str, int]) -> list[Replica]:
+    """``replicas``, those a "die" event named but the snapshot still shows running as exited
+    (copies: the snapshot itself stays as read)."""
+    out = []
+    for rep in replicas:
+        if rep.running and rep.container_id in died:
+            oom = False
+            if died[rep.container_id] == 137:  # SIGKILL: say OOMKilled if that is why
+                oom = bool(api.inspect_container(rep.container_id)["State"].get("OOMKilled"))
+            rep = replace(rep, status="exited", exit_code=died[rep.container_id], oom_killed=oom,
+                          finished_at=time.time())
+        out.append(rep)
+    return out
 
 
 def remove_app(api: Any, app_id: str, network: Optional[str]) -> None:
