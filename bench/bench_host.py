@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from restart_timing import RESTART_CODE, restart_gap
 from torchx.runner import get_runner
 from torchx.specs import AppDef, AppState, Role
 
@@ -99,17 +100,6 @@ def bench_start_popen() -> float:
     return took
 
 
-# prints its start time; the first attempt then prints its exit time and exits 1
-RESTART_CODE = ("import os, sys, time; print('START %.6f' % time.time(), flush=True); "
-                "a = os.environ.get('TORCHX_EXT_ATTEMPT', sys.argv[1] if len(sys.argv) > 1 else '1'); "
-                "(print('EXIT %.6f' % time.time(), flush=True), sys.exit(1)) if a == '1' else None")
-
-
-def _restart_gap(text: str) -> float:
-    exit_t = next(float(x.split()[1]) for x in text.splitlines() if x.startswith("EXIT "))
-    return [float(x.split()[1]) for x in text.splitlines() if x.startswith("START ")][1] - exit_t
-
-
 def bench_restart_host(runner) -> float:
     app = AppDef("restart", roles=[Role("r", image=os.getcwd(), entrypoint=sys.executable,
                                         args=["-c", RESTART_CODE], max_retries=1)])
@@ -119,7 +109,7 @@ def bench_restart_host(runner) -> float:
         if time.time() > deadline:
             raise TimeoutError(handle)
         time.sleep(0.01)
-    return _restart_gap("".join(runner.log_lines(handle, "r", 0)))
+    return restart_gap("".join(runner.log_lines(handle, "r", 0)))
 
 
 def bench_restart_popen() -> float:
@@ -127,7 +117,7 @@ def bench_restart_popen() -> float:
     for attempt in ("1", "2"):
         p = subprocess.run([sys.executable, "-c", RESTART_CODE, attempt], capture_output=True, text=True)
         out += p.stdout
-    return _restart_gap(out)
+    return restart_gap(out)
 
 
 def bench_cmd(cmd: list[str]) -> float:

@@ -33,7 +33,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
+from restart_timing import RESTART_CODE, restart_gap
 from torchx.runner import get_runner
 from torchx.specs import AppDef, Resource, Role
 
@@ -44,17 +46,6 @@ from torchx_ext.schedulers.slurm_jobs_script import MARKER
 def _sbatch(script: str, *extra: str) -> str:
     proc = subprocess.run(["sbatch", "--parsable", *extra], input=script, capture_output=True, text=True, check=True)
     return proc.stdout.strip().split(";")[0]
-
-
-# prints its start time; the first attempt then prints its exit time and exits 1
-RESTART_CODE = ("import os, sys, time; print('START %.6f' % time.time(), flush=True); "
-                "a = os.environ.get('TORCHX_EXT_ATTEMPT', sys.argv[1] if len(sys.argv) > 1 else '1'); "
-                "(print('EXIT %.6f' % time.time(), flush=True), sys.exit(1)) if a == '1' else None")
-
-
-def _restart_gap(text: str) -> float:
-    exit_t = next(float(x.split()[1]) for x in text.splitlines() if x.startswith("EXIT "))
-    return [float(x.split()[1]) for x in text.splitlines() if x.startswith("START ")][1] - exit_t
 
 
 def _wait(check, what: str, timeout: float = 120) -> None:
@@ -72,7 +63,7 @@ def bench_restart_ours(runner, partition: str) -> float:
                                         args=["-c", RESTART_CODE], resource=Resource(cpu=1, gpu=0, memMB=100))])
     handle = runner.run(app, "slurm_jobs", {"partition": partition})
     _wait(lambda: (st := runner.status(handle)) is not None and st.state == AppState.SUCCEEDED, handle)
-    return _restart_gap("".join(runner.log_lines(handle, "r", 0)))
+    return restart_gap("".join(runner.log_lines(handle, "r", 0)))
 
 
 def bench_restart_requeue(partition: str, out_dir: str) -> float:
@@ -88,7 +79,7 @@ def bench_restart_requeue(partition: str, out_dir: str) -> float:
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     _wait(lambda: "JobState=COMPLETED" in show(), f"second run of {job}")
     with open(f"{out_dir}/raw-{job}.out") as f:
-        return _restart_gap(f.read())
+        return restart_gap(f.read())
 
 
 def bench_ssh(args: argparse.Namespace, rows: list[tuple[str, float, float]]) -> None:
@@ -116,15 +107,10 @@ def bench_ssh(args: argparse.Namespace, rows: list[tuple[str, float, float]]) ->
         root = state.read_json(state.scheduler_dir("slurm_jobs", "remote_roots.json")) or {}
         spec_root = next(iter(root.values()))
         script = repr(sched.submit_dryrun(app, {**cfg, "remote_dir": spec_root}).request)
-        ours, raw = [], []
         raw_ids: list[str] = []
-        for _ in range(args.submits):
-            t0 = time.perf_counter()
-            submitted.append(runner.run(app, "slurm_jobs", cfg).rsplit(":", 1)[-1])
-            ours.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            raw_ids.append(raw_sbatch(script))
-            raw.append(time.perf_counter() - t0)
+        ours, raw = _interleaved(
+            args.submits, lambda: submitted.append(runner.run(app, "slurm_jobs", cfg).rsplit(":", 1)[-1]),
+            lambda: raw_ids.append(raw_sbatch(script)))
         submitted += raw_ids
         rows.append((f"submit over SSH, median of {args.submits}", statistics.median(ours), statistics.median(raw)))
 
@@ -171,6 +157,17 @@ def bench_ssh(args: argparse.Namespace, rows: list[tuple[str, float, float]]) ->
         print(f"cancelled {len(submitted)} jobs on {login.name}", file=sys.stderr)
 
 
+def _interleaved(n: int, ours: Callable[[], object], raw: Callable[[], object]) -> tuple[list[float], list[float]]:
+    """``n`` timings of each side, interleaved, so that drift in slurmctld hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(n):
+        for side, call in zip(times, (ours, raw), strict=True):
+            t0 = time.perf_counter()
+            call()
+            side.append(time.perf_counter() - t0)
+    return times
+
+
 def _table(rows: list[tuple[str, float, float]]) -> None:
     print(f"\n{'measure':<44} {'slurm_jobs':>12} {'raw Slurm':>12} {'ratio':>8}")
     for name, ours, raw in rows:
@@ -212,14 +209,9 @@ def main() -> int:
                 shutil.rmtree(os.environ["TORCHX_EXT_HOME"], ignore_errors=True)
         return 0
     try:
-        ours, raw = [], []
-        for _ in range(args.submits):  # interleaved, so drift in slurmctld hits both sides alike
-            t0 = time.perf_counter()
-            submitted.append(runner.run(app, "slurm_jobs", cfg).rsplit("/", 1)[-1])
-            ours.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            submitted.append(_sbatch(script))
-            raw.append(time.perf_counter() - t0)
+        ours, raw = _interleaved(args.submits,
+                                 lambda: submitted.append(runner.run(app, "slurm_jobs", cfg).rsplit("/", 1)[-1]),
+                                 lambda: submitted.append(_sbatch(script)))
         rows = [(f"submit, median of {args.submits}", statistics.median(ours), statistics.median(raw))]
 
         more = args.jobs - len(submitted)

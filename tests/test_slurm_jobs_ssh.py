@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import IN_CI
+from conftest import require_backend
 from torchx_ext.errors import BackendError, InvalidOptionError, SchedulerUnavailable
 from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin, ssh_failure_message
 
@@ -30,13 +30,7 @@ HOSTILE = ["a b", "it's", '"double"', "$HOME", "${PATH}", "`id`", "$(id)", "Ã©ðŸ
 # -- fixtures ----------------------------------------------------------------------------------------
 
 def _testbed(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        msg = f"the sshd testbed is not running ({name} unset): run `bash testbed/sshd.sh start`"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return value
+    return require_backend(name, "sshd")
 
 
 @pytest.fixture

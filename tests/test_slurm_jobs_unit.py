@@ -357,9 +357,7 @@ def test_snapshot_sections_keep_any_content() -> None:
                                         ("file stopped", ""), ("file r", "a\nb\n")]
 
 
-def test_chunk_reader_splits_streams_and_waits_for_whole_lines() -> None:
-    from torchx_ext.schedulers.slurm_jobs_client import StampedChunkReader
-
+def test_a_fetched_log_splits_streams_and_waits_for_whole_lines() -> None:
     data = bytearray(b"100.5 O out one\n101.0 E err \xc3\xa9\nnot stamped\n102.0 O partial")
     asked: list[int] = []
 
@@ -367,7 +365,7 @@ def test_chunk_reader_splits_streams_and_waits_for_whole_lines() -> None:
         asked.append(offset)
         return bytes(data[offset:])
 
-    both, out = StampedChunkReader(fetch, tagged=True), StampedChunkReader(fetch, tagged=True, want_tag=b"O")
+    both, out = (StampedLineReader("remote", tagged=True, want_tag=t, fetch=fetch) for t in (None, b"O"))
     assert both.read_new() == [(100.5, "out one"), (101.0, "err é"), (None, "not stamped")]
     assert out.read_new() == [(100.5, "out one")]
     data.extend(b" line\n")

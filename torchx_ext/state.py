@@ -17,7 +17,7 @@ import os
 import re
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from torchx_ext.errors import StateError
 from torchx_ext.logs import TimedLine
@@ -110,27 +110,34 @@ def _why(path: str, e: OSError) -> str:
 
 
 class StampedLineReader:
-    """Reads the new complete lines of a log file written as ``<unix time> [<tag> ]<text>``.
+    """Reads the new complete lines of a log written as ``<unix time> [<tag> ]<text>``.
 
     Args:
         path: the log file (missing yet: no lines)
         tagged: lines carry a one-word stream tag after the time (``O``/``E``)
         want_tag: with ``tagged``, keep only lines of this tag (None: all)
+        fetch: returns the log's bytes from an offset on, instead of reading the local file
+            ``path`` (e.g. a remote log, fetched over a connection)
     """
 
-    def __init__(self, path: str, tagged: bool = False, want_tag: Optional[bytes] = None) -> None:
+    def __init__(self, path: str, tagged: bool = False, want_tag: Optional[bytes] = None,
+                 fetch: Optional[Callable[[int], bytes]] = None) -> None:
         self.path = path
         self.tagged = tagged
         self.want_tag = want_tag
         self.offset = 0
+        self.fetch = fetch or self._read_file
 
-    def read_new(self) -> list[TimedLine]:
+    def _read_file(self, offset: int) -> bytes:
         try:
             with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
+                f.seek(offset)
+                return f.read()
         except (FileNotFoundError, NotADirectoryError):
-            return []
+            return b""
+
+    def read_new(self) -> list[TimedLine]:
+        data = self.fetch(self.offset)
         end = data.rfind(b"\n") + 1  # whole lines only; a partial one is read next time
         self.offset += end
         out: list[TimedLine] = []

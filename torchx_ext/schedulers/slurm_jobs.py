@@ -753,8 +753,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             remote = self._cluster(record)
             assert isinstance(remote, sc.RemoteSlurmClient)
             path = f"{record['job_dir']}/{dirname}/{k}/log"
-            return sc.StampedChunkReader(lambda offset: remote.read_bytes_from(path, offset),
-                                         tagged=True, want_tag=tag).read_new, None
+            return state.StampedLineReader(path, tagged=True, want_tag=tag,
+                                           fetch=lambda offset: remote.read_bytes_from(path, offset)).read_new, None
         path = os.path.join(record.get("job_dir", ""), dirname, str(k), "log")
         return state.StampedLineReader(path, tagged=True, want_tag=tag).read_new, None
 

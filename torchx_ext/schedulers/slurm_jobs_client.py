@@ -16,12 +16,11 @@ import json
 import os
 import subprocess
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torchx.specs import AppState
 
 from torchx_ext.errors import SchedulerUnavailable
-from torchx_ext.logs import TimedLine
 from torchx_ext.schedulers.slurm_jobs_script import SlurmJob, parse_result, parse_sacct, parse_scontrol_job
 from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
 
@@ -341,39 +340,3 @@ class RemoteSlurmClient(SlurmClient):
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
-
-
-class StampedChunkReader:
-    """:class:`torchx_ext.state.StampedLineReader` over bytes fetched by ``fetch(offset)`` instead of
-    a local file: a remote log read incrementally (``tail -c +OFFSET`` over the shared connection).
-
-    Args:
-        fetch: returns the log's bytes from the given offset on
-        tagged: lines carry a one-word stream tag after the time (``O``/``E``)
-        want_tag: with ``tagged``, keep only lines of this tag (None: all)
-    """
-
-    def __init__(self, fetch: Callable[[int], bytes], tagged: bool = False, want_tag: Optional[bytes] = None) -> None:
-        self.fetch = fetch
-        self.tagged = tagged
-        self.want_tag = want_tag
-        self.offset = 0
-
-    def read_new(self) -> list[TimedLine]:
-        data = self.fetch(self.offset)
-        end = data.rfind(b"\n") + 1  # whole lines only; a partial one is read next time
-        self.offset += end
-        out: list[TimedLine] = []
-        for raw in data[:end].split(b"\n")[:-1]:
-            stamp, _, rest = raw.partition(b" ")
-            tag = b""
-            if self.tagged:
-                tag, _, rest = rest.partition(b" ")
-            try:
-                ts: Optional[float] = float(stamp)
-            except ValueError:
-                ts, tag, rest = None, b"", raw
-            if self.want_tag is not None and tag != self.want_tag:
-                continue
-            out.append((ts, rest.decode("utf-8", errors="replace")))
-        return out
