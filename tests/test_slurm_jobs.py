@@ -380,11 +380,16 @@ def test_a_lost_node_fails_the_app_naming_it_and_nothing_is_requeued(runner: Run
         assert "Restarts=0" in _scontrol(app_id)
         assert nothing_running(handle)
     finally:
-        subprocess.run(["scontrol", "update", f"NodeName={lost}", "State=RESUME"], capture_output=True)
-        deadline = time.time() + 60
-        while "idle" not in subprocess.run(["sinfo", "-h", "-n", lost, "-o", "%t"], capture_output=True,
-                                           text=True).stdout and time.time() < deadline:
-            time.sleep(0.5)
+        _resume(lost)
+
+
+def _resume(node: str) -> None:
+    """Brings a node set DOWN by a test back, and waits (up to 60 s) until it is idle again."""
+    subprocess.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], capture_output=True)
+    deadline = time.time() + 60
+    while "idle" not in subprocess.run(["sinfo", "-h", "-n", node, "-o", "%t"], capture_output=True,
+                                       text=True).stdout and time.time() < deadline:
+        time.sleep(0.5)
 
 
 def test_a_signal_before_the_time_limit_reaches_the_replica(runner: Runner, partition: str) -> None:
@@ -442,3 +447,33 @@ def test_a_requeued_app_reads_pending_then_runs_again_under_its_handle(runner: R
     out = logs(runner, handle, "main")
     assert [x.split()[1:] for x in out.splitlines() if x.startswith("ATTEMPT ")] == [["1", "None"], ["2", "1"]], out
     assert "[torchx-ext] attempt 2 of role 'main' replica 0 begins: Slurm requeued the job (requeue 1)" in out, out
+
+
+def test_a_lost_node_requeues_an_app_with_retries_which_reads_pending_then_runs_again(
+        runner: Runner, partition: str) -> None:
+    """With retries the job is requeue-able: a node failure is Slurm's requeue, one restart."""
+    code = ("import os, time; print('ATTEMPT', os.environ['TORCHX_EXT_ATTEMPT'], flush=True); "
+            "time.sleep(300 if os.environ['TORCHX_EXT_ATTEMPT'] == '1' else 0)")
+    app = _role_app("nodeloss-retry", code)
+    app.roles[0].max_retries = 1
+    handle = runner.run(app, SCHEDULER, {"partition": partition})
+    _wait_for_line(runner, handle, "main", "ATTEMPT 1")
+    app_id = _app_id(handle)
+    lost = re.findall(r"(?:^|\s)NodeList=(\S+)", _scontrol(app_id))[-1]
+    try:
+        subprocess.run(["scontrol", "update", f"NodeName={lost}", "State=DOWN", "Reason=torchx-ext-test"], check=True)
+        deadline = time.time() + TIMEOUT
+        while "Restarts=1" not in _scontrol(app_id):
+            status = runner.status(handle)
+            assert status is not None and status.state != AppState.FAILED, status
+            assert time.time() < deadline, _scontrol(app_id)
+            time.sleep(0.2)
+        status = runner.status(handle)
+        assert status is not None and status.state == AppState.PENDING and status.num_restarts == 1, status
+    finally:
+        _resume(lost)
+    time.sleep(1.0 - time.time() % 1.0 + 0.1)  # see test_a_requeued_app_reads_pending_then_runs_again...
+    subprocess.run(["scontrol", "update", f"JobId={app_id}", "StartTime=now"], check=True)
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
+    assert "[torchx-ext] attempt 2 of role 'main' replica 0 begins: Slurm requeued the job" in logs(runner, handle, "main")
