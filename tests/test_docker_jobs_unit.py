@@ -303,3 +303,52 @@ def test_log_reader_resumes_without_duplicates_or_losses() -> None:
     assert reader.read_new() == []
     assert fake.calls[1]["since"] == pytest.approx(daemon.parse_ts(f"{t}2.000000001Z") - 0.005)  # type: ignore[operator]
     assert fake.calls[0]["stdout"] and fake.calls[0]["stderr"] and fake.calls[0]["timestamps"]
+
+
+def _with_retries(d: FakeDaemon, cid: str, attempt: int = 1, restart: int = 0, unit: str = "") -> str:
+    d.containers_[cid]["Labels"].update({daemon.L_MAX_RETRIES: "1", daemon.L_RETRY_POLICY: "APPLICATION",
+                                         daemon.L_ATTEMPT: str(attempt), daemon.L_RESTART: str(restart),
+                                         daemon.L_RESTART_UNIT: unit})
+    return cid
+
+
+RETRY_ROLES = [{"name": "a", "num_replicas": 2, "service": False}, {"name": "other", "num_replicas": 1, "service": True}]
+
+
+def test_describe_in_the_middle_of_a_restart_sees_it_coming_not_a_spent_budget() -> None:
+    # the watcher creates an APPLICATION restart's attempts one by one: a describe that reads the
+    # daemon after the service's next attempt exists but before the failed replica's does must not
+    # charge that restart to the failed replica (a clean-clone CI run read FAILED "after 2 attempts")
+    d = FakeDaemon()
+    _with_retries(d, d.add("x", "a", 0, "exited", 3, roles=RETRY_ROLES))
+    _with_retries(d, d.add("x", "a", 1, "exited", 0, roles=RETRY_ROLES))
+    nxt = d.add("x", "other", 0, "created", service=True, roles=RETRY_ROLES, started=False)
+    d.containers_["x-other-0-a2"] = {**d.containers_.pop(nxt), "Id": "x-other-0-a2", "Names": ["/x-other-0-a2"]}
+    _with_retries(d, "x-other-0-a2", attempt=2, restart=1, unit="app")
+    _with_retries(d, d.add("x", "other", 0, "running", service=True, roles=RETRY_ROLES))  # attempt 1, stopped next
+    st = w.reconcile(d, "x", acting=False)
+    assert st is not None and st.state == AppState.PENDING and not d.calls, st
+    assert [daemon.replica_outcome(r)[0] for r in st.snapshot.replicas] == [
+        AppState.FAILED, AppState.SUCCEEDED, AppState.PENDING]  # a/0 reads FAILED, but its restart is due
+    assert w.retries.restart_due(st.snapshot, st.snapshot.replicas[0])
+
+
+def test_a_restart_that_cannot_create_an_attempt_fails_the_app_and_starts_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchx_ext.schedulers import docker_jobs_retries as retries
+
+    d = FakeDaemon()
+    _with_retries(d, d.add("x", "a", 0, "exited", 3, roles=RETRY_ROLES))
+    _with_retries(d, d.add("x", "a", 1, "exited", 0, roles=RETRY_ROLES))
+    _with_retries(d, d.add("x", "other", 0, "running", service=True, roles=RETRY_ROLES))
+
+    def recreate(api: Any, rep: daemon.Replica, number: int, unit: str, start_after: float, why: str) -> str:
+        if rep.role == "a" and rep.replica_id == 0:
+            raise docker.errors.APIError("409", explanation="Conflict. The container name is already in use")
+        return d.add("x", rep.role, rep.replica_id, "created", service=rep.service, roles=RETRY_ROLES, started=False)
+
+    monkeypatch.setattr(retries, "_recreate", recreate)
+    st = w.reconcile(d, "x", acting=True)
+    assert st is not None and st.state == AppState.FAILED and st.over, st
+    assert "could not create the next attempt of role 'a' replica 0: Conflict" in st.msg
+    assert not [c for c in d.calls if c[0] == "start"] and ("stop", "x-other-0", 5) in d.calls

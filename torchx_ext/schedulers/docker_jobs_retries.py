@@ -34,8 +34,14 @@ def num_restarts(snap: Snapshot) -> int:
     return max((r.restart for r in _every(snap)), default=0)
 
 
-def _used(snap: Snapshot, unit: str) -> int:
-    return len({r.restart for r in _every(snap) if r.restart_unit == unit})
+def _used(snap: Snapshot, rep: Replica) -> int:
+    """The restarts charged to ``rep``'s budget unit, up to the one that created ``rep``.
+
+    A later restart of the same unit always recreates ``rep`` too (the unit's scope holds it), so
+    one newer than ``rep`` is still creating its replacements: a describe that reads the daemon in
+    the middle of it must see ``rep`` about to restart, not a budget already spent."""
+    unit = rules.retry_unit(rep.policy, rep.role, rep.replica_id)
+    return len({r.restart for r in _every(snap) if r.restart_unit == unit and r.restart <= rep.restart})
 
 
 def _ended(rep: Replica) -> bool:
@@ -51,24 +57,24 @@ def restart_due(snap: Snapshot, rep: Replica) -> bool:
     code = None if rep.error or rep.oom_killed else rep.exit_code
     if not rules.wants_restart(rep.service, code):
         return False
-    return _used(snap, rules.retry_unit(rep.policy, rep.role, rep.replica_id)) < rep.max_retries
+    return _used(snap, rep) < rep.max_retries
 
 
 def exhausted_reason(snap: Snapshot, rep: Replica) -> str:
     """What a failed replica's message adds once its budget is spent ("" without retries)."""
     if not rep.max_retries:
         return ""
-    used = _used(snap, rules.retry_unit(rep.policy, rep.role, rep.replica_id))
+    used = _used(snap, rep)
     return f"after {used + 1} attempts ({rep.policy} policy, max_retries={rep.max_retries})"
 
 
 def restart(api: Any, snap: Snapshot, rep: Replica) -> None:
     """Replaces ``rep`` and whatever its policy restarts with it by new, created containers
     (started by :func:`start_due` once the backoff is over), then stops the old ones still running."""
-    from torchx_ext.schedulers.docker_jobs_daemon import parallel, stop
+    from torchx_ext.schedulers.docker_jobs_daemon import explain, parallel, pin_verdict, stop
 
     unit = rules.retry_unit(rep.policy, rep.role, rep.replica_id)
-    used = _used(snap, unit)
+    used = _used(snap, rep)
     number = num_restarts(snap) + 1
     keys = rules.restart_scope(rep.policy, rep.role, rep.replica_id, [(r.role, r.replica_id) for r in snap.replicas])
     scope = [r for r in snap.replicas if (r.role, r.replica_id) in keys]
@@ -80,9 +86,18 @@ def restart(api: Any, snap: Snapshot, rep: Replica) -> None:
     # the new attempts first, the old ones stopped after: a describe meanwhile sees each replica
     # either still running or about to restart, never a group that failed
     created: list[str] = []
-    parallel(lambda r: created.append(_recreate(api, r, number, unit, start_after, why)), scope)
+    results = parallel(lambda r: created.append(_recreate(api, r, number, unit, start_after, why)), scope)
     stop(api, [r for r in scope if r.running], snap.stop_timeout)
-    if len(created) == len(scope) and start_after <= time.time():  # no backoff: start them now
+    failed = [(r, e) for r, e in results if e is not None]
+    if failed:
+        # a replica with no next attempt cannot restart: the app fails, all or nothing (the
+        # attempts already created are never started: start_due starts none once it is decided)
+        r, err = failed[0]
+        pin_verdict(api, snap, AppState.FAILED,
+                    f"restart {number} ({why}) could not create the next attempt of role '{r.role}' "
+                    f"replica {r.replica_id}: {explain(err)}")
+        return
+    if start_after <= time.time():  # no backoff: start them now
         parallel(api.start, created)
 
 
@@ -116,6 +131,8 @@ def start_due(api: Any, snap: Snapshot) -> None:
     failure: the daemon records the error on the container)."""
     from torchx_ext.schedulers.docker_jobs_daemon import parallel
 
+    if snap.verdict is not None:
+        return
     now = time.time()
     due = [r for r in snap.replicas if r.attempt > 1 and r.status == "created" and not r.started
            and not r.error and r.start_after <= now]

@@ -121,6 +121,7 @@ def reconcile(api: Any, app_id: str, acting: bool, died: Optional[dict[str, int]
         if due:
             retries.restart(api, snap, due[0])  # its scope may hold the others: one per pass
             snap = fetch(api, app_id) or snap
+            verdict = snap.verdict  # a restart that could not create its attempts decides the app
         retries.start_due(api, snap)
     if verdict is None:
         # first attempts not started: waiting for their dependencies (a restart's wait is its backoff)
