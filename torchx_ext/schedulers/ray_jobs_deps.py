@@ -1,6 +1,6 @@
 """Dependencies on a Ray cluster, client side: waiting records and the cluster's broker job.
 
-A dependent app is submitted as a *waiting record* (a job ``<id>--waiting`` that exits at once and
+A dependent app is submitted as a *waiting record* (a job ``<id>--waiting`` that never starts and
 carries the app's submission in its metadata); the broker job (:mod:`ray_jobs_cluster.broker`)
 submits the app when its dependencies succeed. Here: submitting a record, finding or starting the
 broker, and reading a waiting app's state.
@@ -89,7 +89,7 @@ class Brokers:
         """Submits the app as a waiting record that the broker starts later."""
         python = entrypoint.split()[0]
         self.ensure(client, url, python)
-        meta = {KIND: "waiting", "torchx_ext_submission_id": sid,
+        meta = {KIND: "waiting", cluster.RECORD_HELD: "1", "torchx_ext_submission_id": sid,
                 "torchx_ext_dependencies": json.dumps(dependencies),
                 "torchx_ext_dependency_names": json.dumps({d: make_app_id(url, d) for d in dependencies}),
                 "torchx_ext_entrypoint": entrypoint, "torchx_ext_submit_kwargs": json.dumps(submit_kwargs),
@@ -97,8 +97,10 @@ class Brokers:
         record_env = {k: v for k, v in runtime_env.items() if k != "pip"}
         if "pip" in runtime_env:  # installed by the app's job, not by the record
             meta["torchx_ext_pip"] = json.dumps(runtime_env["pip"])
-        # the record itself only has to exist: it exits at once and holds no resources
-        client.submit_job(entrypoint="exit 0", submission_id=sid + "--waiting", runtime_env=record_env, metadata=meta)
+        # the record only has to exist: it asks for a resource no node has, so Ray keeps it PENDING
+        # and never starts its job supervisor (the broker releases it once the app is decided)
+        client.submit_job(entrypoint="exit 0", submission_id=sid + "--waiting", runtime_env=record_env,
+                          metadata=meta, entrypoint_resources={cluster.RECORD_RESOURCE: 1})
         # again: an idle broker may have exited between its last look and this record
         self.ensure(client, url, python)
 
@@ -114,7 +116,7 @@ class Brokers:
             return None
         meta = record.metadata or {}
         app_meta = json.loads(meta.get("torchx_ext_app_metadata", "{}"))
-        if job_status(record) == "FAILED":
+        if job_status(record) == "FAILED" and cluster.RECORD_HELD not in meta:  # an older, running record
             return AppState.FAILED, f"could not set up the job's runtime_env: {record.message}", app_meta
         names = json.loads(meta.get("torchx_ext_dependency_names", "{}"))
         deps = ", ".join(names.get(d, d) for d in json.loads(meta.get("torchx_ext_dependencies", "[]")))

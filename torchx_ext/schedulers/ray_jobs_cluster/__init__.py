@@ -26,6 +26,14 @@ VERDICT_MARK = "\x1etx-verdict "
 # job Ray reports SUCCEEDED or RUNNING, whose message carries no verdict)
 RESTART_MARK = "restart "
 DRIVER_ROLE = "d"
+# A waiting record (a dependent app not started yet) is a Ray job that asks for RECORD_RESOURCE,
+# which no node has: Ray keeps it PENDING without starting its job supervisor (a process and ~0.7 s
+# of head time each), so a hundred records do not delay the jobs that run. The broker releases the
+# record's supervisor (ray.kill) once the app is decided. Records carrying RECORD_HELD in their
+# metadata are such records: their Ray status says nothing about the app (Ray fails a supervisor
+# still pending after RAY_JOB_START_TIMEOUT_SECONDS, 15 min by default, and a released one).
+RECORD_RESOURCE = "torchx_ext_waiting_record"
+RECORD_HELD = "torchx_ext_record_held"
 # A gang's placement group is named PG_PREFIX + submission id, so that describe() can tell a gang
 # still waiting for its resources (PENDING) from one that runs
 PG_PREFIX = "torchx-ext-pg-"

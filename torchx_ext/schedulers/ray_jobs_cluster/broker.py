@@ -6,13 +6,18 @@ Ray job costs a job-supervisor actor (~100 MB) plus its driver (~70 MB) for as l
 and supervisors start about one per second, so a pipeline of hundreds of pending stages would
 not fit. Instead a dependent app is submitted as a *waiting record*: a Ray job
 ``<id>--waiting`` that carries the app's runtime_env and, in its metadata, the app's entrypoint,
-resources and dependencies, and that exits at once. The broker is stateless: every poll it lists
-the cluster's jobs and, for each waiting record whose app job does not exist yet,
+resources and dependencies, and that never starts (it asks for ``RECORD_RESOURCE``, which no node
+has, so Ray starts no supervisor for it). The broker is stateless: every poll it lists the
+cluster's jobs and, for each waiting record whose app job does not exist yet,
 
 * all dependencies SUCCEEDED → submits the app job (submission id ``<id>``) from the record;
 * a dependency FAILED, STOPPED, or gone → submits ``<id>`` as a verdict job that fails at once
   with metadata naming the dependency (so the app is FAILED with a reason, never stuck);
 * otherwise leaves it waiting.
+
+Once the app job exists (started, failed, or cancelled by ``torchx cancel``), the broker releases
+the record: it kills the record's pending supervisor actor, which Ray then reports FAILED
+("supervisor actor died"), a status nobody reads for a held record.
 
 Submission ids are unique per cluster, so an app id is decided exactly once, even against a
 concurrent ``torchx cancel`` (which claims the id the same way) or a second broker.
@@ -27,9 +32,9 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Set
 
-from . import already_exists
+from . import RECORD_HELD, already_exists
 
 KIND = "torchx_ext_kind"  # metadata: "app", "waiting", "verdict", "broker"
 PIN_EVERY_S = 240.0
@@ -53,7 +58,8 @@ def dependency_state(dep: str, jobs: Dict[str, Any]) -> str:
     waiting = jobs.get(dep + "--waiting")
     if waiting is None:
         return "MISSING"
-    if str(waiting.status) == "FAILED":  # its runtime env could not be set up: never starts
+    if str(waiting.status) == "FAILED" and RECORD_HELD not in (waiting.metadata or {}):
+        # an older record (one that ran): its runtime env could not be set up, so it never starts
         return "FAILED"
     return "PENDING"
 
@@ -103,6 +109,38 @@ def undecided(listed: List[Any]) -> List[Any]:
             and (j.metadata or {}).get("torchx_ext_submission_id") not in ids]
 
 
+def decided_held(listed: List[Any]) -> List[str]:
+    """The held waiting records among ``listed`` whose app job exists: the broker releases them.
+    A record Ray still reports PENDING, or failed only because its supervisor waited too long to
+    start (RAY_JOB_START_TIMEOUT_SECONDS), still has a supervisor actor pending."""
+    ids = {j.submission_id for j in listed if j.submission_id}
+    out = []
+    for j in listed:
+        meta = j.metadata or {}
+        if meta.get(KIND) != "waiting" or RECORD_HELD not in meta or meta.get("torchx_ext_submission_id") not in ids:
+            continue
+        if str(j.status) == "PENDING" or str(getattr(j, "error_type", "") or "").endswith("START_TIMEOUT"):
+            out.append(str(j.submission_id))
+    return out
+
+
+def release(record_id: str) -> None:
+    """Kills the pending supervisor actor of a held record (gone already is fine)."""
+    import ray
+
+    try:
+        from ray.dashboard.modules.job.common import JOB_ACTOR_NAME_TEMPLATE, SUPERVISOR_ACTOR_RAY_NAMESPACE
+    except ImportError:  # the names Ray has used since its Jobs API began
+        JOB_ACTOR_NAME_TEMPLATE, SUPERVISOR_ACTOR_RAY_NAMESPACE = (
+            "_ray_internal_job_actor_{job_id}", "SUPERVISOR_ACTOR_RAY_NAMESPACE")
+    try:
+        actor = ray.get_actor(JOB_ACTOR_NAME_TEMPLATE.format(job_id=record_id),
+                              namespace=SUPERVISOR_ACTOR_RAY_NAMESPACE)
+    except ValueError:
+        return
+    ray.kill(actor, no_restart=True)
+
+
 def _waiting_now(client: Any) -> bool:
     """A last look before an idle exit: a record may have been submitted since the last poll.
     The submitter checks the broker again after submitting a record, and describe() restarts a
@@ -123,6 +161,7 @@ def main() -> int:
     interval = float(os.environ.get("TORCHX_EXT_BROKER_POLL_S", "0.5"))
     idle_exit_s = float(os.environ.get("TORCHX_EXT_BROKER_IDLE_EXIT_S", "600"))
     pinned: Dict[str, float] = {}
+    released: Set[str] = set()  # held records released (or tried) by this broker: once each
     last_busy = time.time()
     print(f"torchx-ext broker up, polling {ctx.dashboard_url} every {interval} s", flush=True)
     while True:
@@ -145,7 +184,7 @@ def main() -> int:
         for job in waiting:
             decision = decide(job, jobs)
             if decision is not None:
-                submit_decided(client, job, decision)
+                submit_decided(client, job, decision)  # its record is released once the app job shows
                 continue
             for uri in _uris(job.runtime_env or {}):
                 if now - pinned.get(uri, 0) > PIN_EVERY_S:
@@ -156,7 +195,19 @@ def main() -> int:
                         pinned[uri] = now
                     except Exception as e:
                         print(f"could not pin {uri}: {e}", file=sys.stderr, flush=True)
+        for record_id in decided_held(listed):  # decided by a cancel, or by an earlier broker
+            _release(record_id, released)
         time.sleep(interval)
+
+
+def _release(record_id: str, released: Set[str]) -> None:
+    if record_id in released:
+        return
+    released.add(record_id)
+    try:
+        release(record_id)
+    except Exception as e:  # it stays PENDING: a job record and an unschedulable actor, nothing runs
+        print(f"could not release {record_id}: {e}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
