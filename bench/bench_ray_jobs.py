@@ -298,8 +298,12 @@ def bench_throughput(url: str, client: Any, jobs: Jobs, n: int, threads: int) ->
     on) vs ``submit_job`` on one client shared by the threads, as a user of Ray would fan out."""
     env = {"env_vars": {"TORCHX_EXT_BENCH": "1"}}
     runners = [get_runner() for _ in range(threads)]
-    for r in runners:  # warm-up, untimed: each runner's client connects once, as a raw client did
-        jobs.add_app(r.run(trivial_app("tp-warm"), "ray_jobs", {"dashboard_url": url}))
+    # warm-up, untimed: each runner's client connects once, as the raw client did (a status
+    # connects; one app, not one per runner: each would be a job start for the head to drain)
+    warm = runners[0].run(trivial_app("tp-warm"), "ray_jobs", {"dashboard_url": url})
+    jobs.add_app(warm)
+    for r in runners[1:]:
+        r.status(warm)
 
     def ours() -> float:
         def submit(i: int) -> str:
@@ -699,6 +703,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dashboard", default=None, help="Ray dashboard URL (default: $TORCHX_EXT_TEST_RAY_DASHBOARD)")
     parser.add_argument("--repeat", type=int, default=9, help="repetitions of benches 1 and 2 (median)")
+    parser.add_argument("--restart-repeat", type=int, default=5, help="repetitions of bench 6 (median)")
     parser.add_argument("--apps", type=int, default=64, help="apps of the throughput bench")
     parser.add_argument("--threads", type=int, default=8, help="threads submitting, on both sides")
     parser.add_argument("--dag", type=int, default=100, help="apps of the dependency DAG")
@@ -722,8 +727,17 @@ def main() -> int:
     os.environ["TORCHX_EXT_HOME"] = home
     os.environ.pop("RAY_ADDRESS", None)  # the apps' cluster is --dashboard's, nothing else
     t_start = time.time()
+    phases: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], None]) -> None:
+        t0 = time.time()
+        try:
+            fn()
+        finally:
+            phases[name] = time.time() - t0
+
     if "dryrun" in only:
-        bench_dryrun(url, args.repeat)  # before anything in this process imports ray
+        timed("dryrun", lambda: bench_dryrun(url, args.repeat))  # before anything in this process imports ray
 
     from ray.job_submission import JobSubmissionClient
 
@@ -736,16 +750,18 @@ def main() -> int:
     print(f"\ncluster: {url}, Ray {version}; this machine: {os.cpu_count()} cores", flush=True)
     try:
         if "submit" in only:
-            bench_submit(url, client, jobs, args.repeat)
+            timed("submit", lambda: bench_submit(url, client, jobs, args.repeat))
         if "throughput" in only:
-            bench_throughput(url, client, jobs, args.apps, args.threads)
+            timed("throughput", lambda: bench_throughput(url, client, jobs, args.apps, args.threads))
         if "dag" in only:
-            bench_dag(url, client, jobs, args.dag, args.dag_width, args.raw_dag_layers, args.dag_timeout)
+            timed("dag", lambda: bench_dag(url, client, jobs, args.dag, args.dag_width, args.raw_dag_layers,
+                                           args.dag_timeout))
         if "memory" in only:
-            bench_memory(url, client, jobs, args.waiters, args.naive)
+            timed("memory", lambda: bench_memory(url, client, jobs, args.waiters, args.naive))
         if "restart" in only:
-            bench_restart(url, client, jobs, args.repeat)
+            timed("restart", lambda: bench_restart(url, client, jobs, args.restart_repeat))
     finally:
+        t0 = time.time()
         try:
             left = jobs.drain(300)
             back = jobs.sweep()
@@ -757,7 +773,9 @@ def main() -> int:
             print(f"WARNING: cleanup failed ({type(e).__name__}: {str(e)[:200]}); "
                   f"{len(jobs.ids)} job id(s) may be left: {', '.join(sorted(jobs.ids)[:10])}")
         shutil.rmtree(home, ignore_errors=True)
-    print(f"\ntotal bench time: {time.time() - t_start:.0f} s")
+        phases["cleanup"] = time.time() - t0
+    print(f"\ntotal bench time: {time.time() - t_start:.0f} s ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + ")")
     return 0
 
 

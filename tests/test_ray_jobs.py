@@ -211,10 +211,16 @@ def test_cancel_while_waiting_for_dependency(runner: Runner) -> None:
     first = runner.run(AppDef("slow", roles=[role("main", "import time; time.sleep(600)")]), "ray_jobs", cfg)
     second = runner.run(AppDef("waiter", roles=[role("main", "print('must not run')")]), "ray_jobs",
                         {**cfg, "dependencies": [first]})
+    third = runner.run(AppDef("after-waiter", roles=[role("main", "print('must not run either')")]), "ray_jobs",
+                       {**cfg, "dependencies": [second]})
     assert runner.status(second).state == AppState.PENDING
     assert second in {a.app_handle for a in runner.list("ray_jobs")}
     runner.cancel(second)
     assert wait_terminal(runner, second, 30).state == AppState.CANCELLED
+    # a cancelled dependency fails its dependent (the cancel's claim job itself exits 0, SUCCEEDED
+    # for Ray: the broker reads the verdict, not Ray's status)
+    status = wait_terminal(runner, third, 60)
+    assert status.state == AppState.FAILED and sid(second) in status.msg and "stopped" in status.msg, status
     runner.cancel(first)
     assert wait_terminal(runner, first, 30).state == AppState.CANCELLED
 

@@ -211,3 +211,25 @@ def test_driver_stops_on_sigterm_flag() -> None:
 
 def test_role_resources_memory_in_bytes() -> None:
     assert role_resources(role(cpu=0, memMB=1)) == {"memory": float(2**20)}
+
+
+def test_a_session_reads_proxies_ca_bundle_and_netrc_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # requests reads these from the environment on every request unless a session has them
+    # (trust_env=False): ours reads them when the session is made, so they still apply
+    requests = pytest.importorskip("requests")
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine head.example login u password p\n")
+    netrc.chmod(0o600)
+    for k in ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/site-ca.pem")
+    cls = rc._timeout_client_class()
+    head = types.SimpleNamespace(_address="http://head.example:8265", _verify=True)
+    session = cls._session(head, requests)
+    assert session.proxies.get("http") == "http://proxy.example:3128" and session.verify == "/etc/site-ca.pem"
+    assert session.auth == ("u", "p") and not session.trust_env
+    assert cls._session(types.SimpleNamespace(_address=head._address, _verify=False), requests).verify is False
+    monkeypatch.setenv("NO_PROXY", "head.example")
+    assert "http" not in cls._session(head, requests).proxies

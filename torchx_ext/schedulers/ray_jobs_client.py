@@ -81,6 +81,18 @@ def import_client_class() -> Any:
 
 
 PACKAGE_CACHE_S = 30.0
+# What holds for a cluster, not for a job (its version check, the driver package's URI), per
+# dashboard address and shared by every client of this process (a Runner per thread is common):
+# address -> key -> (time.monotonic() when learnt, answer). forget_cluster() drops an address.
+_CLUSTER_FACTS: dict[str, dict[str, tuple[float, str]]] = {}
+_FACTS_LOCK = threading.Lock()
+
+
+def forget_cluster(address: str) -> None:
+    """Drops what was learnt about the cluster at ``address`` (it stopped answering: a head that
+    comes back may be a new one, without our package)."""
+    with _FACTS_LOCK:
+        _CLUSTER_FACTS.pop(address.rstrip("/"), None)
 _format_auth_error: Any = None
 _AuthenticationError: Any = None
 
@@ -107,40 +119,42 @@ def _timeout_client_class() -> Any:
         def __init__(self, *args: Any, request_timeout_s: float = 10.0, **kwargs: Any) -> None:
             self.request_timeout_s = request_timeout_s
             self._local = threading.local()
-            self._lock = threading.Lock()
-            self._packages: dict[str, tuple[float, str]] = {}  # per cluster, not per job: answers kept
             super().__init__(*args, **kwargs)
+
+        def _known(self, key: str) -> Optional[str]:
+            with _FACTS_LOCK:
+                known = _CLUSTER_FACTS.get(self._address.rstrip("/"), {}).get(key)
+            return known[1] if known is not None and time.monotonic() - known[0] < PACKAGE_CACHE_S else None
+
+        def _learnt(self, key: str, answer: str) -> None:
+            with _FACTS_LOCK:
+                _CLUSTER_FACTS.setdefault(self._address.rstrip("/"), {})[key] = (time.monotonic(), answer)
 
         def _check_connection_and_version_with_url(self, min_version: str = "1.9",
                                                    version_error_message: Optional[str] = None,
                                                    url: str = "/api/version") -> None:
             # Ray asks the dashboard for its version before every submit (twice in 2.60): it
-            # holds for a cluster, so one answer per client is trusted for PACKAGE_CACHE_S
+            # holds for a cluster, so one answer per process is trusted for PACKAGE_CACHE_S
             key = f"version|{min_version}|{url}"
-            with self._lock:
-                known = self._packages.get(key)
-            if known is not None and time.monotonic() - known[0] < PACKAGE_CACHE_S:
+            if self._known(key) is not None:
                 return
             super()._check_connection_and_version_with_url(min_version, version_error_message, url)
-            with self._lock:
-                self._packages[key] = (time.monotonic(), "")
+            self._learnt(key, "ok")
 
         def package_uri(self, path: str) -> str:
             """The ``gcs://`` URI of the package directory ``path`` on this cluster, uploaded if
             missing. Ray hashes, checks and uploads a ``py_modules`` path at every submission; our
             driver package is the same for every job of this process, so that is done once per
-            client and trusted for PACKAGE_CACHE_S (a head restarted meanwhile is seen as
-            unreachable first, and the scheduler then makes a new client)."""
-            with self._lock:
-                known = self._packages.get(path)
-            if known is not None and time.monotonic() - known[0] < PACKAGE_CACHE_S:
-                return known[1]
+            process and cluster and trusted for PACKAGE_CACHE_S (a head restarted meanwhile is
+            seen as unreachable first, and the scheduler then forgets the cluster)."""
+            known = self._known(path)
+            if known is not None:
+                return known
             kwargs: dict[str, Any] = {"include_parent_dir": True}
             if "include_gitignore" in inspect.signature(super()._upload_package_if_needed).parameters:
                 kwargs["include_gitignore"] = True
             uri = str(super()._upload_package_if_needed(path, **kwargs))
-            with self._lock:
-                self._packages[path] = (time.monotonic(), uri)
+            self._learnt(path, uri)
             return uri
 
         def _do_request(self, method: str, endpoint: str, *, data: Optional[bytes] = None,
@@ -152,15 +166,28 @@ def _timeout_client_class() -> Any:
 
             session = getattr(self._local, "session", None)
             if session is None:
-                session = self._local.session = requests.Session()
+                session = self._local.session = self._session(requests)
             kwargs.setdefault("timeout", self.request_timeout_s)
             response = session.request(method, self._address + endpoint, cookies=self._cookies, data=data,
-                                       json=json_data, headers=self._headers, verify=self._verify, **kwargs)
+                                       json=json_data, headers=self._headers, verify=session.verify, **kwargs)
             if _format_auth_error is not None:  # Ray >= 2.50 turns 401/403 into AuthenticationError
                 formatted = _format_auth_error(response.status_code, response.text)
                 if formatted:
                     raise _AuthenticationError(formatted)
             return response
+
+        def _session(self, requests: Any) -> Any:
+            """A session with what requests reads from the environment on every request (proxies
+            and NO_PROXY, the CA bundle, ~/.netrc) read once: that is ~1.5 ms of client time per
+            request (scans of os.environ, a stat of ~/.netrc), and it is the same for every
+            request to this one address."""
+            session = requests.Session()
+            env = session.merge_environment_settings(self._address, {}, None, self._verify, None)
+            session.proxies.update(env["proxies"])
+            session.verify = env["verify"]
+            session.auth = requests.utils.get_netrc_auth(self._address)
+            session.trust_env = False
+            return session
 
     return TimeoutJobSubmissionClient
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from torchx_ext import state
 from torchx_ext.errors import SchedulerUnavailable
+from torchx_ext.schedulers.ray_jobs_client import forget_cluster
 
 
 class Connections:
@@ -55,7 +56,11 @@ class Connections:
     def drop(self, url: str) -> None:
         """Forgets the clients of ``url`` (it stopped answering: the next call connects anew)."""
         with self._lock:
+            dropped = [v for k, v in self._clients.items() if k.startswith(url + "|")]
             self._clients = {k: v for k, v in self._clients.items() if not k.startswith(url + "|")}
+        for client in dropped:  # and what this process learnt about that cluster
+            forget_cluster(str(getattr(client, "_address", url)))
+        forget_cluster(url)
 
     def submitted(self, sid: str) -> None:
         now = time.monotonic()

@@ -11,8 +11,9 @@ has, so Ray starts no supervisor for it). The broker is stateless: every poll it
 cluster's jobs and, for each waiting record whose app job does not exist yet,
 
 * all dependencies SUCCEEDED → submits the app job (submission id ``<id>``) from the record;
-* a dependency FAILED, STOPPED, or gone → submits ``<id>`` as a verdict job that fails at once
-  with metadata naming the dependency (so the app is FAILED with a reason, never stuck);
+* a dependency FAILED, STOPPED (a cancel's verdict counts as STOPPED), or gone → submits ``<id>``
+  as a verdict job, held like a record and released at once, with metadata naming the dependency
+  (so the app is FAILED with a reason, never stuck);
 * otherwise leaves it waiting.
 
 Once the app job exists (started, failed, or cancelled by ``torchx cancel``), the broker releases
@@ -32,9 +33,9 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
-from . import RECORD_HELD, already_exists
+from . import RECORD_HELD, RECORD_RESOURCE, already_exists
 
 KIND = "torchx_ext_kind"  # metadata: "app", "waiting", "verdict", "broker"
 PIN_EVERY_S = 240.0
@@ -54,6 +55,10 @@ def dependency_state(dep: str, jobs: Dict[str, Any]) -> str:
     """SUCCEEDED/FAILED/STOPPED/PENDING/RUNNING/MISSING of the app with submission id ``dep``."""
     job = jobs.get(dep)
     if job is not None:
+        meta = job.metadata or {}
+        if meta.get(KIND) == "verdict":  # decided without running: the outcome is in its metadata,
+            # whatever Ray says of the job that carries it (a cancel's claim exits 0: SUCCEEDED)
+            return "STOPPED" if meta.get("torchx_ext_verdict") == "CANCELLED" else "FAILED"
         return str(job.status)
     waiting = jobs.get(dep + "--waiting")
     if waiting is None:
@@ -93,9 +98,11 @@ def submit_decided(client: Any, record: Any, decision: Dict[str, str]) -> None:
             client.submit_job(entrypoint=meta["torchx_ext_entrypoint"], submission_id=app_id,
                               runtime_env=runtime_env, metadata=real_meta, **kwargs)
         else:
+            # a verdict is read from its metadata, never run: held like a record, then released
             real_meta.update({KIND: "verdict", "torchx_ext_verdict": "FAILED",
-                              "torchx_ext_msg": decision["msg"]})
-            client.submit_job(entrypoint="exit 1", submission_id=app_id, metadata=real_meta)
+                              "torchx_ext_msg": decision["msg"], RECORD_HELD: "1"})
+            client.submit_job(entrypoint="exit 1", submission_id=app_id, metadata=real_meta,
+                              entrypoint_resources={RECORD_RESOURCE: 1})
         print(f"{time.strftime('%H:%M:%S')} {app_id}: {decision['verdict']} {decision.get('msg', '')}", flush=True)
     except RuntimeError as e:
         if not already_exists(e):  # else: cancelled (or decided) concurrently
@@ -109,23 +116,28 @@ def undecided(listed: List[Any]) -> List[Any]:
             and (j.metadata or {}).get("torchx_ext_submission_id") not in ids]
 
 
-def decided_held(listed: List[Any]) -> List[str]:
-    """The held waiting records among ``listed`` whose app job exists: the broker releases them.
-    A record Ray still reports PENDING, or failed only because its supervisor waited too long to
-    start (RAY_JOB_START_TIMEOUT_SECONDS), still has a supervisor actor pending."""
+def decided_held(listed: List[Any]) -> List[Tuple[str, bool]]:
+    """(job id, Ray still says PENDING) of the held jobs among ``listed`` that the broker releases:
+    the waiting records whose app job exists, and the verdicts it submitted. Only those that may
+    still have a supervisor actor pending: Ray reports them PENDING, or failed because the
+    supervisor waited too long to start (RAY_JOB_START_TIMEOUT_SECONDS)."""
     ids = {j.submission_id for j in listed if j.submission_id}
     out = []
     for j in listed:
         meta = j.metadata or {}
-        if meta.get(KIND) != "waiting" or RECORD_HELD not in meta or meta.get("torchx_ext_submission_id") not in ids:
+        if RECORD_HELD not in meta:
             continue
-        if str(j.status) == "PENDING" or str(getattr(j, "error_type", "") or "").endswith("START_TIMEOUT"):
-            out.append(str(j.submission_id))
+        decided = meta.get(KIND) == "verdict" or (
+            meta.get(KIND) == "waiting" and meta.get("torchx_ext_submission_id") in ids)
+        pending = str(j.status) == "PENDING"
+        if decided and (pending or str(getattr(j, "error_type", "") or "").endswith("START_TIMEOUT")):
+            out.append((str(j.submission_id), pending))
     return out
 
 
-def release(record_id: str) -> None:
-    """Kills the pending supervisor actor of a held record (gone already is fine)."""
+def release(job_id: str) -> bool:
+    """Kills the pending supervisor actor of a held job; False if there is none (not yet
+    registered, or gone already)."""
     import ray
 
     try:
@@ -134,11 +146,12 @@ def release(record_id: str) -> None:
         JOB_ACTOR_NAME_TEMPLATE, SUPERVISOR_ACTOR_RAY_NAMESPACE = (
             "_ray_internal_job_actor_{job_id}", "SUPERVISOR_ACTOR_RAY_NAMESPACE")
     try:
-        actor = ray.get_actor(JOB_ACTOR_NAME_TEMPLATE.format(job_id=record_id),
+        actor = ray.get_actor(JOB_ACTOR_NAME_TEMPLATE.format(job_id=job_id),
                               namespace=SUPERVISOR_ACTOR_RAY_NAMESPACE)
     except ValueError:
-        return
+        return False
     ray.kill(actor, no_restart=True)
+    return True
 
 
 def _waiting_now(client: Any) -> bool:
@@ -161,7 +174,7 @@ def main() -> int:
     interval = float(os.environ.get("TORCHX_EXT_BROKER_POLL_S", "0.5"))
     idle_exit_s = float(os.environ.get("TORCHX_EXT_BROKER_IDLE_EXIT_S", "600"))
     pinned: Dict[str, float] = {}
-    released: Set[str] = set()  # held records released (or tried) by this broker: once each
+    released: Set[str] = set()  # held jobs released (or tried) by this broker: once each
     last_busy = time.time()
     print(f"torchx-ext broker up, polling {ctx.dashboard_url} every {interval} s", flush=True)
     while True:
@@ -195,19 +208,21 @@ def main() -> int:
                         pinned[uri] = now
                     except Exception as e:
                         print(f"could not pin {uri}: {e}", file=sys.stderr, flush=True)
-        for record_id in decided_held(listed):  # decided by a cancel, or by an earlier broker
-            _release(record_id, released)
+        for job_id, pending in decided_held(listed):  # records and verdicts, also an earlier broker's
+            _release(job_id, pending, released)
         time.sleep(interval)
 
 
-def _release(record_id: str, released: Set[str]) -> None:
-    if record_id in released:
+def _release(job_id: str, pending: bool, released: Set[str]) -> None:
+    if job_id in released:
         return
-    released.add(record_id)
     try:
-        release(record_id)
+        # a PENDING job whose actor is not found yet is looked for again at the next poll
+        if release(job_id) or not pending:
+            released.add(job_id)
     except Exception as e:  # it stays PENDING: a job record and an unschedulable actor, nothing runs
-        print(f"could not release {record_id}: {e}", file=sys.stderr, flush=True)
+        released.add(job_id)
+        print(f"could not release {job_id}: {e}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
