@@ -12,7 +12,9 @@ is read when present). Every job the bench makes is deleted at the end; the shar
    ``-X importtime``; ``sys.modules`` after ``Runner.dryrun`` in a fresh interpreter).
 2. ``submit``: ``Runner.run`` + first ``Runner.status`` of a single-role app vs ``submit_job`` +
    ``get_job_status`` on a client made beforehand; each job ends (untimed) before the next submit,
-   so that no measure pays for the head starting the previous one's driver.
+   so that no measure pays for the head starting the previous one's driver. A third row submits
+   the very job ours submits (our driver entrypoint, its package in ``py_modules``, the role's
+   resources) through the raw client: the head's own extra work on such a job, apart from ours.
 3. ``throughput``: ``--apps`` trivial apps from ``--threads`` threads on both sides: a Runner per
    thread (default options) vs ``submit_job`` on one shared client. Only submission is timed;
    between phases the cluster drains, untimed, so that no phase runs against another's backlog.
@@ -277,9 +279,29 @@ def bench_submit(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
         wait_terminal(client, [sid], 120)
         return took
 
+    # the same job as ours (our driver entrypoint, runtime_env with the driver package, the
+    # role's resources), submitted through the raw client: what the head spends on the job itself
+    # (a py_modules package, entrypoint resources) apart from what our client adds to it
+    sched = create_scheduler("bench")
+    same = sched.submit_dryrun(trivial_app("bench-submit"), {"dashboard_url": url}).request
+    from torchx_ext.schedulers import ray_jobs_client as rc  # only for the package's URI
+
+    same_env = {**same.runtime_env, "py_modules": rc.package_uris(rc.connect(url), same.runtime_env["py_modules"])}
+
+    def raw_same() -> float:
+        t0 = time.perf_counter()
+        sid = client.submit_job(entrypoint=same.entrypoint, runtime_env=same_env,
+                                metadata={**same.metadata, "bench": "raw-same"}, **same.entrypoint_resources)
+        client.get_job_status(sid)
+        took = time.perf_counter() - t0
+        jobs.add(sid)
+        wait_terminal(client, [sid], 120)
+        return took
+
     ours(True), raw()  # warm-up: our client's connect, the driver package upload (once per content)
-    times: dict[str, list[float]] = {"ours": [], "ours_nopf": [], "raw": []}
-    paths: dict[str, Callable[[], float]] = {"ours": lambda: ours(True), "ours_nopf": lambda: ours(False), "raw": raw}
+    times: dict[str, list[float]] = {"ours": [], "ours_nopf": [], "raw": [], "raw_same": []}
+    paths: dict[str, Callable[[], float]] = {"ours": lambda: ours(True), "ours_nopf": lambda: ours(False), "raw": raw,
+                                             "raw_same": raw_same}
     for i in range(repeat):
         for name in (list(paths) if i % 2 == 0 else list(reversed(paths))):
             times[name].append(paths[name]())
@@ -288,6 +310,7 @@ def bench_submit(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
     table(f"2. submit + first status of a single-role app, median of {repeat}", [
         ("run+status (preflight=True, default)", med["ours"], med["raw"], "s"),
         ("run+status (preflight=False)", med["ours_nopf"], med["raw"], "s"),
+        ("run+status vs raw submit of the very same job", med["ours"], med["raw_same"], "s"),
     ])
     jobs.drain(120)
 
