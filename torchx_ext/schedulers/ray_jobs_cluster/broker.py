@@ -40,6 +40,7 @@ from . import RECORD_HELD, RECORD_RESOURCE, already_exists
 KIND = "torchx_ext_kind"  # metadata: "app", "waiting", "verdict", "broker"
 PIN_EVERY_S = 240.0
 PIN_FOR_S = 900
+RELEASE_AFTER_S = 3.0  # a held job is released once it is this old (see decided_held)
 
 
 def _uris(runtime_env: Dict[str, Any]) -> Iterable[str]:
@@ -130,7 +131,10 @@ def decided_held(listed: List[Any]) -> List[Tuple[str, bool]]:
         decided = meta.get(KIND) == "verdict" or (
             meta.get(KIND) == "waiting" and meta.get("torchx_ext_submission_id") in ids)
         pending = str(j.status) == "PENDING"
-        if decided and (pending or str(getattr(j, "error_type", "") or "").endswith("START_TIMEOUT")):
+        # Ray's job monitor (polling every 1 s) must hold the supervisor's handle before the kill,
+        # or it never sees the actor die and leaves the job PENDING for 15 min (undeletable)
+        settled = time.time() - (getattr(j, "start_time", None) or 0) / 1000 > RELEASE_AFTER_S
+        if decided and settled and (pending or str(getattr(j, "error_type", "") or "").endswith("START_TIMEOUT")):
             out.append((str(j.submission_id), pending))
     return out
 
