@@ -1,6 +1,6 @@
 """``ray_jobs`` vs the raw Ray Jobs API (``JobSubmissionClient``), timed in the same run.
 
-    python bench/bench_ray_jobs.py [--dashboard URL] [--repeat 5] [--apps 200] [--dag 100]
+    python bench/bench_ray_jobs.py [--dashboard URL] [--repeat 11] [--apps 64] [--dag 100]
                                    [--only dryrun,submit,throughput,dag,memory,restart]
 
 The dashboard: ``--dashboard``, else ``$TORCHX_EXT_TEST_RAY_DASHBOARD`` (``testbed/.state/ray.env``
@@ -11,13 +11,13 @@ is read when present). Every job the bench makes is deleted at the end; the shar
    from an empty temporary cwd; and whether ``ray`` gets imported on that path (the CLI under
    ``-X importtime``; ``sys.modules`` after ``Runner.dryrun`` in a fresh interpreter).
 2. ``submit``: ``Runner.run`` + first ``Runner.status`` of a single-role app vs ``submit_job`` +
-   ``get_job_status`` on a client made beforehand; each job ends (untimed) before the next submit,
-   so that no measure pays for the head starting the previous one's driver. A third row submits
-   the very job ours submits (our driver entrypoint, its package in ``py_modules``, the role's
-   resources) through the raw client: the head's own extra work on such a job, apart from ours.
+   ``get_job_status`` on a client made beforehand, ``--repeat`` pairs in alternating order; the
+   ratio is the median of the pairs' ratios. Each job ends (untimed) before the next submit, so
+   that no measure pays for the head starting the previous one's driver.
 3. ``throughput``: ``--apps`` trivial apps from ``--threads`` threads on both sides: a Runner per
-   thread (default options) vs ``submit_job`` on one shared client. Only submission is timed;
-   between phases the cluster drains, untimed, so that no phase runs against another's backlog.
+   thread (default options) vs ``submit_job`` on one shared client, in two rounds a side, in the
+   order raw, ours, ours, raw. Only submission is timed; after each round the cluster drains,
+   untimed, so that no round runs against another's backlog.
 4. ``dag``: ``--dag`` trivial apps in layers of ``--dag-width`` (each depends on up to two apps of
    the layer before), all submitted up front with ``dependencies``. Latency from the last
    dependency's end (``JobDetails.end_time``) to the dependent's job being submitted (its
@@ -96,11 +96,14 @@ def sid_of(handle: str) -> str:
     return handle.rsplit("~", 1)[-1]
 
 
-def table(title: str, rows: list[tuple[str, float, float, str]]) -> None:
+def table(title: str, rows: list[tuple[str, float, float, str]], ratio_of_pairs: Optional[float] = None) -> None:
+    """``ratio_of_pairs``: the ratio of a one-row table, when it is the median of paired samples'
+    ratios (steadier than the ratio of the medians when the head drifts between samples)."""
     print(f"\n== {title} ==")
     print(f"{'measure':<58} {'ours':>9} {'raw':>9} {'ours/raw':>11}")
     for name, ours, raw, unit in rows:
-        ratio = f"{ours / raw:10.2f}x" if raw else "       n/a"
+        r = ratio_of_pairs if ratio_of_pairs is not None else (ours / raw if raw else None)
+        ratio = f"{r:10.2f}x" if r is not None else "       n/a"
         print(f"{name + ' (' + unit + ')':<58} {ours:9.3f} {raw:9.3f} {ratio:>11}")
     sys.stdout.flush()
 
@@ -260,10 +263,10 @@ def bench_submit(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
     runner = get_runner()
     env = {"env_vars": {"TORCHX_EXT_BENCH": "1"}}
 
-    def ours(preflight: bool) -> float:
+    def ours() -> float:
         app = trivial_app("bench-submit")
         t0 = time.perf_counter()
-        handle = runner.run(app, "ray_jobs", {"dashboard_url": url, "preflight": preflight})
+        handle = runner.run(app, "ray_jobs", {"dashboard_url": url})
         runner.status(handle)
         took = time.perf_counter() - t0
         jobs.add_app(handle)
@@ -279,39 +282,25 @@ def bench_submit(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
         wait_terminal(client, [sid], 120)
         return took
 
-    # the same job as ours (our driver entrypoint, runtime_env with the driver package, the
-    # role's resources), submitted through the raw client: what the head spends on the job itself
-    # (a py_modules package, entrypoint resources) apart from what our client adds to it
-    sched = create_scheduler("bench")
-    same = sched.submit_dryrun(trivial_app("bench-submit"), {"dashboard_url": url}).request
-    from torchx_ext.schedulers import ray_jobs_client as rc  # only for the package's URI
-
-    same_env = {**same.runtime_env, "py_modules": rc.package_uris(rc.connect(url), same.runtime_env["py_modules"])}
-
-    def raw_same() -> float:
-        t0 = time.perf_counter()
-        sid = client.submit_job(entrypoint=same.entrypoint, runtime_env=same_env,
-                                metadata={**same.metadata, "bench": "raw-same"}, **same.entrypoint_resources)
-        client.get_job_status(sid)
-        took = time.perf_counter() - t0
-        jobs.add(sid)
-        wait_terminal(client, [sid], 120)
-        return took
-
-    ours(True), raw()  # warm-up: our client's connect, the driver package upload (once per content)
-    times: dict[str, list[float]] = {"ours": [], "ours_nopf": [], "raw": [], "raw_same": []}
-    paths: dict[str, Callable[[], float]] = {"ours": lambda: ours(True), "ours_nopf": lambda: ours(False), "raw": raw,
-                                             "raw_same": raw_same}
-    for i in range(repeat):
-        for name in (list(paths) if i % 2 == 0 else list(reversed(paths))):
-            times[name].append(paths[name]())
+    ours(), raw()  # warm-up: our client's connect, the driver package upload (once per content)
+    pairs: list[tuple[float, float]] = []
+    for i in range(repeat):  # a pair at a time, in alternating order: a drift of the head hits both
+        if i % 2 == 0:
+            a = ours()
+            b = raw()
+        else:
+            b = raw()
+            a = ours()
+        pairs.append((a, b))
     runner.close()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    table(f"2. submit + first status of a single-role app, median of {repeat}", [
-        ("run+status (preflight=True, default)", med["ours"], med["raw"], "s"),
-        ("run+status (preflight=False)", med["ours_nopf"], med["raw"], "s"),
-        ("run+status vs raw submit of the very same job", med["ours"], med["raw_same"], "s"),
-    ])
+    o, r = [p[0] for p in pairs], [p[1] for p in pairs]
+    print(f"\n(single samples move by +-30% with what the head does meanwhile; the ratio is the median of the "
+          f"{repeat} pairs' ratios: ours {min(o) * 1e3:.1f}-{max(o) * 1e3:.1f} ms, raw {min(r) * 1e3:.1f}-"
+          f"{max(r) * 1e3:.1f} ms)")
+    table(f"2. submit + first status of a single-role app (preflight on, the default), median of {repeat}", [
+        ("Runner.run + Runner.status vs submit_job + get_job_status", statistics.median(o), statistics.median(r),
+         "s"),
+    ], ratio_of_pairs=statistics.median(a / b for a, b in pairs))
     jobs.drain(120)
 
 
@@ -328,42 +317,48 @@ def bench_throughput(url: str, client: Any, jobs: Jobs, n: int, threads: int) ->
     for r in runners[1:]:
         r.status(warm)
 
-    def ours() -> float:
+    def ours(k: int, count: int) -> float:
         def submit(i: int) -> str:
-            return runners[i % threads].run(trivial_app(f"tp-{i}"), "ray_jobs", {"dashboard_url": url})
+            return runners[i % threads].run(trivial_app(f"tp-{k}-{i}"), "ray_jobs", {"dashboard_url": url})
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
-            handles = list(pool.map(submit, range(n)))
+            handles = list(pool.map(submit, range(count)))
         took = time.perf_counter() - t0
         for h in handles:
             jobs.add_app(h)
-        return n / took
+        return took
 
-    def raw() -> float:
+    def raw(k: int, count: int) -> float:
         def submit(_: int) -> str:
             return str(client.submit_job(entrypoint="python -c pass", runtime_env=env, metadata={"bench": "raw"}))
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
-            sids = list(pool.map(submit, range(n)))
+            sids = list(pool.map(submit, range(count)))
         took = time.perf_counter() - t0
         jobs.add(*sids)
-        return n / took
+        return took
 
-    rate: dict[str, float] = {}
+    # rounds in the order raw, ours, ours, raw (ABBA): a drift of the head over the bench (it
+    # moves by +-20% between runs here) weighs on both sides alike
+    rounds = 2 if n >= 2 * threads else 1
+    sizes = [n // rounds + (1 if k < n % rounds else 0) for k in range(rounds)]
+    order = [("raw", 0), ("ours", 0)] + ([("ours", 1), ("raw", 1)] if rounds == 2 else [])
+    spent: dict[str, float] = {"raw": 0.0, "ours": 0.0}
     jobs.drain(300)
-    for name, fn in (("raw", raw), ("ours", ours)):
-        progress(f"throughput: {name} ...")
-        rate[name] = fn()
+    for name, k in order:
+        progress(f"throughput: {name}, round {k + 1} of {rounds} ({sizes[k]} apps) ...")
+        took = (raw if name == "raw" else ours)(k, sizes[k])
+        spent[name] += took
         t0 = time.time()
-        left = jobs.drain(900)  # untimed: the next phase starts on an idle cluster
-        progress(f"throughput: {name} {rate[name]:.1f} apps/s; cluster drained in {time.time() - t0:.0f} s"
+        left = jobs.drain(900)  # untimed: the next round starts on an idle cluster
+        progress(f"throughput: {name} {sizes[k] / took:.1f} apps/s; cluster drained in {time.time() - t0:.0f} s"
                  + (f" ({len(left)} left)" if left else ""))
     for r in runners:
         r.close()
-    table("3. submission throughput (ratio < 1: ours slower)", [
-        (f"{n} apps from {threads} threads: Runner.run vs submit_job", rate["ours"], rate["raw"], "apps/s"),
+    table(f"3. submission throughput, {rounds} round(s) a side (ratio < 1: ours slower)", [
+        (f"{n} apps from {threads} threads: Runner.run vs submit_job", n / spent["ours"], n / spent["raw"], "apps/s"),
     ])
 
 
@@ -521,13 +516,13 @@ def cluster_usage(temp_dir: str) -> tuple[int, int]:
     return sum(procs[p][2] for p in members), len(members)
 
 
-def sample_usage(temp_dir: str, settle: float = 3.0, samples: int = 3) -> tuple[float, float]:
+def sample_usage(temp_dir: str, settle: float = 2.0, samples: int = 3) -> tuple[float, float]:
     """Median (RSS MB, process count) over a few samples, after letting idle workers go."""
     time.sleep(settle)
     got = []
     for _ in range(samples):
         got.append(cluster_usage(temp_dir))
-        time.sleep(1.0)
+        time.sleep(0.5)
     return statistics.median(g[0] for g in got) / 2**20, statistics.median(g[1] for g in got)
 
 
@@ -725,8 +720,8 @@ def bench_restart(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dashboard", default=None, help="Ray dashboard URL (default: $TORCHX_EXT_TEST_RAY_DASHBOARD)")
-    parser.add_argument("--repeat", type=int, default=9, help="repetitions of benches 1 and 2 (median)")
-    parser.add_argument("--restart-repeat", type=int, default=5, help="repetitions of bench 6 (median)")
+    parser.add_argument("--repeat", type=int, default=11, help="repetitions of benches 1 and 2 (median)")
+    parser.add_argument("--restart-repeat", type=int, default=3, help="repetitions of bench 6 (median)")
     parser.add_argument("--apps", type=int, default=64, help="apps of the throughput bench")
     parser.add_argument("--threads", type=int, default=8, help="threads submitting, on both sides")
     parser.add_argument("--dag", type=int, default=100, help="apps of the dependency DAG")

@@ -233,3 +233,26 @@ def test_a_session_reads_proxies_ca_bundle_and_netrc_once(monkeypatch: pytest.Mo
     assert cls._session(types.SimpleNamespace(_address=head._address, _verify=False), requests).verify is False
     monkeypatch.setenv("NO_PROXY", "head.example")
     assert "http" not in cls._session(head, requests).proxies
+
+
+def test_a_recent_submission_knows_its_cancel_marker_locally(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    # a status right after a submit asks the cluster once (the job), not twice (job + marker):
+    # a cancel made on this machine, by this process or another, is noted locally
+    from torchx_ext.schedulers import ray_jobs_local as rl
+
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path))
+    conns, other = rl.Connections(rc.connect, 5.0), rl.Connections(rc.connect, 5.0)
+    for c in (conns, other):
+        c.submitted("a-1")
+        c.submitted("b-1")
+    assert conns.marker(URL, "a-1") is False and conns.marker(URL, "old-1") is None  # not ours: ask
+    conns.cancelled(URL, "a-1")
+    assert conns.marker(URL, "a-1") is True and other.marker(URL, "a-1") is True  # another process
+    assert other.marker(URL, "b-1") is False and other.marker("http://elsewhere:8265", "a-1") is False
+    monkeypatch.setattr(rl.Connections, "RECENT_S", 0.0)
+    assert conns.marker(URL, "a-1") is None  # no longer recent: the cluster's marker decides
+    # an unwritable home loses the record, not the cancel (this process still knows)
+    monkeypatch.setattr(rl.Connections, "RECENT_S", 10.0)
+    monkeypatch.setenv("TORCHX_EXT_HOME", "/proc/no-such-home")
+    conns.cancelled(URL, "b-1")
+    assert conns.marker(URL, "b-1") is True

@@ -325,7 +325,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             return None
         try:
             client = self._client(url)
-            marker = self._connections.prefetch_marker(client, sid)
+            marker = self._connections.marker(url, sid)
             job = rc.get_job(client, sid)
             if job is None:
                 waiting = self._brokers.waiting_state(client, app_id, sid)
@@ -406,6 +406,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             job = rc.get_job(client, sid)
         if job is None or rc.job_status(job) not in ("PENDING", "RUNNING"):
             return
+        if rc.job_status(job) == "PENDING":
+            self._connections.cancelled(url, sid)
         client.stop_job(sid)
         if rc.job_status(job) == "PENDING" and rc.get_job(client, sid + rc.CANCELLED_SUFFIX) is None:
             rc.claim(client, sid + rc.CANCELLED_SUFFIX, {KIND: "cancel-marker"})

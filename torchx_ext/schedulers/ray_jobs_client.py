@@ -14,7 +14,6 @@ import os
 import threading
 import time
 import urllib.parse
-from concurrent.futures import Future
 from typing import Any, Dict, Optional
 
 from torchx.specs import AppState
@@ -334,17 +333,17 @@ STATES = {"PENDING": AppState.PENDING, "RUNNING": AppState.RUNNING, "SUCCEEDED":
 CANCELLED_SUFFIX = "--cancelled"  # the marker job a cancel of a pending app leaves
 
 
-def job_state(client: Any, job: Any, marker: Optional[Future[Any]] = None) -> tuple[AppState, str, dict[str, Any]]:
+def job_state(client: Any, job: Any, marker: Optional[bool] = None) -> tuple[AppState, str, dict[str, Any]]:
     """An app job's state, message and the driver's verdict (per-replica states). ``marker``:
-    the cancel marker's lookup, already under way (else it is made here when needed)."""
+    whether the job has a cancel marker, if known (else it is asked for when needed)."""
     meta = job.metadata or {}
     if meta.get(KIND) == "verdict":  # decided without running: cancelled or failed dependency
         return AppState[meta.get("torchx_ext_verdict", "FAILED")], meta.get("torchx_ext_msg", ""), {}
     st = STATES.get(job_status(job), AppState.UNKNOWN)
     verdict = parse_verdict(job.message or "")
     msg = verdict.get("msg") or ("" if st == AppState.SUCCEEDED else (job.message or ""))
-    if st == AppState.PENDING and (marker.result() if marker is not None
-                                   else get_job(client, job.submission_id + CANCELLED_SUFFIX)) is not None:
+    if st == AppState.PENDING and (marker if marker is not None
+                                   else get_job(client, job.submission_id + CANCELLED_SUFFIX) is not None):
         # Ray keeps a stopped job PENDING while it cannot be placed (up to 15 min)
         return AppState.CANCELLED, "cancelled by user before it could be placed", verdict
     if st == AppState.CANCELLED:

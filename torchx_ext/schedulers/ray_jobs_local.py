@@ -7,12 +7,12 @@ Values of secrets are never stored here: ``token_env`` is kept by name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Optional
 
 from torchx_ext import state
@@ -22,11 +22,11 @@ from torchx_ext.schedulers.ray_jobs_client import forget_cluster
 
 class Connections:
     """This process's Jobs API clients, per dashboard and token variable, shared by threads (a
-    cache, not a behaviour); and the jobs submitted lately, whose first status asks for the cancel
-    marker at the same time as for the job, not after it (a job just submitted is PENDING, and
-    a pending job's state needs the marker)."""
+    cache, not a behaviour); and the jobs this process submitted lately (see ``marker``)."""
 
-    RECENT_S = 30.0
+    # A job submitted by this process less than RECENT_S ago: its status learns of a cancel from
+    # this machine (cancel_record) instead of asking the cluster for the cancel marker
+    RECENT_S = 10.0
 
     def __init__(self, connect: Callable[[str, Optional[str], float], Any], default_timeout: float) -> None:
         self._connect = connect
@@ -34,7 +34,7 @@ class Connections:
         self._clients: dict[str, Any] = {}
         self._recent: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._cancelled: set[str] = set()
 
     def get(self, url: str, token_env: Optional[str] = None, timeout: Optional[float] = None) -> Any:
         if token_env is None and timeout is None:  # a query: any connection made to url will do
@@ -68,21 +68,56 @@ class Connections:
             self._recent = {k: t for k, t in self._recent.items() if now - t < self.RECENT_S}
             self._recent[sid] = now
 
-    def prefetch_marker(self, client: Any, sid: str) -> Optional[Future[Any]]:
-        """The cancel marker's lookup, started now, for a job submitted lately; else None."""
-        from torchx_ext.schedulers.ray_jobs_client import CANCELLED_SUFFIX, get_job
+    def marker(self, url: str, sid: str) -> Optional[bool]:
+        """Whether the job ``sid`` has a cancel marker, when that is known here; None: ask the
+        cluster (only a PENDING job's state needs it).
 
+        Known for a job this process submitted less than RECENT_S ago: a cancel of it made on
+        this machine (this process or another, even with a stop that never reached the job)
+        left a cancel record (``record_cancel``). So a status right after a submit is one
+        request, as with Ray's own client, not two: the marker lookup of a job that does not
+        exist costs the dashboard as much as the job's own (both scan the GCS's job table).
+        What this does not see: a cancel made on another machine within RECENT_S of the
+        submission; the status shows it once RECENT_S have passed."""
         with self._lock:
             if time.monotonic() - self._recent.get(sid, -self.RECENT_S) >= self.RECENT_S:
                 return None
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(4, thread_name_prefix="ray_jobs-marker")
-            pool = self._pool
-        return pool.submit(get_job, client, sid + CANCELLED_SUFFIX)
+            if sid in self._cancelled:
+                return True
+        return os.path.exists(cancel_record(url, sid))
+
+    def cancelled(self, url: str, sid: str) -> None:
+        """A cancel of the PENDING job ``sid`` by this process (see ``marker``)."""
+        with self._lock:
+            self._cancelled.add(sid)
+        record_cancel(url, sid)
 
 
 def local_dir(*parts: str) -> str:
     return state.scheduler_dir("ray_jobs", *parts)
+
+
+def cancel_record(url: str, sid: str) -> str:
+    """Where a cancel of a PENDING job made on this machine is noted (see Connections.marker);
+    named by a digest: a submission id is any string Ray accepted."""
+    return local_dir("cancelled", hashlib.sha256(f"{url}|{sid}".encode()).hexdigest()[:24])
+
+
+def record_cancel(url: str, sid: str, keep_s: float = 3600) -> None:
+    """Notes a cancel of a PENDING job (before its cancel marker is claimed on the cluster);
+    records older than ``keep_s`` go (a status needs one for Connections.RECENT_S). An unwritable
+    home loses nothing but this shortcut's view of the cancel for Connections.RECENT_S."""
+    path = cancel_record(url, sid)
+    try:
+        state.makedirs(os.path.dirname(path))
+        with open(path, "w"):
+            pass
+        for name in os.listdir(os.path.dirname(path)):
+            old = os.path.join(os.path.dirname(path), name)
+            if time.time() - os.path.getmtime(old) > keep_s:
+                os.remove(old)
+    except OSError:
+        pass
 
 
 def known_clusters() -> dict[str, dict[str, Any]]:
