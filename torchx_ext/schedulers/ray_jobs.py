@@ -302,15 +302,14 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             if copy:
                 shutil.rmtree(copy, ignore_errors=True)  # uploaded (or failed): the copy is done
         self._connections.submitted(req.submission_id)
-        rl.update_cluster(req.dashboard_url, token_env=req.token_env, lost_contact_s=req.lost_contact_s)
-        masked = req.masked()
+        rl.remember_cluster(req.dashboard_url, token_env=req.token_env, lost_contact_s=req.lost_contact_s)
         rl.append_manifest(req.manifest, {
             "event": "submitted", "app_handle": self.handle(req.app_id),
             "job_id": req.submission_id, "dashboard_url": req.dashboard_url, "entrypoint": req.entrypoint,
             "resources": {r["name"]: r["resources"] for r in req.spec["roles"]},
             "replicas": {r["name"]: len(r["replicas"]) for r in req.spec["roles"]},
             "dependencies": req.dependencies, "env_forward": req.secret_names,
-            "env_vars": sorted(masked["runtime_env"]["env_vars"]),
+            "env_vars": sorted(req.runtime_env["env_vars"]),  # names only: no value is written
         })
         return req.app_id
 

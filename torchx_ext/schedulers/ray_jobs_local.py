@@ -35,6 +35,7 @@ class Connections:
         self._recent: dict[str, float] = {}
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
+        self._token_envs: dict[str, tuple[float, Optional[str]]] = {}
 
     def get(self, url: str, token_env: Optional[str] = None, timeout: Optional[float] = None) -> Any:
         if token_env is None and timeout is None:  # a query: any connection made to url will do
@@ -42,8 +43,7 @@ class Connections:
                 made = [c for k, c in self._clients.items() if k.startswith(url + "|")]
             if made:
                 return made[-1]
-        known = known_clusters().get(url, {}) if token_env is None or timeout is None else {}
-        token_env = token_env or known.get("token_env") or torchxconfig().get("token_env") or None
+        token_env = token_env or self._remembered_token_env(url)
         key = f"{url}|{token_env}"
         with self._lock:
             client = self._clients.get(key)
@@ -52,6 +52,20 @@ class Connections:
             with self._lock:
                 client = self._clients.setdefault(key, client)
         return client
+
+    def _remembered_token_env(self, url: str) -> Optional[str]:
+        """The token variable remembered for ``url`` (clusters.json), else .torchxconfig's; read
+        once per FILES_S: two files and a config parse are a third of a submission's client time,
+        and a fan-out from threads submits many apps a second."""
+        now, key = time.monotonic(), local_dir("clusters.json") + "|" + url
+        with self._lock:
+            hit = self._token_envs.get(key)
+        if hit is not None and now - hit[0] < FILES_S:
+            return hit[1]
+        found = known_clusters().get(url, {}).get("token_env") or torchxconfig().get("token_env") or None
+        with self._lock:
+            self._token_envs[key] = (now, found)
+        return found
 
     def drop(self, url: str) -> None:
         """Forgets the clients of ``url`` (it stopped answering: the next call connects anew)."""
@@ -126,6 +140,12 @@ def known_clusters() -> dict[str, dict[str, Any]]:
     return state.read_json(local_dir("clusters.json")) or {}
 
 
+# What this process read from or wrote to its files is trusted for FILES_S (see their users)
+FILES_S = 5.0
+_REMEMBERED: dict[str, tuple[float, str]] = {}  # file|url -> (when, the fields remembered, as JSON)
+_REMEMBERED_LOCK = threading.Lock()
+
+
 def update_cluster(url: str, **fields: Any) -> None:
     """Merges ``fields`` into the cluster's record (only writes when something changes)."""
     known = known_clusters()
@@ -136,6 +156,21 @@ def update_cluster(url: str, **fields: Any) -> None:
     known[url] = {k: v for k, v in entry.items() if v is not None}
     state.makedirs(local_dir())
     state.write_json(local_dir("clusters.json"), known)
+
+
+def remember_cluster(url: str, **fields: Any) -> None:
+    """``update_cluster`` for a submission: the same fields for the same cluster within FILES_S
+    are taken as still there (every submission of a fan-out sends the same), without reading
+    the file again."""
+    said = json.dumps(fields, sort_keys=True, default=str)
+    key = local_dir("clusters.json") + "|" + url
+    with _REMEMBERED_LOCK:
+        hit = _REMEMBERED.get(key)
+    if hit is not None and hit[1] == said and time.monotonic() - hit[0] < FILES_S:
+        return
+    update_cluster(url, **fields)
+    with _REMEMBERED_LOCK:
+        _REMEMBERED[key] = (time.monotonic(), said)
 
 
 def lost_contact(url: str, msg: str, app_id: str, default_limit_s: float) -> None:
