@@ -228,12 +228,14 @@ def bench_dryrun(url: str, repeat: int) -> None:
         return len(os.listdir(ws)) if os.path.isdir(ws) else 0
 
     once(ours_cmd), once(raw_cmd)  # warm the page cache for both
-    ours, raw = [], []
-    for i in range(repeat):  # alternate, so that drifts hit both
+    ours: list[float] = []
+    raw: list[float] = []
+    for i in range(repeat):  # a pair at a time, in alternating order: a drift hits both
         for cmd, out in ((ours_cmd, ours), (raw_cmd, raw)) if i % 2 == 0 else ((raw_cmd, raw), (ours_cmd, ours)):
             out.append(once(cmd))
-    table(f"1. torchx run --dryrun utils.echo, new process, median of {repeat} (raw = -s local_cwd)",
-          [("wall time", statistics.median(ours), statistics.median(raw), "s")])
+    table(f"1. torchx run --dryrun utils.echo, new process, median of {repeat} (raw = -s local_cwd; the ratio: "
+          "the median of the pairs' ratios)", [("wall time", statistics.median(ours), statistics.median(raw), "s")],
+          ratio_of_pairs=statistics.median(a / b for a, b in zip(ours, raw, strict=True)))
 
     cli_copies = copies()
     # (a) the CLI itself: any module named ray or ray.* in -X importtime's report
