@@ -256,3 +256,4 @@ def test_a_recent_submission_knows_its_cancel_marker_locally(monkeypatch: pytest
     monkeypatch.setenv("TORCHX_EXT_HOME", "/proc/no-such-home")
     conns.cancelled(URL, "b-1")
     assert conns.marker(URL, "b-1") is True
+    assert conns.marker("http://elsewhere:8265", "b-1") is False  # the same id on another cluster

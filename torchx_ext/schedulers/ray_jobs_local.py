@@ -81,6 +81,7 @@ class Connections:
         with self._lock:
             self._recent = {k: t for k, t in self._recent.items() if now - t < self.RECENT_S}
             self._recent[sid] = now
+            self._cancelled &= {k for k in self._cancelled if k.rsplit("|", 1)[-1] in self._recent}
 
     def marker(self, url: str, sid: str) -> Optional[bool]:
         """Whether the job ``sid`` has a cancel marker, when that is known here; None: ask the
@@ -96,14 +97,14 @@ class Connections:
         with self._lock:
             if time.monotonic() - self._recent.get(sid, -self.RECENT_S) >= self.RECENT_S:
                 return None
-            if sid in self._cancelled:
+            if f"{url}|{sid}" in self._cancelled:
                 return True
         return os.path.exists(cancel_record(url, sid))
 
     def cancelled(self, url: str, sid: str) -> None:
         """A cancel of the PENDING job ``sid`` by this process (see ``marker``)."""
         with self._lock:
-            self._cancelled.add(sid)
+            self._cancelled.add(f"{url}|{sid}")
         record_cancel(url, sid)
 
 
