@@ -52,9 +52,25 @@ def encode_address(url: str) -> str:
     return urllib.parse.quote(rest, safe=":@")
 
 
-def decode_address(addr: str) -> str:
+def decode_address(addr: str) -> Optional[str]:
+    """The dashboard URL an app id names, or None when it is not an http(s) URL (such an id is
+    no app of ours: nothing is asked of it)."""
     url = urllib.parse.unquote(addr)
-    return url if "://" in url else "http://" + url
+    url = url if "://" in url else "http://" + url
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        return None
+    return url.rstrip("/")
+
+
+def same_dashboard(a: str, b: str) -> bool:
+    """Do two dashboard URLs name the same endpoint? Scheme and host compare case-insensitively,
+    a trailing slash is dropped; anything else (another port, path or scheme) is another one."""
+    def key(url: str) -> tuple[str, str, str]:
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        return parts.scheme.lower(), parts.netloc.lower(), parts.path
+
+    return key(a) == key(b)
 
 
 def make_app_id(url: str, submission_id: str) -> str:
@@ -62,7 +78,8 @@ def make_app_id(url: str, submission_id: str) -> str:
 
 
 def split_app_id(app_id: str) -> tuple[Optional[str], str]:
-    """``(dashboard url or None, submission id)``; a bare id uses ``$RAY_ADDRESS``."""
+    """``(dashboard url or None, submission id)``; a bare id uses ``$RAY_ADDRESS``; an id whose
+    address is not http(s) has no dashboard."""
     if APP_SEP in app_id:
         addr, sid = app_id.rsplit(APP_SEP, 1)
         return decode_address(addr), sid

@@ -16,8 +16,8 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 from torchx_ext import state
-from torchx_ext.errors import SchedulerUnavailable
-from torchx_ext.schedulers.ray_jobs_client import forget_cluster
+from torchx_ext.errors import SchedulerUnavailable, TorchxExtError
+from torchx_ext.schedulers.ray_jobs_client import forget_cluster, resolve_dashboard, same_dashboard
 
 
 class Connections:
@@ -54,15 +54,15 @@ class Connections:
         return client
 
     def _remembered_token_env(self, url: str) -> Optional[str]:
-        """The token variable remembered for ``url`` (clusters.json), else .torchxconfig's; read
-        once per FILES_S: two files and a config parse are a third of a submission's client time,
-        and a fan-out from threads submits many apps a second."""
+        """The token variable bound to ``url`` (see :func:`token_env_for`); read once per FILES_S:
+        two files and a config parse are a third of a submission's client time, and a fan-out
+        from threads submits many apps a second."""
         now, key = time.monotonic(), local_dir("clusters.json") + "|" + url
         with self._lock:
             hit = self._token_envs.get(key)
         if hit is not None and now - hit[0] < FILES_S:
             return hit[1]
-        found = known_clusters().get(url, {}).get("token_env") or torchxconfig().get("token_env") or None
+        found = token_env_for(url)
         with self._lock:
             self._token_envs[key] = (now, found)
         return found
@@ -174,16 +174,47 @@ def remember_cluster(url: str, **fields: Any) -> None:
         _REMEMBERED[key] = (time.monotonic(), said)
 
 
+def token_env_for(url: str) -> Optional[str]:
+    """The token variable of the dashboard ``url``, or None: a token goes only where it was
+    configured. That is the dashboard a submission from this machine recorded it with
+    (clusters.json), or the ``dashboard_url`` of the ``.torchxconfig`` section that names it
+    (``$RAY_ADDRESS`` when the section names none). A handle is pasted from chats and dashboards:
+    one naming any other address is asked without credentials."""
+    recorded = known_clusters().get(url, {}).get("token_env")
+    if recorded:
+        return str(recorded)
+    config = torchxconfig()
+    name = config.get("token_env")
+    if not name:
+        return None
+    try:
+        configured = resolve_dashboard(config.get("dashboard_url") or None)
+    except TorchxExtError:  # neither the section nor $RAY_ADDRESS names a dashboard: bound to none
+        return None
+    return name if same_dashboard(configured, url) else None
+
+
+# Dashboards no submission from this machine recorded, first found unreachable by this process
+# (a foreign handle's status is never written to clusters.json; its lost_contact_s is the default)
+_FOREIGN_UNREACHABLE: dict[str, float] = {}
+
+
 def lost_contact(url: str, msg: str, app_id: str, default_limit_s: float) -> None:
-    """Notes the first failure to reach ``url`` (shared by every process, in clusters.json) and
-    raises :class:`SchedulerUnavailable` once it has lasted the cluster's ``lost_contact_s``: so a
-    ``--wait`` on a dead head ends instead of polling UNKNOWN forever."""
-    record = known_clusters().get(url, {})
-    since = record.get("unreachable_since")
-    if since is None:
-        update_cluster(url, unreachable_since=time.time())
-        return
-    limit = float(record.get("lost_contact_s", default_limit_s))
+    """Notes the first failure to reach ``url`` and raises :class:`SchedulerUnavailable` once it
+    has lasted the cluster's ``lost_contact_s``: so a ``--wait`` on a dead head ends instead of
+    polling UNKNOWN forever. A dashboard this user submitted to keeps the time in clusters.json
+    (shared by every process); any other, in this process only."""
+    record = known_clusters().get(url)
+    if record is None:
+        since: Optional[float] = _FOREIGN_UNREACHABLE.setdefault(url, time.time())
+        limit = default_limit_s
+    else:
+        since = record.get("unreachable_since")
+        if since is None:
+            update_cluster(url, unreachable_since=time.time())
+            return
+        limit = float(record.get("lost_contact_s", default_limit_s))
+    assert since is not None
     if time.time() - since >= limit:
         raise SchedulerUnavailable(
             f"{msg}; it has not answered for {time.time() - since:.0f} s (lost_contact_s={limit:g}), "
@@ -191,6 +222,7 @@ def lost_contact(url: str, msg: str, app_id: str, default_limit_s: float) -> Non
 
 
 def in_contact(url: str) -> None:
+    _FOREIGN_UNREACHABLE.pop(url, None)
     if known_clusters().get(url, {}).get("unreachable_since"):
         update_cluster(url, unreachable_since=None)
 
