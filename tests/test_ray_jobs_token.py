@@ -125,6 +125,8 @@ def test_token_is_bound_to_the_configured_dashboard(tmp_path: Any, monkeypatch: 
     monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(tmp_path)
+    # TorchX fixes the directories it searches (home, cwd) at its import: name the file
+    monkeypatch.setenv("TORCHXCONFIG", str(tmp_path / ".torchxconfig"))
     (tmp_path / ".torchxconfig").write_text("[ray_jobs]\ndashboard_url = http://head:8265/\ntoken_env = T\n")
     assert rl.token_env_for("http://head:8265") == "T"
     assert rl.token_env_for("http://HEAD:8265") == "T"

@@ -5,22 +5,48 @@ Every scheduler keeps what it must remember on this machine under ``$TORCHX_EXT_
 the only module that knows that layout's rules (submitit's ``JobPaths`` habit); backends never
 import one another for it.
 
+What it promises:
+
+- **Private from birth.** Every directory it creates is 0700 and every file 0600 at creation
+  (``os.mkdir(p, 0o700)``, ``mkstemp``, ``os.open(..., 0o600)``; a umask can only take bits away),
+  never ``chmod``-ed afterwards: records hold Role.env values, token names, scripts.
+- **Safe across threads and processes.** :func:`write_json` writes a unique temp file in the target
+  directory, fsyncs it and renames it over the record (then fsyncs the directory): a reader sees
+  the old record or the new one, never a torn or empty one, even after a crash. A
+  read-modify-write (:func:`update_file`, :func:`update_json`) holds :func:`locked`, an exclusive
+  ``fcntl.flock`` on the directory's ``lock`` file. Each ``locked`` opens the lock file anew, and
+  flock locks belong to the open file description: so it serialises the threads of one process
+  as well as processes.
+- **Damage is said, not hidden.** :func:`read_json` returns None only for a missing file; an
+  empty or unparsable one raises :class:`~torchx_ext.errors.StateError` naming it.
+
+Why ``fcntl.flock`` and not the ``filelock`` package: torchx-ext runs on Linux/POSIX only, so the
+standard library is enough (no new dependency); the kernel releases a flock when its holder dies,
+so a killed submitter never leaves a stale lock to clean up (``filelock``'s Unix lock is the same
+flock underneath).
+
 Writes that fail because the home is unwritable or full raise :class:`~torchx_ext.errors.StateError`
 naming the path, so the CLI prints one line instead of an ``OSError`` traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import re
+import tempfile
 import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 from torchx_ext.errors import StateError
 from torchx_ext.logs import TimedLine
+
+# Directories and files this module creates: the owner's only (see the module docstring)
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 def home() -> str:
@@ -48,65 +74,171 @@ def is_plain_name(app_id: str) -> bool:
         and "\0" not in app_id
 
 
-def makedirs(path: str, mode: int = 0o777, exist_ok: bool = True) -> None:
-    """``os.makedirs`` that reports an unwritable or full home as one :class:`StateError`."""
-    try:
-        os.makedirs(path, mode=mode, exist_ok=exist_ok)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        raise StateError(_why(path, e)) from e
+def makedirs(path: str, mode: int = DIR_MODE, exist_ok: bool = True) -> None:
+    """Creates ``path`` and every missing directory above it, each with ``mode`` from its creation.
+
+    Unlike ``os.makedirs`` (which gives the directories above the leaf the default 0777 & ~umask),
+    every directory created here gets ``mode``; directories that exist are left as they are.
+
+    Args:
+        path: the directory
+        mode: of each directory created (default 0700; the umask can only remove bits)
+        exist_ok: False: raise ``FileExistsError`` if ``path`` exists (the parents may)
+
+    Raises:
+        StateError: the directory cannot be created (unwritable, full)
+    """
+    path = os.path.abspath(path)
+    missing: list[str] = []
+    up = path
+    while not os.path.isdir(up):
+        missing.append(up)
+        parent = os.path.dirname(up)
+        if parent == up:
+            break
+        up = parent
+    if not missing and not exist_ok:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError as e:
+            # made meanwhile by another thread or process: fine above the leaf, and for the leaf
+            # when exist_ok; a file where a directory should be is an error either way
+            if d == path and (not exist_ok or not os.path.isdir(d)):
+                raise
+            if not os.path.isdir(d):
+                raise StateError(_why(path, e, d)) from e
+        except OSError as e:
+            raise StateError(_why(path, e, d)) from e
 
 
 def read_json(path: str) -> Optional[dict[str, Any]]:
-    """The JSON object in ``path``, or None if it is missing or not (yet) valid JSON."""
+    """The JSON object in ``path``, or None if the file is missing.
+
+    Raises:
+        StateError: the file exists but is empty, not JSON or not a JSON object (a record is
+            written whole or not at all, see :func:`write_json`: so it was damaged), or cannot be read
+    """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        with open(path, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    return data if isinstance(data, dict) else None
-
-
-def write_json(path: str, data: dict[str, Any]) -> None:
-    """Writes ``data`` atomically (write + rename: readers never see a half-written file)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
     except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror or e}; check its permissions") from e
+    if not raw.strip():
+        why = "empty"
+    else:
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            why = f"not valid JSON: {e}"
+        else:
+            if isinstance(data, dict):
+                return data
+            why = f"a JSON {type(data).__name__}, not an object"
+    raise StateError(f"{path} is damaged ({why}; a crash or a full disk?): move it aside "
+                     f"and retry (what it recorded is then forgotten)")
+
+
+def write_json(path: str, data: dict[str, Any], sync_dir: bool = True) -> None:
+    """Writes ``data`` to ``path`` atomically and durably, as a 0600 file.
+
+    A unique temp file in the same directory (so threads and processes never share one) is
+    written, fsynced and renamed over ``path``: readers see the old record or the new one, never
+    a half-written one, and a crash cannot leave an empty record.
+
+    Args:
+        path: the record; its directory must exist
+        data: a JSON-serialisable object
+        sync_dir: also fsync the directory, so the rename itself survives a crash (a record that
+            is the only truth of what was submitted); False for a cache that can be rebuilt
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        if sync_dir:
+            _fsync_dir(directory)
+    except OSError as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise StateError(_why(path, e)) from e
+
+
+def _fsync_dir(directory: str) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 @contextmanager
 def locked(directory: str) -> Iterator[None]:
-    """An exclusive fcntl lock on ``directory/lock`` (serialises read-modify-write)."""
-    with open(os.path.join(directory, "lock"), "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """An exclusive lock on ``directory`` (its ``lock`` file, created 0600): serialises a
+    read-modify-write across processes and across threads of one process. Not reentrant: a
+    thread that holds it and asks again waits forever."""
+    path = os.path.join(directory, "lock")
+    try:
+        # a new open file description each time: flock then excludes other threads too
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    except OSError as e:
+        raise StateError(_why(path, e)) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def update_file(path: str, change: Callable[[dict[str, Any]], Optional[dict[str, Any]]],
+                sync_dir: bool = True) -> dict[str, Any]:
+    """Read-modify-write of the JSON record ``path`` under its directory's lock (created 0700
+    if missing).
+
+    Args:
+        path: the record (missing: ``change`` gets ``{}``)
+        change: gets the current record; returns the new one, or None to leave the file as is
+        sync_dir: see :func:`write_json`
+
+    Returns:
+        the record as it is now
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    makedirs(directory)
+    with locked(directory):
+        data = read_json(path) or {}
+        new = change(data)
+        if new is None:
+            return data
+        write_json(path, new, sync_dir=sync_dir)
+        return new
 
 
 def update_json(directory: str, name: str, **changes: Any) -> dict[str, Any]:
     """Merges ``changes`` into ``directory/name`` under the directory's lock; returns the result."""
-    with locked(directory):
-        path = os.path.join(directory, name)
-        data = read_json(path) or {}
-        data.update(changes)
-        write_json(path, data)
-        return data
+    return update_file(os.path.join(directory, name), lambda data: {**data, **changes})
 
 
-def _why(path: str, e: OSError) -> str:
-    return (f"cannot write {path}: {e.strerror or e}; check that $TORCHX_EXT_HOME "
-            f"({home()}) is writable and its disk is not full")
+def _why(path: str, e: OSError, part: Optional[str] = None) -> str:
+    """One line: what could not be written (``part``: the component of ``path`` that failed), why,
+    and what to check."""
+    where, what = home(), f"{e.strerror or e}" if part in (None, path) else f"{part}: {e.strerror or e}"
+    if (os.path.abspath(path) + os.sep).startswith(os.path.abspath(where) + os.sep):
+        return (f"cannot write {path}: {what}; check that $TORCHX_EXT_HOME "
+                f"({where}) is writable and its disk is not full")
+    return f"cannot write {path}: {what}; check that its directory is writable and its disk is not full"
 
 
 class StampedLineReader:

@@ -308,7 +308,7 @@ def copy_workspace(workspace: str, target: str, ignore_file: str = ".torchxignor
     import fsspec
     from torchx.workspace.api import walk_workspace
 
-    from torchx_ext.state import makedirs
+    from torchx_ext.state import FILE_MODE, makedirs
 
     fs, root = fsspec.core.url_to_fs(workspace)
     makedirs(target, exist_ok=False)
@@ -329,9 +329,12 @@ def copy_workspace(workspace: str, target: str, ignore_file: str = ".torchxignor
                     f"not need (virtualenvs, data, checkpoints) in a {ignore_file} file"
                 )
             dst = os.path.normpath(os.path.join(target, rel, name))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            with fs.open(info["name"], "rb") as src, open(dst, "wb") as out:
+            makedirs(os.path.dirname(dst))
+            # private from creation (0600); then the source's owner bits only (a script stays
+            # executable), never group/other: the copy lives in the user's private state
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            with os.fdopen(fd, "wb") as out, fs.open(info["name"], "rb") as src:
                 shutil.copyfileobj(src, out)
             if info.get("mode") is not None:
-                os.chmod(dst, info["mode"] & 0o777)
+                os.chmod(dst, info["mode"] & 0o700)
     return size

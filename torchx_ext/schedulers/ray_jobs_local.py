@@ -125,8 +125,11 @@ def record_cancel(url: str, sid: str, keep_s: float = 3600) -> None:
     path = cancel_record(url, sid)
     try:
         state.makedirs(os.path.dirname(path))
-        with open(path, "w"):
-            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, state.FILE_MODE)
+        try:
+            os.utime(fd)  # a cancel again: the record's age starts anew
+        finally:
+            os.close(fd)
         for name in os.listdir(os.path.dirname(path)):
             old = os.path.join(os.path.dirname(path), name)
             if time.time() - os.path.getmtime(old) > keep_s:
@@ -148,15 +151,24 @@ _REMEMBERED_LOCK = threading.Lock()
 
 
 def update_cluster(url: str, **fields: Any) -> None:
-    """Merges ``fields`` into the cluster's record (only writes when something changes)."""
-    known = known_clusters()
-    entry = dict(known.get(url, {}))
-    if all(entry.get(k) == v for k, v in fields.items()) and url in known:
+    """Merges ``fields`` into the cluster's record (a None removes the field), under the lock of
+    clusters.json: every process and thread of this user writes it, and each must keep the
+    others' entries. Only writes when something changes."""
+
+    def unchanged(known: dict[str, Any]) -> bool:
+        entry = known.get(url)
+        return entry is not None and all(entry.get(k) == v for k, v in fields.items())
+
+    if unchanged(known_clusters()):  # most calls: no lock taken
         return
-    entry.update(fields)
-    known[url] = {k: v for k, v in entry.items() if v is not None}
-    state.makedirs(local_dir())
-    state.write_json(local_dir("clusters.json"), known)
+
+    def merge(known: dict[str, Any]) -> Optional[dict[str, Any]]:
+        if unchanged(known):  # another writer got there first
+            return None
+        entry = {**known.get(url, {}), **fields}
+        return {**known, url: {k: v for k, v in entry.items() if v is not None}}
+
+    state.update_file(local_dir("clusters.json"), merge)
 
 
 def remember_cluster(url: str, **fields: Any) -> None:
@@ -211,7 +223,7 @@ def lost_contact(url: str, msg: str, app_id: str, default_limit_s: float) -> Non
     else:
         since = record.get("unreachable_since")
         if since is None:
-            update_cluster(url, unreachable_since=time.time())
+            _mark_unreachable(url)
             return
         limit = float(record.get("lost_contact_s", default_limit_s))
     assert since is not None
@@ -219,6 +231,20 @@ def lost_contact(url: str, msg: str, app_id: str, default_limit_s: float) -> Non
         raise SchedulerUnavailable(
             f"{msg}; it has not answered for {time.time() - since:.0f} s (lost_contact_s={limit:g}), "
             f"so {app_id} is given up on here: it may still run")
+
+
+def _mark_unreachable(url: str) -> None:
+    """Sets the recorded cluster's ``unreachable_since`` unless a process did meanwhile (the
+    first failure's time is kept: it starts the lost_contact_s count)."""
+    now = time.time()
+
+    def mark(known: dict[str, Any]) -> Optional[dict[str, Any]]:
+        entry = known.get(url)
+        if entry is None or entry.get("unreachable_since") is not None:
+            return None
+        return {**known, url: {**entry, "unreachable_since": now}}
+
+    state.update_file(local_dir("clusters.json"), mark)
 
 
 def in_contact(url: str) -> None:
@@ -271,7 +297,7 @@ def append_manifest(url: str, record: Mapping[str, Any]) -> None:
 
         fs, path = fsspec.core.url_to_fs(url)
     if fs is None or fs.protocol in ("file", ("file", "local")):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        state.makedirs(os.path.dirname(path) or ".")
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line.encode())
