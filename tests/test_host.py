@@ -1,15 +1,19 @@
 """``host`` beyond the shared contract: the CLI from new processes, concurrency, workspaces,
-TorchX built-in components, GPU assignment, dry-runs and a killed supervisor."""
+TorchX built-in components, GPU assignment, dry-runs, a killed supervisor, reused pids and the
+modes of what it writes."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
 
 import pytest
 from torchx.runner import get_runner
@@ -20,14 +24,16 @@ from torchx_ext import state
 from torchx_ext.components.group import roles, server_client
 from torchx_ext.errors import InvalidAppError
 from torchx_ext.schedulers import host_supervisor as sup
-from torchx_ext.schedulers.host import assign_gpus
+from torchx_ext.schedulers.host import assign_gpus, create_scheduler
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 PY = sys.executable
 
 
-def cli(*args: str, cwd: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+def cli(*args: str, cwd: str | None = None, timeout: float = 120,
+        env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+    return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def handle_of(out: subprocess.CompletedProcess) -> str:
@@ -180,10 +186,14 @@ def test_killed_supervisor_is_reported_and_cancel_still_cleans_up(tmp_path: str)
     os.kill(st["supervisor_pid"], signal.SIGKILL)
     time.sleep(0.5)
     status = runner.status(handle)
-    assert status.state == AppState.UNKNOWN and "supervisor" in status.msg, status
+    # not FAILED yet: its replica still runs, and TorchX's cancel skips an app in a terminal state
+    assert status.state == AppState.UNKNOWN and "is gone" in status.msg and "still run" in status.msg, status
     replica_pid = st["replicas"]["main/0"]["pid"]
+    assert sup.pid_alive(replica_pid)  # orphaned, still running: cancel is how the user stops it
     runner.cancel(handle)
-    assert runner.status(handle).state == AppState.CANCELLED
+    # its outcome was the supervisor's loss: FAILED, and the cancel stopped the orphaned replica
+    after = runner.status(handle)
+    assert after.state == AppState.FAILED and "a cancel stopped what was left" in after.msg, after
     time.sleep(0.3)
     assert not sup.pid_alive(replica_pid)
     # the logs are kept
@@ -313,3 +323,145 @@ def test_a_replica_killed_from_outside_is_a_failed_attempt_under_its_policy() ->
     assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
     log = "".join(runner.log_lines(handle, "main", 0))
     assert "ended with signal SIGKILL; APPLICATION policy, restart 1 of 1" in log, log
+
+
+# ---------------------------------------------------------------- a pid is not an identity ----
+def _running_app(tmp_path: str, name: str) -> tuple[str, str, dict[str, Any]]:
+    """Starts a one-replica app that sleeps; returns its handle, state.json path and the record
+    once it runs."""
+    runner = get_runner()
+    app = AppDef(name, roles=[Role("main", image=str(tmp_path), entrypoint="sleep", args=["300"])])
+    handle = runner.run(app, "host", {})
+    path = os.path.join(state.home(), "host", handle.rsplit("/", 1)[-1], "state.json")
+    deadline = time.time() + 20
+    while (st := state.read_json(path) or {}).get("state") != "RUNNING":
+        assert time.time() < deadline, st
+        time.sleep(0.05)
+    return handle, path, st
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.time() + 10
+    while sup.pid_alive(pid):
+        assert time.time() < deadline, f"pid {pid} did not die"
+        time.sleep(0.02)
+
+
+def _rewrite(path: str, **changes: Any) -> None:
+    st = state.read_json(path)
+    assert st is not None
+    state.write_json(path, {**st, **changes})
+
+
+def test_a_reused_supervisor_pid_is_not_the_supervisor(tmp_path: str) -> None:
+    """After a reboot (or a crash) the supervisor's pid belongs to an unrelated process: the app
+    is not RUNNING (UNKNOWN while its orphaned replica runs), and cancel succeeds, stops that
+    replica and leaves the unrelated process alone; the app then reads FAILED."""
+    handle, path, st = _running_app(tmp_path, "reused-sup")
+    os.kill(st["supervisor_pid"], signal.SIGKILL)
+    _wait_gone(st["supervisor_pid"])
+    replica_pid = st["replicas"]["main/0"]["pid"]
+    with subprocess.Popen(["sleep", "60"]) as other:
+        try:
+            foreign = sup.identity(other.pid)
+            assert foreign is not None
+            # the same pid and start time on another boot (a reboot), then this boot but another
+            # start time (a reused pid): neither is the supervisor
+            for boot, start in (("another-boot", foreign["start"]), (foreign["boot"], st["supervisor_start"])):
+                _rewrite(path, supervisor_pid=other.pid, boot_id=boot, supervisor_start=start)
+                status = cli("status", handle)
+                assert "State: UNKNOWN" in status.stdout, status.stdout
+                assert f"supervisor (pid {other.pid}) is gone" in " ".join(status.stdout.split()), status.stdout
+            _rewrite(path, boot_id=foreign["boot"])  # the replica's identity holds again
+            out = cli("cancel", handle)
+            assert out.returncode == 0, out.stderr
+            assert other.poll() is None, "cancel signalled a process that only reused the supervisor's pid"
+            _wait_gone(replica_pid)  # the replica, still provably the app's, was stopped
+            assert "State: FAILED" in cli("status", handle).stdout
+        finally:
+            other.kill()
+
+
+def test_a_reused_replica_group_is_left_alone(tmp_path: str) -> None:
+    """A replica's process-group number now leads an unrelated group: cancel does not touch it."""
+    handle, path, st = _running_app(tmp_path, "reused-group")
+    os.kill(st["supervisor_pid"], signal.SIGKILL)
+    replica_pid = st["replicas"]["main/0"]["pid"]
+    os.killpg(replica_pid, signal.SIGKILL)
+    _wait_gone(st["supervisor_pid"])
+    _wait_gone(replica_pid)
+    with subprocess.Popen(["sleep", "60"], start_new_session=True) as other:
+        try:
+            assert os.getpgid(other.pid) == other.pid
+            _rewrite(path, replicas={"main/0": {**st["replicas"]["main/0"], "pid": other.pid, "pgid": other.pid}})
+            status = cli("status", handle)
+            assert "State: FAILED" in status.stdout and "were not seen to finish" in " ".join(status.stdout.split()), \
+                status.stdout
+            assert cli("cancel", handle).returncode == 0  # FAILED is terminal: TorchX asks nothing more
+            # the scheduler's own cancel, which the CLI skips for a terminal app: still nothing foreign
+            create_scheduler("test").cancel(handle.rsplit("/", 1)[-1])
+            time.sleep(0.2)
+            assert other.poll() is None, "cancel killed a group that only reused the replica's number"
+            assert "State: FAILED" in cli("status", handle).stdout
+        finally:
+            other.kill()
+
+
+# ---------------------------------------------------------------- dry-runs and file modes ----
+def _listing(root: str) -> list[tuple[str, int, int]]:
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out.append((os.path.relpath(p, root), st.st_mode, st.st_size))
+    return sorted(out)
+
+
+def test_a_dryrun_with_a_workspace_writes_nothing(tmp_path: str) -> None:
+    home = os.path.join(str(tmp_path), "home")
+    os.makedirs(os.path.join(home, "host"))
+    with open(os.path.join(home, "host", "keep"), "w") as f:
+        f.write("x")
+    ws = os.path.join(str(tmp_path), "ws")
+    os.makedirs(ws)
+    with open(os.path.join(ws, "data.txt"), "w") as f:
+        f.write("from-workspace\n")
+    before = _listing(home)
+    out = cli("run", "--dryrun", "-s", "host", "--workspace", ws, "utils.sh", "cat", "data.txt",
+              cwd=str(tmp_path), env={"TORCHX_EXT_HOME": home})
+    assert out.returncode == 0, out.stderr
+    assert '"workspace_copies"' in out.stdout and ws in out.stdout, out.stdout  # planned, printed
+    assert _listing(home) == before
+
+
+def test_what_holds_a_role_env_value_is_private_under_umask_022(tmp_path: str) -> None:
+    home = os.path.join(str(tmp_path), "home")
+    os.mkdir(home)
+    os.chmod(home, 0o755)  # as a user would create it
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    ws = os.path.join(str(tmp_path), "ws")
+    os.makedirs(os.path.join(ws, "sub"))
+    with open(os.path.join(ws, "sub", "config.txt"), "w") as f:  # a workspace file holding it too
+        f.write(secret)
+    os.chmod(os.path.join(ws, "sub", "config.txt"), 0o644)
+    cmd = (f"umask 022; exec {TORCHX} run --wait -s host --workspace {ws} utils.sh --env SECRET={secret} "
+           "sh -c 'echo \"got $SECRET\"'")
+    out = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                         env={**os.environ, "TORCHX_EXT_HOME": home})
+    assert out.returncode == 0 and "SUCCEEDED" in out.stdout + out.stderr, out.stdout + out.stderr
+    holders = []
+    for dirpath, _dirs, files in os.walk(home):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            with open(p, "rb") as f:
+                if secret.encode() in f.read():
+                    holders.append(p)
+    names = {os.path.basename(p) for p in holders}
+    assert {"spec.json", "stdout.log", "combined.log", "config.txt"} <= names, holders  # not vacuous
+    for p in holders:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, (p, oct(os.stat(p).st_mode))
+        d = os.path.dirname(p)
+        while d != home:
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, (d, oct(os.stat(d).st_mode))
+            d = os.path.dirname(d)

@@ -9,6 +9,11 @@ once and ``torchx status/log/cancel/list`` work from any shell.
 Replicas: each is its own process group (so cancel kills the whole tree); the role's image is
 used as working directory when it is a directory (``--workspace`` copies put one there),
 otherwise the directory ``torchx run`` was started from, as with ``local_cwd``.
+
+Processes are known by (pid, start time, boot id), never by a bare pid (see the supervisor
+module): an app whose supervisor is gone reads FAILED, and a signal only goes to a process that is
+still the one recorded. Everything under the app's directory, and workspace copies under the
+home, are the user's only (directories 0700, files 0600).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext import support as matrices
-from torchx_ext.errors import DependencyError, InvalidAppError, InvalidOptionError
+from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, is_service
 from torchx_ext.schedulers import host_supervisor as sup
@@ -47,6 +52,9 @@ from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 
 SCHEDULER = "host"
 LOOPBACK = "127.0.0.1"
+# Role.metadata key of a workspace copy planned by build_workspace_and_update_role: a dry-run
+# only plans it ({"source": ..., "target": ...}); schedule performs it
+WORKSPACE_COPY_KEY = "torchx_ext/workspace_copy"
 
 
 @dataclass
@@ -92,6 +100,8 @@ class HostRequest:
     roles: list[dict[str, Any]]
     replicas: list[ReplicaRequest] = field(default_factory=list)
     retry_backoff_s: float = 0.0
+    # workspaces to copy before the app starts: {"source": dir or URL, "target": new dir}
+    workspace_copies: list[dict[str, str]] = field(default_factory=list)
 
     def __repr__(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -133,14 +143,27 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         The TorchX CLI passes the current directory as the workspace by default; like ``local_cwd``
         we then run in place. Any other workspace is copied, to ``job_dir`` when given (TorchX's
         DirWorkspace convention) or to a fresh directory under ``$TORCHX_EXT_HOME/host/workspaces``.
+
+        Only planned here: TorchX calls this from ``dryrun`` too, and a dry-run writes nothing. The
+        role's image becomes the target; ``schedule`` makes the copy.
         """
         job_dir = cfg.get("job_dir")
         if not job_dir and is_current_dir(workspace):
             return
-        with self._translated("workspace copy"):
-            target = str(job_dir) if job_dir else state.scheduler_dir(SCHEDULER, "workspaces", uuid.uuid4().hex[:12])
-            copy_workspace(workspace, target)
+        if job_dir and os.path.lexists(str(job_dir)):
+            raise InvalidOptionError(f"job_dir={job_dir} exists; name a directory that does not exist yet "
+                                     f"(the workspace is copied into it)")
+        target = str(job_dir) if job_dir else state.scheduler_dir(SCHEDULER, "workspaces", uuid.uuid4().hex[:12])
+        role.metadata[WORKSPACE_COPY_KEY] = {"source": workspace, "target": target}
         role.image = target
+
+    @staticmethod
+    def _planned_copy(role: Role) -> Optional[dict[str, str]]:
+        plan = role.metadata.get(WORKSPACE_COPY_KEY)
+        # only while the image is still the planned target (a caller may have changed it since)
+        if isinstance(plan, dict) and plan.get("target") == role.image and plan.get("source"):
+            return {"source": str(plan["source"]), "target": str(plan["target"])}
+        return None
 
     # ------------------------------------------------------------------ submit ------
     def _build_request(self, app: AppDef, executor: HostExecutor, dependencies: list[str]) -> HostRequest:
@@ -156,7 +179,10 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
                               dependencies=dependencies, roles=role_summaries(app),
                               retry_backoff_s=float(executor.retry_backoff_s))
         for role in app.roles:
-            cwd = role.image if role.image and os.path.isdir(role.image) else os.getcwd()
+            copy = self._planned_copy(role)
+            if copy is not None:
+                request.workspace_copies.append(copy)
+            cwd = role.image if copy or (role.image and os.path.isdir(role.image)) else os.getcwd()
             for i in range(role.num_replicas):
                 values = macros.Values(
                     img_root=cwd, app_id=app_id, replica_id=str(i), rank0_env="TORCHX_RANK0_HOST"
@@ -182,21 +208,26 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
                     f"dependency '{dep}' does not exist under {root}; "
                     f"known apps: {', '.join(sorted(self._app_ids())[-10:]) or 'none'}"
                 )
-        state.makedirs(root)
-        state.makedirs(req.app_dir, mode=0o700, exist_ok=False)
+        for copy in req.workspace_copies:  # planned by the dry-run (build_workspace_and_update_role)
+            # its parent is created 0700: a workspace can hold scripts and secrets
+            state.makedirs(os.path.dirname(os.path.abspath(copy["target"])), mode=0o700)
+            copy_workspace(copy["source"], copy["target"])
+        state.makedirs(req.app_dir, mode=0o700, exist_ok=False)  # host/ too, if new: 0700
         state.write_json(os.path.join(req.app_dir, "spec.json"), asdict(req))
-        state.write_json(
-            os.path.join(req.app_dir, "state.json"),
-            {"state": "SUBMITTED", "msg": "", "created": time.time(), "replicas": {}},
-        )
-        with open(os.path.join(req.app_dir, "supervisor.log"), "ab") as log:
+        # spec first (the supervisor reads it), then the supervisor, then state.json with its
+        # identity (sup.claim): a state.json never exists without a supervisor to check
+        with sup.open_private_log(os.path.join(req.app_dir, "supervisor.log")) as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "torchx_ext.schedulers.host_supervisor", req.app_dir],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True,
             )
-        # recorded now so that a supervisor dying before its first write is still detected
-        sup.update_state(req.app_dir, supervisor_pid=proc.pid)
+        # our child, not reaped: its pid cannot have changed hands before this read
+        ident = sup.identity(proc.pid)
+        if ident is None:
+            raise BackendError(f"cannot read /proc/{proc.pid}/stat of the host supervisor just started; "
+                               f"host needs a Linux /proc")
+        sup.claim(req.app_dir, ident)
         return req.app_id
 
     # ------------------------------------------------------------------ queries -----
@@ -217,13 +248,19 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         spec = state.read_json(os.path.join(app_dir, "spec.json"))
         if st is None or spec is None:
             return None
-        if st.get("state") not in sup.TERMINAL and not sup.pid_alive(st.get("supervisor_pid")):
+        if st.get("state") not in sup.TERMINAL and not sup.running(sup.supervisor_of(st)):
             # re-read: the supervisor may have written its verdict just before exiting
             st = state.read_json(os.path.join(app_dir, "state.json")) or st
             if st.get("state") not in sup.TERMINAL:
-                st = dict(st, state="UNKNOWN",
-                          msg=f"the supervisor (pid {st.get('supervisor_pid')}) is gone; "
-                          f"see {app_dir}/supervisor.log")
+                # it would have recorded any verdict: without one, what became of the replicas is
+                # not known, and the app cannot go on (nothing restarts or reports them). FAILED,
+                # unless some of them provably still run: then UNKNOWN, because TorchX's
+                # Runner.cancel skips an app in a terminal state and they could never be stopped
+                orphans = sup.orphans(app_dir, spec, st)
+                replicas = {k: dict(rs, state="UNKNOWN") if rs.get("state") not in sup.TERMINAL else rs
+                            for k, rs in st.get("replicas", {}).items()}
+                st = dict(st, state="UNKNOWN" if orphans else "FAILED", replicas=replicas,
+                          msg=sup.gone_message(st, app_dir, orphans))
         return app_dir, spec, st
 
     def _describe(self, app_id: str) -> Optional[DescribeAppResponse]:
@@ -250,40 +287,58 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
     def _list(self, cfg: Any) -> list[ListAppResponse]:
         out = []
         for app_id in sorted(self._app_ids()):
-            loaded = self._load(app_id)
+            try:
+                loaded = self._load(app_id)
+            except StateError as e:  # one damaged record must not hide every other app
+                out.append(self.listed(app_id, AppState.UNKNOWN, str(e)))
+                continue
             if loaded is not None:
                 out.append(self.listed(app_id, AppState[loaded[2].get("state", "UNKNOWN")],
                                        loaded[1].get("app_name", "")))
         return out
 
     def _cancel(self, app_id: str) -> None:
+        """Asks the supervisor to stop the app (it records CANCELLED). An app whose supervisor was
+        gone before the cancel (it read UNKNOWN, or FAILED) ends FAILED, its outcome being the
+        supervisor's loss; the cancel stops its replicas that provably still run, and nothing else."""
         loaded = self._load(app_id)
         if loaded is None:
             return
-        app_dir, spec, st = loaded
+        app_dir, spec, _ = loaded
+        path = os.path.join(app_dir, "state.json")
+        st = state.read_json(path) or {}
         if st.get("state") in sup.TERMINAL:
             return
-        pid: Optional[int] = st.get("supervisor_pid")
-        if pid is not None and sup.pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
+        supervisor = sup.supervisor_of(st)
+        was_gone = not sup.running(supervisor)
+        if was_gone:
+            st = state.read_json(path) or st  # it may have recorded a verdict just before exiting
+            if st.get("state") in sup.TERMINAL:
+                return
+        else:
+            sup.signal_process(supervisor, signal.SIGTERM)
             deadline = time.time() + sup.STOP_GRACE_S + 5
-            while time.time() < deadline and sup.pid_alive(pid):
+            while time.time() < deadline and sup.running(supervisor):
                 time.sleep(0.05)
-            now = state.read_json(os.path.join(app_dir, "state.json")) or st
-            if not sup.pid_alive(pid) and now.get("state") in sup.TERMINAL:
+            if sup.running(supervisor) and sup.signal_process(supervisor, signal.SIGKILL):
+                while sup.running(supervisor):  # stuck: it must not outlive the cancel
+                    time.sleep(0.02)
+            st = state.read_json(path) or st
+            if st.get("state") in sup.TERMINAL:
                 return  # it recorded its verdict
-            st = now  # killed before it could handle the signal (cancel right after run), or stuck
-        # the supervisor is gone (or stuck, or not started yet): stop what it recorded ourselves
-        for rs in st.get("replicas", {}).values():
-            sup.kill_group(rs.get("pgid"), signal.SIGKILL)
-            if rs.get("state") == "RUNNING":
-                rs["state"] = "CANCELLED"
-        sup.kill_marked({sup.replica_token(app_dir, r["role"], r["replica_id"]) for r in spec.get("replicas", [])})
-        after = sup.update_state(app_dir, state="CANCELLED", replicas=st.get("replicas", {}),
-                                 msg="cancelled by user", ended=time.time())
-        late = after.get("supervisor_pid")
-        if late != pid and late is not None and sup.pid_alive(late):
-            os.kill(late, signal.SIGTERM)  # it started meanwhile: it stops its replicas itself
+            # killed before it could handle the signal (cancel right after run), or stuck
+        # the supervisor is gone: stop what its record says is still the app's, nothing else
+        sup.stop_recorded(app_dir, spec, st)
+        replicas = {k: dict(rs, state="CANCELLED") if rs.get("state") not in sup.TERMINAL else rs
+                    for k, rs in st.get("replicas", {}).items()}
+        if was_gone:
+            verdict = {"state": "FAILED", "msg": sup.gone_message(st, app_dir, 0) + "; a cancel stopped what was left"}
+        else:
+            verdict = {"state": "CANCELLED", "msg": "cancelled by user"}
+        with state.locked(app_dir):  # a verdict recorded meanwhile is final: keep it
+            now = state.read_json(path) or st
+            if now.get("state") not in sup.TERMINAL:
+                state.write_json(path, {**now, **verdict, "replicas": replicas, "ended": time.time()})
 
     def _delete(self, app_id: str) -> None:
         loaded = self._load(app_id)

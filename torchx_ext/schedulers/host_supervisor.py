@@ -7,10 +7,14 @@ nothing), pumps their output into timestamped log files, applies the group rules
 
 Layout of APP_DIR (under ``$TORCHX_EXT_HOME/host/``):
   spec.json      the request (written once by ``schedule``; never holds secrets from os.environ)
-  state.json     app + replica states, pids, exit codes, times (atomic replace, under ``lock``)
+  state.json     app + replica states, process identities, exit codes, times (atomic replace,
+                 under ``lock``)
   lock           fcntl lock file serialising read-modify-write of state.json
   logs/ROLE/N/   stdout.log, stderr.log, combined.log: each line ``<unix time> <text>``
   supervisor.log the supervisor's own output (tracebacks land here, never lost)
+
+Everything there can hold a Role.env value or what a replica printed: directories are created
+0700 and files 0600 (by mode at creation, so the user's umask cannot widen them).
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import IO, Any, Optional, cast
+from typing import IO, Any, Mapping, Optional, cast
 
 from torchx.specs import AppState, is_terminal
 
 from torchx_ext import groups
+from torchx_ext.errors import StateError
 from torchx_ext.schedulers.ray_jobs_cluster import rules as retry_rules  # one copy for every backend
-from torchx_ext.state import locked, read_json, update_json, write_json
+from torchx_ext.state import locked, makedirs, read_json, update_json, write_json
 
 TERMINAL = tuple(s.name for s in AppState if is_terminal(s))
 STOP_GRACE_S = 3.0
@@ -40,29 +45,104 @@ def update_state(app_dir: str, **changes: Any) -> dict[str, Any]:
     return update_json(app_dir, "state.json", **changes)
 
 
-def pid_alive(pid: Optional[int]) -> bool:
-    if not pid:
-        return False
+def open_private_log(path: str) -> IO[bytes]:
+    """``path`` opened for appending, created 0600 (a log can hold what a replica printed)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
+
+
+# ---------------------------------------------------------------- process identity ----
+# A pid alone is not an identity: once a process is reaped (or the machine reboots) the kernel
+# hands its number to another process, the user's shell or another user's daemon. So every process
+# host records (the supervisor, each replica's group leader) is recorded as (pid, start time in
+# clock ticks after boot from /proc/<pid>/stat field 22, boot id), checked right before any signal.
+# In state.json: ``supervisor_pid``/``supervisor_start``, each replica's ``pid``/``start``, and one
+# ``boot_id`` for the app (a reboot ends all its processes at once).
+Identity = Mapping[str, Any]  # {"pid": int, "start": int, "boot": str}
+
+
+def boot_id() -> str:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
     except OSError:
+        return ""
+
+
+def _stat(pid: int) -> Optional[tuple[str, int, int]]:
+    """(state letter, process group, start ticks) of ``pid`` from /proc, or None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # the command name (field 2) may hold spaces and parentheses: split after its last ")"
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[0].decode(), int(fields[2]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def identity(pid: int) -> Optional[dict[str, Any]]:
+    """The identity of the process ``pid`` now (a zombie included), or None if there is none."""
+    st = _stat(pid)
+    return None if st is None else {"pid": pid, "start": st[2], "boot": boot_id()}
+
+
+def supervisor_of(record: Mapping[str, Any]) -> Identity:
+    return {"pid": record.get("supervisor_pid"), "start": record.get("supervisor_start"),
+            "boot": record.get("boot_id")}
+
+
+def replica_of(record: Mapping[str, Any], replica: Mapping[str, Any]) -> Identity:
+    return {"pid": replica.get("pid"), "start": replica.get("start"), "boot": record.get("boot_id")}
+
+
+def same_process(ident: Identity) -> bool:
+    """Is the recorded process still the one holding its pid? A zombie is (its pid, and a group
+    it leads, cannot be reused before it is reaped); a record without a start time never is."""
+    pid, start, boot = ident.get("pid"), ident.get("start"), ident.get("boot")
+    if not isinstance(pid, int) or pid <= 0 or start is None or not boot or boot != boot_id():
         return False
+    st = _stat(pid)
+    return st is not None and st[2] == start
 
 
-def kill_group(pgid: Optional[int], sig: int) -> None:
-    if pgid:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+def running(ident: Identity) -> bool:
+    """The recorded process is still that process and has not exited (a zombie has)."""
+    st = _stat(ident["pid"]) if same_process(ident) else None
+    return st is not None and st[0] != "Z"
+
+
+def signal_process(ident: Identity, sig: int) -> bool:
+    """Sends ``sig`` to the recorded process if it is still that process; True if sent. A process
+    that is gone or not the user's any more is no error (cancel must not fail for good on it)."""
+    if not same_process(ident):
+        return False
+    try:
+        os.kill(ident["pid"], sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def signal_group(leader: Identity, sig: int, token: str) -> bool:
+    """Sends ``sig`` to the process group of a replica whose recorded ``leader`` started it, only
+    while the group provably is that replica's: its leader is still that process, or (the leader
+    reaped) a member still carries the replica's ``token``. A group number can be reused only once
+    the group is empty, so either proof holds until the signal lands."""
+    pgid = leader.get("pid")
+    if not isinstance(pgid, int) or pgid <= 0:
+        return False
+    if not same_process(leader) and not any(g == pgid for _, g in _marked({token})):
+        return False
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def pid_alive(pid: Optional[int]) -> bool:
+    """Some process, not a zombie, holds ``pid`` (whichever it is: use :func:`running` to decide)."""
+    st = _stat(pid) if pid else None
+    return st is not None and st[0] != "Z"
 
 
 # A replica's descendants can leave its process group (setsid, a daemon's double fork), so the
@@ -77,12 +157,18 @@ def replica_token(app_dir: str, role: str, replica_id: int) -> str:
     return f"host/{os.path.basename(os.path.normpath(app_dir))}/{role}/{replica_id}"
 
 
-def marked_pids(tokens: set[str]) -> list[int]:
-    """Live pids whose environment holds ``TORCHX_EXT_REPLICA_TOKEN=<one of tokens>``."""
+def _marked(tokens: set[str]) -> list[tuple[Identity, int]]:
+    """(identity, process group) of each live process whose environment holds
+    ``TORCHX_EXT_REPLICA_TOKEN=<one of tokens>``. The identity is read before the environment: if
+    the pid changed hands in between, the identity no longer matches and nothing is signalled."""
     marks = [f"{TOKEN_ENV}={t}".encode() for t in tokens]
-    found = []
+    found: list[tuple[Identity, int]] = []
+    boot = boot_id()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        st = _stat(int(entry))
+        if st is None or st[0] == "Z":
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
@@ -90,22 +176,71 @@ def marked_pids(tokens: set[str]) -> list[int]:
         except OSError:
             continue  # gone, or another user's
         if any(m in environ for m in marks):
-            found.append(int(entry))
+            found.append(({"pid": int(entry), "start": st[2], "boot": boot}, st[1]))
     return found
+
+
+def marked_pids(tokens: set[str]) -> list[int]:
+    """Live pids whose environment holds ``TORCHX_EXT_REPLICA_TOKEN=<one of tokens>``."""
+    return [ident["pid"] for ident, _ in _marked(tokens)]
 
 
 def kill_marked(tokens: set[str]) -> None:
     """SIGKILLs every process carrying one of ``tokens``, until none is left (bounded)."""
     for _ in range(50):
-        pids = [p for p in marked_pids(tokens) if pid_alive(p)]
-        if not pids:
+        found = _marked(tokens)
+        if not found:
             return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for ident, _ in found:
+            signal_process(ident, signal.SIGKILL)
         time.sleep(0.02)
+
+
+def claim(app_dir: str, supervisor: Identity) -> dict[str, Any]:
+    """Records ``supervisor`` as the app's supervisor (creating state.json if this is the first
+    word about the app) unless the app has ended already (a cancel came first); returns the record.
+
+    Both ``schedule`` (right after starting it) and the supervisor itself (first thing) call it:
+    whichever is first, state.json never exists without a supervisor identity to check.
+    """
+    path = os.path.join(app_dir, "state.json")
+    with locked(app_dir):
+        st = read_json(path)
+        if st is None:
+            st = {"state": "SUBMITTED", "msg": "", "created": time.time(), "replicas": {}}
+        elif st.get("state") in TERMINAL:
+            return st
+        st.update(supervisor_pid=supervisor["pid"], supervisor_start=supervisor["start"],
+                  boot_id=supervisor["boot"])
+        write_json(path, st)
+        return st
+
+
+def gone_message(record: Mapping[str, Any], app_dir: str, orphans: int) -> str:
+    """Why an app without a verdict has no supervisor; ``orphans``: its processes still running."""
+    left = (f"{orphans} of its processes still run unsupervised: `torchx cancel` stops them" if orphans
+            else "its replicas were not seen to finish")
+    return (f"the host supervisor (pid {record.get('supervisor_pid')}) is gone: it was killed or the machine "
+            f"rebooted; {left} (see {app_dir}/supervisor.log)")
+
+
+def orphans(app_dir: str, spec: Mapping[str, Any], record: Mapping[str, Any]) -> int:
+    """How many processes provably of this app still run: replica leaders still the recorded
+    process, and processes carrying a replica token."""
+    tokens = {replica_token(app_dir, r["role"], r["replica_id"]) for r in spec.get("replicas", [])}
+    pids = {ident["pid"] for ident, _ in _marked(tokens)}
+    pids.update(rs["pid"] for rs in record.get("replicas", {}).values() if running(replica_of(record, rs)))
+    return len(pids)
+
+
+def stop_recorded(app_dir: str, spec: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    """SIGKILLs what an app's record (and its replica tokens) says is still its own, with its
+    supervisor gone: each replica's group while provably the replica's, then any process still
+    carrying a replica token. Nothing else: a reused pid or group is left alone."""
+    for key, rs in record.get("replicas", {}).items():
+        role, _, k = key.rpartition("/")
+        signal_group(replica_of(record, rs), signal.SIGKILL, replica_token(app_dir, role, int(k)))
+    kill_marked({replica_token(app_dir, r["role"], r["replica_id"]) for r in spec.get("replicas", [])})
 
 
 def log_dir(app_dir: str, role: str, replica_id: int) -> str:
@@ -120,11 +255,9 @@ class _Replica:
         self.token = replica_token(app_dir, spec["role"], spec["replica_id"])
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.dir = log_dir(app_dir, spec["role"], spec["replica_id"])
-        os.makedirs(self.dir, exist_ok=True)
-        self.files = {
-            name: open(os.path.join(self.dir, f"{name}.log"), "ab")
-            for name in ("stdout", "stderr", "combined")
-        }
+        makedirs(self.dir, mode=0o700)  # each level created 0700 (state.makedirs)
+        self.files = {name: open_private_log(os.path.join(self.dir, f"{name}.log"))
+                      for name in ("stdout", "stderr", "combined")}
         self.partial = {"stdout": b"", "stderr": b""}
         self.pipes: set[int] = set()  # fds of this attempt's stdout/stderr still open
         # restarts (Role.max_retries under Role.retry_policy)
@@ -166,6 +299,7 @@ class Supervisor:
         self.used: dict[str, int] = {}  # restarts used, per retry unit (retry_rules.retry_unit)
         self.num_restarts = 0
         self.due: dict[str, float] = {}  # replica key -> when its next attempt starts
+        self.boot = boot_id()
 
     # -- state ------------------------------------------------------------------------
     def _save(self, **changes: Any) -> None:
@@ -191,7 +325,11 @@ class Supervisor:
                 return False
             pending = []
             for dep in deps:
-                dep_state = read_json(os.path.join(root, dep, "state.json"))
+                try:
+                    dep_state = read_json(os.path.join(root, dep, "state.json"))
+                except StateError as e:  # damaged: its outcome can never be read
+                    self._finish("FAILED", f"dependency '{dep}' cannot be read: {e}")
+                    return False
                 if dep_state is None:
                     self._finish("FAILED", f"dependency '{dep}' no longer exists")
                     return False
@@ -202,7 +340,7 @@ class Supervisor:
                         "FAILED", f"dependency '{dep}' ended {s}" + (f" ({why})" if why else "")
                     )
                     return False
-                if s == "UNKNOWN" or (s not in TERMINAL and not pid_alive(dep_state.get("supervisor_pid"))):
+                if s == "UNKNOWN" or (s not in TERMINAL and not running(supervisor_of(dep_state))):
                     self._finish("FAILED", f"dependency '{dep}' lost its supervisor; its outcome is unknown")
                     return False
                 if s != "SUCCEEDED":
@@ -233,7 +371,10 @@ class Supervisor:
         for pipe, stream in ((r.proc.stdout, "stdout"), (r.proc.stderr, "stderr")):
             self.sel.register(pipe, selectors.EVENT_READ, (r, stream))
             r.pipes.add(pipe.fileno())
-        self.replica_state[r.key].update(state="RUNNING", pid=r.proc.pid, pgid=r.proc.pid, started=time.time())
+        # our child, not reaped yet: the pid cannot have changed hands before this read
+        ident = identity(r.proc.pid)
+        self.replica_state[r.key].update(state="RUNNING", pid=r.proc.pid, pgid=r.proc.pid,
+                                         start=ident["start"] if ident else None, started=time.time())
         return None
 
     def _start_all(self) -> bool:
@@ -310,7 +451,7 @@ class Supervisor:
         """Reads what the ended attempt left in its pipes and kills what it left behind, so the
         next attempt starts clean (its lines after the attempt marker, no leftover process)."""
         if r.proc is not None:
-            kill_group(r.proc.pid, signal.SIGKILL)
+            self._signal_group(r, signal.SIGKILL)
         kill_marked({r.token})
         deadline = time.time() + 1.0
         while r.pipes and time.time() < deadline:
@@ -341,24 +482,28 @@ class Supervisor:
         """SIGTERM these replicas' process groups, SIGKILL after a grace period, and record
         the ones still RUNNING as CANCELLED."""
         for r in running:
-            kill_group(r.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+            self._signal_group(r, signal.SIGTERM)
         deadline = time.time() + STOP_GRACE_S
         while time.time() < deadline and any(r.proc.poll() is None for r in running):  # type: ignore[union-attr]
             self._pump(0.05)
         for r in running:
-            kill_group(r.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            self._signal_group(r, signal.SIGKILL)
             r.proc.wait()  # type: ignore[union-attr]
             rs = self.replica_state[r.key]
             if rs["state"] == "RUNNING":
                 rs.update(state="CANCELLED", exit_code=r.proc.returncode, ended=time.time())  # type: ignore[union-attr]
+
+    def _signal_group(self, r: _Replica, sig: int) -> None:
+        signal_group(replica_of({"boot_id": self.boot}, self.replica_state[r.key]), sig, r.token)
 
     def _stop_all(self) -> None:
         """Stops every running replica; a replica waiting for its restart is CANCELLED."""
         self._stop([r for r in self.replicas if r.proc is not None and r.proc.poll() is None])
         for r in self.replicas:
             if r.proc is not None:
-                # also reaps grandchildren left in the group after the leader exited
-                kill_group(r.proc.pid, signal.SIGKILL)
+                # grandchildren left in the group of a leader reaped earlier: only while the group
+                # is still provably this replica's (signal_group), never by its bare number
+                self._signal_group(r, signal.SIGKILL)
         kill_marked({r.token for r in self.replicas})  # what left the groups (see TOKEN_ENV)
         for key in self.due:
             self.replica_state[key].update(state="CANCELLED", ended=time.time())
@@ -383,11 +528,10 @@ class Supervisor:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         signal.signal(signal.SIGINT, self._on_sigterm)
-        with locked(self.app_dir):  # a cancel that came before us has decided already: start nothing
-            st = read_json(os.path.join(self.app_dir, "state.json")) or {}
-            if st.get("state") in TERMINAL:
-                return
-            write_json(os.path.join(self.app_dir, "state.json"), {**st, "supervisor_pid": os.getpid()})
+        me = identity(os.getpid())
+        assert me is not None  # /proc/self exists
+        if claim(self.app_dir, me).get("state") in TERMINAL:
+            return  # a cancel that came before us has decided already: start nothing
         if not self._wait_for_dependencies():
             return
         if self.cancelled:
