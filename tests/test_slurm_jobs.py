@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -315,7 +316,7 @@ def test_hostile_sbatch_values_and_job_dir_reach_slurm(runner: Runner, partition
     assert wait_terminal(runner, handle, TIMEOUT).state == AppState.SUCCEEDED
     assert f"Comment={comment}" in _scontrol(_app_id(handle))
     assert "in odd dir" in logs(runner, handle, "main")
-    assert os.path.isfile(os.path.join(job_dir, f"slurm-{_app_id(handle)}.out"))
+    assert os.path.isfile(os.path.join(job_dir, "slurm-out", f"slurm-{_app_id(handle)}.out"))
     assert handle in {a.app_handle for a in runner.list(SCHEDULER)}  # found by its record
 
 
@@ -477,3 +478,99 @@ def test_a_lost_node_requeues_an_app_with_retries_which_reads_pending_then_runs_
     status = wait_terminal(runner, handle, TIMEOUT)
     assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
     assert "[torchx-ext] attempt 2 of role 'main' replica 0 begins: Slurm requeued the job" in logs(runner, handle, "main")
+
+
+# ---------------------------------------------------------------------- trust (issue 20) ---------
+def _cli_in(home: str, *args: str, umask: int = 0o022) -> subprocess.CompletedProcess:
+    """``torchx ARGS`` in a new process with its own TORCHX_EXT_HOME, under a permissive umask."""
+    return subprocess.run([TORCHX, *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "TORCHX_EXT_HOME": home}, umask=umask)
+
+
+def _open_home(tmp_path: object) -> str:
+    """A TORCHX_EXT_HOME made as a careless user would: 0755."""
+    home = os.path.join(str(tmp_path), "home")
+    os.mkdir(home)
+    os.chmod(home, 0o755)
+    return home
+
+
+def tree(root: str) -> list[tuple[str, int, int]]:
+    """Every path under ``root``: (relative path, mode, size); nothing when it does not exist."""
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(dirpath, name))
+            out.append((os.path.relpath(os.path.join(dirpath, name), root), st.st_mode, st.st_size))
+    return sorted(out)
+
+
+def assert_private(home: str, secret: bytes) -> list[str]:
+    """Every file under ``home`` holding ``secret`` is 0600, each directory up to ``home`` 0700;
+    and nothing under ``home`` is open to others. Returns the files that hold it."""
+    holding = []
+    for dirpath, dirs, files in os.walk(home):
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode & 0o777
+            assert not mode & 0o077, f"{path} is {oct(mode)}"
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue  # ssh's control sockets
+            with open(path, "rb") as f:
+                if secret not in f.read():
+                    continue
+            holding.append(os.path.relpath(path, home))
+            assert os.lstat(path).st_mode & 0o777 == 0o600, path
+            up = os.path.dirname(path)
+            while up != home:
+                assert os.lstat(up).st_mode & 0o777 == 0o700, up
+                up = os.path.dirname(up)
+    return holding
+
+
+def test_cli_dryrun_with_a_workspace_writes_nothing(partition: str, tmp_path: object) -> None:
+    home = _open_home(tmp_path)
+    ws = os.path.join(str(tmp_path), "ws")
+    os.mkdir(ws)
+    with open(os.path.join(ws, "main.py"), "w") as f:
+        f.write("print('hi')\n")
+    _cli_in(home, "run", "-s", SCHEDULER, "-cfg", f"partition={partition}", "--workspace", "", "group.roles",
+            "--image", ROOT, f"main={sys.executable} -c pass")  # a home with records and roots in it
+    before = tree(home)
+    proc = _cli_in(home, "run", "--dryrun", "--workspace", ws, "-s", SCHEDULER, "-cfg", f"partition={partition}",
+                   "group.roles", "--image", "unused", f"main={sys.executable} main.py")
+    assert proc.returncode == 0, proc.stderr
+    assert tree(home) == before
+    assert f"# before sbatch: copy the workspace {ws} to {home}/slurm_jobs/workspaces/" in proc.stdout
+
+
+def test_env_values_are_private_from_creation(partition: str, tmp_path: object) -> None:
+    import uuid
+
+    home = _open_home(tmp_path)
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    code = "import os; print('value', os.environ['TXE_SECRET'], 'umask', oct(os.umask(0)), flush=True)"
+    proc = _cli_in(home, "run", "-s", SCHEDULER, "-cfg", f"partition={partition}", "--workspace", "",
+                   "group.roles", "--cpu", "1", "--memMB", "300", "--image", ROOT, "--env", f"TXE_SECRET={secret}",
+                   f"main={sys.executable} -c {_sh(code)}")
+    assert proc.returncode == 0, proc.stderr
+    handle = next(line for line in proc.stdout.splitlines() if line.startswith(f"{SCHEDULER}://"))
+    deadline = time.time() + TIMEOUT
+    while True:
+        out = _cli_in(home, "status", handle).stdout
+        if re.search(r"State:\s*(SUCCEEDED|FAILED|CANCELLED)", out):
+            break
+        assert time.time() < deadline, out
+        time.sleep(0.5)
+    assert "SUCCEEDED" in out, out
+    holding = assert_private(home, secret.encode())
+    job = _app_id(handle)
+    # the record, the script and the replica's log hold it; Slurm's output sits in a private directory
+    assert {f"slurm_jobs/{job}/app.json", f"slurm_jobs/{job}/script.sbatch", f"slurm_jobs/{job}/main/0/log"} \
+        <= set(holding), holding
+    assert os.path.isfile(os.path.join(home, "slurm_jobs", "slurm-out", f"slurm-{job}.out"))
+    # what is ours is private; the replica itself runs under the submitter's umask (022), not 077
+    with open(os.path.join(home, "slurm_jobs", job, "main", "0", "log")) as f:
+        assert f"value {secret} umask 0o22" in f.read()

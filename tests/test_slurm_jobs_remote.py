@@ -18,6 +18,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from torchx.specs import AppDef, AppState, Resource, Role
 
 from conftest import IN_CI, ROOT, live_processes, require_backend
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
+from test_slurm_jobs import assert_private
 from torchx_ext import state
 from torchx_ext.errors import BackendError, SchedulerUnavailable
 
@@ -366,7 +368,10 @@ def test_no_slurm_on_the_remote_path_is_one_line(runner: Runner, partition: str,
     _one_line(e, login, "not on the remote PATH")
     leftovers = subprocess.run(["ssh", "-F", ssh_config, login, "--", "ls", "-A", "/tmp/txe-noslurm-jobs"],
                                capture_output=True, text=True).stdout
-    assert leftovers.strip() in ("", ".torchx_ext_writable"), leftovers  # no script, no job directory
+    # no script, no job directory (Slurm's output directory, shared by every job, may be there, empty)
+    assert set(leftovers.split()) <= {".torchx_ext_writable", "slurm-out"}, leftovers
+    assert _ssh_sh({"ssh_config": ssh_config, "login": login},
+                   "ls -A /tmp/txe-noslurm-jobs/slurm-out 2>/dev/null || :") == ""
 
 
 def test_full_remote_disk_is_one_line_and_leaves_nothing(
@@ -391,7 +396,9 @@ def test_full_remote_disk_is_one_line_and_leaves_nothing(
         with pytest.raises(BackendError) as e:
             runner.run(_app("full", "print(1)"), SCHEDULER, {**remote_cfg, "remote_dir": mnt})
         _one_line(e, "No space left on device", "nothing was submitted")
-        assert sorted(os.listdir(mnt)) == ["filler"]  # nothing left behind
+        # nothing left behind (but Slurm's output directory, shared by every job, empty)
+        assert sorted(os.listdir(mnt)) in (["filler"], ["filler", "slurm-out"])
+        assert not os.path.isdir(os.path.join(mnt, "slurm-out")) or not os.listdir(os.path.join(mnt, "slurm-out"))
         jobs_after = subprocess.run([SCONTROL, "show", "job", "-o"], capture_output=True, text=True).stdout
         assert "JobName=full " not in jobs_after.replace(jobs_before, "")
     finally:
@@ -507,3 +514,107 @@ def test_record_keeps_what_a_new_shell_needs(runner: Runner, remote_cfg: dict[st
         "login": remote_cfg["login"], "identity_file": None, "ssh_config": remote_cfg["ssh_config"]}
     assert json.loads(json.dumps(record))["job_dir"].endswith("/" + _job_id(handle))
     wait_terminal(runner, handle, TIMEOUT)
+
+
+# ---------------------------------------------------------------------- trust (issue 20) ---------
+def _cli_in(home: str, *args: str) -> subprocess.CompletedProcess:
+    """``torchx ARGS`` in a new process with its own TORCHX_EXT_HOME, under umask 022."""
+    return subprocess.run([sys.executable, "-m", "torchx.cli.main", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**os.environ, "TORCHX_EXT_HOME": home}, umask=0o022)
+
+
+def _open_home() -> str:
+    """A short TORCHX_EXT_HOME (ssh's sockets live there) made 0755, as a careless user would."""
+    home = tempfile.mkdtemp(prefix="txp")
+    os.chmod(home, 0o755)
+    return home
+
+
+def _ssh_sh(cfg: dict[str, str], script: str, *args: str) -> str:
+    """``sh -c SCRIPT sh ARGS`` on the login node (ssh joins its words into one shell line: quoted here)."""
+    return _ssh(cfg, " ".join(shlex.quote(w) for w in ["sh", "-c", script, "sh", *args]))
+
+
+def _remote_tree(cfg: dict[str, str], path: str) -> str:
+    """Every path under ``path`` on the login node with its mode, size and time ("" if missing)."""
+    return _ssh_sh(cfg, 'cd -- "$1" 2>/dev/null && find . -printf "%p %m %s %T@\\n" | sort || :', path)
+
+
+def _plain_cfg(cfg: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def test_cli_dryruns_write_nothing_and_connect_nowhere(remote_cfg: dict[str, str], tmp_path: object) -> None:
+    ws = os.path.join(str(tmp_path), "ws")
+    os.mkdir(ws)
+    with open(os.path.join(ws, "main.py"), "w") as f:
+        f.write("print('hi')\n")
+    home = _open_home()
+    try:
+        remote_before = _remote_tree(remote_cfg, ".torchx_ext")
+        args = ["group.roles", "--image", "unused", f"main={REMOTE_PYTHON} main.py"]
+        # the testbed's login node: not contacted, nothing shipped, neither to the default remote
+        # directory nor to one of the dry-run's own
+        proc = _cli_in(home, "run", "--dryrun", "--workspace", ws, "-s", SCHEDULER, "-cfg", _plain_cfg(remote_cfg),
+                       *args)
+        assert proc.returncode == 0, proc.stderr
+        assert f"# before sbatch: copy the workspace {ws} to {remote_cfg['login']}:~/.torchx_ext/slurm_jobs/" \
+            in proc.stdout
+        own = f"txe-dryrun-{os.getpid()}"
+        proc = _cli_in(home, "run", "--dryrun", "--workspace", ws, "-s", SCHEDULER, "-cfg",
+                       _plain_cfg({**remote_cfg, "remote_dir": f"{own}/jobs"}), *args)
+        assert proc.returncode == 0, proc.stderr
+        assert f"copy the workspace {ws} to {remote_cfg['login']}:{own}/jobs/workspaces/" in proc.stdout
+        assert _ssh_sh(remote_cfg, 'ls -d -- "$1" 2>/dev/null || :', own) == ""
+        # an unreachable login (a closed port): the dry-run works offline
+        closed = f"nobody@127.0.0.1:{_free_port()}"
+        proc = _cli_in(home, "run", "--dryrun", "--workspace", ws, "-s", SCHEDULER, "-cfg",
+                       f"partition={remote_cfg['partition']},login={closed}", *args)
+        assert proc.returncode == 0, proc.stderr
+        assert f"TORCHX_EXT_APP_ID={closed}:" in proc.stdout
+        assert os.listdir(home) == []  # no record, no copy, no ssh control socket
+        assert _remote_tree(remote_cfg, ".torchx_ext") == remote_before
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_env_values_are_private_from_creation_here_and_on_the_login_node(remote_cfg: dict[str, str]) -> None:
+    import uuid
+
+    home = _open_home()
+    top = f".torchx_ext_priv_{uuid.uuid4().hex[:8]}"  # under the remote home, made by this test's app
+    cfg = {**remote_cfg, "remote_dir": f"{top}/slurm_jobs"}
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    code = "import os; print('value', os.environ['TXE_SECRET'], flush=True)"
+    try:
+        proc = _cli_in(home, "run", "-s", SCHEDULER, "-cfg", _plain_cfg(cfg), "--workspace", "", "group.roles",
+                       "--cpu", "1", "--memMB", "300", "--image", _txe_home(), "--env", f"TXE_SECRET={secret}",
+                       f"main={REMOTE_PYTHON} -c \"{code}\"")
+        assert proc.returncode == 0, proc.stderr
+        handle = next(line for line in proc.stdout.splitlines() if line.startswith(f"{SCHEDULER}://"))
+        deadline = time.time() + TIMEOUT
+        while True:
+            out = _cli_in(home, "status", handle).stdout
+            if re.search(r"State:\s*(SUCCEEDED|FAILED|CANCELLED)", out):
+                break
+            assert time.time() < deadline, out
+            time.sleep(0.5)
+        assert "SUCCEEDED" in out, out
+        app_id = handle.rsplit("/", 1)[-1]
+        assert f"slurm_jobs/{app_id}/app.json" in assert_private(home, secret.encode())
+        # on the login node: every file holding it 0600, every directory up to {top} (included) 0700;
+        # nothing under {top} open to others
+        script = ('cd -- "$1" || exit 1; find . -perm /077 -printf "OPEN %p %m\\n"; '
+                  'grep -rl -- "$2" . | while IFS= read -r f; do printf "HOLDS %s %s\\n" "$f" "$(stat -c %a "$f")"; '
+                  'd=$(dirname "$f"); while [ "$d" != . ]; do printf "DIR %s %s\\n" "$d" "$(stat -c %a "$d")"; '
+                  'd=$(dirname "$d"); done; done; printf "TOP %s\\n" "$(stat -c %a .)"')
+        report = _ssh_sh(cfg, script, top, secret).splitlines()
+        assert not [ln for ln in report if ln.startswith("OPEN")], report
+        holds = [ln.split() for ln in report if ln.startswith("HOLDS")]
+        assert {(h[1].rsplit("/", 1)[-1], h[2]) for h in holds} >= {("script.sbatch", "600"), ("log", "600")}, holds
+        assert all(h[2] == "600" for h in holds), holds
+        assert all(ln.split()[2] == "700" for ln in report if ln.startswith("DIR")), report
+        assert "TOP 700" in report, report
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        _ssh(remote_cfg, "rm", "-rf", "--", top)

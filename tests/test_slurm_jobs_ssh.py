@@ -159,6 +159,15 @@ def test_user_host_port_target(sshd: dict[str, str], fresh_home: str, tmp_path: 
     with SshLogin(target, identity_file=sshd["key"], config_file=_config(tmp_path, _known_hosts(sshd))) as node:
         assert node.name == target
         assert node.run(["id", "-un"]).stdout == f"{sshd['user']}\n"
+        # rsync gets the user as "-l USER" before ssh's "--", and the host alone after it
+        ws = os.path.join(str(tmp_path), "ws")
+        files = _workspace(ws)
+        remote = f"torchx_ext_test/{uuid.uuid4().hex[:8]}"
+        try:
+            assert node.sync_dir(ws, remote) > 0
+            assert _remote_tree(node, remote) == _expected_tree(files)
+        finally:
+            node.run(["rm", "-rf", "--", remote])
 
 
 def test_timeout(login: SshLogin) -> None:
@@ -400,6 +409,71 @@ def test_target_names(target: str, name: str) -> None:
 def test_invalid_targets(target: str) -> None:
     with pytest.raises(InvalidOptionError, match="invalid SSH login"):
         SshLogin(target)
+
+
+@pytest.mark.parametrize("target,why", [
+    ("x@-oProxyCommand=id", "the host '-oProxyCommand=id' begins with '-'"),
+    ("-oProxyCommand=id@h", "the user '-oProxyCommand=id' begins with '-'"),
+    ("x@-h:2222", "the host '-h' begins with '-'"),
+    ("-h", "the host '-h' begins with '-'"),
+    ("u@h\x07", "control characters"), ("u\x00@h", "control characters"), ("u@h\rx", "control characters"),
+    ("u@h\tx", "control characters"),
+])
+def test_logins_that_ssh_would_read_as_options_are_refused_in_one_line(target: str, why: str) -> None:
+    with pytest.raises(InvalidOptionError) as e:
+        SshLogin(target)
+    message = str(e.value)
+    assert "\n" not in message and "\r" not in message
+    assert repr(target) in message and why in message and "expected user@host[:port]" in message
+
+
+def _modes(login: SshLogin, path: str) -> dict[str, str]:
+    """``{relative path: octal mode}`` of everything under ``path`` on the login node, ``path`` as "."."""
+    proc = login.run_script('cd -- "$1" && find . -printf "%P\\t%m\\n"', [path])
+    assert proc.returncode == 0, proc.stderr
+    return {rel or ".": mode for rel, mode in (line.split("\t") for line in proc.stdout.splitlines())}
+
+
+def test_put_text_is_private_from_birth(login: SshLogin, remote_dir: str) -> None:
+    # the remote login shell's umask is 022 (sshd's default): the new directories are 0700 anyway
+    assert login.run(["sh", "-c", "umask"]).stdout.strip() == "0022"
+    login.put_text(f"{remote_dir}/a/b/secret.json", "{}")
+    assert _modes(login, remote_dir) == {".": "700", "a": "700", "a/b": "700", "a/b/secret.json": "600"}
+
+
+@pytest.mark.parametrize("rsync", [True, False])
+def test_sync_dir_copies_are_private(login: SshLogin, remote_dir: str, tmp_path: object,
+                                     monkeypatch: pytest.MonkeyPatch, rsync: bool) -> None:
+    ws = os.path.join(str(tmp_path), "ws")
+    _workspace(ws)
+    os.chmod(os.path.join(ws, "main.py"), 0o755)
+    os.chmod(os.path.join(ws, "pkg"), 0o755)
+    if not rsync:
+        bin_dir = os.path.join(str(tmp_path), "bin")
+        os.mkdir(bin_dir)
+        os.symlink(shutil.which("ssh") or "/usr/bin/ssh", os.path.join(bin_dir, "ssh"))
+        monkeypatch.setenv("PATH", bin_dir)
+    login.sync_dir(ws, f"{remote_dir}/copy")
+    modes = _modes(login, remote_dir)
+    assert modes.pop("copy/main.py") == "700"  # the user's own bits, x included, are kept
+    assert all(mode == ("700" if "." not in rel.rsplit("/", 1)[-1] or rel == "." else "600")
+               for rel, mode in modes.items() if rel != "copy/é 🙂"), modes
+    assert all(not int(mode, 8) & 0o077 for mode in modes.values()), modes
+
+
+def test_sync_dir_link_dest_is_protected_like_the_destination(login: SshLogin, remote_dir: str,
+                                                              tmp_path: object) -> None:
+    ws = os.path.join(str(tmp_path), "ws")
+    _workspace(ws)
+    home = login.run(["sh", "-c", "pwd"]).stdout.strip()
+    # a previous copy whose path the remote shell would split and run, were it not protected
+    name = "prev dir;touch injected;$(touch injected2)"
+    login.sync_dir(ws, f"{remote_dir}/{name}")
+    login.sync_dir(ws, f"{remote_dir}/next", link_dest=f"{home}/{remote_dir}/{name}")
+    links = login.run(["stat", "-c", "%h", f"{remote_dir}/next/pkg/mod.py"]).stdout.strip()
+    assert links == "2", "unchanged files are hard links into the previous copy"
+    assert sorted(login.run(["ls", "-A", remote_dir]).stdout.splitlines()) == ["next", name]
+    assert _remote_tree(login, f"{remote_dir}/next") == _expected_tree(_workspace(ws))  # nothing else there
 
 
 def test_long_home_falls_back_to_a_short_private_dir(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:

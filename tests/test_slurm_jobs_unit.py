@@ -322,7 +322,7 @@ def test_remote_script_names_the_cluster_in_the_app_id_and_uses_the_remote_root(
     text = repr(create_scheduler("t").submit_dryrun(
         app, {"login": "u@login.example:2200", "remote_dir": "/scratch/u/jobs"}).request)
     assert "_TXE_DIR=/scratch/u/jobs/\"$SLURM_JOB_ID\"" in text
-    assert "#SBATCH --output=/scratch/u/jobs/slurm-%j.out" in text
+    assert "#SBATCH --output=/scratch/u/jobs/slurm-out/slurm-%j.out" in text
     assert "TORCHX_EXT_APP_ID=u@login.example:2200:\"$SLURM_JOB_ID\"" in text
     assert "--chdir=/home/u/ws" in text  # an absolute image is a directory on the cluster
     # local mode is unchanged: the app id is the job id
@@ -394,3 +394,107 @@ def test_job_files_are_read_the_same_here_and_remotely(tmp_path: Any) -> None:
     there = {h.split(" ", 1)[1]: b for h, b in parse_sections(proc.stdout, "SEP") if h.startswith("file ")}
     assert here == there
     assert here["main/0/log"] == "1.0 E boom\n" and "main/1/log" not in here and here["main/1/stopped"] == ""
+
+
+# ---------------------------------------------------------------------- trust (issue 20) ---------
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_umask_077_is_the_scripts_first_command(case: str) -> None:
+    commands = [ln for ln in CASES[case]().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert commands[0].startswith("umask 077;"), commands[:3]
+
+
+@pytest.mark.parametrize("login", ["x@-oProxyCommand=id", "-oProxyCommand=id@h", "x@-h:22", "u@h\x07x"])
+def test_a_login_ssh_would_read_as_an_option_is_refused_at_validation(login: str) -> None:
+    from torchx_ext.errors import InvalidOptionError
+    from torchx_ext.schedulers.slurm_jobs import split_app_id
+
+    app = AppDef("r", roles=[_role("main", "-c", "1")])
+    with pytest.raises(InvalidOptionError) as e:
+        create_scheduler("t").submit_dryrun(app, {"login": login})
+    assert repr(login) in str(e.value) and "\n" not in str(e.value)
+    assert split_app_id(f"{login}:12") is None  # nor is it ever a handle's cluster
+
+
+def _listing(root: str) -> list[tuple[str, int]]:
+    """Every path under ``root`` with its mode (nothing at all when it does not exist)."""
+    out = []
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            out.append((os.path.relpath(path, root), os.lstat(path).st_mode))
+    return sorted(out)
+
+
+def _workspace_dir(tmp_path: Any) -> str:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "main.py").write_text("print('hi')\n")
+    return str(ws)
+
+
+def test_a_local_dryrun_with_a_workspace_only_plans(tmp_path: Any, monkeypatch: Any) -> None:
+    from torchx.runner import get_runner
+
+    home = tmp_path / "home"
+    (home / "slurm_jobs").mkdir(parents=True)
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(home))
+    before = _listing(str(home))
+    app = AppDef("ws", roles=[_role("main", "main.py", image="unused")])
+    with get_runner() as runner:
+        info = runner.dryrun(app, "slurm_jobs", {}, workspace=_workspace_dir(tmp_path))
+    assert _listing(str(home)) == before  # nothing copied, nothing recorded
+    target = app.roles[0].image
+    assert target.startswith(str(home / "slurm_jobs" / "workspaces") + "/") and not os.path.exists(target)
+    text = repr(info.request)
+    assert f"--chdir={target}" in text  # the planned copy is the role's directory
+    assert text.endswith(f"# before sbatch: copy the workspace {tmp_path / 'ws'} to {target}\n")
+
+
+def test_a_remote_dryrun_with_an_unreachable_login_works_offline(tmp_path: Any, monkeypatch: Any) -> None:
+    from torchx.runner import get_runner
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(home))
+    monkeypatch.setenv("PATH", "/nonexistent")  # no ssh, no rsync, no Slurm: any use would fail
+    app = AppDef("ws", roles=[_role("main", "main.py", image="unused")])
+    with get_runner() as runner:
+        info = runner.dryrun(app, "slurm_jobs", {"login": "nobody@127.0.0.1:1"}, workspace=_workspace_dir(tmp_path))
+    assert _listing(str(home)) == []  # no control socket directory, no record, no copy
+    target = app.roles[0].image
+    assert target.startswith("~/.torchx_ext/slurm_jobs/workspaces/")  # resolved at the first submission
+    text = repr(info.request)
+    assert "TORCHX_EXT_APP_ID=nobody@127.0.0.1:1:" in text
+    assert f"# before sbatch: copy the workspace {tmp_path / 'ws'} to nobody@127.0.0.1:1:{target}\n" in text
+
+
+def test_local_submission_copies_the_workspace_and_keeps_slurms_output_private(
+        tmp_path: Any, monkeypatch: Any) -> None:
+    """With a fake sbatch (it records its umask and its --output, and answers a job id): the copy is
+    made by schedule, sbatch runs under umask 077, and Slurm's output directory is 0700 before it."""
+    from torchx.runner import get_runner
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(home))
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    seen = tmp_path / "seen"
+    (bindir / "sbatch").write_text(
+        f"#!/bin/sh\n{{ umask; stat -c %a \"$(dirname \"$(sed -n 's/^#SBATCH --output=//p' | head -1)\")\"; }} "
+        f">{seen}\necho 4242\n")
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    app = AppDef("ws", roles=[_role("main", "main.py", image="unused")])
+    with get_runner() as runner:
+        info = runner.dryrun(app, "slurm_jobs", {}, workspace=_workspace_dir(tmp_path))
+        assert not os.path.exists(app.roles[0].image)
+        handle = runner.schedule(info)
+    assert handle.endswith("/4242")
+    assert seen.read_text().split() == ["0077", "700"]
+    assert (tmp_path / "home" / "slurm_jobs" / "workspaces").is_dir()
+    assert os.path.isfile(os.path.join(app.roles[0].image, "main.py"))
+    for path in (home / "slurm_jobs" / "4242", home / "slurm_jobs" / "slurm-out"):
+        assert oct(path.stat().st_mode & 0o777) == "0o700"
+    for path in (home / "slurm_jobs" / "4242" / "app.json", home / "slurm_jobs" / "4242" / "script.sbatch"):
+        assert oct(path.stat().st_mode & 0o777) == "0o600"

@@ -32,11 +32,12 @@ import re
 import shlex
 import shutil
 import signal as signal_module
+import stat
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Collection, Mapping, Optional
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
 from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus, is_terminal, macros
@@ -44,7 +45,14 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext import support as matrices
-from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, SchedulerUnavailable
+from torchx_ext.errors import (
+    BackendError,
+    DependencyError,
+    InvalidAppError,
+    InvalidOptionError,
+    SchedulerUnavailable,
+    StateError,
+)
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
 from torchx_ext.schedulers import slurm_jobs_client as sc
@@ -71,6 +79,9 @@ _JOB_ID = re.compile(r"^[0-9]+$")
 # remote mode: "<login>:<job id>", the login as SshLogin.name writes it (never a "/": no path)
 _REMOTE_ID = re.compile(r"^(?P<login>[^/\s\0]+):(?P<job>[0-9]+)$")
 _DEFAULT_REMOTE_DIR = "~/.torchx_ext/slurm_jobs"
+# under the job root: Slurm's own output (slurm-<job id>.out), in a directory made 0700 before
+# sbatch (Slurm opens the file before the job's private directory can exist)
+OUTPUT_DIR = "slurm-out"
 
 
 @dataclass
@@ -109,7 +120,7 @@ class SlurmJobsExecutor(Executor):
     )
     job_dir: Optional[str] = option(
         None, help="directory for job directories (<job_dir>/<job id>/: logs, exit codes) and "
-        "slurm-<job id>.out; must be visible from the nodes (default: $TORCHX_EXT_HOME/slurm_jobs)"
+        f"{OUTPUT_DIR}/slurm-<job id>.out; must be visible from the nodes (default: $TORCHX_EXT_HOME/slurm_jobs)"
     )
     container_image: Optional[str] = option(
         None, help="run every replica in this container image (pyxis: srun --container-image); "
@@ -138,16 +149,36 @@ class SlurmJobsExecutor(Executor):
 
 
 @dataclass
+class WorkspaceCopy:
+    """A workspace copy ``schedule`` makes before sbatch (a dry-run only plans it).
+
+    ``target`` is where the role runs (its image). Remote: on the login node; ``planned_root`` is
+    the remote root as the dry-run knew it (``~/...`` until a submission resolved it), replaced by
+    the resolved root at submission; ``key`` finds the previous copy (``rsync --link-dest``).
+    """
+
+    source: str
+    target: str
+    planned_root: str = ""
+    key: str = ""
+
+
+@dataclass
 class SlurmJobsRequest:
-    """What ``schedule`` performs: the script spec; ``--dryrun`` prints the script itself."""
+    """What ``schedule`` performs: the script spec and the workspace copies to make first;
+    ``--dryrun`` prints the script itself, then the copies as comments."""
 
     spec: ScriptSpec
     roles: list[dict[str, Any]]
     # remote mode: login, identity_file, ssh_config, remote_dir (as given); None: here
     remote: Optional[dict[str, Any]] = None
+    workspaces: list[WorkspaceCopy] = field(default_factory=list)
 
     def __repr__(self) -> str:
-        return render(self.spec)
+        where = f"{self.remote['login']}:" if self.remote else ""
+        plan = "".join(f"# before sbatch: copy the workspace {w.source} to {where}{w.target}\n"
+                       for w in self.workspaces)
+        return render(self.spec) + plan
 
 
 def _dirname(role_name: str) -> str:
@@ -183,9 +214,26 @@ def split_app_id(app_id: str) -> Optional[tuple[str, str]]:
 
 def _with_root(spec: ScriptSpec, root: str) -> ScriptSpec:
     """``spec`` with its job root replaced (the remote root, once resolved)."""
-    old = f"--output={spec.job_root.replace('%', '%%')}/slurm-%j.out"
-    new = f"--output={root.replace('%', '%%')}/slurm-%j.out"
+    old = _output_option(spec.job_root)
+    new = _output_option(root)
     return replace(spec, job_root=root, job_opts=[new if o == old else o for o in spec.job_opts])
+
+
+def _output_option(job_root: str) -> str:
+    # %% is a literal % in Slurm's filename patterns; %j is the job id
+    return f"--output={job_root.replace('%', '%%')}/{OUTPUT_DIR}/slurm-%j.out"
+
+
+def _replaced(value: Any, old: str, new: str) -> Any:
+    """``value`` (JSON-like) with ``old`` replaced by ``new`` in every string: a planned remote
+    workspace path (unique: it ends in a random suffix) by the resolved one."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, list):
+        return [_replaced(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _replaced(v, old, new) for k, v in value.items()}
+    return value
 
 
 _SIGNAL = re.compile(r"(?:SIG)?([A-Z][A-Z0-9]*|[0-9]+)(?:@([0-9]+))?")
@@ -213,7 +261,9 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         self._slurm = sc.SlurmClient()
         # remote clusters met so far, by (login, identity_file, ssh_config); nothing connects yet
         self._remotes: dict[tuple[str, str, str], sc.RemoteSlurmClient] = {}
-        self._workspace_bytes: dict[str, int] = {}  # remote workspace copy -> bytes sent for it
+        # workspace copies planned by build_workspace_and_update_role, by target (the role's image),
+        # for the dry-run that follows to put into its request; nothing is copied before schedule
+        self._planned: dict[str, WorkspaceCopy] = {}
 
     # ------------------------------------------------------------------ clusters ----
     def _remote(self, login: str, identity_file: Optional[str], ssh_config: Optional[str]) -> sc.RemoteSlurmClient:
@@ -237,7 +287,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
         if key in known:
             return str(known[key])
-        proc = client.login.run(["sh", "-c", 'case $1 in "~") d=$HOME ;; "~/"*) d=$HOME/${1#"~/"} ;; '
+        proc = client.login.run(["sh", "-c", 'umask 077; case $1 in "~") d=$HOME ;; "~/"*) d=$HOME/${1#"~/"} ;; '
                                  '/*) d=$1 ;; *) d=$HOME/$1 ;; esac; mkdir -p -- "$d" && cd -- "$d" && pwd -P',
                                  "sh", wanted])
         if proc.returncode != 0 or not proc.stdout.strip().startswith("/"):
@@ -268,12 +318,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             dep_ids.append(where[1])
         dependencies = dep_ids
         if login:
-            # resolved at submission (one round trip, remembered): a dry-run does not connect, and
-            # shows "~/..." until a first submission to that login resolved it
-            job_root = ex.remote_dir or _DEFAULT_REMOTE_DIR
-            known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
-            job_root = os.path.normpath(job_root) if job_root.startswith("/") else \
-                str(known.get(f"{login} {job_root}", job_root))
+            job_root = self._planned_remote_root(login, ex.remote_dir)
         else:
             job_root = os.path.abspath(os.path.expanduser(ex.job_dir or state.scheduler_dir(SCHEDULER)))
         shared: list[str] = []
@@ -284,8 +329,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             shared.append("--exclusive")
         shared += ex.sbatch_args or []
         job_opts = [f"--job-name={_job_name(app.name)}", f"--comment={MARKER}",
-                    # %% is a literal % in Slurm's filename patterns; %j is the job id
-                    f"--output={job_root.replace('%', '%%')}/slurm-%j.out", "--open-mode=append",
+                    _output_option(job_root), "--open-mode=append",
                     # with retries Slurm may requeue it (preemption, a node failure, scontrol requeue);
                     # without, it must not, behind the user's back
                     "--requeue" if any(r.max_retries for r in app.roles) else "--no-requeue"]
@@ -297,7 +341,9 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         if ex.retry_backoff_s < 0:
             raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
         prefix = f"{login}:" if login else ""
-        components = [self._component(role, ex, prefix) for role in app.roles]
+        workspaces = [self._planned[r.image] for r in app.roles if r.image in self._planned]
+        planned = {w.target for w in workspaces}
+        components = [self._component(role, ex, prefix, planned) for role in app.roles]
         spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
                           dependencies=dependencies, components=components,
                           container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s),
@@ -305,10 +351,21 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         roles = [{**summary, "dirname": _dirname(summary["name"])} for summary in role_summaries(app)]
         remote = {"login": login, "identity_file": ex.identity_file, "ssh_config": ex.ssh_config,
                   "remote_dir": ex.remote_dir} if login else None
-        return SlurmJobsRequest(spec=spec, roles=roles, remote=remote)
+        return SlurmJobsRequest(spec=spec, roles=roles, remote=remote, workspaces=workspaces)
 
     @staticmethod
-    def _component(role: Role, ex: SlurmJobsExecutor, app_id_prefix: str = "") -> RoleComponent:
+    def _planned_remote_root(login: str, remote_dir: Optional[str]) -> str:
+        """The remote root as far as known without connecting: resolved at a submission (one round
+        trip, remembered); until then a dry-run shows ``~/...``."""
+        wanted = remote_dir or _DEFAULT_REMOTE_DIR
+        if wanted.startswith("/"):
+            return os.path.normpath(wanted)
+        known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
+        return str(known.get(f"{login} {wanted}", wanted))
+
+    @staticmethod
+    def _component(role: Role, ex: SlurmJobsExecutor, app_id_prefix: str = "",
+                   planned: Collection[str] = ()) -> RoleComponent:
         n = role.num_replicas
         res = role.resource
         sbatch = [f"--ntasks={n}"]
@@ -339,7 +396,10 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         if role.mounts and not ex.container_image:
             raise InvalidAppError(f"role '{role.name}': Role.mounts need a container on {SCHEDULER}: set "
                                   "container_image (pyxis); a bare step sees the nodes' filesystems as they are")
-        if ex.login:  # an absolute image is a directory on the cluster (e.g. the shipped workspace)
+        # a planned workspace copy is the role's directory (schedule makes it before sbatch)
+        if role.image and role.image in planned:
+            workdir: Optional[str] = role.image
+        elif ex.login:  # an absolute image is a directory on the cluster
             workdir = role.image if role.image and role.image.startswith("/") else None
         else:
             workdir = os.path.abspath(role.image) if role.image and os.path.isdir(role.image) else None
@@ -351,7 +411,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                 mounts.append(f"{workdir}:{workdir}")
             if mounts:
                 step.append(f"--container-mounts={','.join(mounts)}")
-            if role.image and role.image.startswith("/"):
+            if role.image and (role.image.startswith("/") or role.image in planned):
                 workdir = role.image
                 step.append(f"--container-workdir={role.image}")
         elif workdir:
@@ -371,49 +431,70 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
 
     # ------------------------------------------------------------------ workspace ---
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
-        """Runs the role in a copy of ``workspace`` (minus ``.torchxignore`` matches) under the job root
-        (``job_dir``, which the nodes must see), as TorchX's DirWorkspace does; with container_image it
-        is mounted at the same path. The current directory (the CLI's default) runs in place, as
-        sbatch does anyway; ``--workspace ""`` runs without one. With ``login`` the workspace (the
-        current directory too) is shipped to the cluster instead: see :meth:`_ship_workspace`."""
+        """Plans to run the role in a copy of ``workspace`` (minus ``.torchxignore`` matches) under the
+        job root (``job_dir``, which the nodes must see), as TorchX's DirWorkspace does; with
+        container_image it is mounted at the same path. The current directory (the CLI's default)
+        runs in place, as sbatch does anyway; ``--workspace ""`` runs without one. With ``login`` the
+        workspace (the current directory too) is shipped to the cluster instead.
+
+        Only plans: TorchX's ``Runner.dryrun`` calls this, and a dry-run writes nothing and connects
+        nowhere. The role's image becomes the copy's path; ``schedule`` makes the copy (see
+        :meth:`_copy_workspaces`) before sbatch.
+        """
         ex: SlurmJobsExecutor = SlurmJobsExecutor.from_cfg(cfg)  # type: ignore[assignment]
         if ex.login:
-            role.image = self._ship_workspace(workspace, ex)
+            copy = self._plan_remote_workspace(workspace, ex)
+        elif is_current_dir(workspace):
             return
-        if is_current_dir(workspace):
-            return
-        job_root = os.path.abspath(os.path.expanduser(str(cfg.get("job_dir") or state.scheduler_dir(SCHEDULER))))
-        target = os.path.join(job_root, "workspaces", uuid.uuid4().hex[:12])
-        with self._translated("copy the workspace"):
-            copy_workspace(workspace, target)
-        role.image = target
+        else:
+            job_root = os.path.abspath(os.path.expanduser(str(ex.job_dir or state.scheduler_dir(SCHEDULER))))
+            copy = WorkspaceCopy(source=workspace,
+                                 target=os.path.join(job_root, "workspaces", uuid.uuid4().hex[:12]))
+        self._planned[copy.target] = copy
+        role.image = copy.target
 
-    def _ship_workspace(self, workspace: str, ex: SlurmJobsExecutor) -> str:
-        """Copies ``workspace`` to the cluster, into a NEW directory per submission, and returns it.
-
-        A directory per submission, so that no running job sees its files change under it; unchanged
-        files are hard links into the previous copy of the same workspace (``rsync --link-dest``),
-        so a re-submit sends only what changed. With a login, the current directory (the CLI's
-        default workspace) is shipped too: the cluster cannot run it in place.
-        """
+    def _plan_remote_workspace(self, workspace: str, ex: SlurmJobsExecutor) -> WorkspaceCopy:
+        """Where ``workspace`` goes on the cluster: a NEW directory per submission, so that no
+        running job sees its files change under it; unchanged files will be hard links into the
+        previous copy of the same workspace (``rsync --link-dest``), so a re-submit sends only what
+        changed. With a login, the current directory (the CLI's default workspace) is shipped too:
+        the cluster cannot run it in place."""
         local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
         if "://" in local:
             raise InvalidOptionError(f"workspace {workspace}: with login, a local directory")
         local = os.path.realpath(local)
-        client = self._remote(SshLogin(str(ex.login)).name, ex.identity_file, ex.ssh_config)
-        root = self._remote_root(client, ex.remote_dir)
-        key = f"{client.login.name} {root} {local}"
+        login = SshLogin(str(ex.login), ex.identity_file, ex.ssh_config).name
+        root = self._planned_remote_root(login, ex.remote_dir)
+        # the root as given (not as resolved): a dry-run and the submission agree on it offline
+        key = f"{login} {ex.remote_dir or _DEFAULT_REMOTE_DIR} {local}"
         base = f"{root}/workspaces/{uuid.uuid5(uuid.NAMESPACE_URL, key).hex[:12]}"
         target = f"{base}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        return WorkspaceCopy(source=local, target=target, planned_root=root, key=key)
+
+    def _copy_workspaces(self, req: SlurmJobsRequest) -> None:
+        """Makes the request's local workspace copies (schedule only)."""
+        for copy in req.workspaces:
+            with self._translated("copy the workspace"):
+                copy_workspace(copy.source, copy.target)
+
+    def _ship_workspaces(self, req: SlurmJobsRequest, client: sc.RemoteSlurmClient,
+                         root: str) -> tuple[SlurmJobsRequest, dict[str, int]]:
+        """Ships the request's workspaces to the cluster (schedule only) and returns the request with
+        each planned path under the resolved ``root``, and the bytes sent per copy."""
+        sent: dict[str, int] = {}
+        spec, roles = asdict(req.spec), req.roles
         known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_workspaces.json")) or {}
-        previous = known.get(key)
-        sent = client.login.sync_dir(local, target, link_dest=previous)
-        state.makedirs(state.scheduler_dir(SCHEDULER))
-        state.update_json(state.scheduler_dir(SCHEDULER), "remote_workspaces.json", **{key: target})
-        self._workspace_bytes[target] = sent
-        logger.info("workspace %s shipped to %s:%s: %d bytes sent%s", local, client.login.name, target, sent,
-                    f" (unchanged files linked from {previous})" if previous else "")
-        return target
+        for copy in req.workspaces:
+            target = copy.target
+            if copy.planned_root != root and target.startswith(copy.planned_root + "/"):
+                target = root + target[len(copy.planned_root):]
+                spec, roles = _replaced(spec, copy.target, target), _replaced(roles, copy.target, target)
+            previous = known.get(copy.key)
+            sent[target] = client.login.sync_dir(copy.source, target, link_dest=previous)
+            state.update_json(state.scheduler_dir(SCHEDULER), "remote_workspaces.json", **{copy.key: target})
+            logger.info("workspace %s shipped to %s:%s: %d bytes sent%s", copy.source, client.login.name, target,
+                        sent[target], f" (unchanged files linked from {previous})" if previous else "")
+        return replace(req, spec=ScriptSpec.from_dict(spec), roles=roles), sent
 
     # ------------------------------------------------------------------ submit ------
     def _schedule(self, req: SlurmJobsRequest) -> str:
@@ -421,10 +502,22 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             return self._schedule_remote(req)
         deps = self._resolve_dependencies(req.spec.dependencies)
         spec = replace(req.spec, dependencies=deps)
-        state.makedirs(spec.job_root)  # sbatch needs it for slurm-<id>.out
+        # the job root may be the user's (job_dir, e.g. 0755 on a shared filesystem): Slurm's own
+        # output goes into a directory of ours inside it, private before sbatch names the file
+        out_dir = os.path.join(spec.job_root, OUTPUT_DIR)
+        state.makedirs(out_dir)
+        _private_dir(out_dir)
         script = render(spec)
-        proc = sc.run(["sbatch", "--parsable"], stdin=script)
+        try:
+            self._copy_workspaces(req)
+            # umask 077: Slurm creates slurm-<id>.out with the submitter's umask (SLURM_UMASK)
+            proc = sc.run(["sbatch", "--parsable"], stdin=script, umask=0o077,
+                          env={"TORCHX_EXT_UMASK": sc.current_umask()})  # the replicas' (see render)
+        except BaseException:
+            self._remove_copies(req)  # a half copy, or one no job will use
+            raise
         if proc.returncode != 0:
+            self._remove_copies(req)  # nothing submitted: nothing left behind
             err = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
             if sc.unreachable(proc):
                 raise SchedulerUnavailable(f"sbatch could not reach slurmctld: {err}")
@@ -432,9 +525,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         job_id = proc.stdout.strip().split(";")[0]
         app_dir = os.path.join(spec.job_root, job_id)
         for d in (app_dir, _record_dir(job_id)):
-            # private, like the script's env values and logs (the job may have created it already)
-            state.makedirs(d, mode=0o700)
-            os.chmod(d, 0o700)
+            # 0700 from creation (the job may have made it already, under its umask 077)
+            state.makedirs(d)
         with open(os.open(os.path.join(app_dir, "script.sbatch"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
                   "w") as f:
             f.write(script)
@@ -445,6 +537,11 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         })
         return job_id
 
+    @staticmethod
+    def _remove_copies(req: SlurmJobsRequest) -> None:
+        for copy in req.workspaces:
+            shutil.rmtree(copy.target, ignore_errors=True)
+
     def _schedule_remote(self, req: SlurmJobsRequest) -> str:
         """sbatch on the login node: ONE round trip (once the remote root is known) that checks that
         the remote root can be written (a full disk fails here, before anything is submitted) and
@@ -452,8 +549,10 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         remote = req.remote or {}
         client = self._remote(remote["login"], remote.get("identity_file"), remote.get("ssh_config"))
         login = client.login.name
+        root = self._remote_root(client, remote.get("remote_dir"))
+        req, sent = self._ship_workspaces(req, client, root)
         deps = self._resolve_dependencies(req.spec.dependencies, client, login)
-        spec = _with_root(replace(req.spec, dependencies=deps), self._remote_root(client, remote.get("remote_dir")))
+        spec = _with_root(replace(req.spec, dependencies=deps), root)
         script = render(spec)
         proc = client.login.run_shell(f"root={shlex.quote(spec.job_root)}\n{_REMOTE_SUBMIT}", stdin=script)
         out = proc.stdout.strip().splitlines()
@@ -471,15 +570,13 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                                "and no file was left on the cluster")
         job_id = out[-1].split(";")[0]
         app_id = f"{login}:{job_id}"
-        state.makedirs(_record_dir(app_id), mode=0o700)
-        workspaces = {r["image"]: self._workspace_bytes[r["image"]] for r in req.roles
-                      if r.get("image") in self._workspace_bytes}
+        state.makedirs(_record_dir(app_id))
         state.write_json(os.path.join(_record_dir(app_id), "app.json"), {
             "app_id": app_id, "app_name": spec.app_name, "job_dir": f"{spec.job_root}/{job_id}",
             "job_root": spec.job_root, "roles": req.roles,
             "dependencies": [f"{login}:{d}" for d in req.spec.dependencies], "submitted": time.time(),
             "login": login, "identity_file": remote.get("identity_file"), "ssh_config": remote.get("ssh_config"),
-            "workspace_bytes_sent": workspaces, "spec": asdict(spec),
+            "workspace_bytes_sent": sent, "spec": asdict(spec),
         })
         return app_id
 
@@ -617,8 +714,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         self, job_id: str, record: dict[str, Any], job: Optional[SlurmJob], err: Optional[str],
         outcomes: list[ReplicaOutcome], files: dict[str, str],
     ) -> tuple[AppState, str]:
-        out_file = f"{self._shown_dir(record, 'job_root')}/slurm-{job_id}.out" if record.get("login") \
-            else os.path.join(record.get("job_root", ""), f"slurm-{job_id}.out")
+        out_file = f"{self._shown_dir(record, 'job_root')}/{OUTPUT_DIR}/slurm-{job_id}.out"
         if job is None:
             st, msg = sc.verdict_from_files(job_id, self._shown_dir(record, "job_dir"), files)
             if st == AppState.UNKNOWN and err:
@@ -759,14 +855,31 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         return state.StampedLineReader(path, tagged=True, want_tag=tag).read_new, None
 
 
+def _private_dir(path: str) -> None:
+    """Checks that ``path`` (made by :func:`state.makedirs`, 0700) is a directory of this user's that
+    no one else can enter; one left open by an earlier version is closed (it is ours)."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise StateError(f"cannot use {path} for Slurm's output: {e.strerror or e}") from e
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise StateError(f"{path} is not a directory owned by this user: Slurm's output would be "
+                         "readable there; remove it or choose another job_dir")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            raise StateError(f"cannot make {path} private: {e.strerror or e}") from e
+
+
 # sbatch on a login node in one round trip, run by the login shell itself (POSIX sh; $root is set
 # first), with the script on stdin. A byte written into the root by the shell (no process) finds
 # a full disk or an unwritable root before anything is submitted; then sbatch is the only process
 # (the round trip's cost is process starts). The job copies its script into its directory when it
 # starts (see slurm_jobs_script.render). Exit 90: the root cannot be written (nothing submitted);
 # else sbatch's own status (127: no sbatch on the remote PATH).
-_REMOTE_SUBMIT = r"""umask 077
-if { [ -d "$root" ] || mkdir -p -- "$root"; } && printf x >"$root/.torchx_ext_writable"
+_REMOTE_SUBMIT = r"""TORCHX_EXT_UMASK=$(umask); export TORCHX_EXT_UMASK; umask 077
+if { [ -d "$root/slurm-out" ] || mkdir -p -- "$root/slurm-out"; } && printf x >"$root/.torchx_ext_writable"
 then sbatch --parsable
 else rm -f -- "$root/.torchx_ext_writable"; (exit 90)
 fi"""

@@ -30,16 +30,35 @@ _UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out", "Conne
                 "Zero Bytes were transmitted", "Connection timed out")
 
 
-def run(cmd: list[str], stdin: Optional[str] = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Runs a Slurm command; a missing command or a hang is :class:`SchedulerUnavailable`."""
+def run(cmd: list[str], stdin: Optional[str] = None, timeout: float = 60,
+        umask: int = -1, env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
+    """Runs a Slurm command; a missing command or a hang is :class:`SchedulerUnavailable`.
+
+    ``umask``: the command's (e.g. sbatch's, which Slurm applies to the job's output file); -1: ours.
+    ``env``: variables added to this process's environment for the command.
+    """
     try:
-        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, umask=umask,
+                              env={**os.environ, **env} if env else None)
     except FileNotFoundError:
         raise SchedulerUnavailable(
             f"'{cmd[0]}' was not found: run torchx where Slurm's client commands are on PATH"
         ) from None
     except subprocess.TimeoutExpired:
         raise SchedulerUnavailable(f"'{' '.join(cmd[:3])}' did not answer within {timeout:.0f} s") from None
+
+
+def current_umask() -> str:
+    """This process's umask as 4 octal digits, read without changing it (``os.umask`` sets it:
+    a race with other threads creating files); "0022" where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return line.split()[1]
+    except OSError:
+        pass
+    return "0022"
 
 
 def unreachable(proc: subprocess.CompletedProcess[str]) -> bool:

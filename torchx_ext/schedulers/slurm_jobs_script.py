@@ -17,8 +17,14 @@ with reference files under ``tests/slurm_reference/``. Layout of what it writes,
     requeues                how many times Slurm requeued the job (SLURM_RESTART_COUNT)
     result                  "<exit code> <role>/<replica that decided it>", written last
 
-The batch script's own output goes to ``<job_dir>/slurm-<job id>.out`` (Slurm needs an existing
-directory for it before the job id is known).
+The batch script's own output goes to ``<job_dir>/slurm-out/slurm-<job id>.out`` (Slurm needs an
+existing directory for it before the job id is known: ``slurm-out`` is made 0700 before submission).
+
+Privacy: the script's first command is ``umask 077``, so the job directory and everything in it are
+0700/0600 from creation; ``sbatch`` runs under ``umask 077`` too, which Slurm applies to its own
+output file. The replicas' processes get the submitter's umask back (``TORCHX_EXT_UMASK`` in
+sbatch's environment, handed to each ``srun`` as ``SLURM_UMASK``): files a job writes for others
+to read (a checkpoint in a shared project directory) are as shareable as without torchx-ext.
 
 Quoting: the body is bash, every user value goes through :func:`shlex.quote`; ``#SBATCH`` lines are
 read by sbatch's own tokenizer (double quotes with backslash escapes, see :func:`sbatch_word`).
@@ -395,12 +401,18 @@ def render(spec: ScriptSpec) -> str:
         out.append(f"# {kind} {comp.name!r}: {comp.num_replicas} replica(s)")
         out.extend(_sbatch_line([w]) for w in [*spec.shared_opts, *comp.sbatch_opts])
     out.append("")
+    # before anything else: the job directory, logs, exit codes and the script's copy (which holds
+    # Role.env values) are the user's only from birth, whatever umask the job inherited
+    # the replicas keep the submitter's umask (TORCHX_EXT_UMASK, passed by sbatch's environment;
+    # sbatch itself runs under 077): their files are theirs to share, ours are not
+    out.append('umask 077; _TXE_UMASK=${TORCHX_EXT_UMASK:-0077}')
     out.append(f"_TXE_DIR={sh_word(spec.job_root)}/\"$SLURM_JOB_ID\"")
     out.append('mkdir -p "$_TXE_DIR" || exit 1')
     if spec.app_id_prefix:
         # remote: submitted from stdin in one round trip; the job keeps its script (Slurm's spooled
         # copy, $0) in its private directory, as local mode does at submission
-        out.append('chmod 700 "$_TXE_DIR"; cp -- "$0" "$_TXE_DIR/script.sbatch" 2>/dev/null || :')
+        # (cat, not cp: a new file, 0600 under the umask; cp would keep the spooled copy's x bits)
+        out.append('cat -- "$0" >"$_TXE_DIR/script.sbatch" 2>/dev/null || :')
     out.append(RUNTIME.strip("\n"))
     out.append("")
     out.append("# a requeued job starts over: forget the previous run's exit codes (logs are kept)")
@@ -447,6 +459,7 @@ def render(spec: ScriptSpec) -> str:
                 f"TORCHX_EXT_REPLICA_ID={rep.replica_id}",
                 f"TORCHX_EXT_NUM_REPLICAS={comp.num_replicas}",
                 'TORCHX_EXT_ATTEMPT="$_TXE_ATTEMPT"',
+                'SLURM_UMASK="$_TXE_UMASK"',  # srun gives the step's tasks this umask, not the script's 077
             ]
             # in a container (pyxis) the image need not have bash; its clusters track by cgroup
             task = "" if spec.container else 'bash -c "$_TXE_TASK" torchx-ext '

@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import IO, Any, List, Optional, Sequence, Tuple, Type
 
 from torchx_ext.errors import BackendError, InvalidOptionError, SchedulerUnavailable, StateError
-from torchx_ext.state import home
+from torchx_ext.state import home, makedirs
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ _MAX_CONTROL_DIR = 49
 _RSYNC_TRAILER = re.compile(r"rsync( error)?: (connection unexpectedly closed|.*\(code \d+\))")
 
 # A target as users write it: [user@]host[:port], host possibly a [bracketed] IPv6 address.
+# Refused anywhere in a login: a word of ssh's command line must not hide a second one.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 _TARGET = re.compile(r"^(?:(?P<user>[^@\s/]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@\s:/\[\]]+)(?::(?P<port>\d+))?$")
 
 
@@ -123,10 +126,17 @@ class SshLogin:
     def __init__(self, target: str, identity_file: Optional[str] = None, config_file: Optional[str] = None,
                  connect_timeout: int = 10, control_persist: int = 300) -> None:
         m = _TARGET.match(target.strip())
-        if not m or target.strip().startswith("-"):
+        if not m or _CONTROL.search(target.strip()):
             raise InvalidOptionError(
                 f"invalid SSH login {target!r}: expected user@host[:port], host[:port] or a Host alias "
-                "from ~/.ssh/config")
+                "from ~/.ssh/config, without spaces or control characters")
+        for part in ("user", "host"):
+            if (m.group(part) or "").startswith("-"):
+                # ssh (and rsync, which hands the host to ssh) would read it as an option:
+                # "x@-oProxyCommand=..." in a .torchxconfig would run a command here
+                raise InvalidOptionError(
+                    f"invalid SSH login {target!r}: the {part} {m.group(part)!r} begins with '-', which ssh "
+                    "would read as an option; expected user@host[:port] whose user and host do not begin with '-'")
         self._user, self._host, port = m.group("user"), m.group("host"), m.group("port")
         self._port = int(port) if port else None
         if self._port is not None and not 0 < self._port < 65536:
@@ -321,6 +331,7 @@ class SshLogin:
         """Writes ``text`` to ``remote_path`` in one round trip: parent made, file replaced atomically.
 
         A reader sees the old file or the new one, never half of it (written beside it, then renamed).
+        Directories made on the way are 0700 (``umask 077``), whatever the login shell's umask.
 
         Args:
             remote_path: absolute, or relative to the remote home (``~`` is not expanded)
@@ -333,7 +344,8 @@ class SshLogin:
                 the remote's reason.
             SchedulerUnavailable: as in :meth:`run`.
         """
-        script = ('set -e; d=$(dirname -- "$1"); mkdir -p -- "$d"; t=$(mktemp -- "$1.tmp.XXXXXX"); '
+        # umask 077: the directories made on the way and the file are the user's only from birth
+        script = ('set -e; umask 077; d=$(dirname -- "$1"); mkdir -p -- "$d"; t=$(mktemp -- "$1.tmp.XXXXXX"); '
                   'trap \'rm -f -- "$t"\' EXIT; cat >"$t"; chmod "$2" "$t"; mv -f -- "$t" "$1"')
         proc = self.run(["sh", "-c", script, "sh", remote_path, format(mode, "o")], stdin=text, timeout=timeout)
         if proc.returncode != 0:
@@ -348,6 +360,9 @@ class SshLogin:
         rsync on both sides, an unchanged file is not sent again and a changed one as a delta.
         Without rsync on either side the copy falls back to a tar stream, which sends everything,
         every time.
+
+        The copy is the remote user's only: directories made under ``umask 077`` and every mode
+        without group/other bits (``rsync --chmod=go=``; tar under ``umask 077``).
 
         Args:
             local_dir: the workspace directory here
@@ -379,7 +394,8 @@ class SshLogin:
         # One round trip first: it logs in through run() (whose errors are exact: rsync's own exit
         # status races with ssh's and may say "protocol error" for a refused key), makes the
         # directory and asks whether the remote has rsync.
-        check = self.run(["sh", "-c", 'mkdir -p -- "$1" && { command -v rsync >/dev/null && echo rsync || echo tar; } '
+        check = self.run(["sh", "-c", 'umask 077 && mkdir -p -- "$1" && '
+                          '{ command -v rsync >/dev/null && echo rsync || echo tar; } '
                           '&& { [ -n "$2" ] && [ -d "$2" ] && echo link || :; }', "sh", norm, link_dest or ""])
         if check.returncode != 0:
             raise BackendError(f"cannot create {norm} on {self.name}: {_last_line(check.stderr)}")
@@ -406,14 +422,23 @@ class SshLogin:
                 rules.write(b"".join(os.fsencode(p) + b"\0" for p in files))
                 selection = [f"--files-from={rules.name}"]
             rules.flush()
-            ssh = " ".join(shlex.quote(w) for w in ["ssh", *self.ssh_options()])
+            # rsync appends the host (and "-l user" when the remote spec names one) to this command:
+            # the user goes in here, and "--" ends ssh's options, so the host is never read as one
+            user = ["-l", self._user] if self._user else []
+            ssh = " ".join(shlex.quote(w) for w in ["ssh", *self.ssh_options(), *user, "--"])
             # The remote end starts through its shell: cd on the way, so that the directory's name is
             # quoted by us (shell rules) and not by rsync (whose quoting of remote names changed in 3.2.4).
-            rsync_path = f"cd -- {shlex.quote(remote_dir)} && rsync"
+            # umask 077: what the receiver creates is private (so is every mode, --chmod below).
+            rsync_path = f"umask 077 && cd -- {shlex.quote(remote_dir)} && rsync"
             if link_dest:
+                # with -s (--protect-args) this reaches the remote rsync over the protocol, never
+                # through the remote shell: a path with spaces or ';' arrives as it is
                 selection.append(f"--link-dest={link_dest}")
-            argv = ["rsync", "-tpL", "--from0", "--stats", "--no-human-readable", *selection, "-e", ssh,
-                    f"--rsync-path={rsync_path}", "--", os.path.join(local_dir, ""), f"{self._rsync_host()}:."]
+            # -s: file names and options go over rsync's protocol, not the remote shell's command line;
+            # --chmod=go=: the copy is the user's only (the user's own bits, x included, are kept)
+            argv = ["rsync", "-tpL", "-s", "--chmod=go=", "--from0", "--stats", "--no-human-readable", *selection,
+                    "-e", ssh, f"--rsync-path={rsync_path}", "--", os.path.join(local_dir, ""),
+                    f"{self._rsync_host()}:."]
             try:
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                       encoding="utf-8", errors="replace", timeout=timeout)
@@ -434,8 +459,9 @@ class SshLogin:
 
     def _rsync_host(self) -> str:
         # rsync reads [v6]:path with the brackets; the port is in the -e command (-p)
-        dest = self._destination()
-        return f"{self._user + '@' if self._user else ''}[{dest.split('@')[-1]}]" if ":" in dest else dest
+        # the host only: the user is "-l" in the -e command, placed before its "--"
+        host = self._host.strip("[]")
+        return f"[{host}]" if ":" in host else host
 
     def _tar(self, local_dir: str, remote_dir: str, files: List[str], delete: bool, timeout: float) -> int:
         """The fallback: the workspace as one tar stream, unpacked by the remote ``tar``."""
@@ -443,10 +469,10 @@ class SshLogin:
         if delete:
             # unpacked beside, then swapped in: an interrupted copy never leaves a half workspace
             tmp = shlex.quote(remote_dir.rstrip("/") + ".partial")
-            line = (f"rm -rf -- {tmp} && mkdir -p -- {tmp} && tar -C {tmp} -xf - && rm -rf -- {q} "
+            line = (f"umask 077 && rm -rf -- {tmp} && mkdir -p -- {tmp} && tar -C {tmp} -xf - && rm -rf -- {q} "
                     f"&& mv -- {tmp} {q}")
         else:
-            line = f"mkdir -p -- {q} && tar -C {q} -xf -"
+            line = f"umask 077 && mkdir -p -- {q} && tar -C {q} -xf -"
         argv = self.command(line)
         sent = 0
         # stderr to a file, not a pipe: a remote tar complaining about every file would fill a pipe
@@ -508,7 +534,7 @@ class SshLogin:
 def _private_dir(path: str) -> str:
     """``path`` as a directory only this user can enter (the sockets there are logged-in sessions)."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        makedirs(path)  # 0700, and so is every directory it creates above
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
             # e.g. planted in /tmp by another user: their socket would receive our commands
