@@ -402,3 +402,127 @@ def test_a_container_killed_from_outside_is_a_failed_attempt(runner: Runner) -> 
     assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
     log = logs(runner, handle, "main")
     assert log.index("ATTEMPT 1") < log.index("ended with exit code 137") < log.index("ATTEMPT 2"), log
+
+
+# ---------------------------------------------------------- trust: watchers, dry-runs, modes -----
+def _in_home(home: str, code: str, *args: str, umask: int = 0o022) -> subprocess.Popen:
+    """A Python process with ``home`` as its $TORCHX_EXT_HOME (and ``umask``), running ``code``."""
+    env = dict(os.environ, TORCHX_EXT_HOME=home, PYTHONPATH=os.pathsep.join(
+        x for x in (ROOT, os.environ.get("PYTHONPATH", "")) if x))
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: os.umask(umask))
+
+
+_POLL_STATUS = """
+import sys, time
+from torchx.specs import is_terminal
+from torchx_ext.schedulers.docker_jobs import create_scheduler
+s = create_scheduler("other-home")
+while True:
+    st = s.describe(sys.argv[1])
+    if st is None or is_terminal(st.state):
+        print("END", st and st.state.name, flush=True)
+        break
+    time.sleep(0.05)
+"""
+
+
+def test_one_acting_watcher_wherever_status_is_asked_from(runner: Runner, tmp_path: Any) -> None:
+    """Issue 20, item 6: processes of other homes ask status while watchers of their own try to act:
+    the replica that fails once is restarted exactly once and the app succeeds."""
+    code = ("import os, sys, time; a = os.environ['TORCHX_EXT_ATTEMPT']; print('ATTEMPT', a, flush=True); "
+            "time.sleep(4); sys.exit(3 if a == '1' else 0)")
+    app = AppDef("lease", roles=[role("main", code, max_retries=2, retry_policy="REPLICA")])
+    handle = runner.run(app, "docker_jobs", {})
+    app = app_id(handle)
+    homes = [str(tmp_path / f"home{i}") for i in range(2)]
+    procs = [_in_home(h, _POLL_STATUS, app) for h in homes]
+    # watchers started by hand in the other homes: before the lease, each would have acted
+    procs += [_in_home(h, "import sys; from torchx_ext.schedulers.docker_jobs_watcher import main; "
+                          "sys.exit(main(['w', sys.argv[1]]))", app) for h in homes]
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    assert all("END SUCCEEDED" in o for o in outs[:2]), outs
+    assert all("another watcher holds the lease" in o for o in outs[2:]), outs
+    status = wait_terminal(runner, handle, 60)
+    assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
+    attempts = sorted(c["Labels"][d.L_ATTEMPT] for c in d.client().containers(all=True, filters=d.app_filter(app)))
+    assert attempts == ["1", "2"], attempts
+    assert logs(runner, handle, "main").count("ATTEMPT") == 2
+
+
+def test_status_and_list_heal_only_the_apps_this_home_submitted(runner: Runner, tmp_path: Any) -> None:
+    from torchx_ext.schedulers import docker_jobs_watcher as w
+
+    handle = runner.run(AppDef("heal", roles=[role("main", "import time; time.sleep(300)")]), "docker_jobs", {})
+    app = app_id(handle)
+    wait_state(runner, handle, AppState.RUNNING, 60)
+    deadline = time.time() + 10
+    while not (pids := watcher_pids(app)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)
+    w.remove_leases(d.client(), app)  # as if its lease had expired
+    other = _in_home(str(tmp_path / "other"), "import sys; from torchx_ext.schedulers.docker_jobs import "
+                     "create_scheduler as c; s = c('x'); print([x.app_id for x in s.list()]); "
+                     "print(s.describe(sys.argv[1]).state.name)", app)
+    out = other.communicate(timeout=60)[0]
+    assert other.returncode == 0 and app in out and "RUNNING" in out, out
+    assert not watcher_pids(app) and not d.client().volumes(filters={"label": [f"{w.L_LEASE}={app}"]})["Volumes"]
+    assert runner.status(handle).state == AppState.RUNNING  # the submitter's home heals it
+    assert len(watcher_pids(app)) == 1
+    runner.cancel(handle)
+
+
+def _daemon_objects() -> dict[str, set[str]]:
+    api = d.client()
+    return {"images": {i["Id"] for i in api.images(all=True)}, "containers": {c["Id"] for c in api.containers(all=True)},
+            "networks": {n["Id"] for n in api.networks()},
+            "volumes": {v["Name"] for v in api.volumes().get("Volumes") or []}}
+
+
+def _listing(home: str) -> list[tuple[str, int, int]]:
+    out = []
+    for dirpath, dirs, files in os.walk(home):
+        for name in dirs + files:
+            st = os.stat(os.path.join(dirpath, name))
+            out.append((os.path.join(dirpath, name), st.st_mode, st.st_size))
+    return sorted(out)
+
+
+def test_dryrun_with_a_workspace_writes_builds_and_connects_nothing(tmp_path: Any) -> None:
+    home, ws = tmp_path / "home", tmp_path / "ws"
+    home.mkdir(mode=0o755)
+    ws.mkdir()
+    (ws / "hello.py").write_text("print('hi')\n")
+    before, listed = _daemon_objects(), _listing(str(home))
+    code = ("import sys; from torchx.runner import get_runner; from torchx.specs import AppDef, Role\n"
+            f"app = AppDef('d', roles=[Role('main', image={python_image()!r}, entrypoint='true')])\n"
+            "info = get_runner().dryrun(app, 'docker_jobs', {}, workspace=sys.argv[1])\n"
+            "print(repr(info.request))\n"
+            "assert 'docker' not in sys.modules, 'the dry-run imported docker'\n")
+    p = _in_home(str(home), code, str(ws))
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 0 and '"workspace": "' + str(ws) in out, out
+    assert _listing(str(home)) == listed and _daemon_objects() == before
+
+
+def test_request_and_logs_are_private_from_creation(tmp_path: Any) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)
+    code = ("import sys; from torchx.runner import get_runner; from torchx.specs import AppDef, Role\n"
+            f"r = Role('main', image={python_image()!r}, entrypoint='true', env={{'TOKEN': 'txe-secret-42'}})\n"
+            "print(get_runner().run(AppDef('modes', roles=[r]), 'docker_jobs', {}), flush=True)\n")
+    p = _in_home(str(home), code)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 0, out
+    app = app_id(out.strip().splitlines()[-1])
+    sched_dir = home / "docker_jobs"
+    request = sched_dir / f"{app}.request.json"
+    assert "txe-secret-42" in request.read_text()
+    deadline = time.time() + 10
+    while not (sched_dir / f"{app}.watcher.log").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.stat(sched_dir).st_mode & 0o777 == 0o700
+    files = [x for x in sched_dir.iterdir()]
+    assert files and {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}

@@ -5,7 +5,9 @@ slow or awkward to provoke on a real engine). The real engine is tested in test_
 from __future__ import annotations
 
 import builtins
+import email.utils
 import json
+import time
 from typing import Any, Optional
 
 import pytest
@@ -352,3 +354,85 @@ def test_a_restart_that_cannot_create_an_attempt_fails_the_app_and_starts_nothin
     assert st is not None and st.state == AppState.FAILED and st.over, st
     assert "could not create the next attempt of role 'a' replica 0: Conflict" in st.msg
     assert not [c for c in d.calls if c[0] == "start"] and ("stop", "x-other-0", 5) in d.calls
+
+
+# ------------------------------------------------------------------------ watcher lease ------
+class LeaseDaemon:
+    """Just enough of the daemon for the watcher lease: volumes (first creator's labels stand,
+    whole-second CreatedAt) and a settable clock answering /_ping."""
+
+    base_url = "http+docker://fake"
+
+    def __init__(self) -> None:
+        self.vols: dict[str, dict[str, Any]] = {}
+        self.now = 1_800_000_000.0
+
+    def create_volume(self, name: str, driver: str = "local",
+                      labels: Optional[dict[str, str]] = None) -> dict[str, Any]:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.now))
+        return self.vols.setdefault(name, {"Name": name, "Labels": dict(labels or {}), "CreatedAt": stamp})
+
+    def volumes(self, filters: dict[str, list[str]]) -> dict[str, Any]:
+        want = dict(x.split("=", 1) for x in filters["label"])
+        return {"Volumes": [v for v in self.vols.values()
+                            if builtins.all(v["Labels"].get(k) == x for k, x in want.items())]}
+
+    def remove_volume(self, name: str) -> None:
+        if self.vols.pop(name, None) is None:
+            raise docker.errors.NotFound("no volume")
+
+    def get(self, url: str, timeout: float = 0) -> Any:
+        date = email.utils.formatdate(self.now, usegmt=True)
+        return type("Res", (), {"headers": {"Date": date}, "raise_for_status": lambda self: None})()
+
+    def epochs(self, app: str) -> list[int]:
+        return sorted(int(v["Labels"][w.L_EPOCH]) for v in self.vols.values() if v["Labels"].get(w.L_LEASE) == app)
+
+
+def test_lease_one_winner_renewal_expiry_and_takeover() -> None:
+    api = LeaseDaemon()
+    first = w.take_lease(api, "a", "h1")
+    assert first is not None and first.epoch == 0 and first.valid_for(w.LEASE_TTL_S - 2)
+    assert w.take_lease(api, "a", "h2") is None  # held: nobody else gets it
+    api.now += w.LEASE_TTL_S - 1
+    assert w.renew(api, first) and first.epoch == 1 and api.epochs("a") == [1]  # older epochs removed
+    api.now += w.LEASE_TTL_S  # renewed 10 s ago: not yet expired (whole-second stamps, + 1)
+    assert w.take_lease(api, "a", "h2") is None
+    api.now += 2
+    second = w.take_lease(api, "a", "h2")
+    assert second is not None and second.epoch == 2 and second.holder == "h2"
+    assert not w.renew(api, first)  # the late holder finds its next epoch taken: it stops acting
+    assert w.take_lease(api, "a", "h3") is None and api.epochs("a") == [2]
+
+
+def test_lease_claim_of_a_reused_name_yields_to_the_newer_epoch() -> None:
+    api = LeaseDaemon()
+    lease = w.take_lease(api, "a", "h1")
+    assert lease is not None
+    for _ in range(3):
+        assert w.renew(api, lease)
+    assert api.epochs("a") == [3]
+    # a taker that read the lease long ago claims epoch 1, whose name the holder freed
+    assert w._claim(api, "a", "stale", 1) is None and api.epochs("a") == [3]
+    assert w.take_lease(api, "a", "h2") is None
+
+
+def test_only_the_submitter_heals_and_each_heal_takes_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    api, spawned = LeaseDaemon(), []
+    monkeypatch.setattr(w, "spawn", spawned.append)
+    snap = daemon.Snapshot("a", "a", [], [], "", 5, submitter="uid=0@elsewhere:/home/x/.torchx_ext")
+    status = w.AppStatus(snap, AppState.RUNNING, "")
+    assert not w.ensure_watcher(api, status) and not api.vols  # another's app: only read
+    snap.submitter = daemon.submitter()
+    assert w.ensure_watcher(api, status) and len(spawned) == 1 and spawned[0].epoch == 0
+    assert not w.ensure_watcher(api, status) and len(spawned) == 1  # its lease is held now
+
+
+def test_workspace_is_planned_not_built_by_the_dryrun() -> None:
+    s = DockerJobsScheduler("s")
+    role = Role("main", image="img", entrypoint="true")
+    s.build_workspace_and_update_role(role, "/some/ws", {})
+    req = s.submit_dryrun(AppDef("ws", roles=[role]), {}).request
+    assert role.image == "img" and req.builds == {"main": {"image": "img", "workspace": "/some/ws"}}
+    assert s._client is None  # no daemon connection
+    assert json.loads(repr(req))["builds"]["main"]["workspace"] == "/some/ws"

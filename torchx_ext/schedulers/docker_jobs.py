@@ -17,7 +17,12 @@ Choices where TorchX's ``local_docker`` differs:
 * like ``docker run``, the role's entrypoint and args are the container's command (the image's
   own ENTRYPOINT, if any, still applies);
 * as with ``local_docker``, the workspace TorchX passes (by default the current directory) is
-  built onto the role's image; ``--workspace ""`` runs the image as given;
+  built onto the role's image; ``--workspace ""`` runs the image as given. The build is planned by
+  ``build_workspace_and_update_role`` (it only notes the workspace on the role: a dry-run builds
+  nothing, writes nothing and connects nowhere) and performed by ``schedule``;
+* one watcher acts per app, wherever status is asked from (a lease on the daemon, see
+  :mod:`.docker_jobs_watcher`); status and list restart a dead watcher only for the apps the
+  caller submitted, at most :data:`HEALS_PER_CALL` per call;
 * cancel records CANCELLED in the app's verdict volume before stopping the containers, so their
   exit codes (143/137) do not read as failures.
 
@@ -27,6 +32,7 @@ request for that many GPUs; ``role.mounts`` → bind/volume mounts and devices.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import os
@@ -56,6 +62,8 @@ from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 
 SCHEDULER = d.SCHEDULER
 PULL_POLICIES = ("never", "if-not-present", "always")
+WORKSPACE_KEY = "torchx_ext.docker_jobs.workspace"  # Role.metadata: the workspace to build on its image
+HEALS_PER_CALL = 4  # watchers one status/list call may start; the rest are left to later calls
 _EXTRA_HOST = re.compile(r"^[^:\s]+:\S+$")
 
 
@@ -128,6 +136,8 @@ class DockerRequest:
     host: dict[str, Any]  # options shared by every container (privileged, user, shm_size, ...)
     labels: dict[str, str]  # the app's labels (network, verdict)
     containers: list[ContainerRequest] = field(default_factory=list)
+    # workspace builds ``schedule`` performs first: role name -> {"image": base image, "workspace": ...}
+    builds: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -199,18 +209,17 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
 
     # ------------------------------------------------------------------ workspace ---
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
-        """Builds an image from ``role.image`` plus ``workspace`` and makes it the role's image.
+        """Plans an image built from ``role.image`` plus ``workspace``, to run as the role's image.
 
-        TorchX's conventions: a ``Dockerfile.torchx`` in the workspace is used (build args
-        ``IMAGE`` and ``WORKSPACE``), else ``FROM $IMAGE`` + ``COPY . .``; ``.dockerignore`` is
-        honoured. The build never pulls (the base image follows ``pull_policy``). As with TorchX's
-        own container schedulers, ``torchx run`` builds the current directory unless told not to:
-        ``--workspace ""`` runs the image as given.
+        Only a plan: TorchX calls this for dry-runs too, which must build, write and connect to
+        nothing. The workspace is noted on the role (``Role.metadata``); the dry-run's request
+        lists the build and ``schedule`` performs it. TorchX's conventions: a ``Dockerfile.torchx``
+        in the workspace is used (build args ``IMAGE`` and ``WORKSPACE``), else ``FROM $IMAGE`` +
+        ``COPY . .``; ``.dockerignore`` is honoured. The build never pulls (the base image follows
+        ``pull_policy``). As with TorchX's own container schedulers, ``torchx run`` builds the
+        current directory unless told not to: ``--workspace ""`` runs the image as given.
         """
-        with self._translated("build the workspace"):
-            api = self._api()
-            ensure_image(api, role.image, str(cfg.get("pull_policy") or DockerJobsExecutor.pull_policy))
-            role.image = build_workspace(api, role.image, workspace)
+        role.metadata[WORKSPACE_KEY] = workspace
 
     # ------------------------------------------------------------------ submit ------
     def _build_request(self, app: AppDef, ex: DockerJobsExecutor, dependencies: list[str]) -> DockerRequest:
@@ -233,13 +242,15 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             d.L_SESSION: self.session_name, d.L_DEPENDENCIES: ",".join(dependencies),
             d.L_ROLES: json.dumps(role_summaries(app)), d.L_NETWORK: network or "",
             d.L_STOP_TIMEOUT: str(host["stop_timeout"]), d.L_CREATED: f"{time.time():.3f}",
-            d.L_RETRY_BACKOFF: str(float(ex.retry_backoff_s)),
+            d.L_RETRY_BACKOFF: str(float(ex.retry_backoff_s)), d.L_SUBMITTER: d.submitter(),
         }
         if ex.retry_backoff_s < 0:
             raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
         request = DockerRequest(
             app_id=app_id, network=network, network_mode=mode or app_id, pull_policy=ex.pull_policy,
             dependencies=dependencies, copy_env=ex.copy_env or [], host=host, labels=labels,
+            builds={r.name: {"image": r.image, "workspace": str(r.metadata[WORKSPACE_KEY])}
+                    for r in app.roles if r.metadata.get(WORKSPACE_KEY)},
         )
         for role in app.roles:
             mounts, devices = _mounts(role)
@@ -276,12 +287,23 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                 known = self.app_ids()[-10:]
                 raise DependencyError(f"dependency '{dep}' is not a {SCHEDULER} app on this Docker "
                                       f"daemon; known apps: {', '.join(known) or 'none'}")
+        if req.builds:
+            req = self._build_workspaces(api, req)
         for image in dict.fromkeys(c.image for c in req.containers):
             ensure_image(api, image, req.pull_policy)
+        # the app's lease, before any of its containers exists: no status query anywhere can start
+        # a watcher for it meanwhile (see docker_jobs_watcher)
+        lease = w.take_lease(api, req.app_id)
+        if lease is None:
+            raise BackendError(f"{SCHEDULER}: the watcher lease of new app '{req.app_id}' is held already")
         copied = {k: v for k, v in os.environ.items()
                   if any(fnmatch.fnmatchcase(k, p) for p in req.copy_env)}
         if req.network:
-            api.create_network(req.network, driver="bridge", labels=req.labels, check_duplicate=True)
+            try:
+                api.create_network(req.network, driver="bridge", labels=req.labels, check_duplicate=True)
+            except Exception:
+                w.remove_leases(api, req.app_id)
+                raise
         ids: dict[str, str] = {}
         results = d.parallel(lambda c: ids.__setitem__(c.name, self._create(api, req, c, copied)),
                              req.containers)
@@ -303,10 +325,28 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             if w.start_group(api, snap, reps) is not None:
                 if req.network:
                     d.remove_network(api, req.network)
+                w.remove_leases(api, req.app_id)
                 return req.app_id  # decided (FAILED, all stopped): nothing left to watch
         self._keep_request(req)
-        w.spawn(req.app_id)
+        w.spawn(lease)
         return req.app_id
+
+    @staticmethod
+    def _build_workspaces(api: Any, req: DockerRequest) -> DockerRequest:
+        """Performs the planned workspace builds; the request with the built images (a copy)."""
+        req = copy.deepcopy(req)
+        built = {}
+        for role_name, b in req.builds.items():
+            ensure_image(api, b["image"], req.pull_policy)
+            built[role_name] = build_workspace(api, b["image"], b["workspace"])
+        roles = json.loads(req.labels[d.L_ROLES])
+        for summary in roles:
+            summary["image"] = built.get(summary["name"], summary["image"])
+        req.labels[d.L_ROLES] = json.dumps(roles)
+        for c in req.containers:
+            c.image = built.get(c.role, c.image)
+            c.labels[d.L_ROLES] = req.labels[d.L_ROLES]
+        return req
 
     @staticmethod
     def _create(api: Any, req: DockerRequest, c: ContainerRequest, copied: dict[str, str]) -> str:
@@ -339,12 +379,13 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         return str(out["Id"])
 
     # ------------------------------------------------------------------ queries -----
-    def _status(self, app_id: str) -> Optional[w.AppStatus]:
-        """The app's state by the group rules, computed only; restarts a dead watcher if needed."""
+    def _status(self, app_id: str, heal: bool = True) -> Optional[w.AppStatus]:
+        """The app's state by the group rules, computed only; with ``heal``, restarts a dead watcher
+        of an app this caller submitted (see :func:`w.ensure_watcher`)."""
         api = self._api()
         st = d.retrying(lambda: w.reconcile(api, app_id, acting=False))
-        if st is not None:
-            w.ensure_watcher(st)
+        if st is not None and heal:
+            w.ensure_watcher(api, st)
         return st
 
     @staticmethod
@@ -385,8 +426,12 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
 
     def _list(self, cfg: Any) -> list[ListAppResponse]:
         out = []
+        heals = 0
         for app_id in d.retrying(self.app_ids):
-            st = self._status(app_id)
+            st = self._status(app_id, heal=False)
+            # a bounded number of watchers per call: a list never turns into a fork bomb
+            if st is not None and heals < HEALS_PER_CALL and w.ensure_watcher(self._api(), st):
+                heals += 1
             if st is not None:
                 out.append(self.listed(app_id, st.state, st.snapshot.app_name))
         return out
@@ -415,7 +460,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         if snap.running or snap.verdict is None:
             self._cancel(app_id)
         w.remove_app(api, app_id, snap.network)
-        for path in (w.log_path(app_id), w.lock_path(app_id), state.scheduler_dir(SCHEDULER, f"{app_id}.request.json")):
+        for path in (w.log_path(app_id), state.scheduler_dir(SCHEDULER, f"{app_id}.request.json")):
             try:
                 os.remove(path)
             except OSError:

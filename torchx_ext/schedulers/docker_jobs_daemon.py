@@ -22,6 +22,7 @@ from __future__ import annotations
 import calendar
 import json
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 from torchx.specs import AppState
 
+from torchx_ext import state as local_state
 from torchx_ext.errors import BackendError, MissingExtraError, SchedulerUnavailable, TorchxExtError
 from torchx_ext.groups import ReplicaOutcome, group_state
 
@@ -60,6 +62,8 @@ L_RESTART = P + "restart"  # the number of the restart that created this attempt
 L_RESTART_UNIT = P + "restart-unit"  # the budget it was charged to (rules.retry_unit)
 L_START_AFTER = P + "start-after"  # unix time: the end of its backoff
 L_RESTART_WHY = P + "restart-why"  # shown in its log as the attempt's first line
+# who submitted the app (user, machine, $TORCHX_EXT_HOME): only they heal it (start a watcher)
+L_SUBMITTER = P + "submitter"
 
 _RUNNING = {"running", "restarting", "paused"}
 _NEVER = "0001-01-01T00:00:00Z"
@@ -200,10 +204,16 @@ class Snapshot:
     verdict: Optional[Verdict] = None
     previous: list[Replica] = field(default_factory=list)  # earlier attempts (their logs, budgets)
     retry_backoff_s: float = 0.0
+    submitter: str = ""  # the L_SUBMITTER label ("" for apps submitted before it existed)
 
     @property
     def running(self) -> list[Replica]:
         return [r for r in self.replicas if r.running]
+
+
+def submitter() -> str:
+    """This caller as :data:`L_SUBMITTER` names a submitter: uid, machine and ``$TORCHX_EXT_HOME``."""
+    return f"uid={os.getuid()}@{socket.gethostname()}:{os.path.realpath(local_state.home())}"
 
 
 def verdict_volume(app_id: str) -> str:
@@ -255,6 +265,7 @@ def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
         verdict=found[0] if found else None,
     )
     snap.retry_backoff_s = float(labels.get(L_RETRY_BACKOFF) or 0.0)
+    snap.submitter = labels.get(L_SUBMITTER, "")
     latest: dict[tuple[str, int], Replica] = {}
     for s in summaries:
         lab = s["Labels"]

@@ -1,17 +1,37 @@
 """The detached watcher of a ``docker_jobs`` app: the only component that acts on it after submit.
 
-``python -m torchx_ext.schedulers.docker_jobs_watcher APP_ID`` is started by ``schedule`` and
+``python -m torchx_ext.schedulers.docker_jobs_watcher APP_ID ...`` is started by ``schedule`` and
 outlives ``torchx run``. It polls :func:`reconcile` with ``acting=True`` until the app is over:
 it starts the group once its dependencies succeeded, pins the verdict (group rule, failed start,
 failed dependency), stops what must not run any more (gracefully, blocking up to the stop timeout)
 and removes the app's network.
 
 ``describe`` calls :func:`reconcile` with ``acting=False``: the same rules, computed only, never
-acted on. While the app is not over and no watcher holds the app's lock file
-(``$TORCHX_EXT_HOME/docker_jobs/<app>.watcher.lock``, an fcntl lock held for the watcher's life),
-``describe`` starts a new watcher (:func:`ensure_watcher`, logged): that is what heals a killed
-watcher or a rebooted host. Two watchers cannot act at once: a second one finds the lock taken and
-exits.
+acted on.
+
+**One acting watcher per app, wherever status is asked from: a lease the daemon holds.** A lock
+file on one machine cannot exclude a watcher started from another home or another machine
+(``DOCKER_HOST``); two acting watchers would restart the same replica twice. The lease is a
+sequence of tiny labelled volumes ``<app>.watcher-<epoch>`` (label :data:`L_HOLDER` names the
+holder). Creating a volume is atomic on the daemon and the first creator's labels stand (creating
+one that exists returns it), so of several callers claiming the same epoch exactly one finds its own
+name in the labels. The holder renews by claiming the next epoch every :data:`RENEW_EVERY_S`
+(a heartbeat thread) and removes the older ones; a volume's creation time, read on the daemon's own
+clock, is the heartbeat. A lease whose newest epoch is older than :data:`LEASE_TTL_S` (by the
+daemon's clock, never the caller's) may be taken over by claiming the next epoch: again one wins,
+and a late holder finds the epoch taken at its next renewal and exits. Names are never reused while
+a holder lives, and a claim that finds a newer epoch than its own yields, so a remove-then-create
+race cannot give two winners. The holder acts only while its lease has :data:`_ACT_MIN_S` left by
+its own monotonic clock (counted from before it asked the daemon, so it stops before any taker could
+start). Why volumes: they are the daemon's cheapest atomic named object (a container costs a rootfs
+copy with the vfs driver), and they carry no scheduler label, so they never read as an app.
+
+**Healing.** While an app is not over and its lease is free, a status query starts a new watcher
+(:func:`ensure_watcher`, logged) that heals a killed watcher or a rebooted host: only for the apps
+the caller submitted (the :data:`~.docker_jobs_daemon.L_SUBMITTER` label: uid, machine and
+``$TORCHX_EXT_HOME``), other users' apps on a shared daemon are only read. The query takes the
+lease itself and hands it to the watcher it starts, so it never waits for the watcher to come up,
+and no other query anywhere starts a second one meanwhile.
 
 An app counts as ended only once none of its containers runs: a verdict with containers still
 stopping is reported as RUNNING with a "stopping" message.
@@ -19,15 +39,18 @@ stopping is reported as RUNNING with a "stopping" message.
 
 from __future__ import annotations
 
-import fcntl
+import email.utils
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, replace
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 from torchx.specs import AppState, is_terminal
 
@@ -36,6 +59,7 @@ from torchx_ext.schedulers import docker_jobs_retries as retries
 from torchx_ext.schedulers.docker_jobs_daemon import (
     L_APP_ID,
     SCHEDULER,
+    P,
     Replica,
     Snapshot,
     Verdict,
@@ -45,9 +69,11 @@ from torchx_ext.schedulers.docker_jobs_daemon import (
     explain,
     fetch,
     parallel,
+    parse_ts,
     pin_verdict,
     remove_network,
     stop,
+    submitter,
     transient,
     verdict_volume,
 )
@@ -189,6 +215,139 @@ def remove_app(api: Any, app_id: str, network: Optional[str]) -> None:
         api.remove_volume(verdict_volume(app_id))
     except docker.errors.NotFound:
         pass
+    remove_leases(api, app_id)
+
+
+# ---------------------------------------------------------------------------- the lease ------
+LEASE_TTL_S = 10.0  # a lease not renewed for this long, by the daemon's clock, may be taken over
+RENEW_EVERY_S = 2.0
+_MARGIN_S = 1.5  # the holder stops acting this long before a taker could find its lease expired
+_ACT_MIN_S = 3.0  # an acting pass begins only with at least this much of the lease left
+L_LEASE = P + "watcher-lease"  # the app id (lease volumes carry no scheduler label: they are no app)
+L_HOLDER = P + "watcher-holder"
+L_EPOCH = P + "watcher-epoch"
+
+
+@dataclass
+class Lease:
+    """The right to act on one app, held on its daemon (see the module docstring)."""
+
+    app_id: str
+    holder: str
+    epoch: int
+    valid_until: float  # time.monotonic() after which the holder must not act until it renews
+
+    def valid_for(self, seconds: float = 0.0) -> bool:
+        return time.monotonic() + seconds < self.valid_until
+
+
+def lease_volume(app_id: str, epoch: int) -> str:
+    return f"{app_id}.watcher-{epoch}"
+
+
+def new_holder() -> str:
+    """A holder's name: unique, and telling a human where it runs."""
+    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+
+
+def _leases(api: Any, app_id: str) -> list[tuple[int, dict[str, Any]]]:
+    """The app's lease volumes (epoch, volume), oldest first."""
+    vols = api.volumes(filters={"label": [f"{L_LEASE}={app_id}"]}).get("Volumes") or []
+    out = []
+    for v in vols:
+        labels = v.get("Labels") or {}
+        epoch = str(labels.get(L_EPOCH, ""))
+        if labels.get(L_LEASE) == app_id and epoch.isdigit() and v.get("Name") == lease_volume(app_id, int(epoch)):
+            out.append((int(epoch), v))
+    return sorted(out, key=lambda x: x[0])
+
+
+def daemon_now(api: Any) -> float:
+    """The daemon's clock (the ``Date`` of a ``/_ping`` answer, whole seconds): lease ages are measured
+    on the clock that stamped the lease, so the clocks of the machines that ask never matter."""
+    res = api.get(f"{api.base_url}/_ping", timeout=10)
+    res.raise_for_status()
+    return email.utils.parsedate_to_datetime(res.headers["Date"]).timestamp()
+
+
+def _expired(api: Any, volume: dict[str, Any]) -> bool:
+    created = parse_ts(str(volume.get("CreatedAt") or ""))
+    # both stamps are whole seconds, rounded down: + 1 so that a lease is never taken early
+    return created is None or daemon_now(api) > created + LEASE_TTL_S + 1.0
+
+
+def _remove_volumes(api: Any, names: list[str]) -> None:
+    import docker
+
+    for name in names:
+        try:
+            api.remove_volume(name)
+        except docker.errors.APIError:
+            pass  # gone already (another holder's clean-up)
+
+
+def _claim(api: Any, app_id: str, holder: str, epoch: int) -> Optional[Lease]:
+    """Creates the lease volume of ``epoch`` for ``holder``; the lease, or None if another won it."""
+    began = time.monotonic()
+    labels = {L_LEASE: app_id, L_HOLDER: holder, L_EPOCH: str(epoch)}
+    got = api.create_volume(lease_volume(app_id, epoch), driver="local", labels=labels)
+    if (got.get("Labels") or {}).get(L_HOLDER) != holder:
+        return None  # created first by another: creating a volume that exists returns that one
+    leases = _leases(api, app_id)
+    if leases and leases[-1][0] > epoch:
+        # the name was free again because a holder had moved past it and removed it: the newer stands
+        _remove_volumes(api, [lease_volume(app_id, epoch)])
+        return None
+    _remove_volumes(api, [str(v["Name"]) for e, v in leases if e < epoch])
+    return Lease(app_id, holder, epoch, began + LEASE_TTL_S - _MARGIN_S)
+
+
+def take_lease(api: Any, app_id: str, holder: Optional[str] = None) -> Optional[Lease]:
+    """The app's lease for a new holder, or None while another holds a live one. Of several callers
+    that find it free (never held, or expired), exactly one gets it."""
+    leases = _leases(api, app_id)
+    if leases and not _expired(api, leases[-1][1]):
+        return None
+    return _claim(api, app_id, holder or new_holder(), leases[-1][0] + 1 if leases else 0)
+
+
+def renew(api: Any, lease: Lease) -> bool:
+    """Extends ``lease`` by claiming its next epoch; False: it was lost (taken over once it expired)."""
+    new = _claim(api, lease.app_id, lease.holder, lease.epoch + 1)
+    if new is None:
+        return False
+    lease.epoch = new.epoch
+    lease.valid_until = new.valid_until
+    return True
+
+
+def remove_leases(api: Any, app_id: str) -> None:
+    _remove_volumes(api, [str(v["Name"]) for _, v in _leases(api, app_id)])
+
+
+class Heartbeat(threading.Thread):
+    """Renews a lease every :data:`RENEW_EVERY_S` (first at once), with a client of its own, while
+    the watcher's own thread may be blocked (a stop waits up to the stop timeout)."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(name=f"lease-{lease.app_id}", daemon=True)
+        self.lease = lease
+        self.lost = threading.Event()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        api = None
+        wait = 0.0
+        while not self.done.wait(wait):
+            wait = RENEW_EVERY_S
+            try:
+                api = api or client()
+                if not renew(api, self.lease):
+                    self.lost.set()
+                    return
+            except Exception as e:  # the daemon away: the lease runs out, and the watcher waits
+                print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} could not renew the lease: {e}", flush=True)
+                wait = 0.5
 
 
 # --------------------------------------------------------------------------- watcher ------
@@ -197,100 +356,94 @@ def log_path(app_id: str) -> str:
     return state.scheduler_dir(SCHEDULER, f"{app_id}.watcher.log")
 
 
-def lock_path(app_id: str) -> str:
-    return state.scheduler_dir(SCHEDULER, f"{app_id}.watcher.lock")
-
-
-def _try_lock(app_id: str) -> Optional[IO[str]]:
-    """The app's watcher lock, held (keep the file open), or None if a live watcher holds it."""
+def spawn(lease: Lease) -> None:
+    """Starts a detached watcher that holds ``lease`` (taken by the caller: so from this instant on,
+    a status query anywhere finds the app watched, before the watcher's interpreter has started)."""
     state.makedirs(state.scheduler_dir(SCHEDULER))
-    f = open(lock_path(app_id), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        return None
-    return f
-
-
-def watcher_alive(app_id: str) -> bool:
-    """Does a live watcher hold the app's lock? (The kernel drops the lock when it dies.)"""
-    try:
-        with open(lock_path(app_id)) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
-    except FileNotFoundError:
-        return False
-
-
-def spawn(app_id: str) -> None:
-    """Starts a detached watcher for ``app_id`` (none if one runs), holding its lock already:
-    the lock is taken here and the watcher inherits it, so a status query right after this
-    finds the watcher alive before its interpreter has even started."""
-    lock = _try_lock(app_id)
-    if lock is None:
-        return
-    with lock, open(log_path(app_id), "ab") as log:
+    # the log can hold a traceback with Role.env values: private from its creation
+    fd = os.open(log_path(lease.app_id), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as log:
         subprocess.Popen(
-            [sys.executable, "-m", "torchx_ext.schedulers.docker_jobs_watcher", app_id, str(lock.fileno())],
+            [sys.executable, "-m", "torchx_ext.schedulers.docker_jobs_watcher", lease.app_id, lease.holder,
+             str(lease.epoch), repr(lease.valid_until)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-            pass_fds=(lock.fileno(),),
         )
 
 
-def ensure_watcher(status: AppStatus) -> None:
-    """The one place a status query may act: restart the watcher of an app that needs one."""
-    app_id = status.snapshot.app_id
-    if status.over or watcher_alive(app_id):
-        return
+def ensure_watcher(api: Any, status: AppStatus) -> bool:
+    """The one place a status query may act: starts a watcher for an app of this caller's (same
+    user, machine and home) that is not over and whose lease nobody holds. Other apps on the daemon
+    are only read. Best effort: True if a watcher was started."""
+    snap = status.snapshot
+    if status.over or not snap.submitter or snap.submitter != submitter():
+        return False
+    try:
+        lease = take_lease(api, snap.app_id)
+    except Exception as e:  # healing is best effort: the state was read already; the next query retries
+        if not transient(e):
+            logger.warning("docker_jobs: could not check the watcher lease of %s: %s", snap.app_id, explain(e))
+        return False
+    if lease is None:
+        return False  # a live watcher, here or elsewhere, holds it
     logger.warning("docker_jobs: the watcher of %s was not running; started a new one (log: %s)",
-                   app_id, log_path(app_id))
-    spawn(app_id)
-    deadline = time.time() + 3.0  # until it holds its lock, so the next query does not start another
-    while time.time() < deadline and not watcher_alive(app_id):
-        time.sleep(0.05)
+                   snap.app_id, log_path(snap.app_id))
+    spawn(lease)
+    return True
 
 
-def watch(app_id: str, poll: float = POLL_S) -> int:
-    """Reconciles ``app_id`` until it is over or deleted; survives daemon restarts."""
+def watch(lease: Lease, poll: float = POLL_S) -> int:
+    """Reconciles the app of ``lease`` until it is over or deleted, acting only while it holds the
+    lease; survives daemon restarts."""
+    app_id = lease.app_id
+    beat = Heartbeat(lease)
+    beat.start()
     api = None
     down_since: Optional[float] = None
     quick_until = 0.0
     died: dict[str, int] = {}
-    while True:
-        # events from this instant on wake the next wait, also the ones the reconcile misses
-        # (a replica that dies while the snapshot is read)
-        mark = time.time()
-        try:
-            if api is None:
-                api = client()
-            status = reconcile(api, app_id, acting=True, died=died)
-            down_since = None
-        except Exception as e:
-            if not transient(e):
-                raise
-            if down_since is None:
-                print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} daemon unavailable, retrying: {e}", flush=True)
-                down_since = time.time()
-            if time.time() - down_since > UNREACHABLE_GIVE_UP_S:
-                print(f"docker daemon unavailable for {UNREACHABLE_GIVE_UP_S:.0f}s; giving up", flush=True)
-                return 1
-            time.sleep(1.0)
-            continue
-        if status is None or status.over:
-            return 0
-        if time.time() < quick_until:
-            time.sleep(DIE_SETTLE_POLL_S)
-            continue
-        died = _wait_for_a_change(api, app_id, poll, mark)
-        if died:
-            # the daemon sends "die" some 50-90 ms before a snapshot shows the container exited:
-            # the next pass takes the event's word for it, and later ones look again every few ms
-            quick_until = time.time() + DIE_SETTLE_S
+    try:
+        while True:
+            if beat.lost.is_set():
+                print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} lost the lease of {app_id} (it expired and another "
+                      "watcher took it); exiting", flush=True)
+                return 0
+            if not lease.valid_for(_ACT_MIN_S):
+                time.sleep(0.2)  # renewals fail (daemon away): act on nothing until one succeeds
+                continue
+            # events from this instant on wake the next wait, also the ones the reconcile misses
+            # (a replica that dies while the snapshot is read)
+            mark = time.time()
+            try:
+                if api is None:
+                    api = client()
+                status = reconcile(api, app_id, acting=True, died=died)
+                down_since = None
+            except Exception as e:
+                if not transient(e):
+                    raise
+                if down_since is None:
+                    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} daemon unavailable, retrying: {e}", flush=True)
+                    down_since = time.time()
+                if time.time() - down_since > UNREACHABLE_GIVE_UP_S:
+                    print(f"docker daemon unavailable for {UNREACHABLE_GIVE_UP_S:.0f}s; giving up", flush=True)
+                    return 1
+                time.sleep(1.0)
+                continue
+            if status is None or status.over:
+                beat.done.set()
+                beat.join()
+                remove_leases(api, app_id)  # nothing left to act on: no lease volumes stay behind
+                return 0
+            if time.time() < quick_until:
+                time.sleep(DIE_SETTLE_POLL_S)
+                continue
+            died = _wait_for_a_change(api, app_id, poll, mark)
+            if died:
+                # the daemon sends "die" some 50-90 ms before a snapshot shows the container exited:
+                # the next pass takes the event's word for it, and later ones look again every few ms
+                quick_until = time.time() + DIE_SETTLE_S
+    finally:
+        beat.done.set()
 
 
 def _wait_for_a_change(api: Any, app_id: str, poll: float, since: float) -> dict[str, int]:
@@ -312,23 +465,29 @@ def _wait_for_a_change(api: Any, app_id: str, poll: float, since: float) -> dict
 
 
 def main(argv: list[str]) -> int:
-    """``python -m torchx_ext.schedulers.docker_jobs_watcher APP_ID [LOCK_FD]`` (LOCK_FD: the
-    app's lock, taken by :func:`spawn` and inherited)."""
+    """``python -m torchx_ext.schedulers.docker_jobs_watcher APP_ID [HOLDER EPOCH VALID_UNTIL]``: the
+    lease taken by :func:`spawn` (``VALID_UNTIL``: ``time.monotonic()``, system-wide), or none: then
+    the watcher takes the app's lease itself, and exits if another holds it."""
     app_id = argv[1]
-    lock = os.fdopen(int(argv[2]), "a+") if len(argv) > 2 else _try_lock(app_id)
-    if lock is None:
-        print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} another watcher of {app_id} runs; exiting", flush=True)
+    lease: Optional[Lease]
+    if len(argv) > 4:
+        lease = Lease(app_id, argv[2], int(argv[3]), float(argv[4]))
+    else:
+        lease = take_lease(client(), app_id)
+    if lease is None:
+        print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} another watcher holds the lease of {app_id}; exiting",
+              flush=True)
         return 0
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} watching {app_id} (pid {os.getpid()})", flush=True)
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} watching {app_id} (pid {os.getpid()}, lease "
+          f"{lease.holder} from epoch {lease.epoch})", flush=True)
     try:
-        return watch(app_id)
+        return watch(lease)
     except Exception:
-        # the next describe starts a new watcher; the traceback is for humans
+        # the lease runs out, and the next describe of the submitter starts a new watcher
         traceback.print_exc()
         return 1
     finally:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} watcher of {app_id} exits", flush=True)
-        lock.close()
 
 
 if __name__ == "__main__":
