@@ -51,4 +51,21 @@ pipq "$NIGHTLY_VENV/bin/pip" install "${PIP_QUIET[@]}" torchx-nightly fsspec "ra
 # --no-deps: our torchx>=0.7.0 requirement would otherwise install stable torchx over the nightly
 pipq "$NIGHTLY_VENV/bin/pip" install "${PIP_QUIET[@]}" --no-deps --force-reinstall .
 "$NIGHTLY_VENV/bin/python" -m pytest -p no:cacheprovider tests
+
+say "editable install (pip install -e .) registers our schedulers: torchx 0.7.0 and torchx-nightly"
+for tx in "torchx==0.7.0" torchx-nightly; do
+    tmp=$(mktemp -d)
+    python3 -m venv "$tmp/venv"
+    pipq "$tmp/venv/bin/pip" install "${PIP_QUIET[@]}" "$tx" fsspec
+    # --no-deps: our torchx>=0.7.0 requirement would otherwise install stable torchx over the nightly
+    pipq "$tmp/venv/bin/pip" install "${PIP_QUIET[@]}" --no-deps -e .
+    # one scheduler at a time: `torchx runopts` alone stops at torchx 0.7.0's own ray module without ray
+    for s in host slurm_jobs docker_jobs ray_jobs local_cwd; do
+        (cd "$tmp" && env -u PYTHONPATH "$tmp/venv/bin/torchx" runopts "$s" | grep -q "usage:") ||
+            { echo "editable install on $tx: torchx runopts $s lists no options"; exit 1; }
+    done
+    (cd "$tmp" && env -u PYTHONPATH TORCHX_EXT_HOME="$tmp/home" "$tmp/venv/bin/torchx" run -s host --wait \
+        utils.echo --msg editable-install-ok)
+    rm -rf "$tmp"
+done
 say "all green"

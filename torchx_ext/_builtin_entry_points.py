@@ -19,8 +19,9 @@ has no ``ray`` or ``gcp_batch`` module), and an entry point that names a missing
 
 The same distribution carries torchx-ext's own schedulers (:data:`OURS`), on torchx 0.7.0 only:
 the nightly finds them in the ``torchx_plugins.schedulers`` namespace package instead, and would
-warn about a name registered through both channels. (A ``pip install -e`` does not ship the .pth:
-install torchx-ext normally for the ``torchx`` CLI to see its schedulers on 0.7.0.)
+warn about a name registered through both channels. Every install ships the .pth, editable ones
+included: setup.py adds it to the wheel that ``pip install -e`` builds, which otherwise holds only
+setuptools' own path finder.
 
 The finder imports nothing at interpreter start-up or when asked for a distribution by name; it
 reads torchx's source with ``ast`` only when someone enumerates all distributions.

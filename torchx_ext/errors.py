@@ -8,6 +8,7 @@ any of them as one line (:mod:`torchx_ext.cli_errors`).
 
 from __future__ import annotations
 
+import difflib
 from typing import Iterable
 
 
@@ -24,10 +25,13 @@ class UnknownOptionError(TorchxExtError, ValueError):
 
     def __init__(self, scheduler: str, unknown: Iterable[str], valid: Iterable[str]) -> None:
         names_sorted = sorted(unknown)
+        valid_sorted = sorted(valid)
         names = ", ".join(repr(u) for u in names_sorted)
+        close = [m for u in names_sorted for m in difflib.get_close_matches(u, valid_sorted, n=1)]
+        hint = f" (did you mean {', '.join(repr(m) for m in close)}?)" if close else ""
         super().__init__(
             f"Unknown option{'s' if len(names_sorted) > 1 else ''} {names} for scheduler "
-            f"'{scheduler}'. Valid options: {', '.join(sorted(valid))}"
+            f"'{scheduler}'{hint}. Valid options: {', '.join(valid_sorted)}"
         )
 
 

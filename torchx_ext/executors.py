@@ -21,12 +21,13 @@ import dataclasses
 import importlib.metadata
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Optional, Type, Union
+from typing import Any, ClassVar, Dict, Mapping, Optional, Type, Union
 
 from torchx.specs import runopts
+from torchx.util.types import to_dict
 
 from torchx_ext.compat import as_list
-from torchx_ext.errors import RegistrationError, UnknownExecutorError, UnknownOptionError
+from torchx_ext.errors import InvalidOptionError, RegistrationError, UnknownExecutorError, UnknownOptionError
 
 ENTRY_POINT_GROUP = "torchx_ext.executors"
 
@@ -130,9 +131,86 @@ def _runopt_type(tp: Any) -> Any:
     raise TypeError(f"unsupported run option type {tp!r}")
 
 
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_EXPECTED = {
+    bool: "bool (true/false, 1/0, yes/no)",
+    int: "int (a whole number)",
+    float: "float (a number)",
+    str: "str",
+    typing.List[str]: "List[str] (comma-separated)",
+    typing.Dict[str, str]: "Dict[str, str] (KEY:VALUE pairs, comma-separated)",
+}
+
+
+class StrictRunopts(runopts):
+    """The run options of one of our schedulers; refuses what TorchX 0.7.0 would let through.
+
+    TorchX 0.7.0's ``cfg_from_str`` drops unknown ``-cfg`` keys without a word (a typo such as
+    ``dependency=`` runs the app at once instead of after its dependency), ends a bad number in a
+    traceback and reads any boolean other than ``true`` as False. This subclass, returned by our
+    schedulers only (TorchX's own keep theirs), raises one-line :class:`UnknownOptionError` (with a
+    close match) and :class:`InvalidOptionError` instead, on 0.7.0 and on the nightly alike.
+    """
+
+    def __init__(self, scheduler: str) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+
+    def _key(self, name: str) -> Optional[str]:
+        # the nightly also accepts a camelCase spelling of an option; 0.7.0 only the name itself
+        canonical = getattr(super(), "canonical_key", None)
+        if canonical is not None:
+            return typing.cast(Optional[str], canonical(name))
+        return name if name in self._opts else None
+
+    def cfg_from_str(self, cfg_str: str) -> Dict[str, Any]:
+        try:
+            pairs = to_dict(cfg_str)
+        except ValueError as e:
+            raise InvalidOptionError(f"-cfg {cfg_str!r} for scheduler '{self.scheduler}': {e}; "
+                                     "expected KEY=VALUE[,KEY=VALUE]") from None
+        unknown = [k for k in pairs if self._key(k) is None]
+        if unknown:
+            raise UnknownOptionError(self.scheduler, unknown, self._opts)
+        cfg: Dict[str, Any] = {}
+        for key, text in pairs.items():
+            name = typing.cast(str, self._key(key))
+            cfg[name] = self._parse(name, text)
+        return cfg
+
+    def _parse(self, name: str, text: str) -> Any:
+        tp = self._opts[name].opt_type
+        try:
+            if tp is bool:
+                return _BOOL_WORDS[text.strip().lower()]
+            if tp is typing.List[str]:
+                return [v for v in text.replace(";", ",").split(",") if v]  # as TorchX splits them
+            if tp is typing.Dict[str, str]:
+                items = [i for i in text.replace(";", ",").split(",") if i]
+                if not all(":" in i for i in items):
+                    raise ValueError(text)
+                return dict(i.split(":", 1) for i in items)
+            return tp(text)
+        except (KeyError, ValueError):
+            raise self._invalid(name, text) from None
+
+    def _invalid(self, name: str, value: Any) -> InvalidOptionError:
+        tp = self._opts[name].opt_type
+        return InvalidOptionError(f"option '{name}' of scheduler '{self.scheduler}' cannot be {value!r}: "
+                                  f"expected {_EXPECTED.get(tp, str(tp))}")
+
+    def resolve(self, cfg: Mapping[str, Any], **kwargs: Any) -> Dict[str, Any]:
+        # a Python caller's cfg (or .torchxconfig's) of the wrong type: our line, not TorchX's
+        for name, value in cfg.items():
+            opt = self._opts.get(name)
+            if opt is not None and value is not None and not runopts.is_type(value, opt.opt_type):
+                raise self._invalid(name, value)
+        return typing.cast(Dict[str, Any], super().resolve(cfg, **kwargs))
+
+
 def runopts_for(executor_cls: Type[Executor]) -> runopts:
     """The ``runopts`` of a scheduler, generated from its executor's fields."""
-    opts = runopts()
+    opts = StrictRunopts(executor_cls.scheduler or executor_cls.__name__)
     hints = _type_hints(executor_cls)
     for f in fields(executor_cls):
         default = f.default if f.default is not dataclasses.MISSING else None

@@ -3,14 +3,20 @@
 Every replica finds every role's hosts in ``TORCHX_EXT_HOSTS_<ROLE>`` (see :mod:`torchx_ext.groups`).
 Commands are split like a shell would split them (``shlex``), so quote inside them as you would in a
 shell; nothing is ever re-joined into a shell string.
+
+A service given a port (``--port`` of ``server_client``, ``--ports`` of ``roles``) is waited for: the
+other roles' commands start only once every replica of that service accepts TCP connections on it
+(:mod:`torchx_ext.wait_for`, which needs a ``python3`` in the image), and the port is the service
+role's ``port_map`` (published by ``docker_jobs``).
 """
 
 
 import shlex
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from torchx import specs
 
+from torchx_ext import wait_for
 from torchx_ext.groups import mark_service
 
 
@@ -28,9 +34,29 @@ def _role(
     return mark_service(role, service)
 
 
+def _wait_for_services(app_roles: List[specs.Role], ports: Dict[str, int], timeout_s: int) -> None:
+    """Gives each service its port_map and makes every other role wait until the services listen."""
+    if not ports:
+        return
+    if timeout_s <= 0:
+        raise ValueError(f"ready_timeout_s={timeout_s}: give the seconds to wait for the services, > 0")
+    for role in app_roles:
+        if role.name in ports:
+            role.port_map = {role.name: ports[role.name]}
+        else:
+            role.entrypoint, role.args = wait_for.wrap(role.entrypoint, role.args, ports, timeout_s)
+
+
+def _port(what: str, value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ValueError(f"{what}: expected a TCP port (1-65535), got {value!r}")
+    return int(value)
+
+
 def roles(
     *role_specs: str,
     services: str = "",
+    ports: str = "",
     replicas: str = "",
     image: str = ".",
     env: Optional[Dict[str, str]] = None,
@@ -38,15 +64,18 @@ def roles(
     gpu: int = 0,
     memMB: int = 1024,
     name: str = "group",
+    ready_timeout_s: int = 300,
 ) -> specs.AppDef:
     """Runs N roles as one heterogeneous group (started together, all or nothing).
 
-    Example: ``torchx run -s host group.roles --services server "server=python3 -m http.server 8000"
-    "client=sh -c 'curl http://$TORCHX_EXT_HOSTS_SERVER:8000/'"``
+    Example: ``torchx run -s host --wait group.roles --services server --ports server=8000
+    "server=python3 -m http.server 8000" "client=sh -c 'curl -s http://$TORCHX_EXT_HOSTS_SERVER:8000/'"``
 
     Args:
         role_specs: one ``NAME=COMMAND`` per role; COMMAND is split with shell quoting rules
         services: comma-separated role names that are services (stopped when the others end)
+        ports: comma-separated ``SERVICE=PORT``: the other roles start once every replica of that
+            service accepts TCP connections on PORT (needs python3 in the image)
         replicas: comma-separated ``NAME=N`` replica counts (default 1 per role)
         image: image of every role (a directory on ``host``/``slurm_jobs``, an image on ``docker_jobs``)
         env: environment variables for every role, ``KEY=VALUE,KEY2=VALUE2``
@@ -54,6 +83,7 @@ def roles(
         gpu: GPUs per replica
         memMB: memory per replica in MB
         name: the app's name
+        ready_timeout_s: seconds the other roles wait for the services' ports before failing
     """
     if not role_specs:
         raise ValueError("give at least one role as NAME=COMMAND")
@@ -71,15 +101,26 @@ def roles(
             raise ValueError(f"expected NAME=COMMAND, got {spec!r}")
         app_roles.append(_role(role_name, command, image, counts.get(role_name, 1), env,
                                cpu, gpu, memMB, role_name in service_names))
-    unknown = (service_names | set(counts)) - {r.name for r in app_roles}
+    port_of: Dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in ports.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"ports: expected SERVICE=PORT, got {item!r}")
+        port_of[key] = _port(f"ports {item!r}", value)
+    unknown = (service_names | set(counts) | set(port_of)) - {r.name for r in app_roles}
     if unknown:
         raise ValueError(f"unknown role(s) {sorted(unknown)}; roles: {[r.name for r in app_roles]}")
+    not_services = sorted(set(port_of) - service_names)
+    if not_services:
+        raise ValueError(f"ports: {not_services} not in --services; only a service's port is waited for")
+    _wait_for_services(app_roles, port_of, ready_timeout_s)
     return specs.AppDef(name=name, roles=app_roles)
 
 
 def server_client(
     server: str,
     client: str,
+    port: int = 0,
     image: str = ".",
     server_replicas: int = 1,
     client_replicas: int = 1,
@@ -88,15 +129,22 @@ def server_client(
     gpu: int = 0,
     memMB: int = 1024,
     name: str = "server-client",
+    ready_timeout_s: int = 300,
 ) -> specs.AppDef:
     """A server role (a service) and a client role; the app ends when the client ends.
 
-    The client finds the server's hosts in ``TORCHX_EXT_HOSTS_SERVER``. The app's final state is
+    The client finds the server's hosts in ``TORCHX_EXT_HOSTS_SERVER``; with ``--port`` it starts
+    only once every server replica accepts TCP connections on that port. The app's final state is
     the client's; a server that dies before the client is done fails the app.
+
+    Example: ``torchx run -s host --wait group.server_client --port 8000 --server "python3 -m http.server 8000"
+    --client "sh -c 'curl -s http://$TORCHX_EXT_HOSTS_SERVER:8000/'"``
 
     Args:
         server: the server's command, split with shell quoting rules
         client: the client's command, split with shell quoting rules
+        port: the port the server listens on: the client waits until it accepts connections
+            (needs python3 in the image); 0: the client starts at once
         image: image of both roles (a directory on ``host``/``slurm_jobs``, an image on ``docker_jobs``)
         server_replicas: number of server replicas
         client_replicas: number of client replicas
@@ -105,8 +153,12 @@ def server_client(
         gpu: GPUs per server replica
         memMB: memory per replica in MB
         name: the app's name
+        ready_timeout_s: seconds the client waits for the server's port before failing
     """
-    return specs.AppDef(name=name, roles=[
+    app_roles = [
         _role("server", server, image, server_replicas, env, cpu, gpu, memMB, service=True),
         _role("client", client, image, client_replicas, env, cpu, 0, memMB, service=False),
-    ])
+    ]
+    if port:
+        _wait_for_services(app_roles, {"server": _port("port", str(port))}, ready_timeout_s)
+    return specs.AppDef(name=name, roles=app_roles)
