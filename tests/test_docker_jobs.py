@@ -451,7 +451,7 @@ def test_one_acting_watcher_wherever_status_is_asked_from(runner: Runner, tmp_pa
 
 
 def test_status_and_list_heal_only_the_apps_this_home_submitted(runner: Runner, tmp_path: Any) -> None:
-    from torchx_ext.schedulers import docker_jobs_watcher as w
+    from torchx_ext.schedulers import docker_jobs_lease as leases
 
     handle = runner.run(AppDef("heal", roles=[role("main", "import time; time.sleep(300)")]), "docker_jobs", {})
     app = app_id(handle)
@@ -461,13 +461,13 @@ def test_status_and_list_heal_only_the_apps_this_home_submitted(runner: Runner, 
         time.sleep(0.05)
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
-    w.remove_leases(d.client(), app)  # as if its lease had expired
+    leases.remove_leases(d.client(), app)  # as if its lease had expired
     other = _in_home(str(tmp_path / "other"), "import sys; from torchx_ext.schedulers.docker_jobs import "
                      "create_scheduler as c; s = c('x'); print([x.app_id for x in s.list()]); "
                      "print(s.describe(sys.argv[1]).state.name)", app)
     out = other.communicate(timeout=60)[0]
     assert other.returncode == 0 and app in out and "RUNNING" in out, out
-    assert not watcher_pids(app) and not d.client().volumes(filters={"label": [f"{w.L_LEASE}={app}"]})["Volumes"]
+    assert not watcher_pids(app) and not d.client().volumes(filters={"label": [f"{leases.L_LEASE}={app}"]})["Volumes"]
     assert runner.status(handle).state == AppState.RUNNING  # the submitter's home heals it
     assert len(watcher_pids(app)) == 1
     runner.cancel(handle)

@@ -18,6 +18,7 @@ from torchx_ext.errors import DependencyError
 from torchx_ext.executors import capabilities, scheduler_for
 from torchx_ext.groups import mark_service
 from torchx_ext.schedulers import docker_jobs_daemon as daemon
+from torchx_ext.schedulers import docker_jobs_lease as leases
 from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.docker_jobs import DockerJobsExecutor, DockerJobsScheduler, DockerRequest
 from torchx_ext.schedulers.docker_jobs_logs import LogReader
@@ -386,35 +387,35 @@ class LeaseDaemon:
         return type("Res", (), {"headers": {"Date": date}, "raise_for_status": lambda self: None})()
 
     def epochs(self, app: str) -> list[int]:
-        return sorted(int(v["Labels"][w.L_EPOCH]) for v in self.vols.values() if v["Labels"].get(w.L_LEASE) == app)
+        return sorted(int(v["Labels"][leases.L_EPOCH]) for v in self.vols.values() if v["Labels"].get(leases.L_LEASE) == app)
 
 
 def test_lease_one_winner_renewal_expiry_and_takeover() -> None:
     api = LeaseDaemon()
-    first = w.take_lease(api, "a", "h1")
-    assert first is not None and first.epoch == 0 and first.valid_for(w.LEASE_TTL_S - 2)
-    assert w.take_lease(api, "a", "h2") is None  # held: nobody else gets it
-    api.now += w.LEASE_TTL_S - 1
-    assert w.renew(api, first) and first.epoch == 1 and api.epochs("a") == [1]  # older epochs removed
-    api.now += w.LEASE_TTL_S  # renewed 10 s ago: not yet expired (whole-second stamps, + 1)
-    assert w.take_lease(api, "a", "h2") is None
+    first = leases.take_lease(api, "a", "h1")
+    assert first is not None and first.epoch == 0 and first.valid_for(leases.LEASE_TTL_S - 2)
+    assert leases.take_lease(api, "a", "h2") is None  # held: nobody else gets it
+    api.now += leases.LEASE_TTL_S - 1
+    assert leases.renew(api, first) and first.epoch == 1 and api.epochs("a") == [1]  # older epochs removed
+    api.now += leases.LEASE_TTL_S  # renewed 10 s ago: not yet expired (whole-second stamps, + 1)
+    assert leases.take_lease(api, "a", "h2") is None
     api.now += 2
-    second = w.take_lease(api, "a", "h2")
+    second = leases.take_lease(api, "a", "h2")
     assert second is not None and second.epoch == 2 and second.holder == "h2"
-    assert not w.renew(api, first)  # the late holder finds its next epoch taken: it stops acting
-    assert w.take_lease(api, "a", "h3") is None and api.epochs("a") == [2]
+    assert not leases.renew(api, first)  # the late holder finds its next epoch taken: it stops acting
+    assert leases.take_lease(api, "a", "h3") is None and api.epochs("a") == [2]
 
 
 def test_lease_claim_of_a_reused_name_yields_to_the_newer_epoch() -> None:
     api = LeaseDaemon()
-    lease = w.take_lease(api, "a", "h1")
+    lease = leases.take_lease(api, "a", "h1")
     assert lease is not None
     for _ in range(3):
-        assert w.renew(api, lease)
+        assert leases.renew(api, lease)
     assert api.epochs("a") == [3]
     # a taker that read the lease long ago claims epoch 1, whose name the holder freed
-    assert w._claim(api, "a", "stale", 1) is None and api.epochs("a") == [3]
-    assert w.take_lease(api, "a", "h2") is None
+    assert leases._claim(api, "a", "stale", 1) is None and api.epochs("a") == [3]
+    assert leases.take_lease(api, "a", "h2") is None
 
 
 def test_only_the_submitter_heals_and_each_heal_takes_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:

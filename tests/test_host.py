@@ -23,7 +23,7 @@ from contract import wait_terminal
 from torchx_ext import state
 from torchx_ext.components.group import roles, server_client
 from torchx_ext.errors import InvalidAppError
-from torchx_ext.schedulers import host_supervisor as sup
+from torchx_ext.schedulers import host_procs as procs
 from torchx_ext.schedulers.host import assign_gpus, create_scheduler
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
@@ -74,13 +74,13 @@ def test_cli_cancel_kills_the_whole_tree(tmp_path: str) -> None:
         assert time.time() < deadline
         time.sleep(0.1)
     child = int(open(pidfile).read())
-    assert sup.pid_alive(child)
+    assert procs.pid_alive(child)
     assert cli("cancel", handle).returncode == 0
     assert cli_wait(handle) == "CANCELLED"
     deadline = time.time() + 10
-    while sup.pid_alive(child) and time.time() < deadline:
+    while procs.pid_alive(child) and time.time() < deadline:
         time.sleep(0.1)
-    assert not sup.pid_alive(child), "grandchild survived cancel"
+    assert not procs.pid_alive(child), "grandchild survived cancel"
     assert cli("cancel", handle).returncode == 0  # idempotent
 
 
@@ -189,13 +189,13 @@ def test_killed_supervisor_is_reported_and_cancel_still_cleans_up(tmp_path: str)
     # not FAILED yet: its replica still runs, and TorchX's cancel skips an app in a terminal state
     assert status.state == AppState.UNKNOWN and "is gone" in status.msg and "still run" in status.msg, status
     replica_pid = st["replicas"]["main/0"]["pid"]
-    assert sup.pid_alive(replica_pid)  # orphaned, still running: cancel is how the user stops it
+    assert procs.pid_alive(replica_pid)  # orphaned, still running: cancel is how the user stops it
     runner.cancel(handle)
     # its outcome was the supervisor's loss: FAILED, and the cancel stopped the orphaned replica
     after = runner.status(handle)
     assert after.state == AppState.FAILED and "a cancel stopped what was left" in after.msg, after
     time.sleep(0.3)
-    assert not sup.pid_alive(replica_pid)
+    assert not procs.pid_alive(replica_pid)
     # the logs are kept
     assert os.path.isdir(os.path.join(state.home(), "host", app_id, "logs", "main", "0"))
 
@@ -342,7 +342,7 @@ def _running_app(tmp_path: str, name: str) -> tuple[str, str, dict[str, Any]]:
 
 def _wait_gone(pid: int) -> None:
     deadline = time.time() + 10
-    while sup.pid_alive(pid):
+    while procs.pid_alive(pid):
         assert time.time() < deadline, f"pid {pid} did not die"
         time.sleep(0.02)
 
@@ -363,7 +363,7 @@ def test_a_reused_supervisor_pid_is_not_the_supervisor(tmp_path: str) -> None:
     replica_pid = st["replicas"]["main/0"]["pid"]
     with subprocess.Popen(["sleep", "60"]) as other:
         try:
-            foreign = sup.identity(other.pid)
+            foreign = procs.identity(other.pid)
             assert foreign is not None
             # the same pid and start time on another boot (a reboot), then this boot but another
             # start time (a reused pid): neither is the supervisor

@@ -11,7 +11,7 @@ import pytest
 from conftest import live_processes
 from contract import Backend, SchedulerContract
 from torchx_ext import state
-from torchx_ext.schedulers import host_supervisor as sup
+from torchx_ext.schedulers import host_procs as procs
 
 
 def _nothing_running(handle: str) -> bool:
@@ -21,7 +21,7 @@ def _nothing_running(handle: str) -> bool:
     # the supervisor records the verdict, then exits: give its exit a moment (a CI run at
     # 6b54dc5 saw it alive just after the app read SUCCEEDED)
     deadline = time.time() + 10
-    while any(sup.pid_alive(p) for p in pids):
+    while any(procs.pid_alive(p) for p in pids):
         if time.time() > deadline:
             return False
         time.sleep(0.1)

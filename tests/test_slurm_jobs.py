@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import pytest
 from torchx.runner import Runner, get_runner
@@ -505,6 +505,17 @@ def tree(root: str) -> list[tuple[str, int, int]]:
     return sorted(out)
 
 
+def cli_status_until_over(status: Callable[[], str], timeout: float = TIMEOUT) -> str:
+    """``torchx status``'s output (from ``status()``) once it shows a final state."""
+    deadline = time.time() + timeout
+    while True:
+        out = status()
+        if re.search(r"State:\s*(SUCCEEDED|FAILED|CANCELLED)", out):
+            return out
+        assert time.time() < deadline, out
+        time.sleep(0.5)
+
+
 def assert_private(home: str, secret: bytes) -> list[str]:
     """Every file under ``home`` holding ``secret`` is 0600, each directory up to ``home`` 0700;
     and nothing under ``home`` is open to others. Returns the files that hold it."""
@@ -557,13 +568,7 @@ def test_env_values_are_private_from_creation(partition: str, tmp_path: object) 
                    f"main={sys.executable} -c {_sh(code)}")
     assert proc.returncode == 0, proc.stderr
     handle = next(line for line in proc.stdout.splitlines() if line.startswith(f"{SCHEDULER}://"))
-    deadline = time.time() + TIMEOUT
-    while True:
-        out = _cli_in(home, "status", handle).stdout
-        if re.search(r"State:\s*(SUCCEEDED|FAILED|CANCELLED)", out):
-            break
-        assert time.time() < deadline, out
-        time.sleep(0.5)
+    out = cli_status_until_over(lambda: _cli_in(home, "status", handle).stdout)
     assert "SUCCEEDED" in out, out
     holding = assert_private(home, secret.encode())
     job = _app_id(handle)

@@ -34,7 +34,7 @@ from torchx.specs import AppDef, AppState, Resource, Role
 
 from conftest import IN_CI, ROOT, live_processes, require_backend
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
-from test_slurm_jobs import assert_private
+from test_slurm_jobs import assert_private, cli_status_until_over
 from torchx_ext import state
 from torchx_ext.errors import BackendError, SchedulerUnavailable
 
@@ -592,13 +592,7 @@ def test_env_values_are_private_from_creation_here_and_on_the_login_node(remote_
                        f"main={REMOTE_PYTHON} -c \"{code}\"")
         assert proc.returncode == 0, proc.stderr
         handle = next(line for line in proc.stdout.splitlines() if line.startswith(f"{SCHEDULER}://"))
-        deadline = time.time() + TIMEOUT
-        while True:
-            out = _cli_in(home, "status", handle).stdout
-            if re.search(r"State:\s*(SUCCEEDED|FAILED|CANCELLED)", out):
-                break
-            assert time.time() < deadline, out
-            time.sleep(0.5)
+        out = cli_status_until_over(lambda: _cli_in(home, "status", handle).stdout)
         assert "SUCCEEDED" in out, out
         app_id = handle.rsplit("/", 1)[-1]
         assert f"slurm_jobs/{app_id}/app.json" in assert_private(home, secret.encode())

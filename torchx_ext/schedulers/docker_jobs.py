@@ -53,6 +53,7 @@ from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, In
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import ENV_ATTEMPT, discovery_env, is_service
 from torchx_ext.schedulers import docker_jobs_daemon as d
+from torchx_ext.schedulers import docker_jobs_lease as leases
 from torchx_ext.schedulers import docker_jobs_retries as retries
 from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
@@ -293,7 +294,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             ensure_image(api, image, req.pull_policy)
         # the app's lease, before any of its containers exists: no status query anywhere can start
         # a watcher for it meanwhile (see docker_jobs_watcher)
-        lease = w.take_lease(api, req.app_id)
+        lease = leases.take_lease(api, req.app_id)
         if lease is None:
             raise BackendError(f"{SCHEDULER}: the watcher lease of new app '{req.app_id}' is held already")
         copied = {k: v for k, v in os.environ.items()
@@ -302,7 +303,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             try:
                 api.create_network(req.network, driver="bridge", labels=req.labels, check_duplicate=True)
             except Exception:
-                w.remove_leases(api, req.app_id)
+                leases.remove_leases(api, req.app_id)
                 raise
         ids: dict[str, str] = {}
         results = d.parallel(lambda c: ids.__setitem__(c.name, self._create(api, req, c, copied)),
@@ -325,7 +326,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             if w.start_group(api, snap, reps) is not None:
                 if req.network:
                     d.remove_network(api, req.network)
-                w.remove_leases(api, req.app_id)
+                leases.remove_leases(api, req.app_id)
                 return req.app_id  # decided (FAILED, all stopped): nothing left to watch
         self._keep_request(req)
         w.spawn(lease)

@@ -39,6 +39,7 @@ from torchx_ext import support as matrices
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, is_service
+from torchx_ext.schedulers import host_procs as procs
 from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.base import (
     ExtScheduler,
@@ -223,7 +224,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
                 start_new_session=True, close_fds=True,
             )
         # our child, not reaped: its pid cannot have changed hands before this read
-        ident = sup.identity(proc.pid)
+        ident = procs.identity(proc.pid)
         if ident is None:
             raise BackendError(f"cannot read /proc/{proc.pid}/stat of the host supervisor just started; "
                                f"host needs a Linux /proc")
@@ -248,7 +249,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         spec = state.read_json(os.path.join(app_dir, "spec.json"))
         if st is None or spec is None:
             return None
-        if st.get("state") not in sup.TERMINAL and not sup.running(sup.supervisor_of(st)):
+        if st.get("state") not in sup.TERMINAL and not procs.running(procs.supervisor_of(st)):
             # re-read: the supervisor may have written its verdict just before exiting
             st = state.read_json(os.path.join(app_dir, "state.json")) or st
             if st.get("state") not in sup.TERMINAL:
@@ -309,19 +310,19 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         st = state.read_json(path) or {}
         if st.get("state") in sup.TERMINAL:
             return
-        supervisor = sup.supervisor_of(st)
-        was_gone = not sup.running(supervisor)
+        supervisor = procs.supervisor_of(st)
+        was_gone = not procs.running(supervisor)
         if was_gone:
             st = state.read_json(path) or st  # it may have recorded a verdict just before exiting
             if st.get("state") in sup.TERMINAL:
                 return
         else:
-            sup.signal_process(supervisor, signal.SIGTERM)
+            procs.signal_process(supervisor, signal.SIGTERM)
             deadline = time.time() + sup.STOP_GRACE_S + 5
-            while time.time() < deadline and sup.running(supervisor):
+            while time.time() < deadline and procs.running(supervisor):
                 time.sleep(0.05)
-            if sup.running(supervisor) and sup.signal_process(supervisor, signal.SIGKILL):
-                while sup.running(supervisor):  # stuck: it must not outlive the cancel
+            if procs.running(supervisor) and procs.signal_process(supervisor, signal.SIGKILL):
+                while procs.running(supervisor):  # stuck: it must not outlive the cancel
                     time.sleep(0.02)
             st = state.read_json(path) or st
             if st.get("state") in sup.TERMINAL:
