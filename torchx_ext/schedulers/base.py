@@ -8,7 +8,9 @@ A backend subclasses :class:`ExtScheduler`, names its executor class, and implem
 * ``_describe(app_id)`` / ``_list(cfg)`` / ``_cancel(app_id)`` / ``_delete(app_id)``: queries
   and actions on the engine (queries only query);
 * ``_replica_counts(app_id)`` and ``_log_source(...)``: what ``log_iter`` reads;
-* ``_translate_error(e)``: the engine's exceptions as our typed errors.
+* ``_translate_error(e)``: the engine's exceptions as our typed errors;
+* ``_prunable(cutoff, warn)`` / ``_leftovers(cutoff, warn)``: for ``python -m torchx_ext prune``
+  (:mod:`torchx_ext.prune`), the ended apps and the orphans; removal is ``delete``'s.
 
 The base owns the rest: run options generated from the executor dataclass; the dry-run prelude
 (unknown options rejected with the valid list, the typed executor built by
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import (
     Any,
@@ -61,6 +65,29 @@ from torchx_ext.support import COMMON, Support, check_app
 E = TypeVar("E", bound=Executor)
 T = TypeVar("T")
 ReadNew = Callable[[], list[TimedLine]]
+Warn = Callable[[str], None]
+# a workspace copy no record names yet may belong to a submission in progress (the copy is made
+# before the record): prune leaves such copies alone for this long, whatever the cutoff
+IN_FLIGHT_S = 600.0
+
+
+@dataclass
+class Prunable:
+    """An ended app that ``prune`` may remove (see :meth:`ExtScheduler.prunable`)."""
+
+    app_id: str
+    state: AppState
+    ended: float  # unix time it ended; where the engine does not say, when it was submitted
+    bytes: Optional[int] = None  # what removing it frees on this machine (or the cluster), where known
+
+
+@dataclass
+class Leftover:
+    """Something no app owns any more (a workspace copy no record names, a cluster that is gone)."""
+
+    what: str  # shown to the user
+    bytes: Optional[int]
+    remove: Callable[[], None]
 
 
 class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
@@ -176,6 +203,35 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
     def _delete(self, app_id: str) -> None:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ retention ---
+    def prunable(self, cutoff: float, warn: Warn) -> List[Prunable]:
+        """This user's apps that ended before ``cutoff`` (unix time), oldest first; never one that
+        runs or waits. A cluster that cannot be asked is one ``warn`` and its apps are left alone."""
+        with self._translated("prune"):
+            return sorted(self._prunable(cutoff, warn), key=lambda p: p.ended)
+
+    def _prunable(self, cutoff: float, warn: Warn) -> List[Prunable]:
+        raise NotImplementedError
+
+    def delete_apps(self, app_ids: Sequence[str], done: Callable[[str, Optional[Exception]], None]) -> None:
+        """Deletes each app (``delete``), calling ``done(app_id, error or None)`` after each; a
+        backend that can remove many at once for less overrides it."""
+        for app_id in app_ids:
+            try:
+                self.delete(app_id)
+            except TorchxExtError as e:
+                done(app_id, e)
+                continue
+            done(app_id, None)
+
+    def leftovers(self, cutoff: float, warn: Warn) -> List[Leftover]:
+        """What no app owns any more, unused since before ``cutoff`` (see :class:`Leftover`)."""
+        with self._translated("prune"):
+            return self._leftovers(cutoff, warn)
+
+    def _leftovers(self, cutoff: float, warn: Warn) -> List[Leftover]:
+        return []
+
     # ------------------------------------------------------------------ logs --------
     def log_iter(
         self,
@@ -259,6 +315,45 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
 
 
 # ---------------------------------------------------------------------- shared pieces -------
+def tree_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (a file or a directory; 0 if missing); links not followed."""
+    try:
+        if not os.path.isdir(path) or os.path.islink(path):
+            return os.lstat(path).st_size
+    except OSError:
+        return 0
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def dangling_copies(root: str, referenced: Iterable[str], cutoff: float) -> list[Leftover]:
+    """The directories under ``root`` that no record names (``referenced``), untouched since before
+    ``cutoff`` and older than :data:`IN_FLIGHT_S` (a submission may be copying into one)."""
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    keep = {os.path.realpath(r) for r in referenced}
+    out = []
+    for name in sorted(names):
+        path = os.path.join(root, name)
+        try:
+            mtime = os.lstat(path).st_mtime
+        except OSError:
+            continue
+        if os.path.realpath(path) in keep or mtime >= min(cutoff, time.time() - IN_FLIGHT_S):
+            continue
+        out.append(Leftover(f"workspace copy {path} (no app refers to it)", tree_bytes(path),
+                            lambda p=path: shutil.rmtree(p, ignore_errors=True)))  # type: ignore[misc]
+    return out
+
+
 def role_summaries(app: AppDef) -> list[dict[str, Any]]:
     """What describe shows of each role later, recorded at submission (JSON-able)."""
     return [

@@ -54,9 +54,18 @@ from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_bac
 from torchx_ext.groups import ENV_ATTEMPT, discovery_env, is_service
 from torchx_ext.schedulers import docker_jobs_daemon as d
 from torchx_ext.schedulers import docker_jobs_lease as leases
+from torchx_ext.schedulers import docker_jobs_retention as retention
 from torchx_ext.schedulers import docker_jobs_retries as retries
 from torchx_ext.schedulers import docker_jobs_watcher as w
-from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
+from torchx_ext.schedulers.base import (
+    ExtScheduler,
+    Leftover,
+    Prunable,
+    ReadNew,
+    Warn,
+    describe_response,
+    role_summaries,
+)
 from torchx_ext.schedulers.docker_jobs_images import build_workspace, ensure_image
 from torchx_ext.schedulers.docker_jobs_logs import AttemptsReader
 from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
@@ -460,12 +469,16 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             return
         if snap.running or snap.verdict is None:
             self._cancel(app_id)
-        w.remove_app(api, app_id, snap.network)
-        for path in (w.log_path(app_id), state.scheduler_dir(SCHEDULER, f"{app_id}.request.json")):
-            try:
-                os.remove(path)
-            except OSError:
-                pass
+        images = retention.image_ids(api, app_id)  # read before its containers go
+        w.remove_app(api, app_id, snap.network)  # containers, network, verdict, leases
+        retention.remove_workspace_images(api, images)
+        retention.remove_local_files(app_id)
+
+    def _prunable(self, cutoff: float, warn: Warn) -> list[Prunable]:
+        return retention.prunable(self._api(), d.retrying(self.app_ids), cutoff)
+
+    def _leftovers(self, cutoff: float, warn: Warn) -> list[Leftover]:
+        return retention.leftovers(self._api(), set(d.retrying(self.app_ids)), cutoff, warn)
 
     # ------------------------------------------------------------------ logs --------
     def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:

@@ -43,11 +43,16 @@ from torchx_ext.schedulers import host_procs as procs
 from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.base import (
     ExtScheduler,
+    Leftover,
+    Prunable,
     ReadNew,
+    Warn,
     copy_workspace,
+    dangling_copies,
     describe_response,
     is_current_dir,
     role_summaries,
+    tree_bytes,
 )
 from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 
@@ -342,11 +347,55 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
                 state.write_json(path, {**now, **verdict, "replicas": replicas, "ended": time.time()})
 
     def _delete(self, app_id: str) -> None:
+        """Cancels the app if it runs, then removes its directory and the workspace copies made for
+        it under the home (a ``job_dir`` the user named is the user's: it is kept)."""
         loaded = self._load(app_id)
         if loaded is None:
             return
         self._cancel(app_id)
+        for copy in self._own_copies(loaded[1]):
+            shutil.rmtree(copy, ignore_errors=True)
         shutil.rmtree(loaded[0], ignore_errors=True)
+
+    @staticmethod
+    def _own_copies(spec: Mapping[str, Any]) -> list[str]:
+        """The workspace copies of an app's spec that live under the home's workspaces directory."""
+        root = os.path.realpath(state.scheduler_dir(SCHEDULER, "workspaces"))
+        targets = [os.path.realpath(str(c.get("target", ""))) for c in spec.get("workspace_copies", [])]
+        return [t for t in targets if os.path.dirname(t) == root]
+
+    # ------------------------------------------------------------------ retention ---
+    def _prunable(self, cutoff: float, warn: Warn) -> list[Prunable]:
+        out = []
+        for app_id in self._app_ids():
+            try:
+                loaded = self._load(app_id)
+            except StateError as e:
+                warn(f"{SCHEDULER}: {e}; left alone")
+                continue
+            if loaded is None or loaded[2].get("state") not in sup.TERMINAL:
+                continue
+            app_dir, spec, st = loaded
+            ended = st.get("ended") or os.path.getmtime(os.path.join(app_dir, "state.json"))
+            if float(ended) < cutoff:
+                size = tree_bytes(app_dir) + sum(tree_bytes(c) for c in self._own_copies(spec))
+                out.append(Prunable(app_id, AppState[st["state"]], float(ended), size))
+        return out
+
+    def _leftovers(self, cutoff: float, warn: Warn) -> list[Leftover]:
+        referenced = []
+        try:
+            names = os.listdir(state.scheduler_dir(SCHEDULER))
+        except FileNotFoundError:
+            names = []
+        for name in names:  # every app directory, a half-made one too
+            try:
+                spec = state.read_json(state.scheduler_dir(SCHEDULER, name, "spec.json")) or {}
+            except StateError as e:  # what it refers to is not known: remove no copy
+                warn(f"{SCHEDULER}: {e}; no dangling workspace copy is removed")
+                return []
+            referenced += [str(c.get("target", "")) for c in spec.get("workspace_copies", [])]
+        return dangling_copies(state.scheduler_dir(SCHEDULER, "workspaces"), referenced, cutoff)
 
     # ------------------------------------------------------------------ logs --------
     def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:

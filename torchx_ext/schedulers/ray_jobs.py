@@ -30,7 +30,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
 from torchx.specs import AppDef, AppState, Role, is_terminal, macros
@@ -52,6 +52,7 @@ from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
 from torchx_ext.schedulers import ray_jobs_local as rl
 from torchx_ext.schedulers import ray_jobs_preflight
+from torchx_ext.schedulers import ray_jobs_retention as retention
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response
 from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
 from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
@@ -243,6 +244,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         manifest = ex.manifest or rl.default_manifest()
         metadata = {
             KIND: "app", "torchx_ext_app": app.name, "torchx_ext_session": self.session_name,
+            retention.SUBMITTER_KEY: rl.submitter(),  # prune removes only its caller's apps
             "torchx_ext_manifest": str(manifest), "torchx_ext_secret_names": json.dumps(names),
             **({"torchx_ext_placement_group": spec["placement_group"]} if not single else {}),
             # describe then reads num_restarts from the job's log (see ray_jobs_client.restarts_in_log)
@@ -416,7 +418,17 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         if url is None or self._describe(app_id) is None:
             return
         self._cancel(app_id)
-        rc.delete_jobs(self._client(url), [sid, sid + "--waiting", sid + rc.CANCELLED_SUFFIX])
+        rc.delete_jobs(self._client(url), retention.job_ids(sid))
+        retention.forget_app(url, sid)
+
+    def delete_apps(self, app_ids: Sequence[str], done: Callable[[str, Optional[Exception]], None]) -> None:
+        retention.delete_apps(self, app_ids, done)
+
+    def _prunable(self, cutoff: float, warn: retention.Warn) -> list[retention.Prunable]:
+        return retention.prunable(self, cutoff, warn)
+
+    def _leftovers(self, cutoff: float, warn: retention.Warn) -> list[retention.Leftover]:
+        return retention.leftovers(cutoff, warn)
 
     # ------------------------------------------------------------------ logs --------
     def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:

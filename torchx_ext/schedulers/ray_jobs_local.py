@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -245,6 +246,30 @@ def _mark_unreachable(url: str) -> None:
         return {**known, url: {**entry, "unreachable_since": now}}
 
     state.update_file(local_dir("clusters.json"), mark)
+
+
+def note_unreachable(url: str) -> None:
+    """Notes that the recorded cluster ``url`` did not answer (unless noted already)."""
+    if url in known_clusters():
+        _mark_unreachable(url)
+
+
+def forget_unreachable(url: str, before: float) -> None:
+    """Drops the cluster from clusters.json if it is still unreachable since before ``before``
+    (prune: a cluster that is gone costs every ``list`` a request timeout)."""
+
+    def drop(known: dict[str, Any]) -> Optional[dict[str, Any]]:
+        since = (known.get(url) or {}).get("unreachable_since")
+        if since is None or float(since) >= before:
+            return None  # it answered meanwhile
+        return {k: v for k, v in known.items() if k != url}
+
+    state.update_file(local_dir("clusters.json"), drop)
+
+
+def submitter() -> str:
+    """This caller as a job's ``torchx_ext_submitter`` names it: uid, machine and home."""
+    return f"uid={os.getuid()}@{socket.gethostname()}:{os.path.realpath(state.home())}"
 
 
 def in_contact(url: str) -> None:

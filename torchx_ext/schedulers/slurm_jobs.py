@@ -56,6 +56,7 @@ from torchx_ext.errors import (
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
 from torchx_ext.schedulers import slurm_jobs_client as sc
+from torchx_ext.schedulers import slurm_jobs_retention as retention
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, is_current_dir, role_summaries
 from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 from torchx_ext.schedulers.slurm_jobs_script import (
@@ -820,16 +821,15 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             raise SchedulerUnavailable(f"scancel could not reach slurmctld: {proc.stderr.strip()}")
 
     def _delete(self, app_id: str) -> None:
-        record = self._record(app_id)
         self._cancel(app_id)
-        if record is not None:
-            if record.get("login"):
-                proc = self._cluster(record).run(["rm", "-rf", "--", record["job_dir"]])
-                if proc.returncode != 0:
-                    raise BackendError(f"cannot remove {self._shown_dir(record, 'job_dir')}: {proc.stderr.strip()}")
-            else:
-                shutil.rmtree(record["job_dir"], ignore_errors=True)
-            shutil.rmtree(_record_dir(app_id), ignore_errors=True)
+        if (record := self._record(app_id)) is not None:  # its files and record (see retention)
+            retention.remove_files(self, app_id, record)
+
+    def _prunable(self, cutoff: float, warn: retention.Warn) -> list[retention.Prunable]:
+        return retention.prunable(self, cutoff, warn)
+
+    def _leftovers(self, cutoff: float, warn: retention.Warn) -> list[retention.Leftover]:
+        return retention.leftovers(cutoff, warn)
 
     # ------------------------------------------------------------------ logs --------
     def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:
