@@ -52,6 +52,14 @@ pipq "$NIGHTLY_VENV/bin/pip" install "${PIP_QUIET[@]}" torchx-nightly fsspec "ra
 pipq "$NIGHTLY_VENV/bin/pip" install "${PIP_QUIET[@]}" --no-deps --force-reinstall .
 "$NIGHTLY_VENV/bin/python" -m pytest -p no:cacheprovider tests
 
+say "docs: the site builds in strict mode (a broken link, anchor or API reference fails); its examples run in the suite (tests/test_docs.py)"
+DOCS_VENV=${DOCS_VENV:-.venv-docs}
+[ -x "$DOCS_VENV/bin/python" ] || python3 -m venv "$DOCS_VENV"
+pipq "$DOCS_VENV/bin/pip" install "${PIP_QUIET[@]}" ".[docs]"
+site=$(mktemp -d)
+NO_MKDOCS_2_WARNING=1 "$DOCS_VENV/bin/mkdocs" build --strict --site-dir "$site"
+rm -rf "$site"
+
 say "editable install (pip install -e .) registers our schedulers: torchx 0.7.0 and torchx-nightly"
 for tx in "torchx==0.7.0" torchx-nightly; do
     tmp=$(mktemp -d)
