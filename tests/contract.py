@@ -24,7 +24,7 @@ import pytest
 from torchx.runner import Runner, get_runner
 from torchx.schedulers import get_scheduler_factories
 from torchx.schedulers.api import Stream
-from torchx.specs import AppDef, AppState, Resource, Role, macros
+from torchx.specs import AppDef, AppState, Resource, Role, is_terminal, macros
 
 from torchx_ext.errors import InvalidAppError
 from torchx_ext.groups import mark_service
@@ -478,6 +478,9 @@ class SchedulerContract:
         status = wait_terminal(runner, second, backend.timeout * 2)
         assert status.state in (AppState.FAILED, AppState.CANCELLED), status
         assert first.rsplit("/", 1)[-1] in status.msg, status.msg
+        # its replica never ran: it ends with the app, it does not read PENDING forever
+        pending = [r for rs in status.roles for r in rs.replicas if not is_terminal(r.state)]
+        assert not pending, status
 
     def test_unknown_dependency_rejected(self, runner: Runner, backend: Backend) -> None:
         app = AppDef("orphan", roles=[self.role(backend, "main", "print(1)")])

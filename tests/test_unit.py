@@ -118,3 +118,19 @@ def test_unwritable_home_is_one_state_error(tmp_path: Any, monkeypatch: pytest.M
     app = AppDef("h", roles=[Role("main", image=str(tmp_path), entrypoint="true")])
     with pytest.raises(StateError, match=r"cannot write .*TORCHX_EXT_HOME"):
         get_runner().run(app, "host", {})
+
+
+def test_a_replica_that_never_started_ends_with_its_app() -> None:
+    """A dependent app FAILED by its dependency (or cancelled while waiting) never started its
+    replicas: they read as the app's final state, not PENDING forever (issue 21)."""
+    from torchx.specs import AppState
+
+    from torchx_ext.schedulers.base import describe_response
+
+    roles = [{"name": "main", "num_replicas": 2}]
+    for final in (AppState.FAILED, AppState.CANCELLED):
+        resp = describe_response("a", final, "dependency 'x' ended FAILED", roles,
+                                 lambda role, k: (AppState.PENDING if k else AppState.SUCCEEDED, ""))
+        assert [r.state for r in resp.roles_statuses[0].replicas] == [AppState.SUCCEEDED, final]
+    resp = describe_response("a", AppState.RUNNING, "", roles, lambda role, k: (AppState.PENDING, ""))
+    assert {r.state for r in resp.roles_statuses[0].replicas} == {AppState.PENDING}

@@ -363,6 +363,20 @@ def role_summaries(app: AppDef) -> list[dict[str, Any]]:
     ]
 
 
+_NOT_STARTED = (AppState.UNSUBMITTED, AppState.SUBMITTED, AppState.PENDING)
+
+
+def end_unstarted_replicas(state: AppState, statuses: Sequence[RoleStatus]) -> None:
+    """A replica of an ended app that never started (a failed dependency, a cancel while it
+    waited) will never run: it reads as the app's final state instead of PENDING forever."""
+    if not is_terminal(state):
+        return
+    for role in statuses:
+        for r in role.replicas:
+            if r.state in _NOT_STARTED:
+                r.state = state
+
+
 def describe_response(
     app_id: str, state: AppState, msg: str, summaries: Sequence[Mapping[str, Any]],
     replica: Callable[[str, int], tuple[AppState, str]], num_restarts: int = 0,
@@ -378,6 +392,7 @@ def describe_response(
             rstate, host = replica(name, k)
             replicas.append(ReplicaStatus(id=k, state=rstate, role=name, hostname=host))
         statuses.append(RoleStatus(name, replicas))
+    end_unstarted_replicas(state, statuses)
     return DescribeAppResponse(app_id=app_id, state=state, msg=msg, roles=roles, roles_statuses=statuses,
                                num_restarts=num_restarts)
 

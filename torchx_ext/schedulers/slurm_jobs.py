@@ -57,7 +57,14 @@ from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_bac
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
 from torchx_ext.schedulers import slurm_jobs_client as sc
 from torchx_ext.schedulers import slurm_jobs_retention as retention
-from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, is_current_dir, role_summaries
+from torchx_ext.schedulers.base import (
+    ExtScheduler,
+    ReadNew,
+    copy_workspace,
+    end_unstarted_replicas,
+    is_current_dir,
+    role_summaries,
+)
 from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 from torchx_ext.schedulers.slurm_jobs_script import (
     APP_ID_TOKEN,
@@ -652,6 +659,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                                                          sc.job_file_names(record.get("roles", [])))
         roles, statuses, outcomes = self._replicas(record, job, files)
         st, msg = self._app_state(job_id, record, job, err, outcomes, files)
+        end_unstarted_replicas(st, statuses)
         return DescribeAppResponse(app_id=app_id, state=st, msg=msg, roles=roles, roles_statuses=statuses,
                                    num_restarts=self._num_restarts(job, files))
 
