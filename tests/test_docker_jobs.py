@@ -284,9 +284,12 @@ def test_workspace_builds_an_image_locally(runner: Runner, tmp_path: Any) -> Non
             snap = d.fetch(api, a)
             if snap and any(r.get("image") in images for r in snap.roles):
                 s.delete(a)  # before the images it runs
+        left = set(api.images(quiet=True))
         for img in images:
-            if img.startswith("sha256:"):  # never the testbed's base image
+            # delete removed each with its app (the image it built is the app's); never the base image
+            if img.startswith("sha256:") and img in left:
                 api.remove_image(img, force=True)
+    assert not set(images) & set(api.images(quiet=True)), "delete left the workspace images behind"
 
 
 def test_mounts_bind_volume_tmpfs(runner: Runner, tmp_path: Any) -> None:

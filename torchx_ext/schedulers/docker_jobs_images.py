@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from torchx.workspace.api import walk_workspace
 
 from torchx_ext.errors import BackendError, InvalidAppError
+from torchx_ext.progress import Progress
 from torchx_ext.schedulers import docker_jobs_daemon as w
 
 TORCHX_DOCKERFILE = "Dockerfile.torchx"
@@ -76,17 +77,22 @@ def build_workspace(api: Any, image: str, workspace: str) -> str:
     context = build_context(workspace)
     image_id, log = None, []
     try:
-        for event in api.build(
-            fileobj=context, custom_context=True, dockerfile=TORCHX_DOCKERFILE,
-            buildargs={"IMAGE": image, "WORKSPACE": workspace}, pull=False, rm=True,
-            forcerm=True, decode=True, labels={w.L_SCHEDULER: w.SCHEDULER, w.P + "workspace": workspace},
-        ):
-            log.append(str(event.get("stream") or "").rstrip())
-            if "error" in event:
-                tail = "\n".join(x for x in log[-15:] if x)
-                raise BackendError(f"building workspace '{workspace}' on '{image}' failed: {event['error']}\n{tail}")
-            if event.get("aux", {}).get("ID"):
-                image_id = event["aux"]["ID"]
+        with Progress(f"building the workspace {workspace} into an image") as progress:
+            for event in api.build(
+                fileobj=context, custom_context=True, dockerfile=TORCHX_DOCKERFILE,
+                buildargs={"IMAGE": image, "WORKSPACE": workspace}, pull=False, rm=True,
+                forcerm=True, decode=True, labels={w.L_SCHEDULER: w.SCHEDULER, w.P + "workspace": workspace},
+            ):
+                line = str(event.get("stream") or "").rstrip()
+                log.append(line)
+                if line.startswith("Step "):  # "Step 2/3 : COPY . ." is the build's own progress
+                    progress.update(line)
+                if "error" in event:
+                    tail = "\n".join(x for x in log[-15:] if x)
+                    raise BackendError(
+                        f"building workspace '{workspace}' on '{image}' failed: {event['error']}\n{tail}")
+                if event.get("aux", {}).get("ID"):
+                    image_id = event["aux"]["ID"]
     finally:
         context.close()
     if not image_id:

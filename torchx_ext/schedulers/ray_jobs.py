@@ -48,6 +48,7 @@ from torchx_ext.errors import (
 )
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service
+from torchx_ext.progress import Progress
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
 from torchx_ext.schedulers import ray_jobs_local as rl
@@ -288,14 +289,18 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         copy = None
         if runtime_env.get("working_dir"):
             copy = runtime_env["working_dir"] = self._workspace_copy(runtime_env["working_dir"])
+        # Ray uploads the working_dir inside submit_job and reports nothing meanwhile: the line's
+        # clock shows that it is at work (only with a workspace, and only on a terminal)
         try:
-            runtime_env["py_modules"] = rc.package_uris(client, runtime_env["py_modules"])
-            if req.dependencies:
-                self._brokers.submit_waiting(client, req.dashboard_url, req.submission_id, req.entrypoint,
-                                             runtime_env, req.metadata, req.dependencies, submit_kwargs)
-            else:
-                client.submit_job(entrypoint=req.entrypoint, submission_id=req.submission_id,
-                                  runtime_env=runtime_env, metadata=req.metadata, **submit_kwargs)
+            with Progress(f"uploading the workspace to {req.dashboard_url}", quiet=not copy).ticking(
+                    "packing and uploading"):
+                runtime_env["py_modules"] = rc.package_uris(client, runtime_env["py_modules"])
+                if req.dependencies:
+                    self._brokers.submit_waiting(client, req.dashboard_url, req.submission_id, req.entrypoint,
+                                                 runtime_env, req.metadata, req.dependencies, submit_kwargs)
+                else:
+                    client.submit_job(entrypoint=req.entrypoint, submission_id=req.submission_id,
+                                      runtime_env=runtime_env, metadata=req.metadata, **submit_kwargs)
         except Exception as e:
             if rc.is_unreachable(e):
                 raise SchedulerUnavailable(rc.unreachable_message(req.dashboard_url, e)) from None

@@ -24,11 +24,13 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from types import TracebackType
 from typing import IO, Any, List, Optional, Sequence, Tuple, Type
 
 from torchx_ext.errors import BackendError, InvalidOptionError, SchedulerUnavailable, StateError
+from torchx_ext.progress import Progress
 from torchx_ext.state import home, makedirs
 
 logger = logging.getLogger(__name__)
@@ -439,9 +441,12 @@ class SshLogin:
             argv = ["rsync", "-tpL", "-s", "--chmod=go=", "--from0", "--stats", "--no-human-readable", *selection,
                     "-e", ssh, f"--rsync-path={rsync_path}", "--", os.path.join(local_dir, ""),
                     f"{self._rsync_host()}:."]
+            progress = Progress(f"shipping the workspace {local_dir} to {self.name}")
+            if progress.enabled:
+                argv.insert(1, "--info=progress2")  # rsync's own totals, shown as they come
             try:
-                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                      encoding="utf-8", errors="replace", timeout=timeout)
+                with progress:
+                    proc = _run_reporting(argv, timeout, progress)
             except subprocess.TimeoutExpired as e:
                 raise SchedulerUnavailable(f"copying {local_dir} to {self.name} took longer than {timeout:g} s") from e
         if proc.returncode == 0:
@@ -529,6 +534,44 @@ class SshLogin:
     def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
                  tb: Optional[TracebackType]) -> None:
         self.close()
+
+
+_PROGRESS2 = re.compile(r"^\s*([\d,]+)\s+(\d+%)\s+(\S+/s)")  # rsync --info=progress2
+
+
+def _run_reporting(argv: List[str], timeout: float, progress: Progress) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(argv, capture_output=True)``, showing rsync's progress2 lines (which end
+    in ``\r``) on ``progress`` as they come; without a terminal it is exactly that run."""
+    if not progress.enabled:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              encoding="utf-8", errors="replace", timeout=timeout)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err: list[bytes] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read() if proc.stderr else b""), daemon=True)
+    reader.start()
+    killer = threading.Timer(timeout, proc.kill)  # a hang with no output at all ends too
+    killer.start()
+    out = b""
+    assert proc.stdout is not None
+    try:
+        while True:
+            chunk = proc.stdout.read1(65536)  # type: ignore[attr-defined]
+            if not chunk:
+                break
+            out += chunk
+            last = re.split(rb"[\r\n]", out[-400:].rstrip(b"\r\n"))[-1].decode(errors="replace")
+            m = _PROGRESS2.match(last)
+            if m:
+                progress.update(f"{m.group(1)} bytes, {m.group(2)}, {m.group(3)}")
+        proc.wait()
+    finally:
+        fired = not killer.is_alive() and proc.returncode is not None and proc.returncode < 0
+        killer.cancel()
+    if fired:
+        raise subprocess.TimeoutExpired(argv, timeout)
+    reader.join(timeout=5)
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode("utf-8", errors="replace"),
+                                       b"".join(err).decode("utf-8", errors="replace"))
 
 
 def _private_dir(path: str) -> str:
