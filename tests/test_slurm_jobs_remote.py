@@ -612,3 +612,34 @@ def test_env_values_are_private_from_creation_here_and_on_the_login_node(remote_
     finally:
         shutil.rmtree(home, ignore_errors=True)
         _ssh(remote_cfg, "rm", "-rf", "--", top)
+
+
+def test_list_warns_for_a_cluster_it_cannot_ask_and_lists_the_others(
+        runner: Runner, remote_cfg: dict[str, str], fresh_home: str, tmp_path: object,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A cluster that cannot be asked (here: its login node behind a cut link) is one warning;
+    the apps of every other cluster are still listed (issue 24)."""
+    proxy = _Proxy(int(_sshd("PORT")))
+    known_hosts = os.path.join(str(tmp_path), "known_hosts")
+    with open(os.path.join(os.path.dirname(_sshd("CONFIG")), "known_hosts")) as f:
+        key = f.readline().split(" ", 1)[1]
+    with open(known_hosts, "w") as f:
+        f.write(f"[127.0.0.1]:{proxy.port} {key}")
+    config = os.path.join(str(tmp_path), "ssh_config")
+    with open(config, "w") as f:
+        f.write(f"Host txe-gone\n  HostName 127.0.0.1\n  Port {proxy.port}\n  User {_sshd('USER')}\n"
+                f"  IdentityFile {_sshd('KEY')}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known_hosts}\n"
+                "  StrictHostKeyChecking yes\n  ConnectTimeout 3\n")
+    sleep = "import time; time.sleep(60)"
+    gone = runner.run(_app("gone", sleep), SCHEDULER, {"partition": remote_cfg["partition"], "login": "txe-gone",
+                                                        "ssh_config": config})
+    here = runner.run(_app("here", sleep), SCHEDULER, remote_cfg)
+    try:
+        proxy.cut()
+        with get_runner() as fresh:  # no master connection of the submissions is reused
+            listed = {a.app_handle for a in fresh.list(SCHEDULER)}
+        assert here in listed and gone not in listed, listed
+        warnings = [r.getMessage() for r in caplog.records if "could not be asked" in r.getMessage()]
+        assert len(warnings) == 1 and "txe-gone" in warnings[0], warnings
+    finally:
+        subprocess.run([SCANCEL, _job_id(gone), _job_id(here)], check=False)

@@ -52,6 +52,7 @@ from torchx_ext.errors import (
     InvalidOptionError,
     SchedulerUnavailable,
     StateError,
+    TorchxExtError,
 )
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
@@ -779,24 +780,44 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         return clusters
 
     def _list(self, cfg: Any) -> list[ListAppResponse]:
+        """Apps of every cluster this home knows (here, and each login node), one squeue each. A
+        cluster that cannot be asked is one warning, and the others are still listed; only when no
+        cluster could be asked is it an error."""
         remote = self._remote_records()
         out: list[ListAppResponse] = []
+        failed: list[TorchxExtError] = []
+        asked = 0
         if not remote or shutil.which("squeue"):  # a laptop without Slurm lists its clusters only
+            asked += 1
             try:
-                ours = {d for d in os.listdir(state.scheduler_dir(SCHEDULER)) if _JOB_ID.match(d)}
-            except FileNotFoundError:
-                ours = set()
-            out = [self.listed(j["job_id"], app_state_of(j["state"], j["reason"]),
-                               (self._record(j["job_id"]) or {}).get("app_name", ""))
-                   for j in self._slurm.squeue_jobs()
-                   if j["leader"] and (j["comment"] == MARKER or j["job_id"] in ours)]
+                out = self._list_local()
+            except TorchxExtError as e:
+                failed.append(e)
+                logger.warning("the Slurm cluster of this machine could not be asked: %s; its apps are not listed", e)
         for (login, identity_file, ssh_config), apps in sorted(remote.items()):
-            # one squeue --json round trip per cluster
-            for j in self._remote(login, identity_file or None, ssh_config or None).squeue_jobs():
-                if j["leader"] and j["job_id"] in apps:
-                    out.append(self.listed(f"{login}:{j['job_id']}", app_state_of(j["state"], j["reason"]),
-                                           apps[j["job_id"]]))
+            asked += 1
+            try:
+                # one squeue --json round trip per cluster
+                jobs = self._remote(login, identity_file or None, ssh_config or None).squeue_jobs()
+            except TorchxExtError as e:
+                failed.append(e)
+                logger.warning("the Slurm cluster at %s could not be asked: %s; its apps are not listed", login, e)
+                continue
+            out += [self.listed(f"{login}:{j['job_id']}", app_state_of(j["state"], j["reason"]), apps[j["job_id"]])
+                    for j in jobs if j["leader"] and j["job_id"] in apps]
+        if failed and len(failed) == asked:
+            raise failed[0]
         return out
+
+    def _list_local(self) -> list[ListAppResponse]:
+        try:
+            ours = {d for d in os.listdir(state.scheduler_dir(SCHEDULER)) if _JOB_ID.match(d)}
+        except FileNotFoundError:
+            ours = set()
+        return [self.listed(j["job_id"], app_state_of(j["state"], j["reason"]),
+                            (self._record(j["job_id"]) or {}).get("app_name", ""))
+                for j in self._slurm.squeue_jobs()
+                if j["leader"] and (j["comment"] == MARKER or j["job_id"] in ours)]
 
     def _cancel(self, app_id: str) -> None:
         where = split_app_id(app_id)
