@@ -36,6 +36,7 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext import support as matrices
+from torchx_ext.engine.rules import TERMINAL, retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, is_service
@@ -54,7 +55,6 @@ from torchx_ext.schedulers.base import (
     role_summaries,
     tree_bytes,
 )
-from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 
 SCHEDULER = "host"
 LOOPBACK = "127.0.0.1"
@@ -254,16 +254,16 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         spec = state.read_json(os.path.join(app_dir, "spec.json"))
         if st is None or spec is None:
             return None
-        if st.get("state") not in sup.TERMINAL and not procs.running(procs.supervisor_of(st)):
+        if st.get("state") not in TERMINAL and not procs.running(procs.supervisor_of(st)):
             # re-read: the supervisor may have written its verdict just before exiting
             st = state.read_json(os.path.join(app_dir, "state.json")) or st
-            if st.get("state") not in sup.TERMINAL:
+            if st.get("state") not in TERMINAL:
                 # it would have recorded any verdict: without one, what became of the replicas is
                 # not known, and the app cannot go on (nothing restarts or reports them). FAILED,
                 # unless some of them provably still run: then UNKNOWN, because TorchX's
                 # Runner.cancel skips an app in a terminal state and they could never be stopped
                 orphans = sup.orphans(app_dir, spec, st)
-                replicas = {k: dict(rs, state="UNKNOWN") if rs.get("state") not in sup.TERMINAL else rs
+                replicas = {k: dict(rs, state="UNKNOWN") if rs.get("state") not in TERMINAL else rs
                             for k, rs in st.get("replicas", {}).items()}
                 st = dict(st, state="UNKNOWN" if orphans else "FAILED", replicas=replicas,
                           msg=sup.gone_message(st, app_dir, orphans))
@@ -313,13 +313,13 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         app_dir, spec, _ = loaded
         path = os.path.join(app_dir, "state.json")
         st = state.read_json(path) or {}
-        if st.get("state") in sup.TERMINAL:
+        if st.get("state") in TERMINAL:
             return
         supervisor = procs.supervisor_of(st)
         was_gone = not procs.running(supervisor)
         if was_gone:
             st = state.read_json(path) or st  # it may have recorded a verdict just before exiting
-            if st.get("state") in sup.TERMINAL:
+            if st.get("state") in TERMINAL:
                 return
         else:
             procs.signal_process(supervisor, signal.SIGTERM)
@@ -330,12 +330,12 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
                 while procs.running(supervisor):  # stuck: it must not outlive the cancel
                     time.sleep(0.02)
             st = state.read_json(path) or st
-            if st.get("state") in sup.TERMINAL:
+            if st.get("state") in TERMINAL:
                 return  # it recorded its verdict
             # killed before it could handle the signal (cancel right after run), or stuck
         # the supervisor is gone: stop what its record says is still the app's, nothing else
         sup.stop_recorded(app_dir, spec, st)
-        replicas = {k: dict(rs, state="CANCELLED") if rs.get("state") not in sup.TERMINAL else rs
+        replicas = {k: dict(rs, state="CANCELLED") if rs.get("state") not in TERMINAL else rs
                     for k, rs in st.get("replicas", {}).items()}
         if was_gone:
             verdict = {"state": "FAILED", "msg": sup.gone_message(st, app_dir, 0) + "; a cancel stopped what was left"}
@@ -343,7 +343,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
             verdict = {"state": "CANCELLED", "msg": "cancelled by user"}
         with state.locked(app_dir):  # a verdict recorded meanwhile is final: keep it
             now = state.read_json(path) or st
-            if now.get("state") not in sup.TERMINAL:
+            if now.get("state") not in TERMINAL:
                 state.write_json(path, {**now, **verdict, "replicas": replicas, "ended": time.time()})
 
     def _delete(self, app_id: str) -> None:
@@ -373,7 +373,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
             except StateError as e:
                 warn(f"{SCHEDULER}: {e}; left alone")
                 continue
-            if loaded is None or loaded[2].get("state") not in sup.TERMINAL:
+            if loaded is None or loaded[2].get("state") not in TERMINAL:
                 continue
             app_dir, spec, st = loaded
             ended = st.get("ended") or os.path.getmtime(os.path.join(app_dir, "state.json"))
@@ -412,7 +412,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
 
         def done() -> bool:
             loaded = self._load(app_id)
-            return loaded is None or loaded[2].get("state") in (*sup.TERMINAL, "UNKNOWN")
+            return loaded is None or loaded[2].get("state") in (*TERMINAL, "UNKNOWN")
 
         return reader.read_new, done
 

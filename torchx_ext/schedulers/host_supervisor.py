@@ -3,7 +3,7 @@
 ``python -m torchx_ext.schedulers.host_supervisor APP_DIR`` runs in its own session, outliving the
 ``torchx run`` that started it. It waits for the app's dependencies, starts every replica (all or
 nothing), pumps their output into timestamped log files, applies the group rules of
-:mod:`torchx_ext.groups`, and records everything in ``APP_DIR/state.json``.
+the engine (:mod:`torchx_ext.engine`), and records everything in ``APP_DIR/state.json``.
 
 Layout of APP_DIR (under ``$TORCHX_EXT_HOME/host/``):
   spec.json      the request (written once by ``schedule``; never holds secrets from os.environ)
@@ -28,10 +28,10 @@ import time
 import traceback
 from typing import IO, Any, Mapping, Optional, cast
 
-from torchx.specs import AppState, is_terminal
-
-from torchx_ext import groups
+from torchx_ext import engine
+from torchx_ext.engine.rules import CANCELLED_BEFORE_START, CANCELLED_WAITING, TERMINAL
 from torchx_ext.errors import StateError
+from torchx_ext.groups import ENV_ATTEMPT
 from torchx_ext.schedulers.host_procs import (
     TOKEN_ENV,
     Identity,
@@ -45,10 +45,8 @@ from torchx_ext.schedulers.host_procs import (
     signal_group,
     supervisor_of,
 )
-from torchx_ext.schedulers.ray_jobs_cluster import rules as retry_rules  # one copy for every backend
 from torchx_ext.state import locked, makedirs, read_json, update_json, write_json
 
-TERMINAL = tuple(s.name for s in AppState if is_terminal(s))
 STOP_GRACE_S = 3.0
 POLL_S = 0.2
 
@@ -127,9 +125,6 @@ class _Replica:
                       for name in ("stdout", "stderr", "combined")}
         self.partial = {"stdout": b"", "stderr": b""}
         self.pipes: set[int] = set()  # fds of this attempt's stdout/stderr still open
-        # restarts (Role.max_retries under Role.retry_policy)
-        self.max_retries = int(spec.get("max_retries", 0))
-        self.policy = str(spec.get("retry_policy", "APPLICATION"))
 
     def write(self, stream: str, data: bytes, final: bool = False) -> None:
         buf = self.partial[stream] + data
@@ -148,6 +143,9 @@ class _Replica:
 
 
 class Supervisor:
+    """The host launcher of the group engine (:mod:`torchx_ext.engine`): it performs the engine's
+    actions on processes and reports what the processes did; the engine decides everything else."""
+
     def __init__(self, app_dir: str) -> None:
         self.app_dir = app_dir
         spec = read_json(os.path.join(app_dir, "spec.json"))
@@ -163,18 +161,13 @@ class Supervisor:
             for r in self.replicas
         }
         self.by_key = {(r.spec["role"], r.spec["replica_id"]): r for r in self.replicas}
-        self.used: dict[str, int] = {}  # restarts used, per retry unit (retry_rules.retry_unit)
-        self.num_restarts = 0
-        self.due: dict[str, float] = {}  # replica key -> when its next attempt starts
+        self.engine = engine.Engine(engine.GroupSpec.from_dicts(spec["replicas"],
+                                                                float(spec.get("retry_backoff_s", 0.0))))
         self.boot = boot_id()
 
     # -- state ------------------------------------------------------------------------
     def _save(self, **changes: Any) -> None:
-        update_state(self.app_dir, replicas=self.replica_state, num_restarts=self.num_restarts, **changes)
-
-    def _finish(self, state: str, msg: str) -> None:
-        self._stop_all()
-        self._save(state=state, msg=msg, ended=time.time())
+        update_state(self.app_dir, replicas=self.replica_state, num_restarts=self.engine.num_restarts, **changes)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.cancelled = True
@@ -185,54 +178,105 @@ class Supervisor:
         if not deps:
             return True
         self._save(state="PENDING", msg=f"waiting for dependencies: {', '.join(deps)}")
-        root = os.path.dirname(self.app_dir)
         while True:
             if self.cancelled:
-                self._finish("CANCELLED", "cancelled while waiting for dependencies")
+                self._report(engine.Cancel(CANCELLED_WAITING))
                 return False
             pending = []
             for dep in deps:
-                try:
-                    dep_state = read_json(os.path.join(root, dep, "state.json"))
-                except StateError as e:  # damaged: its outcome can never be read
-                    self._finish("FAILED", f"dependency '{dep}' cannot be read: {e}")
+                why = self._dependency_failure(dep)
+                if why:
+                    self._report(engine.Fail(why))
                     return False
-                if dep_state is None:
-                    self._finish("FAILED", f"dependency '{dep}' no longer exists")
-                    return False
-                s = dep_state.get("state")
-                if s in ("FAILED", "CANCELLED"):
-                    why = dep_state.get("msg") or ""
-                    self._finish(
-                        "FAILED", f"dependency '{dep}' ended {s}" + (f" ({why})" if why else "")
-                    )
-                    return False
-                if s == "UNKNOWN" or (s not in TERMINAL and not running(supervisor_of(dep_state))):
-                    self._finish("FAILED", f"dependency '{dep}' lost its supervisor; its outcome is unknown")
-                    return False
-                if s != "SUCCEEDED":
+                if why is not None:
                     pending.append(dep)
             if not pending:
                 return True
             time.sleep(POLL_S)
 
+    def _dependency_failure(self, dep: str) -> Optional[str]:
+        """Why ``dep`` fails this app; "" while it has yet to succeed; None once it has."""
+        try:
+            dep_state = read_json(os.path.join(os.path.dirname(self.app_dir), dep, "state.json"))
+        except StateError as e:  # damaged: its outcome can never be read
+            return f"dependency '{dep}' cannot be read: {e}"
+        if dep_state is None:
+            return f"dependency '{dep}' no longer exists"
+        s = dep_state.get("state")
+        if s in ("FAILED", "CANCELLED"):
+            why = dep_state.get("msg") or ""
+            return f"dependency '{dep}' ended {s}" + (f" ({why})" if why else "")
+        if s == "UNKNOWN" or (s not in TERMINAL and not running(supervisor_of(dep_state))):
+            return f"dependency '{dep}' lost its supervisor; its outcome is unknown"
+        return None if s == "SUCCEEDED" else ""
+
+    # -- the engine's actions -----------------------------------------------------------
+    def _report(self, event: engine.Event) -> None:
+        """Tells the engine ``event`` and performs what it answers, in order (each action's own
+        events are reported as they happen, depth first)."""
+        for action in self.engine.on(event, time.time()):
+            self._perform(action)
+
+    def _perform(self, action: engine.Action) -> None:
+        if isinstance(action, engine.Start):
+            if self.engine.verdict is not None:
+                return  # decided while this batch was performed (all or nothing): start no more
+            r = self.by_key[action.key]
+            error = self._start(r, action.attempt)
+            self._sync(r)
+            self._report(engine.StartFailed(action.key, error, action.attempt) if error is not None
+                         else engine.Started(action.key, action.attempt))
+            self._sync(r)
+            if error is None and self.engine.verdict is None and action.attempt > 1:
+                self._save()  # a restarted attempt runs: say so now, not at the next exit
+        elif isinstance(action, engine.Stop):
+            scope = [self.by_key[k] for k in action.keys]
+            if action.final:
+                self._stop_all()
+            else:
+                self._stop([x for x in scope if x.proc is not None and x.proc.poll() is None])
+                for x in scope:
+                    self._close_attempt(x)
+            for x in scope:
+                self._sync(x)
+        elif isinstance(action, engine.Mark):
+            self._sync(self.by_key[action.key])
+            self.by_key[action.key].write("stderr", (action.line + "\n").encode())
+        elif isinstance(action, engine.Verdict):
+            for r in self.replicas:
+                self._sync(r)
+            self._save(state=action.state, msg=action.msg, ended=time.time())
+        # Restart: the engine's count is saved with every state (num_restarts); Wait: the main
+        # loop's select never sleeps past engine.next_due
+
+    def _sync(self, r: _Replica) -> None:
+        """Copies the engine's view of ``r`` into its record (pid, times and an exit code of a
+        stopped attempt stay the launcher's)."""
+        v = self.engine.replicas[(r.spec["role"], r.spec["replica_id"])]
+        rs = self.replica_state[r.key]
+        if v.state in TERMINAL and rs["state"] not in TERMINAL:
+            rs["ended"] = time.time()
+        rs.update(state=v.state, attempt=v.attempt, reason=v.reason)
+        if v.exit_code is not None or v.state != "CANCELLED":
+            rs["exit_code"] = v.exit_code
+
     # -- replicas ---------------------------------------------------------------------
-    def _start(self, r: _Replica) -> Optional[str]:
-        """Starts one attempt of ``r``; None, or why it could not start."""
+    def _start(self, r: _Replica, attempt: int) -> Optional[str]:
+        """Starts attempt ``attempt`` of ``r``; None, or why it could not start."""
         env = dict(os.environ)
         env.update(r.spec["env"])
         if "PATH" in r.spec["env"] and os.environ.get("PATH"):
             # like local_cwd: a role's PATH is prepended, not a replacement
             env["PATH"] = r.spec["env"]["PATH"] + os.pathsep + os.environ["PATH"]
         env[TOKEN_ENV] = r.token
-        env[groups.ENV_ATTEMPT] = str(self.replica_state[r.key].get("attempt", 1))
+        env[ENV_ATTEMPT] = str(attempt)
         try:
             r.proc = subprocess.Popen(
                 r.spec["cmd"], env=env, cwd=r.spec["cwd"], stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
             )
         except OSError as e:
-            self.replica_state[r.key].update(state="FAILED", reason=f"failed to start: {e}", ended=time.time())
+            self.replica_state[r.key].update(ended=time.time())
             return str(e)
         assert r.proc.stdout is not None and r.proc.stderr is not None
         for pipe, stream in ((r.proc.stdout, "stdout"), (r.proc.stderr, "stderr")):
@@ -240,19 +284,9 @@ class Supervisor:
             r.pipes.add(pipe.fileno())
         # our child, not reaped yet: the pid cannot have changed hands before this read
         ident = identity(r.proc.pid)
-        self.replica_state[r.key].update(state="RUNNING", pid=r.proc.pid, pgid=r.proc.pid,
+        self.replica_state[r.key].update(pid=r.proc.pid, pgid=r.proc.pid,
                                          start=ident["start"] if ident else None, started=time.time())
         return None
-
-    def _start_all(self) -> bool:
-        for r in self.replicas:
-            error = self._start(r)
-            if error is not None:
-                self._finish("FAILED", f"role '{r.spec['role']}' replica {r.spec['replica_id']} failed to start: "
-                             f"{error}; the group was stopped (all or nothing)")
-                return False
-        self._save(state="RUNNING", msg="", started=time.time())
-        return True
 
     def _pump(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout):
@@ -270,49 +304,26 @@ class Supervisor:
                 r.write(stream, b"", final=True)
                 r.pipes.discard(key.fd)
                 self.sel.unregister(key.fileobj)
-                cast(IO[bytes], key.fileobj).close()  # a replica's stdout/stderr (_start_all)
+                cast(IO[bytes], key.fileobj).close()  # a replica's stdout/stderr (_start)
 
     def _poll_exits(self) -> bool:
+        """Reports every running replica that ended (an exit code, or the signal that killed it);
+        True if one did."""
         changed = False
         for r in self.replicas:
-            rs = self.replica_state[r.key]
-            if r.proc is None or rs["state"] != "RUNNING":
+            if r.proc is None or self.replica_state[r.key]["state"] != "RUNNING":
                 continue
             code = r.proc.poll()
             if code is None:
                 continue
             changed = True
-            rs.update(state="SUCCEEDED" if code == 0 else "FAILED", exit_code=code, ended=time.time())
-            if retry_rules.wants_restart(r.spec["service"], code):
-                self._maybe_restart(r, code)
+            self.replica_state[r.key]["ended"] = time.time()
+            key = (r.spec["role"], r.spec["replica_id"])
+            self._report(engine.Killed(key, -code) if code < 0 else engine.Exited(key, code))
+            self._sync(r)
+            if self.engine.verdict is not None:
+                break
         return changed
-
-    def _maybe_restart(self, r: _Replica, code: int) -> None:
-        """Schedules the restart ``r``'s retry policy asks for, if its budget has one left;
-        otherwise records in the replica's reason how many attempts it had."""
-        unit = retry_rules.retry_unit(r.policy, r.spec["role"], r.spec["replica_id"])
-        used = self.used.get(unit, 0)
-        rs = self.replica_state[r.key]
-        if used >= r.max_retries:
-            if r.max_retries:
-                rs["reason"] = f"after {used + 1} attempts ({r.policy} policy, max_retries={r.max_retries})"
-            return
-        self.used[unit] = used + 1
-        self.num_restarts += 1
-        scope = [self.by_key[k] for k in retry_rules.restart_scope(r.policy, r.spec["role"], r.spec["replica_id"],
-                                                              list(self.by_key))]
-        self._stop([x for x in scope if x.proc is not None and x.proc.poll() is None])
-        for x in scope:
-            self._close_attempt(x)
-        when = time.time() + retry_rules.backoff_s(float(self.spec.get("retry_backoff_s", 0.0)), used + 1)
-        why = f"role '{r.spec['role']}' replica {r.spec['replica_id']} ended with {retry_rules.exit_description(code)}"
-        for x in scope:
-            xs = self.replica_state[x.key]
-            xs.update(state="PENDING", attempt=xs.get("attempt", 1) + 1, exit_code=None, reason="")
-            self.due[x.key] = when
-            x.write("stderr", (f"[torchx-ext] attempt {xs['attempt']} of role '{x.spec['role']}' replica "
-                               f"{x.spec['replica_id']} begins: {why}; {r.policy} policy, restart "
-                               f"{used + 1} of {r.max_retries}\n").encode())
 
     def _close_attempt(self, r: _Replica) -> None:
         """Reads what the ended attempt left in its pipes and kills what it left behind, so the
@@ -330,24 +341,9 @@ class Supervisor:
         for stream in ("stdout", "stderr"):
             r.write(stream, b"", final=True)
 
-    def _start_due(self) -> bool:
-        """Starts the attempts whose backoff is over; False if one could not start (the app
-        then FAILED)."""
-        now = time.time()
-        for key in [k for k, t in self.due.items() if t <= now]:
-            del self.due[key]
-            r = next(x for x in self.replicas if x.key == key)
-            error = self._start(r)
-            if error is not None:
-                self._finish("FAILED", f"role '{r.spec['role']}' replica {r.spec['replica_id']} failed to "
-                             f"restart: {error}")
-                return False
-            self._save()
-        return True
-
     def _stop(self, running: list[_Replica]) -> None:
-        """SIGTERM these replicas' process groups, SIGKILL after a grace period, and record
-        the ones still RUNNING as CANCELLED."""
+        """SIGTERM these replicas' process groups, SIGKILL after a grace period, and record the
+        exit codes they ended with."""
         for r in running:
             self._signal_group(r, signal.SIGTERM)
         deadline = time.time() + STOP_GRACE_S
@@ -356,15 +352,13 @@ class Supervisor:
         for r in running:
             self._signal_group(r, signal.SIGKILL)
             r.proc.wait()  # type: ignore[union-attr]
-            rs = self.replica_state[r.key]
-            if rs["state"] == "RUNNING":
-                rs.update(state="CANCELLED", exit_code=r.proc.returncode, ended=time.time())  # type: ignore[union-attr]
+            self.replica_state[r.key].update(exit_code=r.proc.returncode, ended=time.time())  # type: ignore[union-attr]
 
     def _signal_group(self, r: _Replica, sig: int) -> None:
         signal_group(replica_of({"boot_id": self.boot}, self.replica_state[r.key]), sig, r.token)
 
     def _stop_all(self) -> None:
-        """Stops every running replica; a replica waiting for its restart is CANCELLED."""
+        """Stops every running replica, and whatever any replica left behind."""
         self._stop([r for r in self.replicas if r.proc is not None and r.proc.poll() is None])
         for r in self.replicas:
             if r.proc is not None:
@@ -372,9 +366,6 @@ class Supervisor:
                 # is still provably this replica's (signal_group), never by its bare number
                 self._signal_group(r, signal.SIGKILL)
         kill_marked({r.token for r in self.replicas})  # what left the groups (see TOKEN_ENV)
-        for key in self.due:
-            self.replica_state[key].update(state="CANCELLED", ended=time.time())
-        self.due.clear()
         # drain what is left in the pipes, bounded: a daemonised grandchild could hold them open
         deadline = time.time() + 1.0
         while any(k.data is not None for k in self.sel.get_map().values()) and time.time() < deadline:
@@ -382,15 +373,6 @@ class Supervisor:
         for r in self.replicas:
             for stream in ("stdout", "stderr"):
                 r.write(stream, b"", final=True)
-
-    def _group_state(self) -> tuple[str, str]:
-        outcomes = [
-            groups.ReplicaOutcome(rs["role"], rs["replica_id"], rs["service"], AppState[rs["state"]],
-                           rs.get("exit_code"), rs.get("reason", ""))
-            for rs in self.replica_state.values()
-        ]
-        state, msg = groups.group_state(outcomes)
-        return state.name, msg
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -402,26 +384,24 @@ class Supervisor:
         if not self._wait_for_dependencies():
             return
         if self.cancelled:
-            self._finish("CANCELLED", "cancelled before start")
+            self._report(engine.Cancel(CANCELLED_BEFORE_START))
             return
-        if not self._start_all():
+        self._report(engine.Begin())
+        if self.engine.verdict is not None:
             return
+        self._save(state="RUNNING", msg="", started=time.time())
         self._wake_on_child_exit()
-        while True:
+        while self.engine.verdict is None:
             # until the next due restart at most: a restart without backoff starts at once
-            self._pump(max(0.0, min([POLL_S, *(t - time.time() for t in self.due.values())])))
+            due = self.engine.next_due
+            self._pump(max(0.0, min(POLL_S, due - time.time())) if due is not None else POLL_S)
             if self.cancelled:
-                self._finish("CANCELLED", "cancelled by user")
+                self._report(engine.Cancel())
                 return
-            if self._poll_exits():
-                state, msg = self._group_state()
-                if state in TERMINAL:
-                    # non-service roles are done (or one failed): stop the rest, keep the verdict
-                    self._finish(state, msg)
-                    return
+            if self._poll_exits() and self.engine.verdict is None:
                 self._save()
-            if self.due and not self._start_due():
-                return
+            if self.engine.next_due is not None:
+                self._report(engine.Tick())
 
     def _wake_on_child_exit(self) -> None:
         """Makes a replica's exit wake the select at once (SIGCHLD through a wakeup pipe), so the

@@ -1,0 +1,492 @@
+"""The group engine alone (torchx_ext.engine): exact messages, every small group exhaustively, and
+property tests over random event sequences (stdlib random, fixed seeds)."""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pytest
+
+from torchx_ext import engine as E
+from torchx_ext.engine import rules
+from torchx_ext.schedulers.ray_jobs_cluster import rules as ray_rules
+
+Key = Tuple[str, int]
+ENGINE_DIR = os.path.join(os.path.dirname(__file__), "..", "torchx_ext", "engine")
+
+
+def group(*roles: Tuple[str, int, bool, int, str], backoff: float = 0.0) -> E.GroupSpec:
+    """``(name, replicas, service, max_retries, policy)`` per role."""
+    return E.GroupSpec(tuple(E.ReplicaSpec(n, k, svc, mr, pol) for n, count, svc, mr, pol in roles
+                             for k in range(count)), backoff)
+
+
+class Launcher:
+    """Performs the engine's actions on pretend replicas and checks the protocol as it goes."""
+
+    def __init__(self, spec: E.GroupSpec, fail_starts: Sequence[Tuple[Key, int]] = ()) -> None:
+        self.engine = E.Engine(spec)
+        self.spec = spec
+        self.now = 0.0
+        self.running: Dict[Key, int] = {}  # key -> attempt running
+        self.attempts: Dict[Key, List[int]] = {}
+        self.fail_starts = set(fail_starts)
+        self.verdicts: List[E.Verdict] = []
+        self.restarts: List[E.Restart] = []
+        self.marks: List[E.Mark] = []
+        self.charged: Dict[str, List[int]] = {}  # unit -> max_retries of each replica that charged it
+        self.last_ended: Optional[Key] = None
+        self.twins = False  # check every decision against an engine restored from a snapshot
+
+    def report(self, event: E.Event) -> None:
+        twin = E.Engine.restore(self.spec, json.loads(json.dumps(self.engine.snapshot()))) if self.twins else None
+        actions = self.engine.on(event, self.now)
+        if twin is not None:  # an engine restored from a snapshot decides the same, and ends the same
+            assert twin.on(event, self.now) == actions, event
+            assert twin.snapshot() == self.engine.snapshot()
+        for action in actions:
+            self.perform(action)
+
+    def perform(self, a: E.Action) -> None:
+        if isinstance(a, E.Start):
+            if self.engine.verdict is not None:
+                return  # the protocol: no Start of a batch once the engine has decided
+            assert not self.verdicts, f"start after the verdict: {a}"
+            assert a.key not in self.running, f"{a.key} started twice"
+            seen = self.attempts.setdefault(a.key, [])
+            assert not seen or a.attempt > seen[-1], (a, seen)
+            seen.append(a.attempt)
+            if (a.key, a.attempt) in self.fail_starts:
+                self.report(E.StartFailed(a.key, "no such file", a.attempt))
+            else:
+                self.running[a.key] = a.attempt
+                self.report(E.Started(a.key, a.attempt))
+        elif isinstance(a, E.Stop):
+            for k in a.keys:
+                self.running.pop(k, None)
+        elif isinstance(a, E.Restart):
+            assert a.number == len(self.restarts) + 1
+            assert self.last_ended is not None
+            if not a.unit:  # a rerun: drawn from no budget
+                self.restarts.append(a)
+                return
+            self.charged.setdefault(a.unit, []).append(self.max_retries(self.last_ended))
+            self.restarts.append(a)
+            assert a.due >= self.now
+        elif isinstance(a, E.Mark):
+            assert a.key not in self.running, "a marker is written once the old attempt is gone"
+            self.marks.append(a)
+        elif isinstance(a, E.Verdict):
+            assert not self.verdicts, f"a second verdict: {a} after {self.verdicts}"
+            assert not self.running, f"the verdict came with replicas still running: {self.running}"
+            self.verdicts.append(a)
+        elif isinstance(a, E.Wait):
+            assert a.until >= self.now
+
+    def max_retries(self, key: Key) -> int:
+        return next(r.max_retries for r in self.spec.replicas if r.key == key)
+
+    def end(self, key: Key, how: str) -> None:
+        """``how``: "0", "3" (exit codes), "kill" (SIGKILL) or "lost"."""
+        attempt = self.running.pop(key)
+        self.last_ended = key
+        if how == "kill":
+            self.report(E.Killed(key, signal.SIGKILL, attempt))
+        elif how == "lost":
+            self.report(E.Lost(key, "its node died", attempt))
+        else:
+            self.report(E.Exited(key, int(how), attempt))
+
+    def tick(self) -> None:
+        due = self.engine.next_due
+        if due is not None:
+            self.now = max(self.now, due)
+        self.report(E.Tick())
+
+    def check(self) -> None:
+        """The invariants that hold after every event."""
+        for unit, limits in self.charged.items():
+            # each restart is charged to a unit whose failing replica still had budget
+            assert all(n <= lim for n, lim in enumerate(limits, 1)), (unit, limits)
+        assert self.engine.num_restarts == len(self.restarts)
+        assert len(self.verdicts) <= 1
+        for m in self.marks:
+            assert "Slurm requeued" in m.line or re.fullmatch(r"\[torchx-ext\] attempt \d+ of role '[^']+' replica \d+ begins: role '[^']+' "
+                                r"replica \d+ ended(: .+| with (exit code \d+|signal SIG[A-Z]+)); "
+                                r"(REPLICA|ROLE|APPLICATION) policy, restart \d+ of \d+", m.line), m.line
+        for key, v in self.engine.replicas.items():
+            assert v.state in rules.STATES
+            assert (key in self.running) == (v.state == "RUNNING"), (key, v, self.running)
+        if self.verdicts:
+            assert self.engine.verdict == self.verdicts[0]
+            assert self.engine.next_due is None
+            assert all(v.state != "RUNNING" and v.due is None for v in self.engine.replicas.values())
+
+
+def started(spec: E.GroupSpec) -> Launcher:
+    run = Launcher(spec)
+    run.report(E.Begin())
+    run.check()
+    return run
+
+
+# ------------------------------------------------------------------------ the rules ----
+def test_engine_is_python38_and_standard_library_only() -> None:
+    stdlib = set(sys.stdlib_module_names)
+    for name in sorted(os.listdir(ENGINE_DIR)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(ENGINE_DIR, name)) as f:
+            tree = ast.parse(f.read(), name, feature_version=(3, 8))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                continue  # its own modules, relative: the package works under any name (Ray's py_modules)
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for mod in mods:
+                assert mod.split(".")[0] in stdlib, f"{name} imports {mod}: the engine is standard library only"
+
+
+def test_engine_runs_as_a_top_level_package_of_any_name(tmp_path: pathlib.Path) -> None:
+    """Shipped alone (a Ray job's py_modules, a copy in a Slurm job's directory), it needs nothing else."""
+    shutil.copytree(ENGINE_DIR, tmp_path / "group_engine")
+    code = ("import sys; sys.modules['torchx_ext'] = sys.modules['torchx'] = None; import group_engine as E; e = E.Engine(E.GroupSpec((E.ReplicaSpec('a', 0),)));"
+            "e.on(E.Begin(), 0); e.on(E.Started(('a', 0)), 0); print(e.on(E.Exited(('a', 0), 0), 0)[-1])")
+    out = subprocess.run([sys.executable, "-E", "-s", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "Verdict(state='SUCCEEDED', msg='')", out
+
+
+STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+
+
+@pytest.mark.parametrize("shape", [(False,), (False, False), (False, True), (True, False, False),
+                                   (False, True, True)])
+def test_group_state_is_todays_on_every_combination(shape: Tuple[bool, ...]) -> None:
+    for states in itertools.product(STATES, repeat=len(shape)):
+        for code in (None, 0, 3, -9):
+            outcomes = [rules.outcome(f"r{i}", i, svc, s, code if s in rules.TERMINAL else None, "why" if i else "")
+                        for i, (svc, s) in enumerate(zip(shape, states, strict=True))]
+            assert rules.group_state(outcomes) == ray_rules.group_state(outcomes), outcomes
+
+
+def test_retry_rules_are_todays() -> None:
+    keys = [("a", 0), ("a", 1), ("b", 0)]
+    for policy in rules.RETRY_POLICIES:
+        assert rules.retry_unit(policy, "a", 1) == ray_rules.retry_unit(policy, "a", 1)
+        assert rules.restart_scope(policy, "a", 1, keys) == ray_rules.restart_scope(policy, "a", 1, keys)
+    for base, n in itertools.product((0.0, 0.5, 1.0, 40.0), (1, 2, 3, 10)):
+        assert rules.backoff_s(base, n) == ray_rules.backoff_s(base, n)
+    for code in (None, 0, 1, 255, -9, -15, -200):
+        assert rules.exit_description(code) == ray_rules.exit_description(code)
+        for svc in (False, True):
+            assert rules.wants_restart(svc, code) == ray_rules.wants_restart(svc, code)
+    assert rules.retry_policy_name("role") == "ROLE" == ray_rules.retry_policy_name("role")
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    assert [rules.backoff_s(0.5, n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert rules.backoff_s(10, 4) == 60.0 == rules.BACKOFF_CAP_S
+    assert rules.backoff_s(0, 7) == 0.0
+
+
+# ------------------------------------------------------------------- exact scenarios ----
+def test_success_stops_everything_then_says_so() -> None:
+    run = started(group(("a", 2, False, 0, "REPLICA"), ("svc", 1, True, 0, "REPLICA")))
+    run.end(("a", 0), "0")
+    assert not run.verdicts
+    actions = run.engine.on(E.Exited(("a", 1), 0), 0.0)
+    assert actions == [E.Stop((("a", 0), ("a", 1), ("svc", 0)), final=True), E.Verdict("SUCCEEDED", "")]
+    assert run.engine.replicas[("svc", 0)].state == "CANCELLED"
+
+
+def test_a_failure_without_retries_names_the_replica_and_its_exit() -> None:
+    run = started(group(("a", 2, False, 0, "APPLICATION")))
+    run.end(("a", 1), "3")
+    assert run.verdicts == [E.Verdict("FAILED", "role 'a' replica 1 failed with exit code 3")]
+    assert run.engine.replicas[("a", 0)].state == "CANCELLED"
+
+
+def test_retries_exhausted_say_how_many_attempts() -> None:
+    run = started(group(("a", 1, False, 2, "REPLICA")))
+    for _ in range(3):
+        run.end(("a", 0), "3")
+        run.check()
+    assert run.verdicts == [E.Verdict(
+        "FAILED", "role 'a' replica 0 failed with exit code 3: after 3 attempts (REPLICA policy, max_retries=2)")]
+    assert [m.line for m in run.marks] == [
+        "[torchx-ext] attempt 2 of role 'a' replica 0 begins: role 'a' replica 0 ended with exit code 3; "
+        "REPLICA policy, restart 1 of 2",
+        "[torchx-ext] attempt 3 of role 'a' replica 0 begins: role 'a' replica 0 ended with exit code 3; "
+        "REPLICA policy, restart 2 of 2"]
+    assert run.attempts[("a", 0)] == [1, 2, 3] and run.engine.num_restarts == 2
+
+
+def test_a_killed_replica_is_a_failed_attempt_named_by_its_signal() -> None:
+    run = started(group(("a", 1, False, 1, "APPLICATION"), ("b", 1, False, 0, "APPLICATION")))
+    run.end(("a", 0), "kill")
+    assert run.restarts[0].why == "role 'a' replica 0 ended with signal SIGKILL; APPLICATION policy, restart 1 of 1"
+    assert run.restarts[0].keys == (("a", 0), ("b", 0)) and run.restarts[0].unit == "app"
+    assert run.running == {("a", 0): 2, ("b", 0): 2}
+
+
+def test_a_lost_replica_restarts_saying_why() -> None:
+    run = started(group(("a", 2, False, 1, "ROLE"), ("b", 1, False, 0, "REPLICA")))
+    run.end(("a", 1), "lost")
+    assert run.restarts[0].why == "role 'a' replica 1 ended: its node died; ROLE policy, restart 1 of 1"
+    assert run.restarts[0].keys == (("a", 0), ("a", 1)) and ("b", 0) in run.running
+    run.end(("a", 1), "lost")
+    assert run.verdicts[0].msg == "role 'a' replica 1 failed: after 2 attempts (ROLE policy, max_retries=1)"
+
+
+def test_a_service_ending_early_fails_the_app_naming_it() -> None:
+    run = started(group(("main", 1, False, 0, "REPLICA"), ("svc", 1, True, 0, "REPLICA")))
+    run.end(("svc", 0), "0")
+    assert run.verdicts == [E.Verdict("FAILED", "service role 'svc' replica 0 ended early with exit code 0")]
+
+
+def test_a_service_with_retries_restarts_even_after_exit_0() -> None:
+    run = started(group(("main", 1, False, 0, "REPLICA"), ("svc", 1, True, 1, "REPLICA")))
+    run.end(("svc", 0), "0")
+    assert not run.verdicts and run.running[("svc", 0)] == 2
+    run.end(("main", 0), "0")
+    assert run.verdicts == [E.Verdict("SUCCEEDED", "")]
+
+
+def test_backoff_waits_then_ticks_start_the_attempt() -> None:
+    run = started(group(("a", 1, False, 3, "REPLICA"), backoff=1.0))
+    actions = run.engine.on(E.Exited(("a", 0), 1), 10.0)
+    run.running.clear()
+    assert [type(a) for a in actions] == [E.Restart, E.Stop, E.Mark, E.Wait] and actions[-1] == E.Wait(11.0)
+    assert run.engine.on(E.Tick(), 10.5) == [E.Wait(11.0)]
+    assert run.engine.on(E.Tick(), 11.0) == [E.Start(("a", 0), 2)]
+    run.engine.on(E.Started(("a", 0), 2), 11.0)
+    assert run.engine.on(E.Exited(("a", 0), 1), 12.0)[-1] == E.Wait(14.0)  # doubled
+
+
+def test_cancel_during_a_pending_restart_starts_nothing() -> None:
+    run = started(group(("a", 2, False, 1, "ROLE"), backoff=5.0))
+    run.end(("a", 0), "3")
+    assert run.engine.next_due == 5.0 and not run.running
+    run.report(E.Cancel())
+    assert run.verdicts == [E.Verdict("CANCELLED", "cancelled by user")]
+    assert {v.state for v in run.engine.replicas.values()} == {"CANCELLED"}
+    run.now = 100.0
+    assert run.engine.on(E.Tick(), 100.0) == [] and run.engine.on(E.Cancel(), 100.0) == []
+
+
+def test_start_failures_fail_the_app_all_or_nothing() -> None:
+    run = Launcher(group(("a", 3, False, 0, "REPLICA")), fail_starts=[(("a", 1), 1)])
+    run.report(E.Begin())
+    run.check()
+    assert run.verdicts == [E.Verdict("FAILED", "role 'a' replica 1 failed to start: no such file; "
+                                                "the group was stopped (all or nothing)")]
+    assert ("a", 2) not in run.attempts  # nothing started after the verdict
+    run = Launcher(group(("a", 1, False, 1, "REPLICA")), fail_starts=[(("a", 0), 2)])
+    run.report(E.Begin())
+    run.end(("a", 0), "1")
+    assert run.verdicts == [E.Verdict("FAILED", "role 'a' replica 0 failed to restart: no such file")]
+
+
+def test_stale_and_late_news_changes_nothing() -> None:
+    eng = E.Engine(group(("a", 1, False, 1, "REPLICA"), backoff=1.0))
+    eng.on(E.Begin(), 0)
+    assert eng.on(E.Begin(), 0) == []
+    eng.on(E.Started(("a", 0), 1), 0)
+    eng.on(E.Exited(("a", 0), 1, 1), 0)
+    assert eng.on(E.Exited(("a", 0), 1, 1), 0) == []  # the same attempt reported twice
+    assert eng.on(E.Started(("a", 0), 1), 0) == []  # an earlier attempt
+    assert eng.on(E.Exited(("a", 0), 0, 2), 0) == []  # attempt 2 has not started
+    eng.on(E.Fail("dependency 'x' ended FAILED"), 0)
+    assert eng.verdict == E.Verdict("FAILED", "dependency 'x' ended FAILED")
+    # a start that raced the verdict is stopped at once
+    assert eng.on(E.Started(("a", 0)), 0) == [E.Stop((("a", 0),), final=True)]
+
+
+def test_cancel_before_begin_starts_nothing() -> None:
+    eng = E.Engine(group(("a", 1, False, 0, "REPLICA")))
+    assert eng.on(E.Cancel(rules.CANCELLED_BEFORE_START), 0) == [
+        E.Stop((), final=True), E.Verdict("CANCELLED", "cancelled before start")]
+    assert eng.on(E.Begin(), 0) == []
+
+
+def test_spec_from_launcher_records() -> None:
+    spec = E.GroupSpec.from_dicts([{"role": "a", "replica_id": 0, "service": True, "max_retries": 2,
+                                    "retry_policy": "role", "cmd": ["x"]}], 0.5)
+    assert spec == E.GroupSpec((E.ReplicaSpec("a", 0, True, 2, "ROLE"),), 0.5)
+    with pytest.raises(ValueError, match="same"):
+        E.Engine(E.GroupSpec((E.ReplicaSpec("a", 0), E.ReplicaSpec("a", 0))))
+
+
+# --------------------------------------------------------- every small group, exhaustively ----
+HOWS = ("0", "3", "kill", "lost")
+
+
+def steps(run: Launcher, hows: Sequence[str]) -> List[Tuple[str, Optional[Key], str]]:
+    """Everything that can happen next: a running replica ends, a timer fires, a cancel."""
+    out: List[Tuple[str, Optional[Key], str]] = [("end", k, h) for k in sorted(run.running) for h in hows]
+    if run.engine.next_due is not None:
+        out.append(("tick", None, ""))
+    out.append(("cancel", None, ""))
+    return out
+
+
+def apply(run: Launcher, step: Tuple[str, Optional[Key], str]) -> None:
+    kind, key, how = step
+    before = {k: v.state for k, v in run.engine.replicas.items()}
+    if kind == "end":
+        assert key is not None
+        run.end(key, how)
+    elif kind == "tick":
+        run.tick()
+    else:
+        run.report(E.Cancel())
+    run.check()
+    if run.verdicts and kind == "end" and not restarted(run, before):
+        check_verdict_is_todays(run)
+
+
+def restarted(run: Launcher, before: Dict[Key, str]) -> bool:
+    return any(v.state == "PENDING" and before[k] != "PENDING" for k, v in run.engine.replicas.items())
+
+
+def check_verdict_is_todays(run: Launcher) -> None:
+    """A verdict decided by an ending is today's rules on the replicas' outcomes, the ones its stop
+    cancelled counted as still running."""
+    if re.search(r"failed to (re)?start: ", run.verdicts[0].msg):
+        return  # decided by the restart that could not start, not by the ending
+    outcomes = [dict(v.outcome(), state="RUNNING" if v.state == "CANCELLED" else v.state)
+                for v in run.engine.replicas.values()]
+    assert (run.verdicts[0].state, run.verdicts[0].msg) == ray_rules.group_state(outcomes)
+    mains = [v for v in run.engine.replicas.values() if not v.spec.service]
+    if all(v.state == "SUCCEEDED" for v in mains):
+        assert run.verdicts[0] == E.Verdict("SUCCEEDED", "")
+    elif run.verdicts[0].msg.startswith("service role"):
+        assert run.verdicts[0].state == "FAILED" and " ended early" in run.verdicts[0].msg
+
+
+def finish(run: Launcher) -> None:
+    """Liveness: ending every main replica with 0 (and letting timers fire) always ends the app."""
+    for _ in range(200):
+        if run.verdicts:
+            return
+        mains = [k for k in sorted(run.running) if not any(r.service for r in run.spec.replicas if r.key == k)]
+        if mains:
+            apply(run, ("end", mains[0], "0"))
+        else:
+            assert run.engine.next_due is not None, "no verdict, nothing running, nothing due"
+            apply(run, ("tick", None, ""))
+    raise AssertionError("no verdict after 200 steps")
+
+
+def explore(spec: E.GroupSpec, depth: int, hows: Sequence[str]) -> int:
+    """Every sequence of ``depth`` steps (fewer where the verdict comes first); returns how many."""
+    def walk(trail: List[Tuple[str, Optional[Key], str]]) -> int:
+        run = started(spec)
+        for step in trail:
+            apply(run, step)
+        if run.verdicts or len(trail) == depth:
+            finish(run)
+            return 1
+        return sum(walk([*trail, s]) for s in steps(run, hows))
+    return walk([])
+
+
+SHAPES = {
+    "one": [("a", 1, False)],
+    "two-replicas": [("a", 2, False)],
+    "main+service": [("m", 1, False), ("s", 1, True)],
+    "two-roles": [("a", 1, False), ("b", 1, False)],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("policy", rules.RETRY_POLICIES)
+def test_every_small_group_every_sequence(shape: str, policy: str) -> None:
+    paths = 0
+    for retries in (0, 1, 2):
+        for backoff in (0.0, 1.0):
+            spec = group(*[(n, c, svc, retries, policy) for n, c, svc in SHAPES[shape]], backoff=backoff)
+            paths += explore(spec, 5 if len(spec.replicas) == 1 else 4, HOWS)
+    assert paths > 100
+
+
+# ------------------------------------------------------------------- random sequences ----
+def random_group(rng: random.Random) -> E.GroupSpec:
+    roles = []
+    for i in range(rng.randint(1, 3)):
+        roles.append((f"r{i}", rng.randint(1, 3), i > 0 and rng.random() < 0.4, rng.choice((0, 0, 1, 2, 3)),
+                      rng.choice(rules.RETRY_POLICIES)))
+    return group(*roles, backoff=rng.choice((0.0, 0.0, 0.5, 2.0, 40.0)))
+
+
+@pytest.mark.parametrize("seed", range(0, 400, 40))
+def test_random_event_sequences_keep_the_invariants(seed: int) -> None:
+    for s in range(seed, seed + 40):
+        rng = random.Random(s)
+        spec = random_group(rng)
+        fails = [(r.key, rng.randint(1, 3)) for r in spec.replicas if rng.random() < 0.05]
+        run = Launcher(spec, fail_starts=fails)
+        run.twins = s % 2 == 0
+        run.report(E.Begin())
+        run.check()
+        for _ in range(rng.randint(0, 40)):
+            if run.verdicts:
+                # late news after the verdict: nothing but a Stop of a start that raced it
+                key = rng.choice(list(run.engine.replicas))
+                late: List[E.Event] = [E.Tick(), E.Cancel(), E.Exited(key, 1), E.Lost(key, "x")]
+                assert run.engine.on(rng.choice(late), run.now) == []
+                break
+            r = rng.random()
+            if r < 0.02:
+                run.report(E.Fail("the launcher cannot go on"))
+                run.check()
+            elif r < 0.04:
+                apply(run, ("cancel", None, ""))
+            elif r < 0.25 or not run.running:
+                if run.engine.next_due is None and not run.running:
+                    break
+                run.now += rng.choice((0.0, 0.3, 1.0, 5.0))
+                apply(run, ("tick", None, ""))
+            else:
+                apply(run, ("end", rng.choice(sorted(run.running)), rng.choice(HOWS)))
+        finish(run)
+        assert run.verdicts, s
+        # attempts never repeat and each restarted replica got a marker per new attempt
+        for key, seen in run.attempts.items():
+            assert seen == sorted(set(seen))
+            assert len([m for m in run.marks if m.key == key]) >= len(seen) - 1
+
+
+def test_a_restored_engine_reruns_the_whole_group_from_no_budget() -> None:
+    """Slurm's requeue: the job's next run restores the engine from its snapshot and starts every
+    replica again, one restart more, no budget drawn."""
+    spec = group(("a", 2, False, 1, "REPLICA"), ("b", 1, True, 0, "REPLICA"))
+    first = started(spec)
+    first.end(("a", 1), "3")
+    snap = json.loads(json.dumps(first.engine.snapshot()))
+    run = Launcher(spec)
+    run.engine = E.Engine.restore(spec, snap)
+    run.last_ended, run.restarts, run.charged = ("a", 1), first.restarts, first.charged
+    run.report(E.Rerun("Slurm requeued the job (requeue 1)"))
+    run.check()
+    assert run.engine.num_restarts == 2 and run.engine.used == {"replica:a/1": 1}
+    assert run.running == {("a", 0): 2, ("a", 1): 3, ("b", 0): 2}
+    assert run.marks[1].line == ("[torchx-ext] attempt 3 of role 'a' replica 1 begins: "
+                                 "Slurm requeued the job (requeue 1)")
+    run.end(("a", 1), "3")  # its budget is spent: the requeue drew none
+    assert run.verdicts[0].msg == "role 'a' replica 1 failed with exit code 3: after 2 attempts " \
+                                  "(REPLICA policy, max_retries=1)"
+    decided = E.Engine.restore(spec, run.engine.snapshot())
+    assert decided.verdict == run.verdicts[0] and decided.on(E.Rerun("again"), 0) == []
