@@ -16,7 +16,6 @@ from torchx_ext.groups import (
 )
 from torchx_ext.groups import (
     app_handle_id,
-    command_line,
     discovery_env,
     group_state,
     hosts_env_name,
@@ -66,7 +65,6 @@ def test_validate_app_lists_every_problem() -> None:
 def test_handles_lists_and_quoting() -> None:
     assert app_handle_id("host://s/app-1") == "app-1" and app_handle_id("app-1") == "app-1"
     assert compat.as_list("a, b;c,") == ["a", "b", "c"] and compat.as_list(None) == []
-    assert command_line("echo", ["a'; echo x", "$(id)"]) == "echo 'a'\"'\"'; echo x' '$(id)'"
 
 
 def test_filter_lines() -> None:

@@ -21,14 +21,13 @@ module only maps them onto its engine.
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from torchx.specs import AppDef, AppState, Role
 
+from torchx_ext.engine import rules
 from torchx_ext.errors import InvalidAppError
-from torchx_ext.schedulers.ray_jobs_cluster.rules import exit_description
 
 SERVICE_KEY = "torchx_ext/service"
 
@@ -122,11 +121,6 @@ def validate_app(app: AppDef) -> None:
         raise InvalidAppError(f"invalid AppDef '{app.name}':\n  - " + "\n  - ".join(problems))
 
 
-def command_line(entrypoint: str, args: Iterable[str]) -> str:
-    """One shell-safe command line (for scripts and dry-runs); every word is quoted."""
-    return " ".join(shlex.quote(w) for w in [entrypoint, *args])
-
-
 @dataclass(frozen=True)
 class ReplicaOutcome:
     """What a backend observed about one replica, for :func:`group_state`."""
@@ -139,40 +133,18 @@ class ReplicaOutcome:
     reason: str = ""
 
 
-_TERMINAL = {AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED}
-
-
 def group_state(outcomes: Sequence[ReplicaOutcome]) -> tuple[AppState, str]:
-    """The app's state and message from its replicas, by the group rules.
+    """The app's state and message from its replicas, by the group rules of
+    :func:`torchx_ext.engine.rules.group_state` (written once, there):
 
     * any non-service replica FAILED → FAILED (naming it);
     * a service that ended while a non-service replica is still running → FAILED (naming it);
     * all non-service replicas SUCCEEDED → SUCCEEDED (services are then stopped by the backend);
     * otherwise RUNNING/PENDING.
     """
-    main = [o for o in outcomes if not o.service]
-    services = [o for o in outcomes if o.service]
-    for o in main:
-        if o.state == AppState.FAILED:
-            return AppState.FAILED, _describe_failure(o, "role")
-    for o in main:
-        if o.state == AppState.CANCELLED:
-            return AppState.CANCELLED, f"role '{o.role}' replica {o.replica_id} was cancelled"
-    if main and all(o.state == AppState.SUCCEEDED for o in main):
-        return AppState.SUCCEEDED, ""
-    for o in services:
-        if o.state in _TERMINAL:
-            return AppState.FAILED, _describe_failure(o, "service role", early=True)
-    if any(o.state == AppState.RUNNING for o in outcomes):
-        return AppState.RUNNING, ""
-    return AppState.PENDING, ""
-
-
-def _describe_failure(o: ReplicaOutcome, kind: str, early: bool = False) -> str:
-    what = "ended early" if early else "failed"
-    code = f" with {exit_description(o.exit_code)}" if o.exit_code is not None else ""
-    reason = f": {o.reason}" if o.reason else ""
-    return f"{kind} '{o.role}' replica {o.replica_id} {what}{code}{reason}"
+    st, msg = rules.group_state([rules.outcome(o.role, o.replica_id, o.service, o.state.name, o.exit_code, o.reason)
+                                 for o in outcomes])
+    return AppState[st], msg
 
 
 def app_handle_id(handle_or_id: str) -> str:

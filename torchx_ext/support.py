@@ -86,7 +86,7 @@ def _retries(value: Any, role: Role) -> Optional[str]:
 
 
 def _retry_policy(value: Any, role: Role) -> Optional[str]:
-    from torchx_ext.schedulers.ray_jobs_cluster.rules import RETRY_POLICIES, retry_policy_name
+    from torchx_ext.engine.rules import RETRY_POLICIES, retry_policy_name
 
     name = retry_policy_name(value)
     if not role.max_retries or name in RETRY_POLICIES:

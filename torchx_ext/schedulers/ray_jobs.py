@@ -38,6 +38,7 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext import support as matrices
+from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import (
     BackendError,
     DependencyError,
@@ -56,7 +57,6 @@ from torchx_ext.schedulers import ray_jobs_preflight
 from torchx_ext.schedulers import ray_jobs_retention as retention
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response
 from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
-from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 from torchx_ext.schedulers.ray_jobs_deps import Brokers
 
 SCHEDULER = "ray_jobs"

@@ -45,6 +45,7 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext import support as matrices
+from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import (
     BackendError,
     DependencyError,
@@ -66,7 +67,6 @@ from torchx_ext.schedulers.base import (
     is_current_dir,
     role_summaries,
 )
-from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 from torchx_ext.schedulers.slurm_jobs_script import (
     APP_ID_TOKEN,
     DEP_NEVER,

@@ -74,31 +74,13 @@ def read_text(path: str) -> Optional[str]:
         return None
 
 
-def read_int(path: str) -> Optional[int]:
-    text = read_text(path)
-    try:
-        return int(text.strip()) if text else None
-    except ValueError:
-        return None
-
-
 #: how much of a failed replica's log end is read for its last error line
 LOG_TAIL_BYTES = 16384
 
 
-def last_error(log_path: str) -> str:
-    """The last stderr line of a replica log that is not srun's own summary (why it failed)."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(os.path.getsize(log_path) - LOG_TAIL_BYTES, 0))
-            tail = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return last_error_in(tail)
-
-
 def last_error_in(tail: str) -> str:
-    """:func:`last_error` of a log's end already read (locally or from a login node)."""
+    """The last stderr line of a replica log's end (read locally or from a login node) that is not
+    srun's own summary: why it failed."""
     for line in reversed(tail.splitlines()):
         _stamp, _, rest = line.partition(" ")
         tag, _, text = rest.partition(" ")
