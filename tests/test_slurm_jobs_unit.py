@@ -443,7 +443,8 @@ def test_a_local_dryrun_with_a_workspace_only_plans(tmp_path: Any, monkeypatch: 
     with get_runner() as runner:
         info = runner.dryrun(app, "slurm_jobs", {}, workspace=_workspace_dir(tmp_path))
     assert _listing(str(home)) == before  # nothing copied, nothing recorded
-    target = app.roles[0].image
+    # the planned copy, from the request (torchx-nightly plans on a copy of the AppDef)
+    target = info.request.workspaces[0].target
     assert target.startswith(str(home / "slurm_jobs" / "workspaces") + "/") and not os.path.exists(target)
     text = repr(info.request)
     assert f"--chdir={target}" in text  # the planned copy is the role's directory
@@ -461,7 +462,7 @@ def test_a_remote_dryrun_with_an_unreachable_login_works_offline(tmp_path: Any, 
     with get_runner() as runner:
         info = runner.dryrun(app, "slurm_jobs", {"login": "nobody@127.0.0.1:1"}, workspace=_workspace_dir(tmp_path))
     assert _listing(str(home)) == []  # no control socket directory, no record, no copy
-    target = app.roles[0].image
+    target = info.request.workspaces[0].target
     assert target.startswith("~/.torchx_ext/slurm_jobs/workspaces/")  # resolved at the first submission
     text = repr(info.request)
     assert "TORCHX_EXT_APP_ID=nobody@127.0.0.1:1:" in text
@@ -488,12 +489,13 @@ def test_local_submission_copies_the_workspace_and_keeps_slurms_output_private(
     app = AppDef("ws", roles=[_role("main", "main.py", image="unused")])
     with get_runner() as runner:
         info = runner.dryrun(app, "slurm_jobs", {}, workspace=_workspace_dir(tmp_path))
-        assert not os.path.exists(app.roles[0].image)
+        target = info.request.workspaces[0].target  # (torchx-nightly plans on a copy of the AppDef)
+        assert not os.path.exists(target)
         handle = runner.schedule(info)
     assert handle.endswith("/4242")
     assert seen.read_text().split() == ["0077", "700"]
     assert (tmp_path / "home" / "slurm_jobs" / "workspaces").is_dir()
-    assert os.path.isfile(os.path.join(app.roles[0].image, "main.py"))
+    assert os.path.isfile(os.path.join(target, "main.py"))
     for path in (home / "slurm_jobs" / "4242", home / "slurm_jobs" / "slurm-out"):
         assert oct(path.stat().st_mode & 0o777) == "0o700"
     for path in (home / "slurm_jobs" / "4242" / "app.json", home / "slurm_jobs" / "4242" / "script.sbatch"):
