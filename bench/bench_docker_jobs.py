@@ -18,6 +18,12 @@ Then restart latency (``Role.max_retries=1``): from the instant a replica exits 
 its next attempt runs (both from the processes' own clocks, in the container logs), for
 ``docker_jobs`` (the watcher creates and starts a new container) vs Docker's own restart policy
 (``on-failure:1``: the daemon restarts the same container), on the testbed's python image.
+
+Then client-side memory with many apps running (``--apps``, default 100 tiny busybox ``sleep``
+apps): the total RSS of every process torchx-ext keeps running for them (read from /proc: the
+processes of the bench's own ``$TORCHX_EXT_HOME``, the bench itself excluded), per app, and the
+restart latency of one more app while they all run. ``--rows`` picks rows (e.g. ``--rows memory``).
+Run with ``PYTHONPATH`` set to an older checkout to measure that one's figure.
 """
 
 from __future__ import annotations
@@ -162,11 +168,83 @@ def restart_raw(api: Any, image: str) -> float:
     return gap
 
 
+def home_processes(home: str) -> list[tuple[int, int, str]]:
+    """(pid, RSS in kB, command) of the live processes started for ``home`` (by their
+    environment or command line), the bench's own process excluded."""
+    home = os.path.realpath(home)
+    marks = (f"TORCHX_EXT_HOME={home}\0".encode(), f"--home\0{home}\0".encode())
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/status") as f:
+                rss = next((int(x.split()[1]) for x in f if x.startswith("VmRSS:")), 0)
+        except (OSError, StopIteration, ValueError):
+            continue
+        if rss and any(m in environ + b"\0" + cmdline for m in marks):
+            out.append((int(entry), rss, cmdline.replace(b"\0", b" ").decode(errors="replace")[:100]))
+    return out
+
+
+def memory_many(api: Any, image: str, py: str, n: int, reps: int) -> None:
+    from torchx.runner import get_runner
+    from torchx.specs import AppDef, Role
+
+    from torchx_ext.schedulers.docker_jobs import create_scheduler
+
+    home = os.environ["TORCHX_EXT_HOME"]
+    runner = get_runner()
+    handles = []
+    t0 = time.perf_counter()
+    try:
+        for i in range(n):
+            app = AppDef(f"mem{i}", roles=[Role("main", image=image, entrypoint="sleep", args=["600"])])
+            # no network of its own: the daemon has address pools for ~30 bridge networks
+            handles.append(runner.run(app, "docker_jobs", {"stop_timeout": 1, "network_mode": "none"}))
+        ids = [h.rsplit("/", 1)[-1] for h in handles]
+        deadline = time.time() + 300
+        while True:
+            running = {c["Labels"].get("torchx-ext.app-id") for c in
+                       api.containers(filters={"label": "torchx-ext.scheduler=docker_jobs", "status": "running"})}
+            if running >= set(ids):
+                break
+            if time.time() > deadline:
+                raise RuntimeError(f"{len(set(ids) - running)} of {n} apps not running after 300 s")
+            time.sleep(0.5)
+        submitted = time.perf_counter() - t0
+        time.sleep(5.0)  # watchers up, leases taken, first renewals done
+        procs = home_processes(home)
+        total = sum(rss for _, rss, _ in procs) / 1024
+        print(f"\nclient-side memory with {n} docker_jobs apps running (busybox sleep; "
+              f"submitted in {submitted:.1f} s):")
+        print(f"processes torchx-ext keeps running: {len(procs)}; total RSS {total:.1f} MB; "
+              f"per app {total / n:.2f} MB")
+        for pid, rss, cmd in sorted(procs, key=lambda x: -x[1])[:3]:
+            print(f"  pid {pid} {rss / 1024:.1f} MB  {cmd}")
+        gaps = [restart_ours(py) for _ in range(reps)]
+        print(f"restart latency with the {n} apps watched (median of {reps}): {statistics.median(gaps):.3f} s")
+        procs = home_processes(home)
+        print(f"after the restarts: {len(procs)} processes, total RSS {sum(r for _, r, _ in procs) / 1024:.1f} MB")
+    finally:
+        sched = create_scheduler("bench")
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda h: sched.delete(h.rsplit("/", 1)[-1]), handles))
+        runner.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--image", default=None, help="default: the testbed's busybox image")
+    parser.add_argument("--apps", type=int, default=100, help="apps running at once for the memory row")
+    parser.add_argument("--rows", default="start,restart,memory", help="rows to run: start, restart, memory")
     args = parser.parse_args()
+    rows = set(args.rows.split(","))
     load_testbed_env()
     image = args.image or os.environ.get("TORCHX_EXT_TEST_DOCKER_BUSYBOX") or "torchx-ext-test/busybox:latest"
     # an isolated home: the watchers' diagnostics logs do not land in the user's
@@ -182,28 +260,33 @@ def main() -> int:
         "sdk (threaded)": lambda: run_sdk(api, image, threaded=True),
     }
     times: dict[str, list[float]] = {k: [] for k in paths}
-    run_ours(api, image)[1]()  # warm-up: imports, first network, page cache
-    for rep in range(args.reps):
+    if "start" in rows:
+        run_ours(api, image)[1]()  # warm-up: imports, first network, page cache
+    for rep in range(args.reps if "start" in rows else 0):
         order = list(paths) if rep % 2 == 0 else list(reversed(paths))
         for name in order:
             took, cleanup = paths[name]()
             times[name].append(took)
             cleanup()
-    print(f"4-container group start (1 service + 3 workers, own network), image {image}, "
-          f"{args.reps} reps, median seconds (submit -> all {N_CONTAINERS} running)")
-    print(f"{'path':<18} {'median':>8} {'min':>8} {'max':>8}")
-    for name, ts in times.items():
-        print(f"{name:<18} {statistics.median(ts):8.3f} {min(ts):8.3f} {max(ts):8.3f}")
-    ours = statistics.median(times["docker_jobs"])
-    for base in ("sdk (sequential)", "sdk (threaded)"):
-        print(f"ratio docker_jobs / {base}: {ours / statistics.median(times[base]):.2f}")
+    if "start" in rows:
+        print(f"4-container group start (1 service + 3 workers, own network), image {image}, "
+              f"{args.reps} reps, median seconds (submit -> all {N_CONTAINERS} running)")
+        print(f"{'path':<18} {'median':>8} {'min':>8} {'max':>8}")
+        for name, ts in times.items():
+            print(f"{name:<18} {statistics.median(ts):8.3f} {min(ts):8.3f} {max(ts):8.3f}")
+        ours = statistics.median(times["docker_jobs"])
+        for base in ("sdk (sequential)", "sdk (threaded)"):
+            print(f"ratio docker_jobs / {base}: {ours / statistics.median(times[base]):.2f}")
     py = os.environ.get("TORCHX_EXT_TEST_DOCKER_PYTHON") or "torchx-ext-test/python:latest"
     api.inspect_image(py)
-    ours_r = statistics.median(restart_ours(py) for _ in range(args.reps))
-    raw_r = statistics.median(restart_raw(api, py) for _ in range(args.reps))
-    print(f"\nrestart latency (exit 1 -> next attempt runs), image {py}, median of {args.reps}:")
-    print(f"docker_jobs (new container): {ours_r:.3f} s; docker restart policy on-failure:1: {raw_r:.3f} s; "
-          f"ratio {ours_r / raw_r:.2f}")
+    if "restart" in rows:
+        ours_r = statistics.median(restart_ours(py) for _ in range(args.reps))
+        raw_r = statistics.median(restart_raw(api, py) for _ in range(args.reps))
+        print(f"\nrestart latency (exit 1 -> next attempt runs), image {py}, median of {args.reps}:")
+        print(f"docker_jobs (new container): {ours_r:.3f} s; docker restart policy on-failure:1: {raw_r:.3f} s; "
+              f"ratio {ours_r / raw_r:.2f}")
+    if "memory" in rows:
+        memory_many(api, image, py, args.apps, args.reps)
     shutil.rmtree(home, ignore_errors=True)
     return 0
 

@@ -46,9 +46,19 @@ def nothing_running(handle: str) -> bool:
     return not running_containers(app_id(handle))
 
 
-def watcher_pids(app: str = "") -> list[int]:
-    """Live watcher processes (of ``app``)."""
-    return live_processes(argv=(f"torchx_ext.schedulers.docker_jobs_watcher\0{app + chr(0) if app else ''}".encode(),))
+def watcher_pids(home: str = "") -> list[int]:
+    """Live watcher processes (of the home ``home``: "." for this test session's)."""
+    if home == ".":
+        home = os.path.realpath(os.environ["TORCHX_EXT_HOME"])
+    return live_processes(argv=(f"torchx_ext.schedulers.docker_jobs_watcher\0{'--home' + chr(0) + home + chr(0) if home else ''}".encode(),))
+
+
+def wait_watchers(n: int, home: str = ".", timeout: float = 10) -> list[int]:
+    deadline = time.time() + timeout
+    while len(pids := watcher_pids(home)) != n and time.time() < deadline:
+        time.sleep(0.05)  # right after exec, /proc/PID/cmdline can still be empty for a moment
+    assert len(pids) == n, pids
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +75,10 @@ def sched() -> Iterator[DockerJobsScheduler]:
     nets = [n["Name"] for n in api.networks(filters={"label": f"{d.L_SCHEDULER}={d.SCHEDULER}"})
             if n["Labels"].get(d.L_APP_ID) not in before]
     deadline = time.time() + 10
-    while watcher_pids() and time.time() < deadline:
+    while watcher_pids(".") and time.time() < deadline:
         time.sleep(0.2)
     assert not leftovers and not nets, f"left behind: apps {leftovers}, networks {nets}"
-    assert not watcher_pids(), "watcher processes outlived their deleted apps"
+    assert not watcher_pids("."), "the watcher outlived its deleted apps"
 
 
 @pytest.fixture(autouse=True)
@@ -241,11 +251,7 @@ def test_dead_watcher_describe_still_converges(runner: Runner) -> None:
         role("main", "import time; time.sleep(2)"),
     ])
     handle = runner.run(app, "docker_jobs", {"stop_timeout": 1})
-    deadline = time.time() + 10
-    while not (pids := watcher_pids(app_id(handle))) and time.time() < deadline:
-        time.sleep(0.05)  # right after exec, /proc/PID/cmdline can still be empty for a moment
-    assert len(pids) == 1, pids
-    os.kill(pids[0], signal.SIGKILL)
+    os.kill(wait_watchers(1)[0], signal.SIGKILL)
     status = wait_terminal(runner, handle, 60)  # describe restarts the watcher, which finishes the job
     assert status.state == AppState.SUCCEEDED, status
     assert nothing_running(handle)
@@ -442,7 +448,7 @@ def test_one_acting_watcher_wherever_status_is_asked_from(runner: Runner, tmp_pa
     procs = [_in_home(h, _POLL_STATUS, app) for h in homes]
     # watchers started by hand in the other homes: before the lease, each would have acted
     procs += [_in_home(h, "import sys; from torchx_ext.schedulers.docker_jobs_watcher import main; "
-                          "sys.exit(main(['w', sys.argv[1]]))", app) for h in homes]
+                          "sys.exit(main(['w', '--app', sys.argv[1]]))", app) for h in homes]
     outs = [p.communicate(timeout=90)[0] for p in procs]
     assert all("END SUCCEEDED" in o for o in outs[:2]), outs
     assert all("another watcher holds the lease" in o for o in outs[2:]), outs
@@ -459,20 +465,17 @@ def test_status_and_list_heal_only_the_apps_this_home_submitted(runner: Runner, 
     handle = runner.run(AppDef("heal", roles=[role("main", "import time; time.sleep(300)")]), "docker_jobs", {})
     app = app_id(handle)
     wait_state(runner, handle, AppState.RUNNING, 60)
-    deadline = time.time() + 10
-    while not (pids := watcher_pids(app)) and time.time() < deadline:
-        time.sleep(0.05)
-    assert len(pids) == 1, pids
-    os.kill(pids[0], signal.SIGKILL)
+    os.kill(wait_watchers(1)[0], signal.SIGKILL)
+    wait_watchers(0)
     leases.remove_leases(d.client(), app)  # as if its lease had expired
     other = _in_home(str(tmp_path / "other"), "import sys; from torchx_ext.schedulers.docker_jobs import "
                      "create_scheduler as c; s = c('x'); print([x.app_id for x in s.list()]); "
                      "print(s.describe(sys.argv[1]).state.name)", app)
     out = other.communicate(timeout=60)[0]
     assert other.returncode == 0 and app in out and "RUNNING" in out, out
-    assert not watcher_pids(app) and not d.client().volumes(filters={"label": [f"{leases.L_LEASE}={app}"]})["Volumes"]
+    assert not watcher_pids(".") and not watcher_pids(os.path.realpath(tmp_path / "other")) and not d.client().volumes(filters={"label": [f"{leases.L_LEASE}={app}"]})["Volumes"]
     assert runner.status(handle).state == AppState.RUNNING  # the submitter's home heals it
-    assert len(watcher_pids(app)) == 1
+    wait_watchers(1)
     runner.cancel(handle)
 
 
@@ -524,8 +527,62 @@ def test_request_and_logs_are_private_from_creation(tmp_path: Any) -> None:
     request = sched_dir / f"{app}.request.json"
     assert "txe-secret-42" in request.read_text()
     deadline = time.time() + 10
-    while not (sched_dir / f"{app}.watcher.log").exists() and time.time() < deadline:
+    while not list(sched_dir.glob("watcher-*.log")) and time.time() < deadline:
         time.sleep(0.05)
-    assert os.stat(sched_dir).st_mode & 0o777 == 0o700
-    files = [x for x in sched_dir.iterdir()]
-    assert files and {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
+    assert list(sched_dir.glob("watcher-*.log")) and os.stat(sched_dir).st_mode & 0o777 == 0o700
+    files = [x for x in sched_dir.rglob("*")]  # the request, the watcher's log, lock and requests
+    assert files and {f.name: f.stat().st_mode & 0o777 for f in files} == {
+        f.name: 0o700 if f.is_dir() else 0o600 for f in files}
+
+
+def test_many_apps_one_watcher_heals_all_and_a_failing_replica_restarts_once(runner: Runner, tmp_path: Any) -> None:
+    """Issue 24: the apps of one home are watched by one process; killed, a status query starts one
+    again, which takes over every app's lease at once (its predecessor is proven dead by the home's
+    lock) and restarts a replica that fails afterwards exactly once."""
+    from torchx_ext.schedulers import docker_jobs_lease as leases
+    from torchx_ext.schedulers import docker_jobs_watcher as w
+
+    busybox = require_backend("TORCHX_EXT_TEST_DOCKER_BUSYBOX", "Docker busybox image")
+    flaky = Role("main", image=busybox, entrypoint="sh", max_retries=1, retry_policy="REPLICA", args=[
+        "-c", 'echo ATTEMPT $TORCHX_EXT_ATTEMPT; if [ "$TORCHX_EXT_ATTEMPT" = 1 ]; then '
+              "while [ ! -e /m/go ]; do sleep 0.1; done; exit 3; fi; sleep 300"],
+        mounts=[BindMount(str(tmp_path), "/m")])
+    handles = [runner.run(AppDef(f"many{i}", roles=[Role("main", image=busybox, entrypoint="sleep", args=["300"])]),
+                          "docker_jobs", {"stop_timeout": 1}) for i in range(9)]
+    handles.append(runner.run(AppDef("flaky", roles=[flaky]), "docker_jobs", {"stop_timeout": 1}))
+    for h in handles:
+        wait_state(runner, h, AppState.RUNNING, 60)
+    first = wait_watchers(1)
+    api = d.client()
+
+    def holders() -> set[str]:
+        vols = [v for h in handles for v in
+                api.volumes(filters={"label": [f"{leases.L_LEASE}={app_id(h)}"]}).get("Volumes") or []]
+        return {v["Labels"][leases.L_HOLDER] for v in vols} if len(vols) >= len(handles) else set()
+
+    deadline = time.time() + 10
+    while holders() != {w.current_holder()} and time.time() < deadline:
+        time.sleep(0.1)
+    old = w.current_holder()
+    assert holders() == {old}  # the one watcher process holds every app's lease
+    os.kill(first[0], signal.SIGKILL)
+    wait_watchers(0)
+    assert runner.status(handles[0]).state == AppState.RUNNING  # heals: the home's watcher again
+    second = wait_watchers(1)
+    assert second != first
+    deadline = time.time() + 5  # far less than the lease's TTL: taken over at once
+    while holders() != {w.current_holder()} and time.time() < deadline:
+        time.sleep(0.1)
+    assert holders() == {w.current_holder()} and w.current_holder() != old
+    (tmp_path / "go").write_text("")
+    deadline = time.time() + 30
+    while (st := runner.status(handles[-1])) and st.num_restarts < 1 and time.time() < deadline:
+        time.sleep(0.1)
+    wait_state(runner, handles[-1], AppState.RUNNING, 30)
+    time.sleep(1.0)  # a second restart, if any, would have happened by now
+    attempts = sorted(c["Labels"][d.L_ATTEMPT] for c in api.containers(all=True, filters=d.app_filter(app_id(handles[-1]))))
+    assert attempts == ["1", "2"], attempts
+    assert all(runner.status(h).state == AppState.RUNNING for h in handles)
+    assert watcher_pids(".") == second
+    for h in handles:
+        runner.cancel(h)

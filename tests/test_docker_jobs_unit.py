@@ -7,6 +7,7 @@ from __future__ import annotations
 import builtins
 import email.utils
 import json
+import os
 import time
 from typing import Any, Optional
 
@@ -418,15 +419,47 @@ def test_lease_claim_of_a_reused_name_yields_to_the_newer_epoch() -> None:
     assert leases.take_lease(api, "a", "h2") is None
 
 
-def test_only_the_submitter_heals_and_each_heal_takes_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
-    api, spawned = LeaseDaemon(), []
-    monkeypatch.setattr(w, "spawn", spawned.append)
+def test_lease_of_a_dead_predecessor_is_taken_at_once_and_only_its() -> None:
+    api = LeaseDaemon()
+    assert leases.take_lease(api, "a", "h1") is not None
+    assert leases.take_lease(api, "a", "h2") is None  # alive as far as h2 knows: wait for expiry
+    second = leases.take_lease(api, "a", "h2", dead={"h1"})  # the home's lock proves h1 gone
+    assert second is not None and second.epoch == 1 and api.epochs("a") == [1]
+    assert leases.take_lease(api, "a", "h3", dead={"h1"}) is None  # h2 holds it, and h2 lives
+
+
+def test_lease_passed_by_the_submission_to_the_watcher_is_adopted_by_it_alone() -> None:
+    api = LeaseDaemon()
+    lease = leases.take_lease(api, "a", "submission")
+    assert lease is not None and leases.transfer(api, lease, "watcher") and api.epochs("a") == [1]
+    assert leases.take_lease(api, "a", "another") is None  # never free in between
+    adopted = leases.take_lease(api, "a", "watcher")
+    assert adopted is not None and adopted.epoch == 2 and api.epochs("a") == [2]
+    lease.valid_until = 0.0  # a submission that took too long: its lease is not passed
+    assert not leases.transfer(api, lease, "watcher") and api.epochs("a") == [2]
+
+
+def test_only_the_submitter_heals_with_one_watcher_per_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path))
+    children: list[int] = []
+
+    def popen(argv: list[str], pass_fds: tuple[int, ...] = (), **kw: Any) -> None:
+        assert argv[-2:] == ["--lock-fd", str(pass_fds[0])]
+        children.append(os.dup(pass_fds[0]))  # the child holds the home's lock (the same open file)
+
+    monkeypatch.setattr(w.subprocess, "Popen", popen)
     snap = daemon.Snapshot("a", "a", [], [], "", 5, submitter="uid=0@elsewhere:/home/x/.torchx_ext")
     status = w.AppStatus(snap, AppState.RUNNING, "")
-    assert not w.ensure_watcher(api, status) and not api.vols  # another's app: only read
+    assert not w.ensure_watcher(status) and not children and not os.path.exists(w.requests_dir())
     snap.submitter = daemon.submitter()
-    assert w.ensure_watcher(api, status) and len(spawned) == 1 and spawned[0].epoch == 0
-    assert not w.ensure_watcher(api, status) and len(spawned) == 1  # its lease is held now
+    assert w.ensure_watcher(status) and len(children) == 1 and w.watcher_running()
+    assert os.listdir(w.requests_dir()) == ["a"]
+    other = w.AppStatus(daemon.Snapshot("b", "b", [], [], "", 5, submitter=daemon.submitter()), AppState.RUNNING, "")
+    assert not w.ensure_watcher(other) and len(children) == 1  # handed to the living watcher
+    assert sorted(os.listdir(w.requests_dir())) == ["a", "b"]
+    os.close(children[0])  # the watcher dies: the kernel frees its lock
+    assert not w.watcher_running() and w.ensure_watcher(other) and len(children) == 2
+    os.close(children[1])
 
 
 def test_workspace_is_planned_not_built_by_the_dryrun() -> None:

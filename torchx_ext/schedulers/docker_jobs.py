@@ -3,9 +3,10 @@
 One container per replica, on a network of its own per app (replicas reach each other by the
 short names in ``TORCHX_EXT_HOSTS_<ROLE>``, e.g. ``server-0``), labelled so that describe, log,
 cancel and list work from any process without a side file. Group rules (all or nothing, services,
-dependencies) are applied by :mod:`torchx_ext.schedulers.docker_jobs_watcher`: a detached
-watcher process per app; ``describe`` only computes the state (:mod:`.docker_jobs_daemon`) and
-restarts a watcher that died.
+dependencies) are applied by :mod:`torchx_ext.schedulers.docker_jobs_watcher`: one detached
+watcher process per daemon, user and ``$TORCHX_EXT_HOME`` watches all the apps submitted from
+there, and exits when none is left; ``describe`` only computes the state (:mod:`.docker_jobs_daemon`)
+and restarts the watcher if it died.
 
 Choices where TorchX's ``local_docker`` differs:
 
@@ -22,7 +23,7 @@ Choices where TorchX's ``local_docker`` differs:
   nothing, writes nothing and connects nowhere) and performed by ``schedule``;
 * one watcher acts per app, wherever status is asked from (a lease on the daemon, see
   :mod:`.docker_jobs_watcher`); status and list restart a dead watcher only for the apps the
-  caller submitted, at most :data:`HEALS_PER_CALL` per call;
+  caller submitted (one watcher process for all of them);
 * cancel records CANCELLED in the app's verdict volume before stopping the containers, so their
   exit codes (143/137) do not read as failures.
 
@@ -73,7 +74,6 @@ from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 SCHEDULER = d.SCHEDULER
 PULL_POLICIES = ("never", "if-not-present", "always")
 WORKSPACE_KEY = "torchx_ext.docker_jobs.workspace"  # Role.metadata: the workspace to build on its image
-HEALS_PER_CALL = 4  # watchers one status/list call may start; the rest are left to later calls
 _EXTRA_HOST = re.compile(r"^[^:\s]+:\S+$")
 
 
@@ -338,7 +338,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                 leases.remove_leases(api, req.app_id)
                 return req.app_id  # decided (FAILED, all stopped): nothing left to watch
         self._keep_request(req)
-        w.spawn(lease)
+        w.hand_over(api, lease)
         return req.app_id
 
     @staticmethod
@@ -395,7 +395,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         api = self._api()
         st = d.retrying(lambda: w.reconcile(api, app_id, acting=False))
         if st is not None and heal:
-            w.ensure_watcher(api, st)
+            w.ensure_watcher(st)
         return st
 
     @staticmethod
@@ -436,12 +436,8 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
 
     def _list(self, cfg: Any) -> list[ListAppResponse]:
         out = []
-        heals = 0
         for app_id in d.retrying(self.app_ids):
-            st = self._status(app_id, heal=False)
-            # a bounded number of watchers per call: a list never turns into a fork bomb
-            if st is not None and heals < HEALS_PER_CALL and w.ensure_watcher(self._api(), st):
-                heals += 1
+            st = self._status(app_id)  # heals: at most one watcher (of this home) starts
             if st is not None:
                 out.append(self.listed(app_id, st.state, st.snapshot.app_name))
         return out
@@ -471,6 +467,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             self._cancel(app_id)
         images = retention.image_ids(api, app_id)  # read before its containers go
         w.remove_app(api, app_id, snap.network)  # containers, network, verdict, leases
+        w.unrequest(app_id)
         retention.remove_workspace_images(api, images)
         retention.remove_local_files(app_id)
 

@@ -72,8 +72,9 @@ T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ client ----
-def client() -> Any:
-    """A low-level docker ``APIClient`` from the environment (DOCKER_HOST, DOCKER_API_VERSION)."""
+def client(pool_size: int = 10) -> Any:
+    """A low-level docker ``APIClient`` from the environment (DOCKER_HOST, DOCKER_API_VERSION);
+    ``pool_size``: connections kept for threads that share it."""
     try:
         import docker
     except ImportError as e:
@@ -81,7 +82,8 @@ def client() -> Any:
     try:
         # a pinned version saves the /version round trip of "auto"
         return docker.APIClient(
-            version=os.environ.get("DOCKER_API_VERSION") or "auto", **docker.utils.kwargs_from_env()
+            version=os.environ.get("DOCKER_API_VERSION") or "auto", max_pool_size=pool_size,
+            **docker.utils.kwargs_from_env()
         )
     except docker.errors.DockerException as e:
         raise SchedulerUnavailable(

@@ -7,7 +7,7 @@ sequence of tiny labelled volumes ``<app>.watcher-<epoch>`` (label :data:`L_HOLD
 holder). Creating a volume is atomic on the daemon and the first creator's labels stand (creating
 one that exists returns it), so of several callers claiming the same epoch exactly one finds its own
 name in the labels. The holder renews by claiming the next epoch every :data:`RENEW_EVERY_S`
-(a heartbeat thread) and removes the older ones; a volume's creation time, read on the daemon's own
+(the home watcher's renewing thread) and removes the older ones; a volume's creation time, read on the daemon's own
 clock, is the heartbeat. A lease whose newest epoch is older than :data:`LEASE_TTL_S` (by the
 daemon's clock, never the caller's) may be taken over by claiming the next epoch: again one wins,
 and a late holder finds the epoch taken at its next renewal and exits. Names are never reused while
@@ -23,13 +23,12 @@ from __future__ import annotations
 import email.utils
 import os
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
-from torchx_ext.schedulers.docker_jobs_daemon import P, client, parse_ts
+from torchx_ext.schedulers.docker_jobs_daemon import P, parse_ts
 
 LEASE_TTL_S = 10.0  # a lease not renewed for this long, by the daemon's clock, may be taken over
 RENEW_EVERY_S = 2.0
@@ -57,9 +56,9 @@ def lease_volume(app_id: str, epoch: int) -> str:
     return f"{app_id}.watcher-{epoch}"
 
 
-def new_holder() -> str:
-    """A holder's name: unique, and telling a human where it runs."""
-    return f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+def new_holder(what: str = "") -> str:
+    """A holder's name: unique, and telling a human where it runs (``what``: default, this pid)."""
+    return f"{socket.gethostname()}/{what or os.getpid()}/{uuid.uuid4().hex[:12]}"
 
 
 def _leases(api: Any, app_id: str) -> list[tuple[int, dict[str, Any]]]:
@@ -114,51 +113,58 @@ def _claim(api: Any, app_id: str, holder: str, epoch: int) -> Optional[Lease]:
     return Lease(app_id, holder, epoch, began + LEASE_TTL_S - _MARGIN_S)
 
 
-def take_lease(api: Any, app_id: str, holder: Optional[str] = None) -> Optional[Lease]:
+def take_lease(api: Any, app_id: str, holder: Optional[str] = None,
+               dead: Collection[str] = ()) -> Optional[Lease]:
     """The app's lease for a new holder, or None while another holds a live one. Of several callers
-    that find it free (never held, or expired), exactly one gets it."""
+    that find it free (never held, expired, or held by one of ``dead``), exactly one gets it.
+
+    Args:
+        dead: holders known to be dead without waiting for their leases to expire: the home
+            watcher's predecessors (its lock file proves them gone, see docker_jobs_watcher)
+    """
     leases = _leases(api, app_id)
-    if leases and not _expired(api, leases[-1][1]):
+    newest = (leases[-1][1].get("Labels") or {}).get(L_HOLDER) if leases else None
+    # a lease passed to ``holder`` (transfer) is adopted by claiming its next epoch
+    if leases and newest != holder and newest not in dead and not _expired(api, leases[-1][1]):
         return None
     return _claim(api, app_id, holder or new_holder(), leases[-1][0] + 1 if leases else 0)
 
 
-def renew(api: Any, lease: Lease) -> bool:
-    """Extends ``lease`` by claiming its next epoch; False: it was lost (taken over once it expired)."""
-    new = _claim(api, lease.app_id, lease.holder, lease.epoch + 1)
-    if new is None:
+def transfer(api: Any, lease: Lease, holder: str) -> bool:
+    """Passes a valid ``lease`` to ``holder`` (who adopts it with :func:`take_lease`) by claiming its
+    next epoch in that name; the giver must not act any more. False: not passed (it ran out)."""
+    if not lease.valid_for(ACT_MIN_S):
         return False
-    lease.epoch = new.epoch
-    lease.valid_until = new.valid_until
+    labels = {L_LEASE: lease.app_id, L_HOLDER: holder, L_EPOCH: str(lease.epoch + 1)}
+    got = api.create_volume(lease_volume(lease.app_id, lease.epoch + 1), driver="local", labels=labels)
+    if (got.get("Labels") or {}).get(L_HOLDER) != holder:
+        return False
+    _remove_volumes(api, [lease_volume(lease.app_id, lease.epoch)])
+    return True
+
+
+def renew(api: Any, lease: Lease) -> bool:
+    """Extends ``lease`` by claiming its next epoch; False: it was lost (taken over once it expired).
+
+    While the lease is still valid nobody can have taken it over (a taker waits for it to expire
+    by the daemon's clock, and our validity ends :data:`_MARGIN_S` before that), so no newer epoch
+    can exist: the renewal is one create and one remove (a watcher renews every app it holds).
+    A late renewal claims as a taker does, checking for a newer epoch."""
+    if not lease.valid_for():
+        new = _claim(api, lease.app_id, lease.holder, lease.epoch + 1)
+        if new is None:
+            return False
+        lease.epoch, lease.valid_until = new.epoch, new.valid_until
+        return True
+    began = time.monotonic()
+    labels = {L_LEASE: lease.app_id, L_HOLDER: lease.holder, L_EPOCH: str(lease.epoch + 1)}
+    got = api.create_volume(lease_volume(lease.app_id, lease.epoch + 1), driver="local", labels=labels)
+    if (got.get("Labels") or {}).get(L_HOLDER) != lease.holder:
+        return False
+    _remove_volumes(api, [lease_volume(lease.app_id, lease.epoch)])
+    lease.epoch, lease.valid_until = lease.epoch + 1, began + LEASE_TTL_S - _MARGIN_S
     return True
 
 
 def remove_leases(api: Any, app_id: str) -> None:
     _remove_volumes(api, [str(v["Name"]) for _, v in _leases(api, app_id)])
-
-
-class Heartbeat(threading.Thread):
-    """Renews a lease every :data:`RENEW_EVERY_S` (first at once), with a client of its own, while
-    the watcher's own thread may be blocked (a stop waits up to the stop timeout)."""
-
-    def __init__(self, lease: Lease) -> None:
-        super().__init__(name=f"lease-{lease.app_id}", daemon=True)
-        self.lease = lease
-        self.lost = threading.Event()
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        api = None
-        wait = 0.0
-        while not self.done.wait(wait):
-            wait = RENEW_EVERY_S
-            try:
-                api = api or client()
-                if not renew(api, self.lease):
-                    self.lost.set()
-                    return
-            except Exception as e:  # the daemon away: the lease runs out, and the watcher waits
-                print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} could not renew the lease: {e}", flush=True)
-                wait = 0.5
-
-
