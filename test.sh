@@ -31,9 +31,13 @@ say "lint: ruff, mypy --strict on torchx_ext/"
 started=()
 cleanup() {
     for tb in "${started[@]}"; do bash "testbed/$tb.sh" stop >/dev/null 2>&1 || true; done
+    # the bridge and the iptables rule go with the last namespace (a no-op if another checkout's run)
+    bash testbed/netns.sh gc >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-for tb in slurm docker ray sshd; do
+# ray_multinode and slurm_multinode: nodes with their own addresses in network namespaces
+# (testbed/README.md), for the multi-node tests
+for tb in slurm docker ray sshd ray_multinode slurm_multinode; do
     # start is idempotent and writes testbed/.state/$tb.env for this checkout even when the
     # daemons were already up (another checkout); only what was down is stopped at exit
     VENV="$VENV" bash "testbed/$tb.sh" status >/dev/null 2>&1 || started+=("$tb")

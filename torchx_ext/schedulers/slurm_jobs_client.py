@@ -188,6 +188,12 @@ class SlurmClient:
             job = self.sacct_job(job_id)
         return job, err, read_job_files(job_dir, names)
 
+    def failed_nodes(self, nodes: str) -> list[str]:
+        """Those of ``nodes`` (a Slurm host list) that slurmctld holds down, failed or not
+        responding (naming a lost node; [] when it cannot tell, e.g. the node is back)."""
+        proc = self.run(["sinfo", "-h", "-N", "-n", nodes, "-t", "down,fail,no_respond", "-o", "%N"])
+        return sorted(set(proc.stdout.split())) if proc.returncode == 0 else []
+
     def job(self, job_id: str) -> tuple[Optional[SlurmJob], Optional[str]]:
         """(job, None) if slurmctld knows it, (None, None) if not, (None, error) if unreachable."""
         proc = self.run(["scontrol", "show", "job", "-o", job_id])

@@ -73,6 +73,9 @@ class LocalGroup:
     def node_ips(self) -> List[str]:
         return [node_ip()]
 
+    def prepare(self, indices: List[int]) -> Dict[int, str]:
+        return {}
+
     def start(self, cmds: List[Tuple[List[str], Dict[str, str]]], indices: List[int]) -> List[Optional[str]]:
         return [self.runners[i].start(*cmds[i]) for i in indices]
 
@@ -85,6 +88,11 @@ class LocalGroup:
 
     def close(self) -> None:
         pass
+
+
+# How long an actor may stay unreachable (ActorUnavailableError) before its replica counts as lost
+# although Ray has not declared its node dead.
+UNREACHABLE_S = 90.0
 
 
 class GangGroup:
@@ -100,7 +108,9 @@ class GangGroup:
         ray.init(log_to_driver=False)
         self.pg: Any = None
         self.actors: List[Any] = []
+        self.ips: List[str] = []
         self.lost: set[int] = set()
+        self.unreachable: Dict[int, float] = {}  # replica -> when its actor first did not answer
 
     def reserve(self) -> Optional[str]:
         from ray.util.placement_group import placement_group
@@ -156,30 +166,84 @@ class GangGroup:
         ) if busy else f"the group needs {_fmt_res(need)} with strategy {self.spec.get('strategy', 'PACK')}"
 
     def node_ips(self) -> List[str]:
-        return self.ray.get([a.node_ip.remote() for a in self.actors], timeout=120)
+        self.ips = self.ray.get([a.node_ip.remote() for a in self.actors], timeout=120)
+        return list(self.ips)
+
+    def prepare(self, indices: List[int]) -> Dict[int, str]:
+        """Before a restart of ``indices``: a lost replica (its worker or node died) gets a new
+        actor in its bundle, which Ray moves to a surviving node once it knows the old one is
+        dead, and its node address is learnt again (``ips``), so that the restarted replicas'
+        discovery variables name where it runs now. A restart of a replica that was not lost
+        reuses its actor (same node). Returns the replicas that could not be placed, with why."""
+        ray = self.ray
+        errors: Dict[int, str] = {}
+        timeout = float(self.spec.get("placement_timeout_s", 60))
+        for i in indices:
+            if i not in self.lost:
+                continue
+            self.lost.discard(i)
+            deadline = time.time() + timeout
+            while True:
+                self._replace(i)
+                try:
+                    self.ips[i] = ray.get(self.actors[i].node_ip.remote(), timeout=max(1.0, deadline - time.time()))
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                    # its bundle was still on the dead node (the new actor died with it): again
+                    if time.time() >= deadline:
+                        self.lost.add(i)
+                        errors[i] = (f"no node took it within {timeout:g} s: "
+                                     f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                        break
+                    time.sleep(1.0)
+        return errors
+
+    def _replace(self, i: int) -> None:
+        try:  # the lost actor must not come back with its replica when its node does
+            self.ray.kill(self.actors[i], no_restart=True)
+        except Exception:
+            pass
+        self.actors[i] = self._actor(i)
 
     def start(self, cmds: List[Tuple[List[str], Dict[str, str]]], indices: List[int]) -> List[Optional[str]]:
-        # a restart reuses the replica's actor (same bundle, same node: discovery stays true); a
-        # lost one (its worker or node died) is replaced in the same bundle
-        for i in indices:
-            if i in self.lost:
-                self.lost.discard(i)
-                self.actors[i] = self._actor(i)
+        ray = self.ray
         refs = [self.actors[i].start.remote(*cmds[i]) for i in indices]
-        return self.ray.get(refs, timeout=120)
+        out: List[Optional[str]] = []
+        for i, ref in zip(indices, refs):
+            try:
+                out.append(ray.get(ref, timeout=120))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                self.lost.add(i)
+                out.append(f"its Ray actor was lost (node {self.ips[i]}): {type(e).__name__}: {str(e).splitlines()[0]}")
+        return out
 
     def poll(self) -> List[Result]:
         ray = self.ray
         refs = [a.poll.remote() for a in self.actors]
         out: List[Result] = []
+        now = time.time()
         for i, ref in enumerate(refs):
             try:
                 lines, code = ray.get(ref, timeout=60)
+                self.unreachable.pop(i, None)
                 out.append((lines, code, ""))
+            except ray.exceptions.ActorUnavailableError as e:
+                # not lost yet: its node may be partitioned, or dead but not declared so (Ray's
+                # health checks take ~15 s); a replica restarted now could run twice. Ray raises
+                # ActorDiedError once it declares the node dead; a bound for an actor it never does.
+                since = self.unreachable.setdefault(i, now)
+                if now - since < UNREACHABLE_S:
+                    out.append(([], None, ""))
+                    continue
+                self.lost.add(i)
+                out.append(([], -1, f"its node {self.ips[i]} did not answer for {UNREACHABLE_S:g} s: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0]}"))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
                 # the node or worker died: the replica is lost (its process died with it)
                 self.lost.add(i)
-                out.append(([], -1, f"its Ray actor was lost: {type(e).__name__}: {str(e).splitlines()[0]}"))
+                self.unreachable.pop(i, None)
+                out.append(([], -1, f"its Ray actor was lost (node {self.ips[i]}): "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0]}"))
         return out
 
     def stop(self, indices: List[int]) -> None:
@@ -277,18 +341,22 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
         error = group.reserve()
         if error:
             return finish("FAILED", error)
-        ips = group.node_ips()
-        hosts: Dict[str, List[str]] = {}
-        for (_, role, _, _), ip in zip(replicas, ips):
-            hosts.setdefault(role["hosts_env"], []).append(ip)
-        cmds = []
-        for (_, role, _k, rep), ip in zip(replicas, ips):
-            env = dict(rep["env"])
-            env.update({name: ",".join(h) for name, h in hosts.items()})
-            env["TORCHX_RANK0_HOST"] = hosts[role["hosts_env"]][0]  # TorchX's rank0_env macro
-            cmds.append((rep["cmd"], env))
-            outcomes[len(cmds) - 1]["host"] = ip
-        out.say("hosts: " + json.dumps(hosts))
+        def commands(ips: List[str]) -> List[Tuple[List[str], Dict[str, str]]]:
+            """Each replica's argv and env, its discovery variables naming the nodes ``ips``."""
+            hosts: Dict[str, List[str]] = {}
+            for (_, role, _, _), ip in zip(replicas, ips):
+                hosts.setdefault(role["hosts_env"], []).append(ip)
+            cmds = []
+            for (_, role, _k, rep), ip in zip(replicas, ips):
+                env = dict(rep["env"])
+                env.update({name: ",".join(h) for name, h in hosts.items()})
+                env["TORCHX_RANK0_HOST"] = hosts[role["hosts_env"]][0]  # TorchX's rank0_env macro
+                cmds.append((rep["cmd"], env))
+                outcomes[len(cmds) - 1]["host"] = ip
+            out.say("hosts: " + json.dumps(hosts))
+            return cmds
+
+        cmds = commands(group.node_ips())
         if stopping.is_set():  # stopped while reserving: start nothing
             if orphaned is not None and orphaned.is_set():
                 return finish("FAILED", "Ray's job supervisor of this driver is gone (head or node lost)")
@@ -327,6 +395,15 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
                                 f"replica {outcomes[x]['replica_id']} begins: {restarts.why}"))])
             ready = restarts.ready() if not stopping.is_set() else []
             if ready:
+                before = [o.get("host") for o in outcomes]
+                unplaced = group.prepare(ready)
+                if isinstance(group, GangGroup) and group.ips != before:
+                    # a lost node's replica moves: the replicas restarted now learn its new node
+                    # (those still running keep the discovery variables they started with)
+                    cmds = commands(group.ips)
+                for i, why in unplaced.items():
+                    outcomes[i].update(state="FAILED", reason=f"failed to restart: {why}")
+                ready = [i for i in ready if i not in unplaced]
                 started = group.start([(c, {**e, ATTEMPT_ENV: str(outcomes[i]["attempt"])})
                                        for i, (c, e) in enumerate(cmds)], ready)
                 for i, error in zip(ready, started):
