@@ -21,49 +21,12 @@ from torchx.specs import AppDef, AppState, Resource, RetryPolicy, Role
 
 from conftest import live_processes, process_lineage, require_backend
 from contract import logs, wait_terminal
+from multinode import ALLREDUCE, DISCOVERY, WHERE
 
 SMALL = Resource(cpu=1, gpu=0, memMB=64)
 TIMEOUT = 90.0
 TERMINAL = {AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED}
-PORT = 47123  # each replica listens on it; STRICT_SPREAD puts one replica per node (namespace)
 
-# Where am I: the source address towards the bridge (no default route in the namespaces).
-WHERE = (
-    "import socket\n"
-    "def me():\n"
-    "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('198.18.0.1', 9))\n"
-    "    return s.getsockname()[0]\n"
-)
-
-# A replica of a two-role group: listens on PORT, connects to every replica of the other role at
-# the address discovery gave it, and waits until each of them connected back.
-DISCOVERY = WHERE + f"PORT = {PORT}\n" + r"""
-import os, socket, sys, threading, time
-role = os.environ["TORCHX_EXT_ROLE"]
-other = "client" if role == "server" else "server"
-peers = os.environ["TORCHX_EXT_HOSTS_" + other.upper()].split(",")
-print("ran-on", me(), "hosts", os.environ["TORCHX_EXT_HOSTS_SERVER"], os.environ["TORCHX_EXT_HOSTS_CLIENT"], flush=True)
-srv = socket.create_server(("0.0.0.0", PORT))
-got = []
-def accept():
-    while len(got) < len(peers):
-        c, addr = srv.accept(); got.append((addr[0], c.recv(100).decode())); c.close()
-t = threading.Thread(target=accept, daemon=True); t.start()
-deadline = time.time() + 40
-for p in peers:
-    while True:
-        try:
-            c = socket.create_connection((p, PORT), timeout=2); break
-        except OSError:
-            if time.time() > deadline: sys.exit("cannot connect to " + p)
-            time.sleep(0.2)
-    c.sendall(f"{role}/{os.environ['TORCHX_EXT_REPLICA_ID']}".encode()); c.close()
-    print("connected-to", p, flush=True)
-t.join(max(0.0, deadline - time.time()))
-for addr, who in sorted(got):
-    print("accepted-from", addr, who, flush=True)
-sys.exit(0 if len(got) == len(peers) else "missing connections: " + repr(got))
-"""
 
 # A replica that says where it ran, then (attempt 1) sleeps until the file argv[1] exists;
 # later attempts end at once.
@@ -172,20 +135,6 @@ def test_discovery_two_roles_across_node_addresses(runner: Runner) -> None:
         assert [line.split()[1] for line in out[c].splitlines() if line.startswith("accepted-from")] == [where["server/0"]]
 
 
-# gloo all-reduce of each rank's (rank + 1) across the replicas of role "t"
-ALLREDUCE = WHERE + r"""
-import datetime, os, torch, torch.distributed as dist
-hosts = os.environ["TORCHX_EXT_HOSTS_T"].split(",")
-rank, world = int(os.environ["TORCHX_EXT_REPLICA_ID"]), len(hosts)
-os.environ["GLOO_SOCKET_IFNAME"] = "eth0"
-print("ran-on", me(), "master", hosts[0], flush=True)
-dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:47299", rank=rank, world_size=world,
-                        timeout=datetime.timedelta(seconds=60))
-x = torch.tensor([float(rank + 1)])
-dist.all_reduce(x)
-print("sum", int(x.item()), flush=True)
-dist.destroy_process_group()
-"""
 
 
 def test_gloo_all_reduce_across_two_nodes(runner: Runner) -> None:

@@ -463,19 +463,26 @@ class _Proxy:
                 pass
 
 
-def test_connection_dropped_mid_tail_is_one_line(
-        runner: Runner, partition: str, fresh_home: str, tmp_path: object) -> None:
+def _proxied_login(tmp: str, alias: str, extra: str = "") -> tuple[_Proxy, str]:
+    """A login ``alias`` (in the returned ssh_config) that reaches the testbed's sshd through a
+    :class:`_Proxy` the test can cut."""
     proxy = _Proxy(int(_sshd("PORT")))
-    known_hosts = os.path.join(str(tmp_path), "known_hosts")
+    known_hosts = os.path.join(tmp, "known_hosts")
     with open(os.path.join(os.path.dirname(_sshd("CONFIG")), "known_hosts")) as f:
         key = f.readline().split(" ", 1)[1]
     with open(known_hosts, "w") as f:
         f.write(f"[127.0.0.1]:{proxy.port} {key}")
-    config = os.path.join(str(tmp_path), "ssh_config")
+    config = os.path.join(tmp, "ssh_config")
     with open(config, "w") as f:
-        f.write(f"Host txe-proxied\n  HostName 127.0.0.1\n  Port {proxy.port}\n  User {_sshd('USER')}\n"
+        f.write(f"Host {alias}\n  HostName 127.0.0.1\n  Port {proxy.port}\n  User {_sshd('USER')}\n"
                 f"  IdentityFile {_sshd('KEY')}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known_hosts}\n"
-                "  StrictHostKeyChecking yes\n")
+                f"  StrictHostKeyChecking yes\n{extra}")
+    return proxy, config
+
+
+def test_connection_dropped_mid_tail_is_one_line(
+        runner: Runner, partition: str, fresh_home: str, tmp_path: object) -> None:
+    proxy, config = _proxied_login(str(tmp_path), "txe-proxied")
     cfg = {"partition": partition, "login": "txe-proxied", "ssh_config": config}
     handle = runner.run(_app("dropped", "import time\nwhile True: print('tick', flush=True); time.sleep(0.3)"),
                         SCHEDULER, cfg)
@@ -619,17 +626,7 @@ def test_list_warns_for_a_cluster_it_cannot_ask_and_lists_the_others(
         caplog: pytest.LogCaptureFixture) -> None:
     """A cluster that cannot be asked (here: its login node behind a cut link) is one warning;
     the apps of every other cluster are still listed (issue 24)."""
-    proxy = _Proxy(int(_sshd("PORT")))
-    known_hosts = os.path.join(str(tmp_path), "known_hosts")
-    with open(os.path.join(os.path.dirname(_sshd("CONFIG")), "known_hosts")) as f:
-        key = f.readline().split(" ", 1)[1]
-    with open(known_hosts, "w") as f:
-        f.write(f"[127.0.0.1]:{proxy.port} {key}")
-    config = os.path.join(str(tmp_path), "ssh_config")
-    with open(config, "w") as f:
-        f.write(f"Host txe-gone\n  HostName 127.0.0.1\n  Port {proxy.port}\n  User {_sshd('USER')}\n"
-                f"  IdentityFile {_sshd('KEY')}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known_hosts}\n"
-                "  StrictHostKeyChecking yes\n  ConnectTimeout 3\n")
+    proxy, config = _proxied_login(str(tmp_path), "txe-gone", "  ConnectTimeout 3\n")
     sleep = "import time; time.sleep(60)"
     gone = runner.run(_app("gone", sleep), SCHEDULER, {"partition": remote_cfg["partition"], "login": "txe-gone",
                                                         "ssh_config": config})
