@@ -9,8 +9,10 @@ the state at each poll) so a CI log records it."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any, Iterator
@@ -79,6 +81,17 @@ def ran_on(runner: Runner, handle: str, role: str, k: int) -> list[str]:
 def role(name: str, code: str, *args: str, replicas: int = 1, **kw: Any) -> Role:
     return Role(name=name, image="", entrypoint=sys.executable, args=["-c", code, *args],
                 num_replicas=replicas, resource=SMALL, **kw)
+
+
+@pytest.fixture(autouse=True)
+def own_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This module's apps are recorded in a home of their own: the other clusters' tests (whose
+    list asks every cluster a home knows) never see these clusters. Short: ssh's control sockets
+    live there."""
+    path = tempfile.mkdtemp(prefix="txm")
+    monkeypatch.setenv("TORCHX_EXT_HOME", path)
+    yield
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

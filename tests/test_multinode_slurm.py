@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any, Iterator
@@ -52,6 +54,17 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, tuple[str, st
     yield out
     # nothing a failed test left may block the next one (this cluster runs only these tests)
     subprocess.run(["scancel", "-u", "root"], capture_output=True, timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def own_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This module's apps are recorded in a home of their own: the other clusters' tests (whose
+    list asks every cluster a home knows) never see these clusters. Short: ssh's control sockets
+    live there."""
+    path = tempfile.mkdtemp(prefix="txm")
+    monkeypatch.setenv("TORCHX_EXT_HOME", path)
+    yield
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

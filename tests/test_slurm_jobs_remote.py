@@ -302,7 +302,8 @@ def test_cli_from_new_shells_needs_only_the_handle(runner: Runner, remote_cfg: d
     assert nothing_running(sleeper)
 
 
-def test_status_is_one_round_trip(runner: Runner, remote_cfg: dict[str, str]) -> None:
+def test_status_is_one_round_trip(fresh_home: str, runner: Runner, remote_cfg: dict[str, str]) -> None:
+    # a home of its own: list asks every cluster the home knows (other tests' login nodes too)
     from torchx_ext.schedulers import slurm_jobs_ssh
 
     handle = runner.run(_app("rt", "print(1)"), SCHEDULER, remote_cfg)
