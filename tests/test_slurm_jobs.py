@@ -547,8 +547,12 @@ def test_cli_dryrun_with_a_workspace_writes_nothing(partition: str, tmp_path: ob
     os.mkdir(ws)
     with open(os.path.join(ws, "main.py"), "w") as f:
         f.write("print('hi')\n")
-    _cli_in(home, "run", "-s", SCHEDULER, "-cfg", f"partition={partition}", "--workspace", "", "group.roles",
-            "--image", ROOT, f"main={sys.executable} -c pass")  # a home with records and roots in it
+    first = _cli_in(home, "run", "-s", SCHEDULER, "-cfg", f"partition={partition}", "--workspace", "", "group.roles",
+                    "--image", ROOT, f"main={sys.executable} -c pass")  # a home with records and roots in it
+    assert first.returncode == 0, first.stderr
+    handle = next(line for line in first.stdout.splitlines() if line.startswith(f"{SCHEDULER}://"))
+    # the first app's replicas write into the home while they run: compare only once it is over
+    cli_status_until_over(lambda: _cli_in(home, "status", handle).stdout)
     before = tree(home)
     proc = _cli_in(home, "run", "--dryrun", "--workspace", ws, "-s", SCHEDULER, "-cfg", f"partition={partition}",
                    "group.roles", "--image", "unused", f"main={sys.executable} main.py")
