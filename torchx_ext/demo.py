@@ -29,9 +29,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--role", default="server", help="role to fetch from (fetch mode)")
     p.add_argument("--timeout", type=float, default=30.0)
+    # loopback by default: the demo runs on the host scheduler, whose replicas all find each other at
+    # 127.0.0.1; a demo should not answer on every interface of the machine it runs on
+    p.add_argument("--bind", default="127.0.0.1", help="address to serve on (serve mode; 0.0.0.0: every interface)")
     a = p.parse_args(argv)
     if a.mode == "serve":
-        http.server.HTTPServer(("0.0.0.0", a.port), _Hello).serve_forever()
+        http.server.HTTPServer((a.bind, a.port), _Hello).serve_forever()
         return 0
     var = "TORCHX_EXT_HOSTS_" + "".join(c if c.isalnum() else "_" for c in a.role).upper()
     host = os.environ[var].split(",")[0]

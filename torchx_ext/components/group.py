@@ -69,7 +69,7 @@ def roles(
     """Runs N roles as one heterogeneous group (started together, all or nothing).
 
     Example: ``torchx run -s host --wait group.roles --services server --ports server=8000
-    "server=python3 -m http.server 8000" "client=sh -c 'curl -s http://$TORCHX_EXT_HOSTS_SERVER:8000/'"``
+    "server=python3 -m http.server --bind 127.0.0.1 8000" "client=sh -c 'curl -s http://$TORCHX_EXT_HOSTS_SERVER:8000/'"``
 
     Args:
         role_specs: one ``NAME=COMMAND`` per role; COMMAND is split with shell quoting rules
@@ -137,8 +137,8 @@ def server_client(
     only once every server replica accepts TCP connections on that port. The app's final state is
     the client's; a server that dies before the client is done fails the app.
 
-    Example: ``torchx run -s host --wait group.server_client --port 8000 --server "python3 -m http.server 8000"
-    --client "sh -c 'curl -s http://$TORCHX_EXT_HOSTS_SERVER:8000/'"``
+    Example: ``torchx run -s host --wait group.server_client --port 8000
+    --server "python3 -m http.server --bind 127.0.0.1 8000" --client "sh -c 'curl -s http://$TORCHX_EXT_HOSTS_SERVER:8000/'"``
 
     Args:
         server: the server's command, split with shell quoting rules
