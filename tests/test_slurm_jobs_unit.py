@@ -247,12 +247,37 @@ def test_log_reader_splits_streams_and_waits_for_whole_lines(tmp_path: Any) -> N
     log = tmp_path / "log"
     log.write_bytes(b"100.5 O out one\n101.0 E err one\nnot stamped\n102.0 O partial")
     both, out, err = (StampedLineReader(str(log), tagged=True, want_tag=t) for t in (None, b"O", b"E"))
-    assert both.read_new() == [(100.5, "out one"), (101.0, "err one"), (None, "not stamped")]
-    assert out.read_new() == [(100.5, "out one")]
-    assert err.read_new() == [(101.0, "err one")]
+    assert list(both.read_new()) == [(100.5, "out one"), (101.0, "err one"), (None, "not stamped")]
+    assert list(out.read_new()) == [(100.5, "out one")]
+    assert list(err.read_new()) == [(101.0, "err one")]
     with open(log, "ab") as f:
         f.write(b" line\n")
-    assert out.read_new() == [(102.0, "partial line")]
+    assert list(out.read_new()) == [(102.0, "partial line")]
+
+
+def test_log_reader_reads_each_byte_once_in_bounded_chunks(tmp_path: Any) -> None:
+    log = tmp_path / "log"
+    lines = [f"{100 + i}.0 O line {i}".encode() for i in range(1000)]
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    asked: list[tuple[int, int]] = []
+
+    def fetch(offset: int, limit: int) -> bytes:
+        asked.append((offset, limit))
+        with open(log, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+
+    reader = StampedLineReader(str(log), tagged=True, fetch=fetch, chunk=1000)
+    assert [text for _, text in reader.read_new()] == [f"line {i}" for i in range(1000)]
+    size = log.stat().st_size
+    # every answer at most a chunk; bytes fetched = the log plus the partial line each chunk ends in
+    assert all(limit == 1000 for _, limit in asked) and reader.offset == size
+    assert sum(min(limit, size - off) for off, limit in asked) < 1.05 * size
+    assert list(reader.read_new()) == []
+    long = b"200.0 O " + b"x" * 2500 + b"\n"  # a line longer than a chunk comes in pieces, none lost
+    with open(log, "ab") as f:
+        f.write(long)
+    assert "".join(text for _, text in reader.read_new()).endswith("x" * 1500)
 
 
 # ---------------------------------------------------------------------- Slurm away / forgotten --
@@ -361,15 +386,15 @@ def test_a_fetched_log_splits_streams_and_waits_for_whole_lines() -> None:
     data = bytearray(b"100.5 O out one\n101.0 E err \xc3\xa9\nnot stamped\n102.0 O partial")
     asked: list[int] = []
 
-    def fetch(offset: int) -> bytes:
+    def fetch(offset: int, limit: int) -> bytes:
         asked.append(offset)
-        return bytes(data[offset:])
+        return bytes(data[offset:offset + limit])
 
     both, out = (StampedLineReader("remote", tagged=True, want_tag=t, fetch=fetch) for t in (None, b"O"))
-    assert both.read_new() == [(100.5, "out one"), (101.0, "err é"), (None, "not stamped")]
-    assert out.read_new() == [(100.5, "out one")]
+    assert list(both.read_new()) == [(100.5, "out one"), (101.0, "err é"), (None, "not stamped")]
+    assert list(out.read_new()) == [(100.5, "out one")]
     data.extend(b" line\n")
-    assert out.read_new() == [(102.0, "partial line")]
+    assert list(out.read_new()) == [(102.0, "partial line")]
     assert asked[-1] == len(b"100.5 O out one\n101.0 E err \xc3\xa9\nnot stamped\n")  # from where it stopped
 
 

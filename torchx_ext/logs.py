@@ -33,7 +33,7 @@ def filter_lines(
 
 
 def follow(
-    read_new: Callable[[], list[TimedLine]],
+    read_new: Callable[[], Iterable[TimedLine]],
     is_done: Callable[[], bool],
     should_tail: bool,
     interval: float = 0.2,

@@ -241,40 +241,56 @@ def _why(path: str, e: OSError, part: Optional[str] = None) -> str:
     return f"cannot write {path}: {what}; check that its directory is writable and its disk is not full"
 
 
+LOG_CHUNK = 4 << 20  # bytes read at a time by StampedLineReader: memory stays bounded however long a log
+
+
 class StampedLineReader:
     """Reads the new complete lines of a log written as ``<unix time> [<tag> ]<text>``.
+
+    Each byte is read once, :data:`LOG_CHUNK` bytes at a time, and lines are yielded as each
+    chunk is read (a long log is never held in memory, a remote one never fetched in one answer).
 
     Args:
         path: the log file (missing yet: no lines)
         tagged: lines carry a one-word stream tag after the time (``O``/``E``)
         want_tag: with ``tagged``, keep only lines of this tag (None: all)
-        fetch: returns the log's bytes from an offset on, instead of reading the local file
-            ``path`` (e.g. a remote log, fetched over a connection)
+        fetch: ``fetch(offset, limit)`` returns at most ``limit`` of the log's bytes from ``offset``
+            on, instead of reading the local file ``path`` (e.g. a remote log, over a connection)
     """
 
     def __init__(self, path: str, tagged: bool = False, want_tag: Optional[bytes] = None,
-                 fetch: Optional[Callable[[int], bytes]] = None) -> None:
+                 fetch: Optional[Callable[[int, int], bytes]] = None, chunk: int = LOG_CHUNK) -> None:
         self.path = path
         self.tagged = tagged
         self.want_tag = want_tag
         self.offset = 0
+        self.chunk = chunk
         self.fetch = fetch or self._read_file
 
-    def _read_file(self, offset: int) -> bytes:
+    def _read_file(self, offset: int, limit: int) -> bytes:
         try:
             with open(self.path, "rb") as f:
                 f.seek(offset)
-                return f.read()
+                return f.read(limit)
         except (FileNotFoundError, NotADirectoryError):
             return b""
 
-    def read_new(self) -> list[TimedLine]:
-        data = self.fetch(self.offset)
-        end = data.rfind(b"\n") + 1  # whole lines only; a partial one is read next time
-        self.offset += end
-        out: list[TimedLine] = []
+    def read_new(self) -> Iterator[TimedLine]:
+        while True:
+            data = self.fetch(self.offset, self.chunk)
+            end = data.rfind(b"\n") + 1  # whole lines only; a partial one is read next time
+            if end == 0 and len(data) >= self.chunk:
+                end = len(data)  # one line longer than a chunk: it comes in chunk-sized pieces
+            self.offset += end
+            yield from self._lines(data[:end])
+            if len(data) < self.chunk:
+                return
+
+    def _lines(self, data: bytes) -> Iterator[TimedLine]:
+        if not data:
+            return
         # split, not splitlines: a \r or \x1e inside a line is data, not a line break
-        for raw in data[:end].split(b"\n")[:-1]:
+        for raw in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"):
             stamp, _, rest = raw.partition(b" ")
             tag = b""
             if self.tagged:
@@ -285,5 +301,4 @@ class StampedLineReader:
                 ts, tag, rest = None, b"", raw
             if self.want_tag is not None and tag != self.want_tag:
                 continue
-            out.append((ts, rest.decode("utf-8", errors="replace")))
-        return out
+            yield ts, rest.decode("utf-8", errors="replace")

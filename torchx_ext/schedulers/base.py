@@ -64,7 +64,7 @@ from torchx_ext.support import COMMON, Support, check_app
 
 E = TypeVar("E", bound=Executor)
 T = TypeVar("T")
-ReadNew = Callable[[], list[TimedLine]]
+ReadNew = Callable[[], Iterable[TimedLine]]  # may stream: a generator is consumed whole per poll
 Warn = Callable[[str], None]
 # a workspace copy no record names yet may belong to a submission in progress (the copy is made
 # before the record): prune leaves such copies alone for this long, whatever the cutoff

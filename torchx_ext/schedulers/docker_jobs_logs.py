@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from torchx.schedulers.api import Stream
 
@@ -32,30 +33,50 @@ class LogReader:
         self.until = until.timestamp() if until else None
         self.recent: set[str] = set()  # raw lines at the cursor: docker's `since` is inclusive
 
-    def read_new(self) -> list[TimedLine]:
-        kwargs: dict[str, Any] = {"stdout": self.stdout, "stderr": self.stderr, "timestamps": True}
+    def read_new(self) -> Iterator[TimedLine]:
+        """The lines after the cursor, streamed from the daemon as they are read: a long log is
+        never held in memory at once, and each poll asks only for what is new."""
+        kwargs: dict[str, Any] = {"stdout": self.stdout, "stderr": self.stderr, "timestamps": True,
+                                  "stream": True, "follow": False}
         if self.cursor is not None and self.cursor > 0.01:
             kwargs["since"] = self.cursor - 0.005  # a float loses ns: step back, dedupe below
         if self.until is not None:
             kwargs["until"] = self.until
-        raw = retrying(lambda: self.api.logs(self.container_id, **kwargs))
-        lines = [ln for ln in raw.decode("utf-8", errors="replace").split("\n") if ln]
-        out: list[TimedLine] = []
+        chunks = retrying(lambda: self.api.logs(self.container_id, **kwargs))
+        # the lines within 10 ms of the newest time read: the next read's overlap (``since`` is
+        # inclusive and stepped back), skipped there; stdout and stderr interleave slightly out of order
+        window: deque[tuple[float, str]] = deque()
         newest = self.cursor
-        for line in lines:
-            if line in self.recent:
-                continue  # already yielded by the previous read
+        buf = b""
+        for chunk in chunks:
+            buf += chunk
+            *whole, buf = buf.split(b"\n")
+            for raw in whole:
+                if not raw:
+                    continue
+                line = raw.decode("utf-8", errors="replace")
+                if line in self.recent:
+                    continue  # already yielded by the previous read
+                stamp, _, text = line.partition(" ")
+                ts = parse_ts(stamp)
+                if ts is None:
+                    yield None, line
+                    continue
+                if newest is None or ts > newest:
+                    newest = ts
+                    while window and window[0][0] < newest - 0.01:
+                        window.popleft()
+                if ts >= newest - 0.01:
+                    window.append((ts, line))
+                yield ts, text
+        if buf:  # the daemon's last entry without a newline (a program's unterminated output)
+            line = buf.decode("utf-8", errors="replace")
             stamp, _, text = line.partition(" ")
             ts = parse_ts(stamp)
-            if ts is None:
-                ts, text = None, line
-            elif newest is None or ts > newest:
-                newest = ts
-            out.append((ts, text))
-        if newest is not None:
+            yield (ts, text) if ts is not None else (None, line)
+        if newest is not None and newest != self.cursor:
             self.cursor = newest
-            self.recent = {ln for ln in lines if (parse_ts(ln.partition(" ")[0]) or 0.0) >= newest - 0.01}
-        return out
+            self.recent = {ln for t, ln in window if t >= newest - 0.01}
 
 
 class AttemptsReader:
@@ -72,14 +93,12 @@ class AttemptsReader:
         found = retrying(lambda: self.api.containers(all=True, filters=self.filters))
         return sorted(found, key=lambda c: int((c.get("Labels") or {}).get(L_ATTEMPT) or 1))
 
-    def read_new(self) -> list[TimedLine]:
-        out: list[TimedLine] = []
+    def read_new(self) -> Iterator[TimedLine]:
         for c in self.containers():
             if c["Id"] not in self.readers:
                 self.readers[c["Id"]] = LogReader(self.api, c["Id"], self.streams, self.since, self.until)
-                out += self._attempt_line(c)
-            out += self.readers[c["Id"]].read_new()
-        return out
+                yield from self._attempt_line(c)
+            yield from self.readers[c["Id"]].read_new()
 
     def _attempt_line(self, c: dict[str, Any]) -> list[TimedLine]:
         """A restart's first line, as host and ray_jobs write it to the replica's stderr."""

@@ -876,12 +876,13 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         tag = {Stream.STDOUT: b"O", Stream.STDERR: b"E"}.get(streams)
         if record.get("login"):
             # the replica's log on the login node, read from where the last poll stopped
-            # (tail -c +OFFSET over the shared connection: one round trip per poll)
+            # (a bounded read from OFFSET over the shared connection: one round trip per poll and chunk)
             remote = self._cluster(record)
             assert isinstance(remote, sc.RemoteSlurmClient)
             path = f"{record['job_dir']}/{dirname}/{k}/log"
-            return state.StampedLineReader(path, tagged=True, want_tag=tag,
-                                           fetch=lambda offset: remote.read_bytes_from(path, offset)).read_new, None
+            reader = state.StampedLineReader(path, tagged=True, want_tag=tag,
+                                             fetch=lambda offset, limit: remote.read_bytes_from(path, offset, limit))
+            return reader.read_new, None
         path = os.path.join(record.get("job_dir", ""), dirname, str(k), "log")
         return state.StampedLineReader(path, tagged=True, want_tag=tag).read_new, None
 

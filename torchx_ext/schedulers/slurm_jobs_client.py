@@ -338,9 +338,12 @@ class RemoteSlurmClient(SlurmClient):
             raise SchedulerUnavailable(f"squeue on {self.login.name} could not reach slurmctld: {proc.stderr.strip()}")
         return super().squeue_jobs()
 
-    def read_bytes_from(self, path: str, offset: int) -> bytes:
-        """The bytes of the remote file ``path`` from ``offset`` on (b"" while it does not exist)."""
-        proc = self.login.run_bytes(["tail", "-c", f"+{offset + 1}", "--", path])
+    def read_bytes_from(self, path: str, offset: int, limit: int) -> bytes:
+        """At most ``limit`` bytes of the remote file ``path`` from ``offset`` on (b"" while it does
+        not exist): a long log comes in bounded answers, each well within the command timeout."""
+        # GNU dd's byte-addressed skip/count: one process, no shell pipe (tail -c | head -c)
+        proc = self.login.run_bytes(["dd", f"if={path}", "iflag=skip_bytes,count_bytes", f"skip={offset}",
+                                     f"count={limit}", f"bs={min(limit, 1 << 20)}", "status=none"])
         return proc.stdout if proc.returncode == 0 else b""
 
 
