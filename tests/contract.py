@@ -100,6 +100,9 @@ class Backend:
     broken_app_id: Optional[str] = None
     # restarts (Role.max_retries) are honoured; False: refused with a message naming the field
     retries: bool = False
+    # given discovery's hosts per role ({"MODEL_SERVER": [...], "CLIENT": [...]}, the same in every
+    # replica), asserts what the backend promises of them: e.g. node addresses, not loopback (None: skip)
+    check_hosts: Optional[Callable[[dict[str, list[str]]], None]] = None
 
 
 def free_port() -> int:
@@ -162,6 +165,26 @@ def torchx_cli(args: list[str], env: Optional[dict[str, str]], cwd: str, timeout
 def error_lines(stderr: str) -> list[str]:
     """stderr minus torchx's own INFO/WARNING log lines and blank lines."""
     return [line for line in stderr.splitlines() if line.strip() and not TORCHX_LOG_LINE.match(line)]
+
+
+def contract_subset(*names: str) -> Callable[[type], type]:
+    """A class decorator for a :class:`SchedulerContract` subclass that runs only the contract
+    tests ``names`` (the rest of the contract runs elsewhere, e.g. on a single-node testbed).
+
+    Every other inherited ``test_*`` becomes ``None``, which pytest does not collect; a name that
+    is not a contract test is an error, so a renamed test cannot drop out silently.
+    """
+    contract = {n for n in dir(SchedulerContract) if n.startswith("test_")}
+    unknown = sorted(set(names) - contract)
+    if unknown:
+        raise ValueError(f"not contract tests: {', '.join(unknown)}; valid: {', '.join(sorted(contract))}")
+
+    def apply(cls: type) -> type:
+        for name in contract - set(names):
+            if name not in vars(cls):  # a test the subclass itself defines stays
+                setattr(cls, name, None)
+        return cls
+    return apply
 
 
 class SchedulerContract:
@@ -437,6 +460,8 @@ class SchedulerContract:
             assert len(env["TORCHX_EXT_HOSTS_CLIENT"].split(",")) == 1
             seen.append((env["TORCHX_EXT_HOSTS_MODEL_SERVER"], env["TORCHX_EXT_HOSTS_CLIENT"]))
         assert len(set(seen)) == 1, f"replicas disagree on the hosts: {seen}"
+        if backend.check_hosts:
+            backend.check_hosts({"MODEL_SERVER": seen[0][0].split(","), "CLIENT": seen[0][1].split(",")})
 
     def test_service_stopped_when_main_roles_end(self, runner: Runner, backend: Backend) -> None:
         app = AppDef("svc", roles=[

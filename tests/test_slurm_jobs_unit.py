@@ -525,3 +525,14 @@ def test_local_submission_copies_the_workspace_and_keeps_slurms_output_private(
         assert oct(path.stat().st_mode & 0o777) == "0o700"
     for path in (home / "slurm_jobs" / "4242" / "app.json", home / "slurm_jobs" / "4242" / "script.sbatch"):
         assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_node_fail_names_the_lost_node_and_only_the_replicas_that_ran_there() -> None:
+    from torchx_ext.schedulers.slurm_jobs_client import node_fail_text
+
+    roles = [{"name": "g", "dirname": "g", "num_replicas": 2}]
+    text = node_fail_text("n[1-2]", ["n2"], roles, {"g/0/host": "n1 a", "g/1/host": "n2 b"})
+    assert "node n2 of the job (n[1-2]) failed (role 'g' replica 1 ran there)" in text
+    assert "replica 0" not in text
+    # Slurm no longer says which node: no replica is blamed
+    assert node_fail_text("n[1-2]", [], roles, {"g/0/host": "n1 a"}).startswith("a node of the job (n[1-2]) failed,")

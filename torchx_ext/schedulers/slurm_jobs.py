@@ -751,9 +751,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                 return st, msg
             detail = f"Slurm: {job.state}" + (f" ({reason})" if reason else "")
             if job.state.startswith("NODE_FAIL"):  # not requeued: this app asked for no retries
-                lost = self._cluster(record).failed_nodes(job.nodes) if job.nodes else []
-                which = f"node {', '.join(lost)}" if lost else "a node"
-                detail += f": {which} of the job ({job.nodes or 'unknown'}) failed, so Slurm ended it"
+                detail += ": " + self._cluster(record).node_fail_detail(job.nodes, record.get("roles", []), files)
+                msg = ""  # the replicas elsewhere were ended by Slurm with the job: not theirs to answer for
             if job.exit_code or job.signal:
                 detail += f", batch script exit code {job.exit_code}" + (f" signal {job.signal}" if job.signal else "")
             return st, f"{detail}; {msg + '; ' if msg else ''}see {out_file}"

@@ -151,6 +151,27 @@ def verdict_from_files(job_id: str, job_dir: str, files: Optional[dict[str, str]
 _SQUEUE_FORMAT = ["-h", "-a", "-t", "all", "-o", "%i|%T|%r|%k"]
 
 
+def replicas_on(nodes: list[str], roles: list[dict[str, Any]], files: dict[str, str]) -> list[str]:
+    """The replicas (``role 'r' replica k``) whose ``host`` file names one of ``nodes``."""
+    out = []
+    for role in roles:
+        for k in range(int(role["num_replicas"])):
+            host = (files.get(f"{role['dirname']}/{k}/host") or "").split()
+            if host and host[0] in nodes:
+                out.append(f"role '{role['name']}' replica {k}")
+    return out
+
+
+def node_fail_text(nodes: str, lost: list[str], roles: list[dict[str, Any]], files: dict[str, str]) -> str:
+    """The NODE_FAIL part of a failed app's message: the lost node(s) and the replicas that ran
+    there. The replicas on the other nodes are not named: Slurm ended them with the job (their
+    SIGTERM is its doing, not their failure). ``lost`` empty: Slurm no longer says which node."""
+    which = f"node {', '.join(lost)}" if lost else "a node"
+    there = replicas_on(lost, roles, files)
+    on_it = f" ({', '.join(there)} ran there)" if there else ""
+    return f"{which} of the job ({nodes or 'unknown'}) failed{on_it}, so Slurm ended the job"
+
+
 def parse_squeue_format(text: str) -> list[dict[str, Any]]:
     """:meth:`SlurmClient.squeue_jobs`'s rows from ``squeue -o "%i|%T|%r|%k"``."""
     out = []
@@ -193,6 +214,10 @@ class SlurmClient:
         responding (naming a lost node; [] when it cannot tell, e.g. the node is back)."""
         proc = self.run(["sinfo", "-h", "-N", "-n", nodes, "-t", "down,fail,no_respond", "-o", "%N"])
         return sorted(set(proc.stdout.split())) if proc.returncode == 0 else []
+
+    def node_fail_detail(self, nodes: str, roles: list[dict[str, Any]], files: dict[str, str]) -> str:
+        """Why a job ended NODE_FAIL: :func:`node_fail_text` with the nodes Slurm holds lost."""
+        return node_fail_text(nodes, self.failed_nodes(nodes) if nodes else [], roles, files)
 
     def job(self, job_id: str) -> tuple[Optional[SlurmJob], Optional[str]]:
         """(job, None) if slurmctld knows it, (None, None) if not, (None, error) if unreachable."""
