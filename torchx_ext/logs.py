@@ -24,6 +24,10 @@ def filter_lines(
     pattern = re.compile(regex) if regex else None
     lo = since.timestamp() if since else None
     hi = until.timestamp() if until else None
+    if pattern is None and lo is None and hi is None:  # the common `torchx log -f`: per line, only the newline
+        for _, text in lines:
+            yield text if text.endswith("\n") else text + "\n"
+        return
     for ts, text in lines:
         if ts is not None and ((lo is not None and ts < lo) or (hi is not None and ts > hi)):
             continue

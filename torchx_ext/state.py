@@ -39,7 +39,7 @@ import re
 import tempfile
 import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 from torchx_ext.errors import StateError
 from torchx_ext.logs import TimedLine
@@ -286,19 +286,26 @@ class StampedLineReader:
             if len(data) < self.chunk:
                 return
 
-    def _lines(self, data: bytes) -> Iterator[TimedLine]:
+    def _lines(self, data: bytes) -> List[TimedLine]:
+        """The lines of one chunk, as a list: decoded once per chunk, and no generator per line
+        (following a long log costs per line, see bench/bench_logs.py)."""
         if not data:
-            return
+            return []
         # split, not splitlines: a \r or \x1e inside a line is data, not a line break
-        for raw in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"):
-            stamp, _, rest = raw.partition(b" ")
-            tag = b""
+        raws = data.decode("utf-8", errors="replace").split("\n")
+        if data.endswith(b"\n"):
+            raws.pop()
+        want = None if self.want_tag is None else self.want_tag.decode("utf-8", errors="replace")
+        out: List[TimedLine] = []
+        for raw in raws:
+            stamp, _, rest = raw.partition(" ")
+            tag = ""
             if self.tagged:
-                tag, _, rest = rest.partition(b" ")
+                tag, _, rest = rest.partition(" ")
             try:
                 ts: Optional[float] = float(stamp)
             except ValueError:
-                ts, tag, rest = None, b"", raw
-            if self.want_tag is not None and tag != self.want_tag:
-                continue
-            yield ts, rest.decode("utf-8", errors="replace")
+                ts, tag, rest = None, "", raw
+            if want is None or tag == want:
+                out.append((ts, rest))
+        return out
