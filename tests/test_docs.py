@@ -288,7 +288,8 @@ def options_table(scheduler: str) -> str:
 
 def fields_table(scheduler: str) -> str:
     """What the scheduler does with every AppDef/Role/Resource field (from torchx_ext.support, as the README's matrix)."""
-    from torchx_ext.support import FIELD_ORDER, all_matrices
+    from torchx_ext.support import FIELD_ORDER
+    from torchx_ext.support_tables import all_matrices
 
     matrix = all_matrices()[scheduler]
     rows = ["| field | | what it becomes here |", "|---|---|---|"]

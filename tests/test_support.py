@@ -13,7 +13,8 @@ from torchx.runner import get_runner
 from torchx.specs import AppDef, BindMount, Resource, Role, VolumeMount
 
 from torchx_ext.errors import InvalidAppError
-from torchx_ext.support import HONOURED, IGNORED, REFUSED, all_matrices, markdown, torchx_fields
+from torchx_ext.support import HONOURED, IGNORED, REFUSED, markdown, torchx_fields
+from torchx_ext.support_tables import all_matrices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULERS = ["host", "slurm_jobs", "docker_jobs", "ray_jobs"]
@@ -44,7 +45,7 @@ def test_readme_shows_the_matrix_of_the_code() -> None:
         readme = f.read()
     start, end = "<!-- support-matrix:start -->\n", "<!-- support-matrix:end -->"
     shown = readme[readme.index(start) + len(start):readme.index(end)]
-    assert shown == markdown(all_matrices()), "stale: python -m torchx_ext.support --update README.md"
+    assert shown == markdown(all_matrices()), "stale: python -m torchx_ext.support_tables --update README.md"
 
 
 def _refusals() -> list[tuple[str, str, AppDef]]:

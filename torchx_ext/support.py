@@ -10,7 +10,7 @@ Each scheduler declares a *support matrix* (its ``support`` class attribute): ev
   TorchX's own components always set that has no meaning here); the note says why.
 
 :func:`check_app` enforces a matrix (the scheduler base calls it on every dry-run and submit);
-:func:`markdown` renders the matrices for the README (``python -m torchx_ext.support``), and a test
+:func:`markdown` renders matrices as a table (the README's: ``python -m torchx_ext.support_tables``), and a test
 fails when a field of the installed TorchX is not classified by every scheduler.
 """
 
@@ -265,33 +265,3 @@ def markdown(matrices: Mapping[str, Mapping[str, Support]]) -> str:
         else:
             notes += [f"- `{key}` on `{n}`: {e.note}" for n, e in zip(names, entries, strict=True) if e and e.note]
     return ("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n").replace("<ROLE>", "&lt;ROLE&gt;")
-
-
-def all_matrices() -> dict[str, Mapping[str, Support]]:
-    """The matrices of torchx-ext's four schedulers (imports their modules; no engine is touched)."""
-    from torchx_ext.schedulers.docker_jobs import DockerJobsScheduler
-    from torchx_ext.schedulers.host import HostScheduler
-    from torchx_ext.schedulers.ray_jobs import RayJobsScheduler
-    from torchx_ext.schedulers.slurm_jobs import SlurmJobsScheduler
-
-    return {c.executor_cls.scheduler: c.support
-            for c in (HostScheduler, SlurmJobsScheduler, DockerJobsScheduler, RayJobsScheduler)}
-
-
-def update_readme(path: str) -> None:
-    """Rewrites the table between the README's support-matrix markers."""
-    start, end = "<!-- support-matrix:start -->\n", "<!-- support-matrix:end -->"
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    head, rest = text.split(start, 1)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(head + start + markdown(all_matrices()) + end + rest.split(end, 1)[1])
-
-
-if __name__ == "__main__":  # python -m torchx_ext.support [--update README.md]
-    import sys
-
-    if sys.argv[1:2] == ["--update"]:
-        update_readme(sys.argv[2])
-    else:
-        print(markdown(all_matrices()), end="")
