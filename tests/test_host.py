@@ -19,7 +19,7 @@ import pytest
 from torchx.runner import get_runner
 from torchx.specs import AppDef, AppState, Resource, Role
 
-from contract import wait_terminal
+from contract import wait_state, wait_terminal
 from torchx_ext import state
 from torchx_ext.components.group import roles, server_client
 from torchx_ext.errors import InvalidAppError
@@ -465,3 +465,131 @@ def test_what_holds_a_role_env_value_is_private_under_umask_022(tmp_path: str) -
         while d != home:
             assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, (d, oct(os.stat(d).st_mode))
             d = os.path.dirname(d)
+
+
+# ---------------------------------------------------------------------- list's index --
+def _own_home(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    home = os.path.join(str(tmp_path), "home")
+    monkeypatch.setenv("TORCHX_EXT_HOME", home)  # this process and the CLI processes it starts
+    return home
+
+
+def _index_lines(home: str) -> list[dict[str, Any]]:
+    with open(os.path.join(home, "host", "index.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _listed(runner: Any) -> list[str]:
+    return [a.app_handle for a in runner.list("host")]
+
+
+def test_list_shows_the_newest_first_and_not_deleted_or_pruned_apps(
+        tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = _own_home(tmp_path, monkeypatch)
+    runner = get_runner()
+    handles = []
+    for i in range(4):
+        handles.append(runner.run(AppDef(f"n{i}", roles=[Role("main", image=str(tmp_path), entrypoint="true")]),
+                                  "host", {}))
+        wait_terminal(runner, handles[-1], 60)
+    assert _listed(runner) == handles[::-1]
+    assert [a.state for a in runner.list("host")] == [AppState.SUCCEEDED] * 4
+    create_scheduler("torchx").delete(handles[1].rsplit("/", 1)[-1])  # what `torchx delete` does
+    import shutil
+    shutil.rmtree(os.path.join(home, "host", handles[2].rsplit("/", 1)[-1]))  # removed by hand
+    assert _listed(runner) == [handles[3], handles[0]]
+    pruned = subprocess.run([PY, "-m", "torchx_ext", "prune", "--older-than", "0s", "-s", "host"],
+                            capture_output=True, text=True, timeout=120)
+    assert pruned.returncode == 0 and "removed 2 app(s)" in pruned.stdout, pruned.stdout + pruned.stderr
+    assert _listed(runner) == []
+    assert "APP HANDLE" in cli("list", "-s", "host").stdout  # and the CLI lists an empty home
+    again = runner.run(AppDef("again", roles=[Role("main", image=str(tmp_path), entrypoint="true")]), "host", {})
+    assert _listed(runner) == [again]
+
+
+def test_list_does_not_reopen_ended_apps_and_status_does_not_scan(
+        tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = _own_home(tmp_path, monkeypatch)
+    runner = get_runner()
+    ended = runner.run(AppDef("ended", roles=[Role("main", image=str(tmp_path), entrypoint="true")]), "host", {})
+    wait_terminal(runner, ended, 60)
+    live = runner.run(AppDef("live", roles=[Role("main", image=str(tmp_path), entrypoint="sleep", args=["60"])]),
+                      "host", {})
+    try:
+        wait_state(runner, live, AppState.RUNNING, 60)
+        runner.list("host")  # caches the end
+        assert {"id": ended.rsplit("/", 1)[-1], "end": "SUCCEEDED"} in _index_lines(home)
+        # the ended app's record is damaged now: list does not read it again, status does
+        state_json = os.path.join(home, "host", ended.rsplit("/", 1)[-1], "state.json")
+        with open(state_json, "w") as f:
+            f.write("{")
+        assert {a.app_handle: a.state for a in runner.list("host")} == {
+            live: AppState.RUNNING, ended: AppState.SUCCEEDED}
+        assert "is damaged" in cli("status", ended).stderr
+        # status reads its app's own directory only: not the index, not the other apps
+        seen: list[str] = []
+        real_listdir, real_open = os.listdir, open
+
+        def listdir(path: Any = ".") -> list[str]:
+            seen.append(str(path))
+            return real_listdir(path)
+
+        def opening(path: Any, *a: Any, **kw: Any) -> Any:
+            seen.append(str(path))
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(os, "listdir", listdir)
+        monkeypatch.setattr("builtins.open", opening)
+        assert runner.status(live).state == AppState.RUNNING  # type: ignore[union-attr]
+        monkeypatch.undo()
+        app_dir = os.path.join(home, "host", live.rsplit("/", 1)[-1])
+        assert any(p.startswith(app_dir) for p in seen), seen  # not vacuous
+        assert all(not p.startswith(os.path.join(home, "host")) or p.startswith(app_dir) for p in seen), seen
+    finally:
+        runner.cancel(live)
+
+
+def test_a_missing_or_damaged_index_is_rebuilt_from_the_records(
+        tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = _own_home(tmp_path, monkeypatch)
+    runner = get_runner()
+    handles = [runner.run(AppDef(f"r{i}", roles=[Role("main", image=str(tmp_path), entrypoint="true")]), "host", {})
+               for i in range(3)]
+    for h in handles:
+        wait_terminal(runner, h, 60)
+    expected = _listed(runner)
+    assert expected == handles[::-1]
+    index = os.path.join(home, "host", "index.jsonl")
+    os.remove(index)  # e.g. a home written before the index existed
+    assert _listed(runner) == expected
+    assert {x["id"] for x in _index_lines(home)} == {h.rsplit("/", 1)[-1] for h in handles}
+    with open(index, "w") as f:
+        f.write('{"id": "x", "t": 1}\nnot json\n')
+    assert _listed(runner) == expected
+    lines = _index_lines(home)  # replaced: every line parses, one per app, ends included
+    assert sorted(x["id"] for x in lines) == sorted(h.rsplit("/", 1)[-1] for h in handles)
+    assert all(x.get("end") == "SUCCEEDED" for x in lines)
+    assert stat.S_IMODE(os.stat(index).st_mode) == 0o600
+    # an entry the index has but whose record is gone, and a record the index lacks
+    with open(index, "a") as f:
+        f.write(json.dumps({"id": "gone-0123456789", "t": time.time() + 10, "name": "gone"}) + "\n")
+    with open(index, "w") as f:  # the index holds only the oldest app: the others are read back
+        f.write(json.dumps({"id": handles[0].rsplit("/", 1)[-1], "t": 1.0, "name": "r0"}) + "\n")
+    assert _listed(runner) == handles[:0:-1] + [handles[0]]
+
+
+def test_two_concurrent_submitters_both_appear_in_list_and_index(
+        tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = _own_home(tmp_path, monkeypatch)
+    cmd = [TORCHX, "run", "-s", "host", "utils.sh", "true"]
+    procs_ = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+              for _ in range(4)]
+    handles = []
+    for p in procs_:
+        out, err = p.communicate(timeout=120)
+        handles.append(handle_of(subprocess.CompletedProcess(cmd, p.returncode, out, err)))
+    ids = {h.rsplit("/", 1)[-1] for h in handles}
+    added = [x["id"] for x in _index_lines(home) if "t" in x]
+    assert sorted(added) == sorted(ids)  # each exactly once, every line whole
+    runner = get_runner()
+    assert set(_listed(runner)) == set(handles)

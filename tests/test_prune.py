@@ -105,6 +105,13 @@ def exercise(runner: Runner, scheduler: str, make: Callable[[bool], AppDef], cfg
     return long, real.stdout
 
 
+def assert_listed_after_prune(runner: Runner, scheduler: str, long: str, pruned_output: str) -> None:
+    """``list`` (which reads an index, torchx_ext.index) shows the running app, not the pruned ones."""
+    listed = [a.app_handle for a in runner.list(scheduler)]
+    pruned = re.findall(rf"removed ({scheduler}://\S+) \(", pruned_output)
+    assert len(pruned) == 2 and not set(pruned) & set(listed) and listed == [long], (listed, pruned)
+
+
 def settled(read: Callable[[], Any], timeout: float = 30.0) -> None:
     """Waits until ``read()`` gives the same answer twice 1 s apart."""
     deadline, last = time.time() + timeout, read()
@@ -151,7 +158,8 @@ def test_host(runner: Runner, home: str, workspace: str) -> None:
     def make(short: bool) -> AppDef:
         return app("p", "/tmp", ["sh", "-c", "echo hi" if short else "sleep 300"])
 
-    long, _ = exercise(runner, "host", make, {}, left, workspace)
+    long, out = exercise(runner, "host", make, {}, left, workspace)
+    assert_listed_after_prune(runner, "host", long, out)
     # a copy no record names, older than the cutoff (and than the in-flight guard), goes too
     dangling = os.path.join(home, "host", "workspaces", "dangling")
     os.makedirs(dangling)
@@ -178,7 +186,8 @@ def test_slurm_jobs(runner: Runner, home: str, workspace: str) -> None:
     def make(short: bool) -> AppDef:
         return app("p", "", ["sh", "-c", "echo hi" if short else "sleep 300"])
 
-    long, _ = exercise(runner, "slurm_jobs", make, {"partition": partition}, left, workspace)
+    long, out = exercise(runner, "slurm_jobs", make, {"partition": partition}, left, workspace)
+    assert_listed_after_prune(runner, "slurm_jobs", long, out)
     delete_running(runner, "slurm_jobs", long, left)
 
 

@@ -583,3 +583,70 @@ def test_env_values_are_private_from_creation(partition: str, tmp_path: object) 
     # what is ours is private; the replica itself runs under the submitter's umask (022), not 077
     with open(os.path.join(home, "slurm_jobs", job, "main", "0", "log")) as f:
         assert f"value {secret} umask 0o22" in f.read()
+
+
+# ---------------------------------------------------------------------- list's index --
+def _index_lines(home: str) -> list[dict]:
+    import json
+
+    with open(os.path.join(home, SCHEDULER, "index.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_list_shows_the_newest_first_from_its_index(
+        partition: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchx_ext.schedulers.slurm_jobs import create_scheduler
+
+    home = os.path.join(str(tmp_path), "home")
+    monkeypatch.setenv("TORCHX_EXT_HOME", home)
+    runner = get_runner()
+    cfg = {"partition": partition}
+    ended = [runner.run(_role_app(f"e{i}", "print(1)"), SCHEDULER, cfg) for i in range(3)]
+    held = runner.run(_role_app("held", "print(1)"), SCHEDULER, {**cfg, "sbatch_args": ["--hold"]})
+    try:
+        for h in ended:
+            assert wait_terminal(runner, h, TIMEOUT).state == AppState.SUCCEEDED
+        listed = [(a.app_handle, a.state) for a in runner.list(SCHEDULER)]
+        assert listed == [(held, AppState.PENDING)] + [(h, AppState.SUCCEEDED) for h in ended[::-1]]
+        ends = {x["id"]: x["end"] for x in _index_lines(home) if "end" in x}
+        assert ends == {_app_id(h): "SUCCEEDED" for h in ended}  # the pending one is asked again
+        _forgotten_app("999980", "3 main/0\n")  # ended, and slurmctld no longer knows it
+        create_scheduler("torchx").delete(_app_id(ended[1]))
+        expected = [f"{SCHEDULER}://torchx/999980", held, ended[2], ended[0]]
+        assert [a.app_handle for a in runner.list(SCHEDULER)] == expected
+        assert runner.status(expected[0]).state == AppState.FAILED  # type: ignore[union-attr]
+        index = os.path.join(home, SCHEDULER, "index.jsonl")
+        os.remove(index)  # a home from before the index: rebuilt from the records
+        assert [a.app_handle for a in runner.list(SCHEDULER)] == expected
+        with open(index, "a") as f:
+            f.write("{damaged\n")
+        assert [(a.app_handle, a.state) for a in runner.list(SCHEDULER)] == [
+            (expected[0], AppState.FAILED), (held, AppState.PENDING), (ended[2], AppState.SUCCEEDED),
+            (ended[0], AppState.SUCCEEDED)]
+        assert stat.S_IMODE(os.stat(index).st_mode) == 0o600
+    finally:
+        runner.cancel(held)
+    assert wait_terminal(runner, held, TIMEOUT).state == AppState.CANCELLED
+    assert {x["id"]: x["end"] for x in _index_lines(home) if "end" in x}.get(_app_id(held)) is None
+    assert dict((a.app_handle, a.state) for a in runner.list(SCHEDULER))[held] == AppState.CANCELLED
+    assert {x["id"]: x["end"] for x in _index_lines(home) if "end" in x}[_app_id(held)] == "CANCELLED"
+
+
+def test_two_concurrent_submitters_both_appear_in_list(
+        partition: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = os.path.join(str(tmp_path), "home")
+    monkeypatch.setenv("TORCHX_EXT_HOME", home)
+    cmd = [TORCHX, "run", "-s", SCHEDULER, "-cfg", f"partition={partition}", "group.roles", "--cpu", "1",
+           "--memMB", "300", "--image", ROOT, f"main={sys.executable} -c pass"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(2)]
+    handles = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        handles.append(next(line for line in out.splitlines() if line.startswith(f"{SCHEDULER}://")))
+    assert sorted(x["id"] for x in _index_lines(home) if "t" in x) == sorted(map(_app_id, handles))
+    runner = get_runner()
+    assert {a.app_handle for a in runner.list(SCHEDULER)} == set(handles)
+    for h in handles:
+        wait_terminal(runner, h, TIMEOUT)

@@ -294,3 +294,87 @@ def test_a_damaged_clusters_json_is_never_overwritten(home: str) -> None:
         rl.update_cluster(URLS[0], token_env="X")
     with open(rl.local_dir("clusters.json")) as f:
         assert f.read().startswith('{"http://a:8265"')
+
+
+def test_append_text_and_write_text_make_private_files_and_whole_lines(tmp_path: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = os.path.join(str(tmp_path), "index.jsonl")
+    line = "x" * 1000 + "\n"
+
+    def append(_: int) -> None:
+        with state.locked(str(tmp_path)):
+            state.append_text(path, line)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(append, range(64)))
+    with open(path) as f:
+        assert f.read() == line * 64
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    state.write_text(path, "new\n", sync_dir=False)
+    with open(path) as f:
+        assert f.read() == "new\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert not [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")]
+
+
+def _index_for_test() -> Any:
+    from torchx_ext.index import AppIndex, Entry
+
+    def from_record(name: str) -> Any:
+        try:
+            return Entry(name, os.path.getmtime(state.scheduler_dir("t", name)), "rec")
+        except OSError:
+            return None
+
+    return AppIndex("t", lambda n: n.startswith("app"), from_record)
+
+
+def _submitter(home: str, who: int, n: int) -> None:
+    from torchx_ext.index import Entry
+
+    os.environ["TORCHX_EXT_HOME"] = home
+    index = _index_for_test()
+    for i in range(n):
+        state.makedirs(state.scheduler_dir("t", f"app{who}-{i}"))  # the record, then the index
+        index.add(Entry(f"app{who}-{i}", float(i), "sub"))
+
+
+def test_index_appends_from_processes_survive_concurrent_rebuilds(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path))
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_submitter, args=(str(tmp_path), w, 40)) for w in range(3)]
+    for p in procs:
+        p.start()
+    index = _index_for_test()
+    while any(p.is_alive() for p in procs):
+        index._rewrite(rebuild=True)  # what a list does with a damaged index
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    with open(index.path) as f:
+        ids = {json.loads(line)["id"] for line in f}
+    assert ids == {f"app{w}-{i}" for w in range(3) for i in range(40)}
+    assert len(index.entries()) == 120
+
+
+def test_index_forgets_deleted_apps_and_a_reused_id_starts_afresh(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from torchx_ext.index import Entry
+
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path))
+    index = _index_for_test()
+    for name in ("app1", "app2"):
+        state.makedirs(state.scheduler_dir("t", name))
+        index.add(Entry(name, 1.0 if name == "app1" else 2.0, name))
+    index.ended({"app1": "FAILED"})
+    assert [(e.app_id, e.end) for e in index.entries()] == [("app2", None), ("app1", "FAILED")]
+    shutil.rmtree(state.scheduler_dir("t", "app1"))
+    index.forget("app1")
+    assert [e.app_id for e in index.entries()] == ["app2"]
+    state.makedirs(state.scheduler_dir("t", "app1"))  # the same id again (a Slurm job id reused)
+    index.add(Entry("app1", 3.0, "new"))
+    assert [(e.app_id, e.end, e.name) for e in index.entries()] == [("app1", None, "new"), ("app2", None, "app2")]

@@ -176,6 +176,53 @@ def write_json(path: str, data: dict[str, Any], sync_dir: bool = True) -> None:
         raise StateError(_why(path, e)) from e
 
 
+def write_text(path: str, text: str, sync_dir: bool = True) -> None:
+    """Writes ``text`` to ``path`` atomically, as a 0600 file: :func:`write_json` for a file that is
+    not one JSON object (e.g. an index of JSON lines).
+
+    Args:
+        path: the file; its directory must exist
+        text: its whole content
+        sync_dir: see :func:`write_json`
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        if sync_dir:
+            _fsync_dir(directory)
+    except OSError as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        raise StateError(_why(path, e)) from e
+
+
+def append_text(path: str, text: str) -> None:
+    """Appends ``text`` to ``path`` (created 0600) in ONE ``write`` with ``O_APPEND``: whole lines
+    land at the end, after any other writer's. Callers that may also rewrite the file hold
+    :func:`locked` on its directory for both, so that no append goes to a replaced file."""
+    data = text.encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write (a full disk, a signal): finish it
+                written += os.write(fd, data[written:])
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise StateError(_why(path, e)) from e
+
+
 def _fsync_dir(directory: str) -> None:
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

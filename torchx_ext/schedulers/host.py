@@ -40,6 +40,7 @@ from torchx_ext.engine.rules import TERMINAL, retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, is_service
+from torchx_ext.index import INDEX, AppIndex, Entry
 from torchx_ext.schedulers import host_procs as procs
 from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.base import (
@@ -233,7 +234,8 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         if ident is None:
             raise BackendError(f"cannot read /proc/{proc.pid}/stat of the host supervisor just started; "
                                f"host needs a Linux /proc")
-        sup.claim(req.app_dir, ident)
+        st = sup.claim(req.app_dir, ident)
+        _INDEX.add(Entry(req.app_id, float(st.get("created") or time.time()), req.app_name))
         return req.app_id
 
     # ------------------------------------------------------------------ queries -----
@@ -291,16 +293,25 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         return HostRequest(**{**spec, "replicas": [ReplicaRequest(**r) for r in spec.get("replicas", [])]})
 
     def _list(self, cfg: Any) -> list[ListAppResponse]:
-        out = []
-        for app_id in sorted(self._app_ids()):
-            try:
-                loaded = self._load(app_id)
-            except StateError as e:  # one damaged record must not hide every other app
-                out.append(self.listed(app_id, AppState.UNKNOWN, str(e)))
+        """Every app of the home, newest first, from the index (:mod:`torchx_ext.index`): an app
+        whose end the index holds is not opened again; the others are read (and their end cached)."""
+        out, ended = [], {}
+        for entry in _INDEX.entries():
+            if entry.end:
+                out.append(self.listed(entry.app_id, AppState[entry.end], entry.name))
                 continue
-            if loaded is not None:
-                out.append(self.listed(app_id, AppState[loaded[2].get("state", "UNKNOWN")],
-                                       loaded[1].get("app_name", "")))
+            try:
+                loaded = self._load(entry.app_id)
+            except StateError as e:  # one damaged record must not hide every other app
+                out.append(self.listed(entry.app_id, AppState.UNKNOWN, str(e)))
+                continue
+            if loaded is None:
+                continue  # deleted meanwhile
+            st = loaded[2].get("state", "UNKNOWN")
+            if st in TERMINAL:
+                ended[entry.app_id] = st
+            out.append(self.listed(entry.app_id, AppState[st], loaded[1].get("app_name", "")))
+        _INDEX.ended(ended)
         return out
 
     def _cancel(self, app_id: str) -> None:
@@ -356,6 +367,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         for copy in self._own_copies(loaded[1]):
             shutil.rmtree(copy, ignore_errors=True)
         shutil.rmtree(loaded[0], ignore_errors=True)
+        _INDEX.forget(app_id)
 
     @staticmethod
     def _own_copies(spec: Mapping[str, Any]) -> list[str]:
@@ -415,6 +427,40 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
             return loaded is None or loaded[2].get("state") in (*TERMINAL, "UNKNOWN")
 
         return reader.read_new, done
+
+
+def _is_app_dir(name: str) -> bool:
+    """A name under ``host/`` that may be an app's directory (no file opened)."""
+    return state.is_plain_name(name) and name not in ("workspaces", "lock", INDEX)
+
+
+def _entry(app_id: str) -> Optional[Entry]:
+    """An app's index entry from its records; None: no whole app there (yet)."""
+    app_dir = state.scheduler_dir(SCHEDULER, app_id)
+    try:
+        st = state.read_json(os.path.join(app_dir, "state.json"))
+        if st is None:
+            return None  # being submitted, or not an app
+        spec = state.read_json(os.path.join(app_dir, "spec.json")) or {}
+        created = st.get("created") or os.path.getmtime(app_dir)
+    except StateError:  # listed with its error (list reads it again: it is not ended)
+        return Entry(app_id, _mtime(app_dir))
+    except OSError:  # deleted meanwhile
+        return None
+    # a verdict recorded is final (one made up for a vanished supervisor is not cached here)
+    end = st["state"] if st.get("state") in TERMINAL else None
+    return Entry(app_id, float(created), str(spec.get("app_name", "")), end)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+# list's index of this home's host apps (see torchx_ext.index)
+_INDEX = AppIndex(SCHEDULER, _is_app_dir, _entry)
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> HostScheduler:

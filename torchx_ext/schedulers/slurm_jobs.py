@@ -43,7 +43,7 @@ from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
 from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus, is_terminal, macros
 from torchx.workspace.api import WorkspaceMixin
 
-from torchx_ext import state
+from torchx_ext import index, state
 from torchx_ext import support as matrices
 from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import (
@@ -539,11 +539,13 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         with open(os.open(os.path.join(app_dir, "script.sbatch"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
                   "w") as f:
             f.write(script)
-        state.write_json(os.path.join(_record_dir(job_id), "app.json"), {
+        record = {
             "app_id": job_id, "app_name": spec.app_name, "job_dir": app_dir, "job_root": spec.job_root,
             "roles": req.roles, "dependencies": req.spec.dependencies, "submitted": time.time(),
             "spec": asdict(spec),  # the request as submitted, for describe_native
-        })
+        }
+        state.write_json(os.path.join(_record_dir(job_id), "app.json"), record)
+        _INDEX.add(_index_entry(record))
         return job_id
 
     @staticmethod
@@ -580,13 +582,15 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         job_id = out[-1].split(";")[0]
         app_id = f"{login}:{job_id}"
         state.makedirs(_record_dir(app_id))
-        state.write_json(os.path.join(_record_dir(app_id), "app.json"), {
+        record = {
             "app_id": app_id, "app_name": spec.app_name, "job_dir": f"{spec.job_root}/{job_id}",
             "job_root": spec.job_root, "roles": req.roles,
             "dependencies": [f"{login}:{d}" for d in req.spec.dependencies], "submitted": time.time(),
             "login": login, "identity_file": remote.get("identity_file"), "ssh_config": remote.get("ssh_config"),
             "workspace_bytes_sent": sent, "spec": asdict(spec),
-        })
+        }
+        state.write_json(os.path.join(_record_dir(app_id), "app.json"), record)
+        _INDEX.add(_index_entry(record))
         return app_id
 
     def _resolve_dependencies(self, deps: list[str], client: Optional[sc.SlurmClient] = None,
@@ -762,63 +766,61 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         return st, ""
 
     # ------------------------------------------------------------------ list/cancel -
-    def _remote_records(self) -> dict[tuple[str, str, str], dict[str, str]]:
-        """The clusters this user submitted to (local records): ``{cluster: {job id: app name}}``."""
-        clusters: dict[tuple[str, str, str], dict[str, str]] = {}
-        try:
-            names = os.listdir(state.scheduler_dir(SCHEDULER))
-        except FileNotFoundError:
-            return clusters
-        for name in names:
-            where = split_app_id(name)
-            if where is None or not where[0]:
-                continue
-            record = self._record(name)
-            if record is None:
-                continue
-            key = (record["login"], record.get("identity_file") or "", record.get("ssh_config") or "")
-            clusters.setdefault(key, {})[where[1]] = record.get("app_name", "")
-        return clusters
-
     def _list(self, cfg: Any) -> list[ListAppResponse]:
-        """Apps of every cluster this home knows (here, and each login node), one squeue each. A
-        cluster that cannot be asked is one warning, and the others are still listed; only when no
-        cluster could be asked is it an error."""
-        remote = self._remote_records()
-        out: list[ListAppResponse] = []
-        failed: list[TorchxExtError] = []
-        asked = 0
-        if not remote or shutil.which("squeue"):  # a laptop without Slurm lists its clusters only
-            asked += 1
-            try:
-                out = self._list_local()
-            except TorchxExtError as e:
-                failed.append(e)
-                logger.warning("the Slurm cluster of this machine could not be asked: %s; its apps are not listed", e)
-        for (login, identity_file, ssh_config), apps in sorted(remote.items()):
-            asked += 1
-            try:
-                # one squeue --json round trip per cluster
-                jobs = self._remote(login, identity_file or None, ssh_config or None).squeue_jobs()
-            except TorchxExtError as e:
-                failed.append(e)
-                logger.warning("the Slurm cluster at %s could not be asked: %s; its apps are not listed", login, e)
-                continue
-            out += [self.listed(f"{login}:{j['job_id']}", app_state_of(j["state"], j["reason"]), apps[j["job_id"]])
-                    for j in jobs if j["leader"] and j["job_id"] in apps]
-        if failed and len(failed) == asked:
-            raise failed[0]
-        return out
+        """The apps this home recorded, newest first, from the index (:mod:`torchx_ext.index`).
 
-    def _list_local(self) -> list[ListAppResponse]:
-        try:
-            ours = {d for d in os.listdir(state.scheduler_dir(SCHEDULER)) if _JOB_ID.match(d)}
-        except FileNotFoundError:
-            ours = set()
-        return [self.listed(j["job_id"], app_state_of(j["state"], j["reason"]),
-                            (self._record(j["job_id"]) or {}).get("app_name", ""))
-                for j in self._slurm.squeue_jobs()
-                if j["leader"] and (j["comment"] == MARKER or j["job_id"] in ours)]
+        An app whose end the index holds is shown as it ended, without asking anyone; for the
+        others, one squeue per cluster that has any (here, and each login node). A local app
+        slurmctld has forgotten reads its verdict from its job directory; a remote one is left out
+        (its verdict is on the cluster: one round trip each). Ends seen are cached. A cluster that
+        cannot be asked is one warning and its open apps are not listed; only when no cluster
+        could be asked is it an error.
+        """
+        entries = _INDEX.entries()
+        clusters: dict[tuple[str, str, str], list[index.Entry]] = {}
+        for entry in entries:
+            if not entry.end:
+                key = (str(entry.extra.get("login") or ""), str(entry.extra.get("identity_file") or ""),
+                       str(entry.extra.get("ssh_config") or ""))
+                clusters.setdefault(key, []).append(entry)
+        listed: dict[str, tuple[AppState, bool]] = {}  # open apps: (state, final)
+        failed: list[TorchxExtError] = []
+        for (login, identity_file, ssh_config), apps in sorted(clusters.items()):
+            try:
+                client = self._remote(login, identity_file or None, ssh_config or None) if login else self._slurm
+                jobs = {j["job_id"]: j for j in client.squeue_jobs() if j["leader"]}  # one round trip
+            except TorchxExtError as e:
+                failed.append(e)
+                where = f"at {login}" if login else "of this machine"
+                logger.warning("the Slurm cluster %s could not be asked: %s; its apps that had not ended "
+                               "are not listed", where, e)
+                continue
+            for entry in apps:
+                job = jobs.get(entry.app_id.rpartition(":")[2])
+                if job is not None:
+                    st = app_state_of(job["state"], job["reason"])
+                    # a node failure or a preemption may be requeued: not final yet
+                    final = is_terminal(st) and job["state"].split()[0] not in ("NODE_FAIL", "PREEMPTED")
+                    listed[entry.app_id] = (st, final)
+                elif not login:
+                    try:
+                        record = self._record(entry.app_id)
+                    except StateError as e:  # one damaged record must not hide every other app
+                        logger.warning("%s; this app is not listed", e)
+                        continue
+                    if record is not None:  # else: deleted meanwhile
+                        st = sc.verdict_from_files(entry.app_id, record["job_dir"])[0]
+                        listed[entry.app_id] = (st, is_terminal(st))
+        if failed and len(failed) == len(clusters):
+            raise failed[0]
+        _INDEX.ended({k: st.name for k, (st, final) in listed.items() if final})
+        out = []
+        for entry in entries:
+            if entry.end:
+                out.append(self.listed(entry.app_id, AppState[entry.end], entry.name))
+            elif entry.app_id in listed:
+                out.append(self.listed(entry.app_id, listed[entry.app_id][0], entry.name))
+        return out
 
     def _cancel(self, app_id: str) -> None:
         where = split_app_id(app_id)
@@ -854,6 +856,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         self._cancel(app_id)
         if (record := self._record(app_id)) is not None:  # its files and record (see retention)
             retention.remove_files(self, app_id, record)
+            _INDEX.forget(app_id)
 
     def _prunable(self, cutoff: float, warn: retention.Warn) -> list[retention.Prunable]:
         return retention.prunable(self, cutoff, warn)
@@ -914,6 +917,33 @@ if { [ -d "$root/slurm-out" ] || mkdir -p -- "$root/slurm-out"; } && printf x >"
 then sbatch --parsable
 else rm -f -- "$root/.torchx_ext_writable"; (exit 90)
 fi"""
+
+
+def _index_entry(record: Mapping[str, Any]) -> index.Entry:
+    """What list needs of an app: its id, submission time, name and, remote, how to reach its cluster."""
+    cluster = {k: record[k] for k in ("login", "identity_file", "ssh_config") if record.get(k)}
+    return index.Entry(str(record["app_id"]), float(record.get("submitted") or 0), str(record.get("app_name", "")),
+                       extra=cluster)
+
+
+def _entry_from_record(app_id: str) -> Optional[index.Entry]:
+    try:
+        record = SlurmJobsScheduler._record(app_id)
+    except StateError as e:  # not listed (as before the index): say so, the others are listed
+        logger.warning("%s; this app is not listed", e)
+        return None
+    if record is None:
+        return None
+    if not record.get("submitted"):  # written by hand or an old version: the record's time
+        try:
+            record = {**record, "submitted": os.path.getmtime(os.path.join(_record_dir(app_id), "app.json"))}
+        except OSError:
+            return None
+    return _index_entry({**record, "app_id": app_id})
+
+
+# list's index of this home's slurm_jobs apps (see torchx_ext.index)
+_INDEX = index.AppIndex(SCHEDULER, lambda name: split_app_id(name) is not None, _entry_from_record)
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> SlurmJobsScheduler:
