@@ -60,7 +60,7 @@ def install() -> None:
             return
         previous_thread_hook(args)
 
-    hook._torchx_ext = True  # type: ignore[attr-defined]
+    hook._torchx_ext = True  # type: ignore[attr-defined]  # noqa: SLF001 - our own mark on our own function
     sys.excepthook = hook
     threading.excepthook = thread_hook
 
@@ -84,7 +84,7 @@ def interrupted_handle(tb: Optional[TracebackType]) -> Optional[str]:
 def is_our_handle(handle: str) -> bool:
     try:
         return parse_app_handle(handle)[0] in OURS
-    except Exception:  # malformed: not a handle of ours
+    except Exception:  # noqa: BLE001 - TorchX raises several types for a malformed handle: not ours either way
         return False
 
 

@@ -277,7 +277,7 @@ class ExecutorRegistry:
                 continue  # explicit registration wins over the entry point
             try:
                 self._by_scheduler[ep.name] = ep.load()
-            except Exception as e:  # a broken plugin must not hide the others
+            except Exception as e:  # noqa: BLE001 - a broken plugin, whatever it raises, must not hide the others
                 self._errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
 
     def registered(self) -> dict[str, Type[Executor]]:

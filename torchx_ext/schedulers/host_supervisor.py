@@ -420,12 +420,12 @@ def main(argv: list[str]) -> int:
     try:
         supervisor = Supervisor(app_dir)
         supervisor.run()
-    except Exception:
+    except Exception:  # noqa: BLE001 - any crash: stop the replicas and record FAILED, never die silently
         traceback.print_exc()
         try:  # no replica may outlive its supervisor: stop what it started before the crash
             if supervisor is not None:
-                supervisor._stop_all()
-        except Exception:
+                supervisor._stop_all()  # noqa: SLF001 - this module's own class
+        except Exception:  # noqa: BLE001 - the FAILED record below must still be written
             traceback.print_exc()
         update_state(app_dir, state="FAILED", msg="supervisor crashed; see supervisor.log",
                      ended=time.time())

@@ -57,8 +57,8 @@ def running_broker(client: Any, known: Optional[str] = None) -> Optional[str]:
         elif job.end_time and time.time() - job.end_time / 1000 > 600:
             try:
                 client.delete_job(sid)
-            except Exception:
-                pass  # best effort: a leftover record only costs a list entry
+            except Exception:  # noqa: BLE001 - best effort: a leftover record only costs a list entry
+                pass
     return found
 
 

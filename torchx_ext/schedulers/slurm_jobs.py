@@ -928,7 +928,7 @@ def _index_entry(record: Mapping[str, Any]) -> index.Entry:
 
 def _entry_from_record(app_id: str) -> Optional[index.Entry]:
     try:
-        record = SlurmJobsScheduler._record(app_id)
+        record = SlurmJobsScheduler._record(app_id)  # noqa: SLF001 - this module's own class
     except StateError as e:  # not listed (as before the index): say so, the others are listed
         logger.warning("%s; this app is not listed", e)
         return None
