@@ -257,6 +257,27 @@ def test_dead_watcher_describe_still_converges(runner: Runner) -> None:
     assert nothing_running(handle)
 
 
+def test_a_watcher_killed_during_a_backoff_is_followed_with_the_same_budget(runner: Runner) -> None:
+    """A restart's decision, budget and backoff are on the daemon (the group engine's snapshot on the
+    attempt it created): the watcher that replaces a killed one (started by a status query) starts
+    that attempt when its backoff ends and, the budget spent, fails the app on its next failure."""
+    code = "import os, sys; print('ATTEMPT', os.environ['TORCHX_EXT_ATTEMPT'], flush=True); sys.exit(3)"
+    app = AppDef("takeover", roles=[role("main", code, max_retries=1, retry_policy="REPLICA")])
+    handle = runner.run(app, "docker_jobs", {"retry_backoff_s": 5.0})
+    deadline = time.time() + 60
+    while "[torchx-ext] attempt 2 of role 'main' replica 0 begins" not in logs(runner, handle, "main"):
+        assert time.time() < deadline, runner.status(handle)
+        time.sleep(0.1)
+    os.kill(wait_watchers(1)[0], signal.SIGKILL)
+    nxt = d.client().containers(all=True, filters=d.app_filter(app_id(handle), **{d.L_ATTEMPT: "2"}))
+    assert [c["State"] for c in nxt] == ["created"], nxt  # killed while the backoff ran
+    status = wait_terminal(runner, handle, 60)
+    assert status.state == AppState.FAILED and status.num_restarts == 1, status
+    assert "after 2 attempts (REPLICA policy, max_retries=1)" in status.msg, status.msg
+    assert [x for x in logs(runner, handle, "main").splitlines() if x.startswith("ATTEMPT")] == [
+        "ATTEMPT 1", "ATTEMPT 2"]
+
+
 def test_workspace_builds_an_image_locally(runner: Runner, tmp_path: Any) -> None:
     api = d.client()
     plain = tmp_path / "plain"

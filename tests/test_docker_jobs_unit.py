@@ -8,6 +8,7 @@ import builtins
 import email.utils
 import json
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -311,11 +312,28 @@ def test_log_reader_resumes_without_duplicates_or_losses() -> None:
     assert fake.calls[0]["stdout"] and fake.calls[0]["stderr"] and fake.calls[0]["timestamps"]
 
 
-def _with_retries(d: FakeDaemon, cid: str, attempt: int = 1, restart: int = 0, unit: str = "") -> str:
-    d.containers_[cid]["Labels"].update({daemon.L_MAX_RETRIES: "1", daemon.L_RETRY_POLICY: "APPLICATION",
+def _with_retries(d: FakeDaemon, cid: str, attempt: int = 1, restart: int = 0, unit: str = "",
+                  max_retries: int = 1, policy: str = "APPLICATION") -> str:
+    d.containers_[cid]["Labels"].update({daemon.L_MAX_RETRIES: str(max_retries), daemon.L_RETRY_POLICY: policy,
                                          daemon.L_ATTEMPT: str(attempt), daemon.L_RESTART: str(restart),
                                          daemon.L_RESTART_UNIT: unit})
     return cid
+
+
+def _fake_recreate(d: FakeDaemon, fail: tuple[str, int] = ("", -1)) -> Any:
+    """launcher.retries.recreate on the fake: the next attempt, created with the labels it is given."""
+    def recreate(api: Any, rep: daemon.Replica, attempt: int, labels: dict[str, str]) -> str:
+        if (rep.role, rep.replica_id) == fail:
+            raise docker.errors.APIError("409", explanation="Conflict. The container name is already in use")
+        old = d.containers_[rep.container_id]
+        cid = f"{re.sub(r'-a[0-9]+$', '', rep.container_id)}-a{attempt}"
+        d.containers_[cid] = {"Id": cid, "Names": [f"/{cid}"], "State": {
+            "Status": "created", "ExitCode": 0, "OOMKilled": False, "Error": "",
+            "StartedAt": "0001-01-01T00:00:00Z", "FinishedAt": "0001-01-01T00:00:00Z"},
+            "Labels": {**old["Labels"], **labels, daemon.L_ATTEMPT: str(attempt)}}
+        d.calls.append(("create", cid, None))
+        return cid
+    return recreate
 
 
 RETRY_ROLES = [{"name": "a", "num_replicas": 2, "service": False}, {"name": "other", "num_replicas": 1, "service": True}]
@@ -336,7 +354,8 @@ def test_describe_in_the_middle_of_a_restart_sees_it_coming_not_a_spent_budget()
     assert st is not None and st.state == AppState.PENDING and not d.calls, st
     assert [daemon.replica_outcome(r)[0] for r in st.snapshot.replicas] == [
         AppState.FAILED, AppState.SUCCEEDED, AppState.PENDING]  # a/0 reads FAILED, but its restart is due
-    assert w.retries.restart_due(st.snapshot, st.snapshot.replicas[0])
+    assert st.engine is not None and st.engine.used == {"app": 1} and st.engine.num_restarts == 1
+    assert {v.attempt for v in st.engine.replicas.values()} == {2}
 
 
 def test_a_restart_that_cannot_create_an_attempt_fails_the_app_and_starts_nothing(
@@ -347,17 +366,74 @@ def test_a_restart_that_cannot_create_an_attempt_fails_the_app_and_starts_nothin
     _with_retries(d, d.add("x", "a", 0, "exited", 3, roles=RETRY_ROLES))
     _with_retries(d, d.add("x", "a", 1, "exited", 0, roles=RETRY_ROLES))
     _with_retries(d, d.add("x", "other", 0, "running", service=True, roles=RETRY_ROLES))
-
-    def recreate(api: Any, rep: daemon.Replica, number: int, unit: str, start_after: float, why: str) -> str:
-        if rep.role == "a" and rep.replica_id == 0:
-            raise docker.errors.APIError("409", explanation="Conflict. The container name is already in use")
-        return d.add("x", rep.role, rep.replica_id, "created", service=rep.service, roles=RETRY_ROLES, started=False)
-
-    monkeypatch.setattr(retries, "_recreate", recreate)
+    monkeypatch.setattr(retries, "recreate", _fake_recreate(d, fail=("a", 0)))
     st = w.reconcile(d, "x", acting=True)
     assert st is not None and st.state == AppState.FAILED and st.over, st
-    assert "could not create the next attempt of role 'a' replica 0: Conflict" in st.msg
+    assert "role 'a' replica 0 failed to restart: Conflict. The container name is already in use" in st.msg
     assert not [c for c in d.calls if c[0] == "start"] and ("stop", "x-other-0", 5) in d.calls
+
+
+def _exit(d: FakeDaemon, cid: str, code: int, at: str = "2026-01-01T00:00:09Z") -> None:
+    d.containers_[cid]["State"].update(Status="exited", ExitCode=code, FinishedAt=at)
+
+
+def test_a_new_watcher_goes_on_with_the_same_attempts_and_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pass restores the app's engine from the snapshot its last restart left on the attempts
+    it created: a watcher that takes over (a new process) draws from the same budget."""
+    from torchx_ext.schedulers import docker_jobs_retries as retries
+
+    d = FakeDaemon()
+    monkeypatch.setattr(retries, "recreate", _fake_recreate(d))
+    roles = [{"name": "a", "num_replicas": 2, "service": False}]
+    _with_retries(d, d.add("x", "a", 0, "exited", 3, roles=roles), policy="REPLICA")
+    _with_retries(d, d.add("x", "a", 1, "running", roles=roles), policy="REPLICA")
+    st = w.reconcile(d, "x", acting=True)  # the first watcher: restart 1 of a/0, started at once
+    assert st is not None and st.state == AppState.RUNNING and ("start", "x-a-0-a2", None) in d.calls, st
+    labels = d.containers_["x-a-0-a2"]["Labels"]
+    assert labels[daemon.L_RESTART] == "1" and labels[daemon.L_RESTART_UNIT] == "replica:a/0"
+    assert json.loads(labels[daemon.L_ENGINE])["used"] == {"replica:a/0": 1}
+    assert labels[daemon.L_RESTART_WHY] == "role 'a' replica 0 ended with exit code 3; REPLICA policy, restart 1 of 1"
+    _exit(d, "x-a-0-a2", 3)  # its second attempt fails too, while no watcher lives
+    assert "stopping a/1; then FAILED" in w.reconcile(d, "x", acting=False).msg  # type: ignore[union-attr]
+    st = w.reconcile(d, "x", acting=True)  # a new watcher: the budget is spent, the app fails
+    assert st is not None and st.state == AppState.FAILED and st.over, st
+    assert st.msg.startswith("role 'a' replica 0 failed with exit code 3") and st.msg.endswith(
+        "after 2 attempts (REPLICA policy, max_retries=1)"), st.msg
+    assert ("stop", "x-a-1", 5) in d.calls and len([c for c in d.calls if c[0] == "create"]) == 1
+
+
+def test_a_pass_cut_short_is_finished_by_the_next_and_a_backoff_counts_from_the_exit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchx_ext.schedulers import docker_jobs_retries as retries
+
+    d = FakeDaemon()
+    monkeypatch.setattr(retries, "recreate", _fake_recreate(d))
+    roles = [{"name": "a", "num_replicas": 2, "service": False}]
+    just_now = time.strftime("%Y-%m-%dT%H:%M:%S.5Z", time.gmtime(time.time() - 1))
+    _with_retries(d, d.add("x", "a", 0, "exited", 3, roles=roles, finished=just_now), max_retries=2)
+    _with_retries(d, d.add("x", "a", 1, "running", roles=roles), max_retries=2)
+    for c in d.containers_.values():
+        c["Labels"][daemon.L_RETRY_BACKOFF] = "30"
+    st = w.reconcile(d, "x", acting=True)  # APPLICATION: both restart, after 30 s from the exit
+    due = daemon.parse_ts(just_now) + 30  # type: ignore[operator]
+    assert st is not None and st.state == AppState.PENDING and st.next_due == pytest.approx(due), st
+    assert d.containers_["x-a-1-a2"]["Labels"][daemon.L_START_AFTER] == f"{due:.3f}"
+    assert ("stop", "x-a-1", 5) in d.calls and not [c for c in d.calls if c[0] == "start"]
+    assert w.reconcile(d, "x", acting=False).state == AppState.PENDING  # type: ignore[union-attr]
+    for c in d.containers_.values():  # 30 s later (the engine's snapshot on the new attempts says when)
+        if daemon.L_ENGINE in c["Labels"]:
+            snap = json.loads(c["Labels"][daemon.L_ENGINE])
+            snap["replicas"] = [[*r[:7], r[7] - 30 if r[7] else r[7]] for r in snap["replicas"]]
+            c["Labels"][daemon.L_ENGINE] = json.dumps(snap)
+    # a pass cut short: a/1's next attempt was never created, and its old one still runs
+    del d.containers_["x-a-1-a2"]
+    d.containers_["x-a-1"]["State"].update(Status="running")
+    d.calls.clear()
+    st = w.reconcile(d, "x", acting=True)
+    assert ("create", "x-a-1-a2", None) in d.calls and ("stop", "x-a-1", 5) in d.calls, d.calls
+    assert {c[1] for c in d.calls if c[0] == "start"} == {"x-a-0-a2", "x-a-1-a2"}
+    assert st is not None and st.state == AppState.RUNNING and st.engine is not None, st
+    assert st.engine.used == {"app": 1} and st.engine.num_restarts == 1
 
 
 # ------------------------------------------------------------------------ watcher lease ------

@@ -490,3 +490,18 @@ def test_a_restored_engine_reruns_the_whole_group_from_no_budget() -> None:
                                   "(REPLICA policy, max_retries=1)"
     decided = E.Engine.restore(spec, run.engine.snapshot())
     assert decided.verdict == run.verdicts[0] and decided.on(E.Rerun("again"), 0) == []
+
+
+def test_a_launchers_detail_leads_the_failure_reason_and_how_names_the_restart() -> None:
+    """Docker's words on an exit (OOMKilled, the last line of stderr): ``how`` in a restart's
+    description, ``detail`` first in the failure's reason, before the spent budget."""
+    run = started(group(("a", 1, False, 1, "REPLICA")))
+    acts = run.engine.on(E.Exited(("a", 0), 137, 1, how="OOMKilled", detail="OOMKilled"), 0.0)
+    assert isinstance(acts[0], E.Restart) and "ended with OOMKilled; REPLICA policy" in acts[0].why
+    run.engine.on(E.Started(("a", 0), 2), 0.0)
+    acts = run.engine.on(E.Exited(("a", 0), 1, 2, detail="ZeroDivisionError: division by zero"), 0.0)
+    assert acts[-1] == E.Verdict("FAILED", "role 'a' replica 0 failed with exit code 1: ZeroDivisionError: "
+                                           "division by zero; after 2 attempts (REPLICA policy, max_retries=1)")
+    lone = started(group(("b", 1, False, 0, "REPLICA")))
+    assert lone.engine.on(E.Exited(("b", 0), 137, detail="OOMKilled"), 0.0)[-1] == E.Verdict(
+        "FAILED", "role 'b' replica 0 failed with exit code 137: OOMKilled")

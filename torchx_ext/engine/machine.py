@@ -92,11 +92,14 @@ class StartFailed:
 @dataclass(frozen=True)
 class Exited:
     """The attempt ended with ``code`` (>= 0; a launcher with shell-style codes reports
-    128+n as ``Killed(n)``); ``how``: the launcher's own word for it (docker: "OOMKilled")."""
+    128+n as ``Killed(n)``); ``how``: the launcher's own word for it (docker: "OOMKilled"), said
+    in place of the exit code when a restart names it; ``detail``: what the launcher knows of why
+    (docker: OOMKilled, the last line of its stderr), the first words of the failure's reason."""
     key: Key
     code: int
     attempt: Optional[int] = None
     how: str = ""
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -304,10 +307,10 @@ class Engine:
     def _ended(self, view: ReplicaView, event: Union[Exited, Killed, Lost], now: float) -> List[Action]:
         if view.state != "RUNNING":
             return []
-        lost = how = ""
+        lost = how = detail = ""
         if isinstance(event, Exited):
             code: Optional[int] = event.code
-            how = event.how
+            how, detail = event.how, event.detail
         elif isinstance(event, Killed):
             code = -event.signum
         else:
@@ -319,6 +322,8 @@ class Engine:
             actions = self._restart(view, rules.ended_description(code, lost, how), now)
         if actions:
             return actions
+        if detail:  # before the budget's words ("...: OOMKilled; after 3 attempts (...)")
+            view.reason = "; ".join(x for x in (detail, view.reason) if x)
         state, msg = rules.group_state([v.outcome() for v in self.replicas.values()])
         return self._decide(state, msg) if state in rules.TERMINAL else []
 

@@ -50,6 +50,7 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext import support as matrices
+from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, TorchxExtError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import ENV_ATTEMPT, discovery_env, is_service
@@ -69,7 +70,6 @@ from torchx_ext.schedulers.base import (
 )
 from torchx_ext.schedulers.docker_jobs_images import build_workspace, ensure_image
 from torchx_ext.schedulers.docker_jobs_logs import AttemptsReader
-from torchx_ext.schedulers.ray_jobs_cluster.rules import retry_policy_name
 
 SCHEDULER = d.SCHEDULER
 PULL_POLICIES = ("never", "if-not-present", "always")

@@ -8,12 +8,12 @@ Everything about an app lives in the daemon; nothing is kept in a side file:
 * a *verdict*: a tiny labelled volume ``<app_id>.verdict`` created once the app's outcome is
   decided (group rule, cancel, failed start, failed dependency). Labels cannot change after
   creation, and creating a volume whose name exists returns the existing one, so the first verdict
-  wins atomically and nobody can overwrite it. Without a verdict the state is computed from the
-  containers' states and exit codes by :func:`torchx_ext.groups.group_state`.
+  wins atomically and nobody can overwrite it. Without a verdict the state is what the group
+  engine makes of the containers (:mod:`.docker_jobs_launcher`).
 
-This module reads (:func:`fetch`, :func:`computed_state`, :class:`LogReader`) and holds the few
-primitive actions (:func:`pin_verdict`, :func:`stop`, :func:`remove_network`);
-:mod:`.docker_jobs_watcher` decides when to act. Errors of the SDK become ours in
+This module reads (:func:`fetch`) and holds the few primitive actions (:func:`pin_verdict`,
+:func:`stop`, :func:`remove_network`); :mod:`.docker_jobs_launcher` performs the engine's decisions
+with them, in the watcher. Errors of the SDK become ours in
 :func:`translate_error`, the one place that reads docker's exception types.
 """
 
@@ -32,7 +32,6 @@ from torchx.specs import AppState
 
 from torchx_ext import state as local_state
 from torchx_ext.errors import BackendError, MissingExtraError, SchedulerUnavailable, TorchxExtError
-from torchx_ext.groups import ReplicaOutcome, group_state
 
 SCHEDULER = "docker_jobs"
 P = "torchx-ext."
@@ -53,7 +52,7 @@ L_VERDICT = P + "verdict"
 L_STATE = P + "state"
 L_MSG = P + "msg"
 L_TIME = P + "time"
-# restarts (Role.max_retries): every attempt is a new container; see docker_jobs_retries
+# restarts (Role.max_retries): every attempt is a new container; see docker_jobs_launcher
 L_ATTEMPT = P + "attempt"
 L_MAX_RETRIES = P + "max-retries"
 L_RETRY_POLICY = P + "retry-policy"
@@ -62,6 +61,7 @@ L_RESTART = P + "restart"  # the number of the restart that created this attempt
 L_RESTART_UNIT = P + "restart-unit"  # the budget it was charged to (rules.retry_unit)
 L_START_AFTER = P + "start-after"  # unix time: the end of its backoff
 L_RESTART_WHY = P + "restart-why"  # shown in its log as the attempt's first line
+L_ENGINE = P + "engine"  # the group engine's snapshot when the restart that created it was performed
 # who submitted the app (user, machine, $TORCHX_EXT_HOME): only they heal it (start a watcher)
 L_SUBMITTER = P + "submitter"
 
@@ -179,6 +179,7 @@ class Replica:
     restart: int = 0
     restart_unit: str = ""
     start_after: float = 0.0
+    engine: str = ""  # L_ENGINE (JSON), on the attempts a restart created
 
     @property
     def running(self) -> bool:
@@ -281,6 +282,7 @@ def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
             attempt=int(lab.get(L_ATTEMPT) or 1), max_retries=int(lab.get(L_MAX_RETRIES) or 0),
             policy=lab.get(L_RETRY_POLICY) or "APPLICATION", restart=int(lab.get(L_RESTART) or 0),
             restart_unit=lab.get(L_RESTART_UNIT, ""), start_after=float(lab.get(L_START_AFTER) or 0.0),
+            engine=lab.get(L_ENGINE, ""),
         )
         key = (rep.role, rep.replica_id)
         if key in latest and latest[key].attempt > rep.attempt:
@@ -355,36 +357,14 @@ def displayed_state(rep: Replica, verdict: Optional[Verdict]) -> AppState:
     return state
 
 
-def _last_stderr_line(api: Any, rep: Replica) -> str:
+def last_stderr_line(api: Any, rep: Replica) -> str:
+    """The last line ``rep`` wrote to stderr (e.g. the last line of a traceback), or ""."""
     try:
         raw = api.logs(rep.container_id, stdout=False, stderr=True, tail=5)
     except Exception:  # the reason is a nicety; never let it break describe
         return ""
     lines = [x.strip() for x in raw.decode("utf-8", "replace").splitlines() if x.strip()]
     return lines[-1][:300] if lines else ""
-
-
-def computed_state(api: Any, snap: Snapshot) -> tuple[AppState, str]:
-    """The group state from the containers alone (no verdict yet)."""
-    outcomes = []
-    present = {(r.role, r.replica_id) for r in snap.replicas}
-    for role in snap.roles:
-        for i in range(int(role["num_replicas"])):
-            if (role["name"], i) not in present:
-                outcomes.append(ReplicaOutcome(role["name"], i, bool(role.get("service")), AppState.FAILED,
-                                               None, "its container was removed"))
-    from torchx_ext.schedulers.docker_jobs_retries import exhausted_reason, restart_due
-
-    for rep in snap.replicas:
-        state, reason = replica_outcome(rep)
-        if restart_due(snap, rep):  # the watcher restarts it: neither its failure nor its end counts
-            state, reason = AppState.PENDING, ""
-        if state == AppState.FAILED and not reason:
-            reason = _last_stderr_line(api, rep)  # e.g. the last line of a traceback
-        if state in (AppState.FAILED, AppState.SUCCEEDED) and rep.max_retries:
-            reason = "; ".join(x for x in (reason, exhausted_reason(snap, rep)) if x)
-        outcomes.append(ReplicaOutcome(rep.role, rep.replica_id, rep.service, state, rep.exit_code, reason))
-    return group_state(outcomes)
 
 
 # --------------------------------------------------------------------------- actions ------

@@ -4,12 +4,12 @@
 a status query) and outlives ``torchx run``. **One process per daemon, user and
 ``$TORCHX_EXT_HOME``** (and machine) watches every app submitted from there; it exits once none is
 left. Client-side memory is one process whatever the number of apps (a process per app cost 33 MB
-each). For each app it runs :func:`reconcile` with ``acting=True``: it starts the group once its
-dependencies succeeded, restarts replicas, pins the verdict (group rule, failed start, failed
-dependency), stops what must not run any more and removes the app's network.
+each). For each app it runs :func:`~.docker_jobs_launcher.reconcile` with ``acting=True``: the
+app's group engine (:mod:`torchx_ext.engine`, restored from the daemon) decides, and the watcher
+performs: it starts the group once its dependencies succeeded, restarts replicas, pins the verdict,
+stops what must not run any more and removes the app's network (:mod:`.docker_jobs_launcher`).
 
-``describe`` calls :func:`reconcile` with ``acting=False``: the same rules, computed only, never
-acted on.
+``describe`` calls it with ``acting=False``: the same decisions, computed only, never acted on.
 
 **Which apps, and when.** The watcher's apps are those with a live container labelled with this
 home's :data:`~.docker_jobs_daemon.L_SUBMITTER` (listed every :data:`SWEEP_S`) and those handed to
@@ -60,34 +60,29 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from torchx.specs import AppState, is_terminal
-
 from torchx_ext import state
-from torchx_ext.schedulers import docker_jobs_retries as retries
 from torchx_ext.schedulers.docker_jobs_daemon import (
     L_APP_ID,
     L_SCHEDULER,
     L_SUBMITTER,
     SCHEDULER,
-    Replica,
-    Snapshot,
-    Verdict,
     app_filter,
     client,
-    computed_state,
     explain,
-    fetch,
     parallel,
-    pin_verdict,
     remove_network,
-    stop,
     submitter,
     transient,
     verdict_volume,
 )
+
+# re-exported: docker_jobs (schedule, describe) reaches them as the watcher's
+from torchx_ext.schedulers.docker_jobs_launcher import AppStatus as AppStatus
+from torchx_ext.schedulers.docker_jobs_launcher import reconcile as reconcile
+from torchx_ext.schedulers.docker_jobs_launcher import start_group as start_group
 from torchx_ext.schedulers.docker_jobs_lease import (
     ACT_MIN_S,
     LEASE_TTL_S,
@@ -104,122 +99,6 @@ POLL_S = 0.25
 DIE_SETTLE_S, DIE_SETTLE_POLL_S = 0.5, 0.02  # after a "die" event: how long, and how often, to look again
 UNREACHABLE_GIVE_UP_S = 3600.0
 logger = logging.getLogger(__name__)
-
-
-def start_group(api: Any, snap: Snapshot, reps: list[Replica]) -> Optional[Verdict]:
-    """Starts ``reps`` all or nothing; on any failure pins FAILED and stops the group."""
-    failures = [(r, e) for r, e in parallel(lambda r: api.start(r.container_id), reps) if e is not None]
-    if not failures:
-        return None
-    rep, err = failures[0]
-    verdict = pin_verdict(
-        api, snap, AppState.FAILED,
-        f"role '{rep.role}' replica {rep.replica_id} failed to start: {explain(err)}; "
-        "the group was stopped (all or nothing)",
-    )
-    stop(api, [r for r in reps if (r.role, r.replica_id) != (rep.role, rep.replica_id)], 0)
-    return verdict
-
-
-def dependency_verdict(api: Any, deps: list[str]) -> tuple[bool, str]:
-    """(all succeeded, failure message or "")."""
-    for dep in deps:
-        st = reconcile(api, dep, acting=False)
-        if st is None:
-            return False, f"dependency '{dep}' no longer exists"
-        if st.state in (AppState.FAILED, AppState.CANCELLED):
-            return False, f"dependency '{dep}' ended {st.state.name}" + (f" ({st.msg})" if st.msg else "")
-        if st.state != AppState.SUCCEEDED:
-            return False, ""
-    return True, ""
-
-
-@dataclass
-class AppStatus:
-    """The reported state of an app (what describe shows)."""
-
-    snapshot: Snapshot
-    state: AppState
-    msg: str
-
-    @property
-    def over(self) -> bool:
-        """Decided (verdict pinned) and nothing runs any more: no watcher is needed."""
-        return self.snapshot.verdict is not None and not self.snapshot.running
-
-
-def reconcile(api: Any, app_id: str, acting: bool, died: Optional[dict[str, int]] = None) -> Optional[AppStatus]:
-    """Reads the app from the daemon, applies the group rules, and reports its state.
-
-    Args:
-        api: a docker ``APIClient``
-        app_id: the app
-        acting: True in the watcher: start, pin, stop and clean up as the rules say. False in
-            describe: the same state, computed only; nothing on the daemon changes
-        died: container id → exit code, from the daemon's "die" events: the daemon sends them
-            some 50-90 ms before a snapshot shows those containers exited. They start restarts
-            at once; a verdict waits for the snapshot (it alone says OOMKilled, for one)
-    """
-    snap = fetch(api, app_id)
-    if snap is None:
-        return None
-    verdict = snap.verdict
-    if verdict is None and acting:
-        due = [r for r in _as_died(api, snap.replicas, died or {}) if retries.restart_due(snap, r)]
-        if due:
-            retries.restart(api, snap, due[0])  # its scope may hold the others: one per pass
-            snap = fetch(api, app_id) or snap
-            verdict = snap.verdict  # a restart that could not create its attempts decides the app
-        retries.start_due(api, snap)
-    if verdict is None:
-        # first attempts not started: waiting for their dependencies (a restart's wait is its backoff)
-        waiting = [r for r in snap.replicas if r.status == "created" and not r.started and not r.error
-                   and r.attempt == 1]
-        if waiting:
-            ok, why = dependency_verdict(api, snap.dependencies)
-            if why and not acting:
-                return AppStatus(snap, AppState.FAILED, why)
-            if why:
-                verdict = pin_verdict(api, snap, AppState.FAILED, why)
-            elif ok and not acting:
-                return AppStatus(snap, AppState.PENDING, "its dependencies succeeded; starting")
-            elif ok:
-                start_group(api, snap, waiting)
-                snap = fetch(api, app_id) or snap
-                verdict = snap.verdict
-            elif not any(r.started for r in snap.replicas):
-                return AppStatus(snap, AppState.PENDING, "waiting for dependencies: " + ", ".join(snap.dependencies))
-    if verdict is None:
-        st, msg = computed_state(api, snap)
-        if not is_terminal(st):
-            return AppStatus(snap, st, msg)
-        # the outcome is decided; only the watcher records it (the first verdict wins)
-        verdict = pin_verdict(api, snap, st, msg) if acting else Verdict(st, msg, time.time())
-    if snap.running and acting:
-        stop(api, snap.running, snap.stop_timeout)
-        snap = fetch(api, app_id) or snap
-    if snap.running:
-        names = ", ".join(f"{r.role}/{r.replica_id}" for r in snap.running)
-        return AppStatus(snap, AppState.RUNNING,
-                         f"stopping {names}; then {verdict.state.name}" + (f": {verdict.msg}" if verdict.msg else ""))
-    if acting and snap.network:
-        remove_network(api, snap.network)
-    return AppStatus(snap, verdict.state, verdict.msg)
-
-
-def _as_died(api: Any, replicas: list[Replica], died: dict[str, int]) -> list[Replica]:
-    """``replicas``, those a "die" event named but the snapshot still shows running as exited
-    (copies: the snapshot itself stays as read)."""
-    out = []
-    for rep in replicas:
-        if rep.running and rep.container_id in died:
-            oom = False
-            if died[rep.container_id] == 137:  # SIGKILL: say OOMKilled if that is why
-                oom = bool(api.inspect_container(rep.container_id)["State"].get("OOMKilled"))
-            rep = replace(rep, status="exited", exit_code=died[rep.container_id], oom_killed=oom,
-                          finished_at=time.time())
-        out.append(rep)
-    return out
 
 
 def remove_app(api: Any, app_id: str, network: Optional[str]) -> None:
@@ -414,7 +293,7 @@ class _Watched:
     due: float = 0.0
     busy: bool = False
     again: bool = False  # something happened while a reconcile was running: run another
-    died: dict[str, int] = field(default_factory=dict)
+    died: dict[str, tuple[int, float]] = field(default_factory=dict)  # container id -> (exit code, when)
     quick_until: float = 0.0
     digest: tuple[tuple[str, str], ...] = ()
     said_held: bool = False
@@ -464,12 +343,14 @@ class HomeWatcher:
                 api = client()
                 for ev in api.events(since=since, decode=True,
                                      filters={"type": ["container"], "event": _EVENTS, "label": [label]}):
-                    since = max(since, float(ev.get("timeNano") or 0) / 1e9)
+                    when = float(ev.get("timeNano") or 0) / 1e9
+                    since = max(since, when)
                     actor = ev.get("Actor") or {}
                     attrs = actor.get("Attributes") or {}
                     code = str(attrs.get("exitCode"))
                     self.queue.put(("event", attrs.get(L_APP_ID, ""), str(actor.get("ID") or ""),
-                                    int(code) if code.lstrip("-").isdigit() else None, ev.get("status")))
+                                    int(code) if code.lstrip("-").isdigit() else None, ev.get("status"),
+                                    when or time.time()))
                 failures = 0
             except Exception:  # a timeout, or the daemon away: replayed from `since`; the sweeps poll meanwhile
                 failures += 1
@@ -547,7 +428,7 @@ class HomeWatcher:
                 app.due = item[2]
             return
         if kind == "event":
-            _, _, cid, code, what = item
+            _, _, cid, code, what, when = item
             if app_id not in self.apps:
                 if not app_id or what not in ("create", "start") or (self.only and app_id not in self.only):
                     return  # an ended app's containers going away, or not one of ours
@@ -557,7 +438,7 @@ class HomeWatcher:
             if what == "die" and code is not None:
                 # the daemon sends "die" some 50-90 ms before a snapshot shows the container exited:
                 # the next pass takes the event's word for it, and later ones look again every few ms
-                app.died[cid] = code
+                app.died[cid] = (code, when)
                 app.quick_until = time.time() + DIE_SETTLE_S
         woken = self.apps.get(app_id)
         if woken is not None and woken.busy:
@@ -619,7 +500,7 @@ class HomeWatcher:
         self._note_holder(fd)
         return False
 
-    def _job(self, app: _Watched, died: dict[str, int]) -> None:
+    def _job(self, app: _Watched, died: dict[str, tuple[int, float]]) -> None:
         """One reconcile of ``app`` (in a worker); puts ("done", app id, next due or None: drop it)."""
         due: Optional[float] = time.time() + 1.0
         try:
@@ -636,7 +517,7 @@ class HomeWatcher:
         finally:
             self.queue.put(("done", app.app_id, due))
 
-    def _reconcile(self, app: _Watched, died: dict[str, int]) -> Optional[float]:
+    def _reconcile(self, app: _Watched, died: dict[str, tuple[int, float]]) -> Optional[float]:
         api, now = self.api, time.time()
         if app.lease is None:
             lease = take_lease(api, app.app_id, self.holder, self.dead)
@@ -670,7 +551,8 @@ class HomeWatcher:
         snap = status.snapshot
         if snap.verdict is not None or any(r.status == "created" and not r.started for r in snap.replicas):
             return now + POLL_S  # stopping, waiting for dependencies or a backoff: look again soon
-        return now + IDLE_RECHECK_S
+        due = status.next_due  # a restart whose attempts could not be created yet
+        return min(now + IDLE_RECHECK_S, max(due, now + POLL_S)) if due is not None else now + IDLE_RECHECK_S
 
 
 def main(argv: list[str]) -> int:
