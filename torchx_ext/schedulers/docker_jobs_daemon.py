@@ -361,7 +361,7 @@ def last_stderr_line(api: Any, rep: Replica) -> str:
     """The last line ``rep`` wrote to stderr (e.g. the last line of a traceback), or ""."""
     try:
         raw = api.logs(rep.container_id, stdout=False, stderr=True, tail=5)
-    except Exception:  # the reason is a nicety; never let it break describe
+    except Exception:  # noqa: BLE001 - the reason is a nicety; never let it break describe
         return ""
     lines = [x.strip() for x in raw.decode("utf-8", "replace").splitlines() if x.strip()]
     return lines[-1][:300] if lines else ""
@@ -374,7 +374,7 @@ def parallel(fn: Callable[[T], Any], reps: list[T]) -> list[tuple[T, Optional[Ba
         try:
             fn(rep)
             return rep, None
-        except Exception as e:  # collected: all-or-nothing needs every outcome
+        except Exception as e:  # noqa: BLE001 - collected: all-or-nothing needs every outcome, whatever it is
             return rep, e
     if len(reps) <= 1:
         return [one(r) for r in reps]

@@ -352,7 +352,7 @@ class HomeWatcher:
                                     int(code) if code.lstrip("-").isdigit() else None, ev.get("status"),
                                     when or time.time()))
                 failures = 0
-            except Exception:  # a timeout, or the daemon away: replayed from `since`; the sweeps poll meanwhile
+            except Exception:  # noqa: BLE001 - a timeout, or the daemon away: replayed from `since`; the sweeps poll meanwhile
                 failures += 1
                 time.sleep(0.05 if failures == 1 else 1.0)
 
@@ -364,7 +364,7 @@ class HomeWatcher:
             try:
                 api = api or client(pool_size=8)
                 failed = [e for _, e in parallel(functools.partial(self._renew, api), held) if e is not None]
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure to renew is handled below as one (the leases run out)
                 failed = [e]
             if failed:  # the daemon away: the leases run out, and their apps wait (one line per round)
                 _say(f"could not renew {len(failed)} of {len(held)} leases: {explain(failed[0])}")
@@ -452,7 +452,7 @@ class HomeWatcher:
         try:
             live = self.api.containers(all=True, filters={"label": [f"{L_SUBMITTER}={self.me}"], "status": _LIVE})
             self.down_since = None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - transient() decides; anything else is re-raised below
             if transient(e):
                 self.down_since = self.down_since or time.time()
             else:
@@ -486,7 +486,7 @@ class HomeWatcher:
         self.lock_fd = None
         try:
             live = self.api.containers(all=True, filters={"label": [f"{L_SUBMITTER}={self.me}"], "status": _LIVE})
-        except Exception:
+        except Exception:  # noqa: BLE001 - on the way out: the requested apps alone decide, as when none is live
             live = []
         work = (_requested() | {(c.get("Labels") or {}).get(L_APP_ID, "") for c in live}) - set(self.over) - {""}
         if not work:
@@ -506,7 +506,7 @@ class HomeWatcher:
         try:
             due = self._reconcile(app, died)
             self.down_since = None
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - one app's trouble, whatever it is, never stops the others (below)
             if transient(e):
                 if self.down_since is None:
                     _say(f"daemon unavailable, retrying: {e}")
@@ -579,7 +579,7 @@ def main(argv: list[str]) -> int:
          f"{watcher.holder})")
     try:
         return watcher.run()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a detached process: print it to its log and exit non-zero
         # the leases run out, and the next status query of the submitter starts a new watcher
         traceback.print_exc()
         return 1
