@@ -452,7 +452,7 @@ class HomeWatcher:
         try:
             live = self.api.containers(all=True, filters={"label": [f"{L_SUBMITTER}={self.me}"], "status": _LIVE})
             self.down_since = None
-        except Exception as e:  # noqa: BLE001 - transient() decides; anything else is re-raised below
+        except Exception as e:  # noqa: BLE001 - whatever it is, this sweep is skipped and the next one asks again
             if transient(e):
                 self.down_since = self.down_since or time.time()
             else:
