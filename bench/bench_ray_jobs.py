@@ -1,7 +1,7 @@
 """``ray_jobs`` vs the raw Ray Jobs API (``JobSubmissionClient``), timed in the same run.
 
-    python bench/bench_ray_jobs.py [--dashboard URL] [--repeat 9] [--apps 64] [--dag 100]
-                                   [--only dryrun,submit,throughput,dag,memory,restart]
+    python bench/bench_ray_jobs.py [--dashboard URL] [--repeat 9] [--apps 64] [--dag 100] [--log-mb 200]
+                                   [--log-write-s 30] [--only dryrun,submit,throughput,dag,memory,restart,log]
 
 The dashboard: ``--dashboard``, else ``$TORCHX_EXT_TEST_RAY_DASHBOARD`` (``testbed/.state/ray.env``
 is read when present). Every job the bench makes is deleted at the end; the shared broker job
@@ -32,6 +32,14 @@ is read when present). Every job the bench makes is deleted at the end; the shar
    instant its next attempt runs (both from the processes' own clocks), for a gang replica
    (restarted in its actor) vs Ray's own mechanism, an actor with ``max_restarts=1`` that exits
    (time to the restarted actor's ``__init__``).
+7. ``log``: following a replica that writes ``--log-mb`` MB (``$TORCHX_EXT_BENCH_LOG_MB``; 200 by
+   default) in 100 bursts over ``--log-write-s`` seconds, to the end: ``log_iter(should_tail=True)``
+   vs Ray's ``JobSubmissionClient.tail_job_logs``, each in a process of its own, both started at
+   submission and following the same job. Bytes: what the dashboard sent each follower over TCP,
+   counted by a relay in front of the dashboard (one per follower: HTTP headers, websocket frames
+   and status queries included), against the job log's size (what Ray's tail delivered). CPU: each
+   follower's process time from its first request to the end (imports excluded), writing what it
+   follows to a file; ours then checks, untimed, that every numbered line came once and in order.
 
 Runtime: the head starts ~1.4 jobs/s on the 2-core testbed; the defaults make ~240 jobs that
 run (waiting records never start), most of the run is the cluster draining them.
@@ -68,7 +76,7 @@ TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 BROKER_POLL_S = 0.5  # the broker's default interval (TORCHX_EXT_BROKER_POLL_S), also the raw orchestrator's
 SETTLE_S = 3.0  # Ray's job monitor polls every second; give it a few to see a job's end
-BENCHES = ("dryrun", "submit", "throughput", "dag", "memory", "restart")
+BENCHES = ("dryrun", "submit", "throughput", "dag", "memory", "restart", "log")
 
 
 # ------------------------------------------------------------------------------- helpers --
@@ -660,7 +668,6 @@ def bench_memory(url: str, client: Any, jobs: Jobs, waiters: int, naive: int) ->
         print(f"naive / ours, cluster RSS per waiting app: {ratio:.0f}x")
 
 
-# ------------------------------------------------------------------------------- main -----
 # ---------------------------------------------------------------------------- 6. restart ---
 RESTART_CODE = ("import os, sys, time; print('START %.6f' % time.time(), flush=True); "
                 "(print('EXIT %.6f' % time.time(), flush=True), sys.exit(1)) "
@@ -730,6 +737,143 @@ def bench_restart(url: str, client: Any, jobs: Jobs, repeat: int) -> None:
     jobs.drain(120)
 
 
+# -------------------------------------------------------------------------------- 7. log ---
+LOG_LINE = 100  # characters of each numbered line the replica writes (newline included)
+
+
+class CountingRelay:
+    """A TCP relay in front of the dashboard that counts the bytes it sends to its client."""
+
+    def __init__(self, url: str) -> None:
+        import socket
+        import threading
+
+        parts = urllib.parse.urlsplit(url)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.received = 0  # bytes from the dashboard to the follower
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(conn, up, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, conn, True), daemon=True).start()
+
+    def _pipe(self, src: Any, dst: Any, count: bool) -> None:
+        import socket
+
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if count:
+                    with self._lock:
+                        self.received += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def follow_child(side: str, url: str, ident: str, lines: int) -> None:
+    """One follower (a process of its own) writes what it follows to a file, as a user's
+    ``torchx log -f > f`` or ``ray job logs -f > f`` would; prints a JSON line with its CPU time.
+    Ours then checks (untimed) that every numbered line came once and in order."""
+    with tempfile.TemporaryFile("w+") as sink:
+        if side == "ours":
+            import ray.job_submission  # noqa: F401  # imported before the clock starts, as on the raw side
+
+            from torchx_ext.schedulers.ray_jobs import create_scheduler as make
+
+            t0 = time.process_time()
+            sink.writelines(make("bench-log").log_iter(ident, "log", 0, should_tail=True))
+            cpu = time.process_time() - t0
+            sink.seek(0)
+            n, in_order = 0, True
+            for n, text in enumerate(sink):  # noqa: B007
+                in_order = in_order and text.startswith(f"{n:08d} ")
+            out = {"cpu_s": cpu, "lines": n + 1, "in_order": in_order and n + 1 == lines}
+        else:
+            import asyncio
+
+            from ray.job_submission import JobSubmissionClient
+
+            t0 = time.process_time()
+            client = JobSubmissionClient(url)
+
+            async def tail() -> None:
+                async for chunk in client.tail_job_logs(ident):
+                    sink.write(chunk)
+
+            asyncio.run(tail())
+            cpu = time.process_time() - t0
+            out = {"cpu_s": cpu, "bytes": sink.tell()}
+    print(json.dumps(out), flush=True)
+
+
+def bench_log(url: str, client: Any, jobs: Jobs, log_mb: float, write_s: float) -> None:
+    lines = max(1, int(log_mb * 1e6 / LOG_LINE))
+    # in 100 bursts over write_s: a log that grows while it is followed, as a training's does
+    code = (f"import sys, time; w = sys.stdout.write; pad = 'x' * {LOG_LINE - 10}; n = {lines}\n"
+            f"for b in range(100):\n"
+            f"    for i in range(b * n // 100, (b + 1) * n // 100): w('%08d %s\\n' % (i, pad))\n"
+            f"    sys.stdout.flush(); time.sleep({write_s / 100})")
+    app = AppDef("bench-log", roles=[Role("log", image="", entrypoint="python", args=["-c", code],
+                                          resource=Resource(cpu=0, gpu=0, memMB=0))])
+    relays = {side: CountingRelay(url) for side in ("ours", "raw")}
+    runner = get_runner()
+    try:
+        handle = runner.run(app, "ray_jobs", {"dashboard_url": url})
+        jobs.add_app(handle)
+        sid = sid_of(handle)
+        t0 = time.time()
+        procs = {}
+        for side, ident in (("ours", make_app_id(relays["ours"].url, sid)), ("raw", sid)):
+            procs[side] = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), "--follow-child", side, relays[side].url, ident,
+                 str(lines)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+        results = {}
+        for side, proc in procs.items():
+            out, _ = proc.communicate(timeout=3600)
+            results[side] = json.loads(out.strip().splitlines()[-1])
+        wall = time.time() - t0
+    finally:
+        runner.close()
+        for relay in relays.values():
+            relay.close()
+    size = results["raw"]["bytes"]
+    ours, raw = results["ours"], results["raw"]
+    print(f"\njob log: {size / 1e6:.1f} MB ({lines} lines of {LOG_LINE} characters from the replica in 100 bursts "
+          f"over {write_s:g} s, marked by the driver); followed in {wall:.0f} s; ours got {ours['lines']} lines, "
+          f"every one once and in order: {ours['in_order']}")
+    table(f"7. following a replica's log of {log_mb:g} MB to the end", [
+        ("bytes from the dashboard / job log size", relays["ours"].received / size, relays["raw"].received / size,
+         "x"),
+        ("client CPU of the follower", ours["cpu_s"], raw["cpu_s"], "s"),
+    ])
+    jobs.drain(120)
+
+
+# ------------------------------------------------------------------------------- main -----
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dashboard", default=None, help="Ray dashboard URL (default: $TORCHX_EXT_TEST_RAY_DASHBOARD)")
@@ -743,8 +887,17 @@ def main() -> int:
     parser.add_argument("--dag-timeout", type=float, default=420, help="seconds the DAG may take")
     parser.add_argument("--waiters", type=int, default=20, help="apps waiting on a sleeper (memory bench)")
     parser.add_argument("--naive", type=int, default=5, help="raw sleeping jobs (memory bench)")
+    parser.add_argument("--log-mb", type=float, default=float(os.environ.get("TORCHX_EXT_BENCH_LOG_MB", "200")),
+                        help="MB the replica of bench 7 writes (default: $TORCHX_EXT_BENCH_LOG_MB or 200)")
+    parser.add_argument("--log-write-s", type=float, default=30.0,
+                        help="seconds over which the replica of bench 7 writes them (at least)")
+    parser.add_argument("--follow-child", nargs=4, metavar=("SIDE", "URL", "ID", "LINES"), help=argparse.SUPPRESS)
     parser.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     args = parser.parse_args()
+    if args.follow_child:  # bench 7's follower processes
+        side, child_url, ident, n = args.follow_child
+        follow_child(side, child_url, ident, int(n))
+        return 0
     load_testbed_env()
     url = args.dashboard or os.environ.get("TORCHX_EXT_TEST_RAY_DASHBOARD")
     if not url:
@@ -791,6 +944,8 @@ def main() -> int:
             timed("memory", lambda: bench_memory(url, client, jobs, args.waiters, args.naive))
         if "restart" in only:
             timed("restart", lambda: bench_restart(url, client, jobs, args.restart_repeat))
+        if "log" in only:
+            timed("log", lambda: bench_log(url, client, jobs, args.log_mb, args.log_write_s))
     finally:
         t0 = time.time()
         try:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
 from torchx.runner import Runner, get_runner
@@ -323,6 +323,66 @@ def test_a_replica_whose_actor_is_killed_is_restarted_in_its_bundle(runner: Runn
     status = wait_terminal(runner, handle, TIMEOUT)
     assert status.state == AppState.SUCCEEDED and status.num_restarts == 1, status
     assert "its Ray actor was lost" in logs(runner, handle, "main", 0)
+
+
+def counting_client(seen: list[str]) -> Any:
+    """A client factory whose clients note the endpoint of every Jobs API request they make."""
+    from torchx_ext.schedulers import ray_jobs_client as rc
+
+    def factory(url: str, token_env: Optional[str], timeout: float) -> Any:
+        client = rc.connect(url, token_env, timeout)
+        real = client._do_request
+
+        def do(method: str, endpoint: str, **kw: Any) -> Any:
+            seen.append(endpoint)
+            return real(method, endpoint, **kw)
+
+        client._do_request = do
+        return client
+    return factory
+
+
+def test_following_a_replica_to_the_end_yields_every_line_once_in_order(runner: Runner) -> None:
+    """A follow of a gang replica while it writes 20000 numbered lines, beside another replica
+    writing as much: each of its lines once, in order, through Ray's log tail (the whole log is
+    never asked for, as it was on every poll before)."""
+    code = ("import os, sys, time; k = os.environ['TORCHX_EXT_REPLICA_ID']\n"
+            "for b in range(20):\n"
+            "    for i in range(b * 1000, (b + 1) * 1000): print(k, '%05d' % i, 'y' * 40)\n"
+            "    sys.stdout.flush(); time.sleep(0.1)")
+    handle = runner.run(AppDef("follow", roles=[role("w", code, num_replicas=2)]), "ray_jobs",
+                        {"dashboard_url": dashboard()})
+    seen: list[str] = []
+    sched = create_scheduler("t", client_factory=counting_client(seen))
+    lines = list(sched.log_iter(handle.rsplit("/", 1)[-1], "w", 1, should_tail=True))
+    assert lines == [f"1 {i:05d} {'y' * 40}\n" for i in range(20000)], (len(lines), lines[:2], lines[-2:])
+    assert f"/api/jobs/{sid(handle)}/logs" not in seen, seen
+    assert wait_terminal(runner, handle, TIMEOUT).state == AppState.SUCCEEDED
+    # a follow of an app that ended reads its log once, and the regex/since/until filters still apply
+    assert len(list(runner.log_lines(handle, "w", 0, should_tail=True))) == 20000
+    assert list(runner.log_lines(handle, "w", 0, regex="^0 19999 ", should_tail=True)) == [f"0 19999 {'y' * 40}\n"]
+    from datetime import datetime, timedelta
+
+    assert not list(runner.log_lines(handle, "w", 0, since=datetime.now() + timedelta(hours=1)))
+
+
+def test_describe_of_a_running_app_reports_its_restarts_without_reading_its_log(runner: Runner) -> None:
+    code = ("import os, sys, time; a = os.environ['TORCHX_EXT_ATTEMPT']; print('ATTEMPT', a, flush=True); "
+            "sys.exit(1) if a == '1' else time.sleep(600)")
+    app = AppDef("restarts", roles=[role("main", code, num_replicas=2, max_retries=2, retry_policy="REPLICA")])
+    handle = runner.run(app, "ray_jobs", {"dashboard_url": dashboard()})
+    seen: list[str] = []
+    sched = create_scheduler("t", client_factory=counting_client(seen))
+    app_id = handle.rsplit("/", 1)[-1]
+    deadline = time.time() + TIMEOUT
+    while (status := sched.describe(app_id)) is not None and status.num_restarts < 2:
+        assert time.time() < deadline and status.state not in {AppState.FAILED, AppState.SUCCEEDED}, status
+        time.sleep(0.3)
+    assert status is not None and status.state == AppState.RUNNING and status.num_restarts == 2, status
+    assert not [e for e in seen if e.endswith("/logs")], seen  # the job log is never read for it
+    runner.cancel(handle)
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.CANCELLED and status.num_restarts == 2, status
 
 
 def test_unreachable_dashboard_is_one_clear_error() -> None:

@@ -22,10 +22,13 @@ TOKEN = "sekrit-token-value"
 
 
 class StubJobsApi:
-    """A Jobs API that knows no job: enough for status/log/cancel/list to ask it."""
+    """A Jobs API that knows no job, or one running job (``job-1``, with one replica of role
+    ``main``) whose log tail is refused (404) and which ends then: enough for status/log/cancel/
+    list to ask it, and for ``log -t`` to ask for Ray's log tail."""
 
-    def __init__(self) -> None:
+    def __init__(self, running: bool = False) -> None:
         self.seen: list[tuple[str, str, str]] = []  # (method, path, Authorization header)
+        self.status = "RUNNING" if running else ""
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -35,6 +38,15 @@ class StubJobsApi:
                     body, code = {"version": "4", "ray_version": ray.__version__, "ray_commit": "stub"}, 200
                 elif self.path.rstrip("/") == "/api/jobs":
                     body, code = [], 200  # type: ignore[assignment]
+                elif stub.status and self.path == "/api/jobs/job-1":
+                    body, code = {"type": "SUBMISSION", "submission_id": "job-1", "entrypoint": "e",
+                                  "status": stub.status, "metadata": {
+                                      "torchx_ext_kind": "app",
+                                      "torchx_ext_roles": json.dumps([{"name": "main", "num_replicas": 1}])}}, 200
+                elif stub.status and self.path == "/api/jobs/job-1/logs/tail":
+                    body, code, stub.status = {"detail": "no tail here"}, 404, "SUCCEEDED"
+                elif stub.status and self.path == "/api/jobs/job-1/logs":
+                    body, code = {"logs": ""}, 200
                 else:
                     body, code = {"detail": "not found"}, 404
                 data = json.dumps(body).encode()
@@ -60,7 +72,7 @@ class StubJobsApi:
 
 @pytest.fixture
 def stubs() -> Iterator[tuple[StubJobsApi, StubJobsApi]]:
-    configured, foreign = StubJobsApi(), StubJobsApi()
+    configured, foreign = StubJobsApi(running=True), StubJobsApi(running=True)
     yield configured, foreign
     configured.close()
     foreign.close()
@@ -87,11 +99,17 @@ def test_a_handle_naming_another_dashboard_never_gets_the_token(
     for verb in ("status", "cancel"):
         out = torchx(cwd, home, verb, handle(foreign.url))
         assert "Traceback" not in out.stderr, out.stderr
+    # a follow asks for Ray's log tail (a websocket, made by Ray's client, not ours)
+    out = torchx(cwd, home, "log", "-t", handle(foreign.url) + "/main/0")
+    assert "Traceback" not in out.stderr, out.stderr
     torchx(cwd, home, "list", "-s", "ray_jobs")
     assert foreign.seen, "the foreign dashboard was never asked: the test proves nothing"
+    assert ("GET", "/api/jobs/job-1/logs/tail", "") in foreign.seen, foreign.seen
     assert all(auth == "" for _, _, auth in foreign.seen), foreign.seen
     # the configured dashboard is still asked with its token (list asks it, and its own handles)
     torchx(cwd, home, "status", handle(configured.url))
+    torchx(cwd, home, "log", "-t", handle(configured.url) + "/main/0")
+    assert ("GET", "/api/jobs/job-1/logs/tail", f"Bearer {TOKEN}") in configured.seen, configured.seen
     assert configured.seen and all(auth == f"Bearer {TOKEN}" for _, _, auth in configured.seen), configured.seen
     # a foreign handle is never remembered: list asks only dashboards of this user
     clusters = os.path.join(home, "ray_jobs", "clusters.json")

@@ -10,6 +10,7 @@ import itertools
 import json
 import sys
 import threading
+import time
 import types
 from contextlib import redirect_stdout
 from typing import Any, Optional
@@ -158,16 +159,181 @@ def test_log_demultiplexing() -> None:
         "\x1etx 0 0 o 14.0 partial"  # no newline yet: read next time
     )
     client = LogClient(text)
-    assert JobLogReader(client, "x", ("0", 0), None).read_new() == [(11.0, "out of main 0")]
+    # a replica line keeps its newline (filter_lines adds one only where it is missing)
+    assert JobLogReader(client, "x", ("0", 0), None).read_new() == [(11.0, "out of main 0\n")]
     assert JobLogReader(client, "x", ("0", 1), "o").read_new() == []
-    assert JobLogReader(client, "x", ("0", 1), "e").read_new() == [(12.0, "err of main 1 with \x1e inside")]
-    assert JobLogReader(client, "x", ("1", 0), None).read_new() == [(13.0, "")]
+    assert JobLogReader(client, "x", ("0", 1), "e").read_new() == [(12.0, "err of main 1 with \x1e inside\n")]
+    assert JobLogReader(client, "x", ("1", 0), None).read_new() == [(13.0, "\n")]
     assert JobLogReader(client, "x", None, None).read_new() == [(None, "Running entrypoint for job x"), (10.0, "reserving")]
+    # without since/until the time is not parsed (None: no filter drops such a line)
+    assert JobLogReader(client, "x", ("0", 1), None, timed=False).read_new() == [(None, "err of main 1 with \x1e inside\n")]
     reader = JobLogReader(client, "x", ("0", 0), None)
     reader.read_new()
     client.text += "\n"
-    assert reader.read_new() == [(14.0, "partial")]
+    assert reader.read_new() == [(14.0, "partial\n")]
     assert parse_verdict("last logs:\n" + text)["msg"] == "role 'b' replica 0 failed"
+    # the demultiplexer is the one of today's split for odd lines too: a missing text, extra spaces
+    odd = "\x1etx 0 0 o 1.5\n\x1etx 0 0 o 2.5  two spaces\n\x1etx 0 0 x 3.5 no such stream\n\x1etx 0 00 o 4 x\n"
+    assert rc.LogDemux(("0", 0), None).feed(odd) == [(1.5, "\n"), (2.5, " two spaces\n")]
+
+
+def numbered(n: int, start: int = 0, replica: int = 0) -> str:
+    return "".join(f"\x1etx 0 {replica} o {1000 + i}.000000 line {i}\n" for i in range(start, start + n))
+
+
+class TailClient:
+    """A dashboard for the follow path: the job (or none yet), its whole log, and Ray's tail
+    (``tail_job_logs``), which delivers ``log`` in odd-sized pieces; ``cut`` ends a tail early
+    after that many characters (a restarted dashboard); ``fail`` makes a tail raise at once."""
+
+    def __init__(self, log: str = "", status: Optional[str] = "RUNNING") -> None:
+        self.log, self.status = log, status
+        self.cut: list[int] = []  # per tail, in order
+        self.fail = False
+        self.tails = 0
+        self.gets: list[str] = []
+        self.piece = 37
+
+    def _do_request(self, method: str, endpoint: str) -> Any:
+        self.gets.append(endpoint)
+        if self.status is None:
+            return types.SimpleNamespace(status_code=404, json=lambda: {})
+        if endpoint == "/api/jobs/x/logs":
+            return types.SimpleNamespace(status_code=200, json=lambda: {"logs": self.log})
+        assert endpoint == "/api/jobs/x"
+        job = {"type": "SUBMISSION", "submission_id": "x", "status": self.status, "entrypoint": "e",
+               "metadata": {"torchx_ext_kind": "app"}}
+        return types.SimpleNamespace(status_code=200, json=lambda: job)
+
+    async def tail_job_logs(self, sid: str) -> Any:
+        import asyncio
+
+        self.tails += 1
+        if self.fail:
+            raise RuntimeError("WebSocket connection closed unexpectedly")
+        cut = self.cut.pop(0) if self.cut else None
+        sent = 0
+        while True:
+            end = len(self.log) if cut is None else min(cut, len(self.log))
+            while sent < end:
+                piece = self.log[sent:sent + self.piece]
+                sent += len(piece)
+                yield piece
+            if cut is not None and sent >= cut:
+                return  # closed early, while the job runs
+            if self.status != "RUNNING" and sent >= len(self.log):
+                return
+            await asyncio.sleep(0.01)
+
+
+def follow_all(reader: JobLogReader, client: TailClient, steps: list[Any], limit: int = 2000) -> list[Any]:
+    """Drives ``reader`` as torchx_ext.logs.follow does; ``steps[i]`` runs before poll i."""
+    out: list[Any] = []
+    for i in range(limit):
+        if i < len(steps) and steps[i] is not None:
+            steps[i]()
+        done = reader.is_done()
+        out += reader.read_new()
+        if done:
+            return out
+        time.sleep(0.01)
+    raise AssertionError(f"not done after {limit} polls: {len(out)} lines")
+
+
+def test_following_reads_each_byte_once_in_order_across_pieces() -> None:
+    client = TailClient(numbered(500))
+    over = {"v": False}
+    reader = JobLogReader(client, "x", ("0", 0), None, is_over=lambda: over["v"], timed=False)
+
+    def more() -> None:
+        client.log += numbered(500, start=500) + "\x1etx 0 1 o 1.0 other replica\n" + numbered(1, start=1000)[:-5]
+
+    def finish() -> None:
+        client.log += numbered(1, start=1000)[-5:]  # the rest of the last line
+        client.status, over["v"] = "SUCCEEDED", True
+
+    lines = follow_all(reader, client, [None, None, more, None, None, finish])
+    assert [t for _, t in lines] == [f"line {i}\n" for i in range(1001)]
+    assert client.tails == 1 and "/api/jobs/x/logs" not in client.gets  # the whole log was never asked for
+
+
+def test_a_tail_that_ends_while_the_app_runs_is_resumed_without_repeating() -> None:
+    client = TailClient(numbered(300))
+    client.cut = [1000, 2500]  # two early ends, mid-line
+    over = {"v": False}
+    reader = JobLogReader(client, "x", ("0", 0), "o", is_over=lambda: over["v"])
+
+    def finish() -> None:
+        client.status, over["v"] = "FAILED", True
+
+    lines = follow_all(reader, client, [None] * 30 + [finish])
+    assert [t for _, t in lines] == [f"line {i}\n" for i in range(300)]
+    assert client.tails == 3
+
+
+def test_following_an_app_waiting_for_its_dependencies_then_running() -> None:
+    client = TailClient(numbered(20), status=None)  # no Ray job yet
+    over = {"v": False}
+    reader = JobLogReader(client, "x", ("0", 0), None, is_over=lambda: over["v"])
+
+    def start() -> None:
+        client.status = "RUNNING"
+
+    def finish() -> None:
+        client.status, over["v"] = "SUCCEEDED", True
+
+    lines = follow_all(reader, client, [None, None, None, start, None, None, None, finish])
+    assert len(lines) == 20 and client.tails == 1
+
+
+def test_following_an_app_that_already_ended_reads_its_log_once() -> None:
+    client = TailClient(numbered(50), status="SUCCEEDED")
+    reader = JobLogReader(client, "x", ("0", 0), None, is_over=lambda: True)
+    assert len(follow_all(reader, client, [])) == 50
+    assert client.tails == 0 and client.gets.count("/api/jobs/x/logs") == 1
+
+
+def test_a_dashboard_whose_tail_always_fails_is_read_whole_as_before() -> None:
+    client = TailClient(numbered(40))
+    client.fail = True
+    over = {"v": False}
+    reader = JobLogReader(client, "x", ("0", 0), None, is_over=lambda: over["v"])
+
+    def finish() -> None:
+        client.log += numbered(10, start=40)
+        client.status, over["v"] = "SUCCEEDED", True
+
+    lines = follow_all(reader, client, [None] * 40 + [finish])
+    assert [t for _, t in lines] == [f"line {i}\n" for i in range(50)]
+    assert client.tails == JobLogReader.MAX_FAILED_STARTS
+
+
+def test_an_app_over_whose_tail_ray_never_ends_ends_the_follow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a job Ray keeps PENDING after a cancel: its tail waits for a driver that never starts
+    monkeypatch.setattr(JobLogReader, "QUIET_S", 0.05)
+    monkeypatch.setattr(JobLogReader, "CHECK_S", 0.0)
+    client = TailClient("", status="PENDING")
+    over = {"v": False}
+    reader = JobLogReader(client, "x", ("0", 0), None, is_over=lambda: over["v"])
+
+    def cancel() -> None:
+        over["v"] = True
+
+    assert follow_all(reader, client, [None, None, cancel]) == []
+
+
+def test_a_follow_left_early_stops_its_tail() -> None:
+    import gc
+
+    client = TailClient(numbered(10))
+    reader = JobLogReader(client, "x", ("0", 0), None, is_over=lambda: False)
+    reader.is_done()
+    pump = reader._pump
+    assert pump is not None
+    del reader
+    gc.collect()
+    pump.thread.join(timeout=5)
+    assert not pump.thread.is_alive()
 
 
 def local_spec(cmd: list[str], service: bool = False) -> dict[str, Any]:
@@ -257,3 +423,16 @@ def test_a_recent_submission_knows_its_cancel_marker_locally(monkeypatch: pytest
     conns.cancelled(URL, "b-1")
     assert conns.marker(URL, "b-1") is True
     assert conns.marker("http://elsewhere:8265", "b-1") is False  # the same id on another cluster
+
+
+def test_driver_publishes_its_restart_count_beside_its_log(tmp_path: Any) -> None:
+    spec = local_spec([sys.executable, "-c", "import os, sys; sys.exit(os.environ['TORCHX_EXT_ATTEMPT'] == '1')"])
+    spec["retry_backoff_s"] = 0.0
+    spec["roles"][0].update(max_retries=2, retry_policy="REPLICA")
+    path = str(tmp_path / "torchx-ext-b.restarts.json")
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = driver.run(spec, driver.Output(restarts_path=path), threading.Event())
+    assert code == 0 and parse_verdict(buf.getvalue())["num_restarts"] == 1
+    assert json.load(open(path)) == {"num_restarts": 1}
+    assert driver.restarts_path("b") is None  # stdout is no Ray job log here: nothing is published

@@ -10,7 +10,10 @@ driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs_cluster>`, uplo
   nothing, one actor per replica running its process, the ``TORCHX_EXT_HOSTS_<ROLE>`` discovery
   variables filled with the node addresses Ray chose, services, and the group rules;
 * replica output goes to the job log as marked lines; ``torchx log`` shows each replica's own
-  stdout/stderr (and ``ray-driver`` the driver's), with tailing, regex and since/until;
+  stdout/stderr (and ``ray-driver`` the driver's), with regex and since/until; ``-t`` follows
+  Ray's log tail, each byte of the log read once (:class:`.ray_jobs_client.JobLogReader`);
+* the restart count of an app with retries is published by its driver in a small file that
+  describe reads through the dashboard's state API, not from the log (``RESTARTS_FILE``);
 * dependencies wait in the cluster (:mod:`ray_jobs_cluster.broker`): the submitter may exit;
 * the app id is ``<dashboard address>~<submission id>``: status/log/cancel from any shell need
   no configuration;
@@ -248,7 +251,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             retention.SUBMITTER_KEY: rl.submitter(),  # prune removes only its caller's apps
             "torchx_ext_manifest": str(manifest), "torchx_ext_secret_names": json.dumps(names),
             **({"torchx_ext_placement_group": spec["placement_group"]} if not single else {}),
-            # describe then reads num_restarts from the job's log (see ray_jobs_client.restarts_in_log)
+            # describe then reads num_restarts where the driver publishes it (ray_jobs_client.published_restarts)
             **({"torchx_ext_retries": "1"} if any(r.max_retries for r in app.roles) else {}),
             "torchx_ext_roles": json.dumps([{"name": r.name, "num_replicas": r.num_replicas, "service": is_service(r)}
                                             for r in app.roles]),
@@ -340,7 +343,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 st, msg, verdict = rc.job_state(client, job, marker)
                 if ((job.metadata or {}).get("torchx_ext_retries") and "num_restarts" not in verdict
                         and rc.job_status(job) != "PENDING"):
-                    verdict = {**verdict, "num_restarts": rc.restarts_in_log(client.get_job_logs(sid))}
+                    verdict = {**verdict, "num_restarts": rc.published_restarts(client, job) or 0}
                 resp = self._response(app_id, job.metadata or {}, st, msg, verdict)
         except Exception as e:
             if not rc.is_unreachable(e):
@@ -452,13 +455,15 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         counts = self._replica_counts(app_id) or {}
         key = None if role_name == DRIVER_ROLE else (str(list(counts).index(role_name)), k)
         wanted = {Stream.STDOUT: "o", Stream.STDERR: "e"}.get(streams)
-        reader = rc.JobLogReader(self._client(url or ""), sid, key, wanted)
 
-        def done() -> bool:
+        def over() -> bool:
             now = self.describe(app_id)
             return now is None or is_terminal(now.state) or now.state == AppState.UNKNOWN
 
-        return reader.read_new, done
+        # a follow reads Ray's log tail, each byte once; a read without it, the log as it is now
+        reader = rc.JobLogReader(self._client(url or ""), sid, key, wanted, is_over=over,
+                                 timed=since is not None or until is not None)
+        return reader.read_new, reader.is_done
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> RayJobsScheduler:

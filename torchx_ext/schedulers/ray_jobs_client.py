@@ -6,15 +6,20 @@ Nothing here imports ray at module import: ``torchx runopts`` and ``--dryrun`` m
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import inspect
+import itertools
 import json
+import logging
 import os
+import re
 import threading
 import time
 import urllib.parse
-from typing import Any, Dict, Optional
+import weakref
+from typing import Any, Callable, Dict, Optional
 
 from torchx.specs import AppState
 
@@ -292,40 +297,249 @@ def placement_state(client: Any, name: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------- jobs, logs ---
-class JobLogReader:
-    """New lines of one replica (or of the driver) from the job's log, demultiplexed."""
+class LogDemux:
+    """Turns the job log's text, fed in pieces, into the lines of one replica (or of the driver).
 
-    def __init__(self, client: Any, sid: str, key: Optional[tuple[str, int]], stream: Optional[str]) -> None:
-        self.client, self.sid, self.key, self.stream = client, sid, key, stream
-        self.offset = 0
+    ``key``: ``(role index, replica)``, or None for the driver's own lines and Ray's; ``stream``:
+    ``"o"``/``"e"`` or None for both; ``timed``: parse each line's time (only since/until need it:
+    without it a replica line's time is None, which no filter drops). A replica line's text keeps
+    its newline (``filter_lines`` adds one only where it is missing): one string less per line."""
 
-    def read_new(self) -> list[TimedLine]:
-        found = _get(self.client, f"/api/jobs/{self.sid}/logs")
-        if found is None:  # still waiting for its dependencies
-            return []
-        text = str(found.get("logs") or "")
+    def __init__(self, key: Optional[tuple[str, int]], stream: Optional[str], timed: bool = True) -> None:
+        self.key, self.stream, self.timed = key, stream, timed
+        self._partial = ""  # a line whose end has not come yet
+        self._pattern = None
+        if key is not None:
+            # one C-level scan per piece instead of a Python loop over every line of every
+            # replica: the fields "MARK role replica stream time[ text]", as the split below
+            streams = {"o": "o", "e": "e"}.get(stream or "", "[oe]")
+            time_field = "([^ \n]*)" if timed else "[^ \n]*"
+            self._pattern = re.compile(
+                "^" + re.escape(f"{cluster.LINE_MARK}{key[0]} {key[1]} ") + streams + " " + time_field + " ?(.*\n)",
+                re.M)
+
+    def feed(self, text: str) -> list[TimedLine]:
+        """The complete lines of ``text`` (after what was fed before) that are this reader's."""
+        if self._partial:
+            text = self._partial + text
         end = text.rfind("\n") + 1
-        chunk, self.offset = text[self.offset:end], max(self.offset, end)
+        self._partial = text[end:]
+        return self._lines(text[:end]) if end else []
+
+    def _lines(self, chunk: str) -> list[TimedLine]:
+        if self._pattern is not None:
+            found = self._pattern.findall(chunk)
+            if self.timed:
+                return [(float(ts), body) for ts, body in found]
+            return list(zip(itertools.repeat(None), found))
         out: list[TimedLine] = []
         # not splitlines(): it also splits at the \x1e that starts our marks
-        for line in chunk[:-1].split("\n") if chunk else []:
+        for line in chunk[:-1].split("\n"):
             if line.startswith(cluster.VERDICT_MARK):
                 continue
             if line.startswith(cluster.LINE_MARK):
                 parts = line[len(cluster.LINE_MARK):].split(" ", 4)
-                if len(parts) < 4:
-                    continue
-                role, rep, stream, ts = parts[:4]
-                body = parts[4] if len(parts) == 5 else ""
-                if role == cluster.DRIVER_ROLE:
-                    if self.key is None:
-                        out.append((float(ts), body))
-                    continue
-                if self.key == (role, int(rep)) and (self.stream is None or self.stream == stream):
-                    out.append((float(ts), body))
-            elif self.key is None:  # Ray's own lines and anything else the driver printed
+                if len(parts) >= 4 and parts[0] == cluster.DRIVER_ROLE:
+                    out.append((float(parts[3]), parts[4] if len(parts) == 5 else ""))
+            else:  # Ray's own lines and anything else the driver printed
                 out.append((None, line))
         return out
+
+
+def _not_a_normal_close(record: logging.LogRecord) -> bool:
+    return not (record.levelno <= logging.INFO and str(record.msg).startswith("WebSocket closed for job"))
+
+
+@functools.cache
+def _quiet_tail_close() -> None:
+    """Ray's client logs an INFO line at every normal end of a tail ("WebSocket closed for job
+    ..."), which Ray's own handler prints under ``torchx log -t``: that one line is dropped."""
+    logging.getLogger("ray.dashboard.modules.job.sdk").addFilter(_not_a_normal_close)
+
+
+class _Pump:
+    """Ray's log tail of one job (``JobSubmissionClient.tail_job_logs``: the dashboard's
+    ``/api/jobs/<id>/logs/tail`` websocket, with the client's own headers and cookies, to the
+    client's own address) run in a thread of its own, collecting what arrives for ``take``.
+
+    It holds no reference to its reader: a reader dropped by its caller (a ``log_iter`` left
+    early) is collected, and its finalizer cancels the tail."""
+
+    LIMIT = 32 << 20  # characters held for a reader that lags; then the tail waits (TCP slows the dashboard)
+
+    def __init__(self, client: Any, sid: str, skip: int) -> None:
+        self.stopped = threading.Event()
+        self.error: Optional[BaseException] = None
+        self._cond = threading.Condition()
+        self._pieces: list[str] = []
+        self._size = 0
+        self._finished = False  # the tail ended (see error); set after its last piece
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._task: Optional[asyncio.Task[None]] = None
+        self.thread = threading.Thread(target=self._run, args=(client, sid, skip), name=f"ray-log-tail-{sid}",
+                                       daemon=True)
+        self.thread.start()
+
+    def take(self) -> tuple[list[str], bool]:
+        """What arrived since the last call, and whether the tail has ended (nothing follows)."""
+        with self._cond:
+            pieces, self._pieces, self._size = self._pieces, [], 0
+            self._cond.notify_all()
+            return pieces, self._finished
+
+    def _put(self, piece: str) -> None:
+        with self._cond:
+            while self._size >= self.LIMIT and not self.stopped.is_set():
+                self._cond.wait(0.5)  # blocks this loop while the reader lags
+            self._pieces.append(piece)
+            self._size += len(piece)
+
+    async def _tail(self, client: Any, sid: str, skip: int) -> None:
+        _quiet_tail_close()
+        tail = client.tail_job_logs(sid)
+        try:
+            async for piece in tail:
+                if skip:  # a resumed tail starts from the log's beginning again
+                    cut = min(skip, len(piece))
+                    piece, skip = piece[cut:], skip - cut
+                if piece:
+                    self._put(piece)
+                if self.stopped.is_set():
+                    return
+        finally:
+            await tail.aclose()
+
+    def _run(self, client: Any, sid: str, skip: int) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        try:
+            self._task = loop.create_task(self._tail(client, sid, skip))
+            loop.run_until_complete(self._task)
+        except BaseException as e:  # noqa: B036  # the reader decides what an error means
+            self.error = e
+        finally:
+            loop.close()
+            with self._cond:
+                self._finished = True
+
+    def stop(self) -> None:
+        self.stopped.set()
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop is closed: the tail is over
+                pass
+
+
+class JobLogReader:
+    """New lines of one replica (or of the driver) from the job's log, demultiplexed.
+
+    Two ways to read, chosen by the caller's first call (:func:`torchx_ext.logs.follow` asks
+    ``is_done`` first only when it follows):
+
+    * ``read_new`` first: a one-shot read of the whole log as it is now (``GET /api/jobs/<id>/logs``);
+      a later ``read_new`` gets what came since (the whole log again: for a read, not a follow);
+    * ``is_done`` first (following): Ray's log tail (see :class:`_Pump`) delivers each byte of
+      the log once, as it is written, until the job ends; ``read_new`` returns what arrived.
+      Without a Ray job yet (an app waiting for its dependencies) it waits as before; a tail that
+      ends while the app runs (the dashboard or the driver node's agent restarted) is resumed,
+      skipping what was read; ``is_over`` (the app ended, or its dashboard is lost) ends a follow
+      whose tail Ray does not end (a job Ray still holds PENDING).
+    """
+
+    CHECK_S = 2.0  # while the tail streams, the app's state is asked this often
+    QUIET_S = 5.0  # the app is over and the tail was silent this long: nothing more will come
+    MAX_FAILED_STARTS = 3  # tails that ended at once, in a row: read the whole log, as before
+
+    def __init__(self, client: Any, sid: str, key: Optional[tuple[str, int]], stream: Optional[str],
+                 is_over: Optional[Callable[[], bool]] = None, timed: bool = True) -> None:
+        self.client, self.sid, self.key, self.stream = client, sid, key, stream
+        self.demux = LogDemux(key, stream, timed)
+        self.is_over = is_over or (lambda: True)
+        self.offset = 0  # characters of the log fed to the demultiplexer
+        self._following = False
+        self._pump: Optional[_Pump] = None
+        self._finalizer: Optional[Callable[[], Any]] = None  # a weakref.finalize
+        self._failed_starts = 0
+        self._got_data = False  # the current tail delivered something
+        self._ended = False  # the current tail ended (normally or with an error), and all it got was taken
+        self._last_check = 0.0
+        self._last_data = 0.0
+        self._whole = False  # fell back to whole-log reads
+
+    # -------------------------------------------------------------- one-shot ----------------
+    def _read_whole(self) -> list[TimedLine]:
+        found = _get(self.client, f"/api/jobs/{self.sid}/logs")
+        if found is None:  # still waiting for its dependencies
+            return []
+        text = str(found.get("logs") or "")
+        piece, self.offset = text[self.offset:], max(self.offset, len(text))
+        return self.demux.feed(piece)
+
+    def read_new(self) -> list[TimedLine]:
+        if not self._following or self._whole:
+            return self._read_whole()
+        if self._pump is None:
+            return []
+        pieces, self._ended = self._pump.take()
+        if not pieces:
+            return []
+        self._got_data = True
+        self._last_data = time.monotonic()
+        text = "".join(pieces)
+        self.offset += len(text)
+        return self.demux.feed(text)
+
+    # -------------------------------------------------------------- following ---------------
+    def is_done(self) -> bool:
+        """Nothing more will come after the next ``read_new``; starts (and resumes) the tail."""
+        self._following = True
+        if self._whole:
+            return self.is_over()
+        pump = self._pump
+        if pump is None:
+            if self.is_over():
+                self._whole = True  # ended before it was ever followed (or never ran): read it once
+                return True
+            self._start()
+            return False
+        if self._ended:
+            # Ray ends its tail once the job is over and the log is read to its end; any other
+            # end (an error, a restarted dashboard or agent) while the app runs is resumed
+            if self.is_over():
+                return True
+            self._failed_starts = 0 if self._got_data else self._failed_starts + 1
+            if self._failed_starts >= self.MAX_FAILED_STARTS:
+                self._whole = True  # this dashboard does not tail: read the whole log, as before
+                return False
+            self._start()
+            return False
+        if not pump.thread.is_alive():
+            return False  # its end is taken by the next read_new
+        now = time.monotonic()
+        if now - self._last_check < self.CHECK_S:
+            return False
+        self._last_check = now
+        return self.is_over() and now - self._last_data >= self.QUIET_S
+
+    def _start(self) -> None:
+        job = get_job(self.client, self.sid)
+        meta = (job.metadata or {}) if job is not None else {}
+        if job is None or meta.get(KIND) == "verdict":
+            # no Ray job yet (waiting for dependencies), or a decided app that never ran: nothing to tail
+            self._pump = None
+            return
+        self.stop()
+        self._ended = self._got_data = False
+        self._last_data = time.monotonic()
+        self._pump = _Pump(self.client, self.sid, self.offset)
+        self._finalizer = weakref.finalize(self, self._pump.stop)
+
+    def stop(self) -> None:
+        """Ends the tail (if any) now."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
 
 
 def get_job(client: Any, sid: str) -> Any:
@@ -474,16 +688,25 @@ def ray_version() -> str:
         return "no ray"
 
 
-def restarts_in_log(text: str) -> int:
-    """num_restarts from a job's log: the driver's last ``restart N:`` line (0 if none)."""
-    prefix = f"{cluster.LINE_MARK}{cluster.DRIVER_ROLE} 0 o "
-    count = 0
-    for line in text.split("\n"):  # not splitlines(): it also splits at the \x1e of our marks
-        if line.startswith(prefix):
-            body = line[len(prefix):].split(" ", 1)[-1]  # after the timestamp
-            if body.startswith(cluster.RESTART_MARK):
-                try:
-                    count = int(body[len(cluster.RESTART_MARK):].split(":", 1)[0])
-                except ValueError:
-                    pass
-    return count
+RESTARTS_TIMEOUT_S = 3
+
+
+def published_restarts(client: Any, job: Any) -> Optional[int]:
+    """num_restarts of a running (or SUCCEEDED) app, as its driver published it: a small file
+    beside the job's driver log (``ray_jobs_cluster.RESTARTS_FILE``), read through the dashboard's
+    state API (``/api/v0/logs/file``, what ``ray.util.state.get_log`` asks) on the driver's node.
+    None when there is none to read (a driver of an older version, a lost node): then 0 is shown."""
+    node = getattr(job, "driver_node_id", None)
+    if not node:
+        return None
+    # the dashboard asks the node's agent, for up to `timeout` s (30 by default): a lost node must
+    # not hold describe, nor read as a lost dashboard (which get_job, just before, has ruled out)
+    query = urllib.parse.urlencode({"node_id": node, "filename": cluster.RESTARTS_FILE.format(job.submission_id),
+                                    "lines": 1, "timeout": RESTARTS_TIMEOUT_S})
+    try:
+        r = client._do_request("GET", "/api/v0/logs/file?" + query, timeout=RESTARTS_TIMEOUT_S + 2)
+        if r.status_code != 200:  # no such file (Ray answers 500 with text), or no node to ask
+            return None
+        return int(json.loads(r.text)["num_restarts"])
+    except Exception:  # one extra request must not break describe (as placement_state)
+        return None

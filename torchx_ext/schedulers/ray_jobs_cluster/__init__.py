@@ -22,9 +22,13 @@ ENV_B64_PREFIX = "TORCHX_EXT_B64__"
 # Every line the driver writes for a replica starts with this; the client demultiplexes on it.
 LINE_MARK = "\x1etx "
 VERDICT_MARK = "\x1etx-verdict "
-# The driver's own line on each restart: "restart N: why" (how describe learns num_restarts of a
-# job Ray reports SUCCEEDED or RUNNING, whose message carries no verdict)
+# The driver's own line on each restart: "restart N: why"
 RESTART_MARK = "restart "
+# How describe learns num_restarts of a job Ray reports RUNNING or SUCCEEDED (whose message carries
+# no verdict) without reading its log: the driver of an app with retries keeps {"num_restarts": N}
+# in this file beside its job log (Ray's log directory of its node), which the client reads through
+# the dashboard's state API (GET /api/v0/logs/file?node_id=<driver node>&filename=...)
+RESTARTS_FILE = "torchx-ext-{}.restarts.json"
 DRIVER_ROLE = "d"
 # A waiting record (a dependent app not started yet) is a Ray job that asks for RECORD_RESOURCE,
 # which no node has: Ray keeps it PENDING without starting its job supervisor (a process and ~0.7 s

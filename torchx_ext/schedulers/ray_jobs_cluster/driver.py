@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import DRIVER_ROLE, LINE_MARK, RESTART_MARK, SPEC_ENV, VERDICT_MARK, rules
+from . import DRIVER_ROLE, LINE_MARK, RESTART_MARK, RESTARTS_FILE, SPEC_ENV, VERDICT_MARK, rules
 from .replica import Line, ReplicaRunner, node_ip
 
 Result = Tuple[List[Line], Optional[int], str]  # (lines, exit code, error)
@@ -37,8 +37,23 @@ Result = Tuple[List[Line], Optional[int], str]  # (lines, exit code, error)
 class Output:
     """Thread-safe writer of marked lines to the job log (the driver's stdout)."""
 
-    def __init__(self) -> None:
+    def __init__(self, restarts_path: Optional[str] = None) -> None:
         self._lock = threading.Lock()
+        self.restarts_path = restarts_path
+
+    def restarts(self, count: int) -> None:
+        """Publishes the app's restart count (see ``RESTARTS_FILE``): written whole, then renamed,
+        so the dashboard never serves half of it. A failure costs describe the count, not the app."""
+        if not self.restarts_path:
+            return
+        tmp = f"{self.restarts_path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps({"num_restarts": count}) + "\n")
+            os.replace(tmp, self.restarts_path)
+        except OSError as e:
+            print(f"torchx-ext: could not publish the restart count to {self.restarts_path}: {e}",
+                  file=sys.stderr, flush=True)
 
     def lines(self, role: str, replica: int, lines: List[Line]) -> None:
         if not lines:
@@ -53,6 +68,8 @@ class Output:
         self.lines(DRIVER_ROLE, 0, [("o", time.time(), text)])
 
     def verdict(self, state: str, msg: str, replicas: List[Dict[str, Any]], num_restarts: int = 0) -> int:
+        if num_restarts:
+            self.restarts(num_restarts)
         self.say(f"app {state}" + (f": {msg}" if msg else ""))
         with self._lock:
             sys.stdout.write(VERDICT_MARK + json.dumps({"state": state, "msg": msg, "replicas": replicas,
@@ -336,6 +353,8 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
         return out.verdict(state, msg, outcomes, restarts.count if restarts else 0)
 
     group = LocalGroup(spec) if spec["mode"] == "local" else GangGroup(spec)
+    if any(role.get("max_retries") for role in spec["roles"]):
+        out.restarts(0)  # so that describe finds a count (not Ray's "file not found") from the start
     try:
         out.say(f"reserving {len(replicas)} replica(s) of app {spec['app_id']}")
         error = group.reserve()
@@ -385,6 +404,7 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
                                        exit_code=None if err else code, reason=err)
                     scope = restarts.on_end(i, code, err)
                     if scope:
+                        out.restarts(restarts.count)
                         out.say(f"{RESTART_MARK}{restarts.count}: {restarts.why}")
                         group.stop([x for x in scope if outcomes[x]["state"] == "RUNNING"])
                         for x in scope:
@@ -525,12 +545,25 @@ def _watch_job(sid: str, orphaned: threading.Event, stopping: threading.Event) -
     threading.Thread(target=watch, name="job-watch", daemon=True).start()
 
 
+def restarts_path(sid: str) -> Optional[str]:
+    """Where this driver publishes its app's restart count: beside its job log in Ray's log
+    directory of this node (Ray's job supervisor opens ``job-driver-<id>.log`` there as the
+    driver's stdout), so the dashboard's state API serves it; None when stdout is not that log."""
+    try:
+        log = os.readlink("/proc/self/fd/1")
+    except OSError:
+        return None
+    if not sid or os.path.basename(log) != f"job-driver-{sid}.log":
+        return None
+    return os.path.join(os.path.dirname(log), RESTARTS_FILE.format(sid))
+
+
 def main() -> int:
     spec = json.loads(base64.b64decode(os.environ.pop(SPEC_ENV)))
-    out = Output()
     stopping = threading.Event()
     orphaned = threading.Event()
     sid = sys.argv[sys.argv.index("--app") + 1] if "--app" in sys.argv[:-1] else ""
+    out = Output(restarts_path(sid))
     _watch_job(sid, orphaned, stopping)
     # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S: the loop stops
     # the replicas (their process groups) in between
