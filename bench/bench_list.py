@@ -127,21 +127,24 @@ def _host_app(name: str, *args: str) -> AppDef:
     return AppDef(name, roles=[Role(name, image=ROOT, entrypoint=args[0], args=list(args[1:]))])
 
 
-def host_home(ended: int, running: int, runner_for: Callable[[str], Runner]) -> tuple[str, str, str, list[str]]:
-    """A home with ``ended`` fabricated ended apps and ``running`` real ones: (home, an ended
-    handle, a running handle, handles to cancel)."""
-    home = tempfile.mkdtemp(prefix="bench_list_host_")
-    runner = runner_for(home)
-    template = runner.run(_host_app("bench", "true"), "host", {})
-    _wait_ended(runner, template)
-    tid = template.rsplit("/", 1)[-1]
+def fabricate_host(home: str, tid: str, n: int, newest_age: float, span: float, log_bytes: int = 0) -> list[str]:
+    """``n`` copies of the ended host app ``tid`` of ``home`` under new ids, created (and ended 1 s
+    later) ``newest_age`` to ``newest_age + span`` seconds ago, oldest first; ``log_bytes``: each
+    copy's replica log gets that many bytes (what a prune should free). Returns the new ids."""
     root = os.path.join(home, "host")
     now = time.time()
-    for i in range(ended):
+    ids = []
+    for i in range(n):
         app_id = f"bench-{uuid.uuid4().hex[:10]}"
         src, dst = os.path.join(root, tid), os.path.join(root, app_id)
         shutil.copytree(src, dst)
-        created = now - DAY * 3 * (ended - i) / ended  # spread over the past 3 days, oldest first
+        created = now - newest_age - span * (n - i) / n
+        if log_bytes:
+            log = os.path.join(dst, "logs")
+            replica = os.path.join(log, *sorted(os.listdir(log))[:1])
+            replica = os.path.join(replica, sorted(os.listdir(replica))[0])
+            with open(os.path.join(replica, "stdout.log"), "ab") as f:
+                f.write(b"x" * (log_bytes - 1) + b"\n")
         for name in ("spec.json", "state.json"):
             path = os.path.join(dst, name)
             with open(path) as f:
@@ -152,6 +155,19 @@ def host_home(ended: int, running: int, runner_for: Callable[[str], Runner]) -> 
             with open(path, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
             os.utime(path, (created, created))
+        ids.append(app_id)
+    return ids
+
+
+def host_home(ended: int, running: int, runner_for: Callable[[str], Runner]) -> tuple[str, str, str, list[str]]:
+    """A home with ``ended`` fabricated ended apps and ``running`` real ones: (home, an ended
+    handle, a running handle, handles to cancel)."""
+    home = tempfile.mkdtemp(prefix="bench_list_host_")
+    runner = runner_for(home)
+    template = runner.run(_host_app("bench", "true"), "host", {})
+    _wait_ended(runner, template)
+    ids = fabricate_host(home, template.rsplit("/", 1)[-1], ended, newest_age=0.0, span=3 * DAY)
+    app_id = ids[-1]
     ended_handle = f"host://torchx/{app_id}"
     live = [runner.run(_host_app("live", "sleep", "600"), "host", {}) for _ in range(running)]
     return home, ended_handle, (live[-1] if live else ended_handle), live
@@ -198,6 +214,38 @@ def bench_host(a: argparse.Namespace, runner_for: Callable[[str], Runner]) -> li
 
 
 # ---------------------------------------------------------------------- slurm_jobs --
+def fabricate_slurm(home: str, tid: str, n: int, newest_age: float, span: float, log_bytes: int = 0,
+                    first_id: int = 60_000_000) -> list[str]:
+    """``n`` copies of the ended slurm_jobs app ``tid`` of ``home`` (record and job directory, one
+    directory: the default job root) under job ids ``first_id``.. that slurmctld never had (jobs it
+    has forgotten), submitted (and ended: the ``result`` file's time) ``newest_age`` to
+    ``newest_age + span`` seconds ago, oldest first; ``log_bytes``: each job directory gets a log of
+    that many bytes. Returns the new ids."""
+    root = os.path.join(home, "slurm_jobs")
+    with open(os.path.join(root, tid, "app.json")) as f:
+        record = json.load(f)
+    now = time.time()
+    ids = []
+    for i in range(n):
+        job_id = str(first_id + i)
+        dst = os.path.join(root, job_id)
+        shutil.copytree(os.path.join(root, tid), dst)
+        created = now - newest_age - span * (n - i) / n
+        data = json.loads(json.dumps(record).replace(record["job_dir"], dst))
+        data.update(app_id=job_id, submitted=created)
+        path = os.path.join(dst, "app.json")
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        if log_bytes:
+            with open(os.path.join(dst, "bench.log"), "wb") as f:
+                f.write(b"x" * (log_bytes - 1) + b"\n")
+        for name in os.listdir(dst):  # the job's files as old as the job (prune reads result's time)
+            os.utime(os.path.join(dst, name), (created + 1, created + 1))
+        os.utime(path, (created, created))
+        ids.append(job_id)
+    return ids
+
+
 def slurm_home(a: argparse.Namespace, runner_for: Callable[[str], Runner]) -> tuple[str, str, str, list[str]]:
     home = tempfile.mkdtemp(prefix="bench_list_slurm_")
     runner = runner_for(home)
@@ -206,22 +254,8 @@ def slurm_home(a: argparse.Namespace, runner_for: Callable[[str], Runner]) -> tu
     template = runner.run(AppDef("bench", roles=[Role("main", image=ROOT, entrypoint="true", resource=res)]),
                           "slurm_jobs", cfg)
     _wait_ended(runner, template)
-    tid = template.rsplit("/", 1)[-1]
-    root = os.path.join(home, "slurm_jobs")
-    with open(os.path.join(root, tid, "app.json")) as f:
-        record = json.load(f)
-    now = time.time()
-    for i in range(a.ended):
-        job_id = str(60_000_000 + i)  # ids slurmctld never had: a job it has forgotten
-        dst = os.path.join(root, job_id)  # record and job directory are one (the default job root)
-        shutil.copytree(os.path.join(root, tid), dst)
-        created = now - DAY * 3 * (a.ended - i) / a.ended
-        data = json.loads(json.dumps(record).replace(record["job_dir"], dst))
-        data.update(app_id=job_id, submitted=created)
-        path = os.path.join(dst, "app.json")
-        with open(path, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.utime(path, (created, created))
+    ids = fabricate_slurm(home, template.rsplit("/", 1)[-1], a.ended, newest_age=0.0, span=3 * DAY)
+    job_id = ids[-1]
     held = {**cfg, "sbatch_args": ["--hold"]}
     live = [runner.run(AppDef("live", roles=[Role("main", image=ROOT, entrypoint="sleep", args=["600"],
                                                   resource=res)]), "slurm_jobs", held)

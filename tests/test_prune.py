@@ -215,6 +215,94 @@ def test_slurm_jobs_remote(runner: Runner, home: str, workspace: str) -> None:
     delete_running(runner, "slurm_jobs", long, left)
 
 
+# --------------------------------------------------------------------------- many apps -----
+def many_ended(runner: Runner, home: str, scheduler: str, cfg: dict[str, Any], live_cfg: dict[str, Any],
+               make: Callable[[bool], AppDef], live_state: AppState, cancel: Callable[[list[str]], object]) -> None:
+    """Prune of many ended apps beside running ones (bench/bench_prune.py at small size): 30 ended
+    apps fabricated as bench/bench_list.py does (copies of a real ended app, ended 2 to 3 days
+    ago, 1 KiB of log each), one app ended just now, 2 that run (slurm: held, PENDING). A prune
+    older than 1 day removes exactly the 30, frees what it says, keeps the recent one; the running
+    apps keep their state and every file; ``list`` then shows the running and the recent app, and
+    after a prune of every ended app, the running ones only; prune's bulk delete (``delete_apps``)
+    of the running apps cancels them before it removes them."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_list import fabricate_host, fabricate_slurm
+
+    template = runner.run(make(True), scheduler, cfg)
+    live: list[str] = []
+    try:
+        assert wait_terminal(runner, template, TIMEOUT).state == AppState.SUCCEEDED
+        live += [runner.run(make(False), scheduler, live_cfg) for _ in range(2)]
+        for h in live:
+            wait_state(runner, h, live_state, TIMEOUT)
+        root = os.path.join(home, scheduler)
+        tid = template.rsplit("/", 1)[-1]
+        if scheduler == "host":
+            ids = fabricate_host(home, tid, 30, 2 * 86400, 86400, log_bytes=1024)
+        else:
+            ids = fabricate_slurm(home, tid, 30, 2 * 86400, 86400, log_bytes=1024, first_id=62_000_000)
+        live_ids = [h.rsplit("/", 1)[-1] for h in live]
+
+        def files() -> dict[str, dict[str, bytes]]:
+            return {i: {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                        for d, _, fs in os.walk(os.path.join(root, i)) for f in fs} for i in live_ids}
+
+        settled(files, timeout=TIMEOUT)  # a new app's supervisor may still be writing its state
+        before = files()
+        said = re.search(r"would remove 30 app\(s\) and 0 leftover\(s\), would free ([\d.]+) KiB",
+                         prune("--older-than", "1d", "-s", scheduler, "--dry-run").stdout)
+        assert said and all(os.path.isdir(os.path.join(root, i)) for i in ids)
+        sizes = sum(os.lstat(os.path.join(d, f)).st_size for i in ids for d, _, fs in os.walk(os.path.join(root, i))
+                    for f in fs)
+        out = prune("--older-than", "1d", "-s", scheduler)
+        assert out.returncode == 0 and "removed 30 app(s)" in out.stdout, out
+        assert sorted(re.findall(rf"removed {scheduler}://torchx/(\S+) \(", out.stdout)) == sorted(ids), out.stdout
+        assert not [i for i in ids if os.path.lexists(os.path.join(root, i))]
+        assert abs(float(said.group(1)) * 1024 - sizes) <= 0.05 * 1024, (said.group(1), sizes)
+        assert files() == before, "a running app's files changed"
+        assert [getattr(runner.status(h), "state", None) for h in live] == [live_state] * 2
+        assert {a.app_handle for a in runner.list(scheduler)} == {*live, template}
+        out = prune("--older-than", "0s", "-s", scheduler)
+        assert out.returncode == 0 and "removed 1 app(s)" in out.stdout and template in out.stdout, out
+        assert {a.app_handle for a in runner.list(scheduler)} == set(live)
+        assert files() == before, "a running app's files changed"
+        # delete_apps (prune's bulk delete) given apps that still run: cancelled first, then gone
+        from importlib import import_module
+
+        errors: list[Any] = []
+        import_module(f"torchx_ext.schedulers.{scheduler}").create_scheduler("torchx").delete_apps(
+            live_ids, lambda app_id, e: errors.append(e) if e else None)
+        assert not errors and not runner.list(scheduler) and not existing(*[os.path.join(root, i) for i in live_ids])
+        if scheduler == "slurm_jobs":
+            queued = subprocess.run(["squeue", "-h", "-t", "PD,R", "-o", "%i", "-j", ",".join(live_ids)],
+                                    capture_output=True, text=True).stdout.split()
+            assert not queued, queued
+    finally:
+        cancel(live)
+
+
+def test_host_many_ended_apps(runner: Runner, home: str) -> None:
+    def make(short: bool) -> AppDef:
+        return app("p", "/tmp", ["true"] if short else ["sleep", "300"])
+
+    many_ended(runner, home, "host", {}, {}, make, AppState.RUNNING, lambda hs: [runner.cancel(h) for h in hs])
+
+
+def test_slurm_jobs_many_ended_apps(runner: Runner, home: str) -> None:
+    partition = require_backend("TORCHX_EXT_TEST_SLURM_PARTITION", "Slurm")
+
+    def make(short: bool) -> AppDef:
+        return app("p", "", ["true"] if short else ["sleep", "300"])
+
+    def cancel(handles: list[str]) -> None:  # this test's own jobs only: the cluster is shared
+        if handles:
+            subprocess.run(["scancel", *[h.rsplit("/", 1)[-1] for h in handles]], capture_output=True)
+
+    # the running apps are held (PENDING until cancelled): the shared testbed's nodes stay free
+    cfg = {"partition": partition}
+    many_ended(runner, home, "slurm_jobs", cfg, {**cfg, "sbatch_args": ["--hold"]}, make, AppState.PENDING, cancel)
+
+
 # --------------------------------------------------------------------------- docker --------
 def test_docker_jobs(runner: Runner, home: str, workspace: str) -> None:
     require_backend("TORCHX_EXT_TEST_DOCKER", "Docker")

@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
-from typing import Any, Callable, Collection, Mapping, Optional
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
 from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus, is_terminal, macros
@@ -857,6 +857,10 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         if (record := self._record(app_id)) is not None:  # its files and record (see retention)
             retention.remove_files(self, app_id, record)
             _INDEX.forget(app_id)
+
+    def delete_apps(self, app_ids: Sequence[str], done: Callable[[str, Optional[Exception]], None]) -> None:
+        # one squeue per cluster instead of a scontrol per app (see retention.delete_apps)
+        retention.delete_apps(self, app_ids, done, _INDEX)
 
     def _prunable(self, cutoff: float, warn: retention.Warn) -> list[retention.Prunable]:
         return retention.prunable(self, cutoff, warn)
