@@ -436,3 +436,26 @@ def test_driver_publishes_its_restart_count_beside_its_log(tmp_path: Any) -> Non
     assert code == 0 and parse_verdict(buf.getvalue())["num_restarts"] == 1
     assert json.load(open(path)) == {"num_restarts": 1}
     assert driver.restarts_path("b") is None  # stdout is no Ray job log here: nothing is published
+
+
+def test_the_private_ray_client_api_we_use_was_checked_against_this_ray() -> None:
+    """ray_jobs_client.py is the one adapter on Ray's private client API: the installed Ray is a
+    version it was checked against, and every private member it uses is still there."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    from torchx_ext.schedulers import ray_jobs_client as rc
+
+    if ray.__version__ not in rc.RAY_CHECKED:  # a new Ray: what can be checked here is, below; the rest by a person
+        import warnings
+
+        warnings.warn(f"Ray {ray.__version__} is not one ray_jobs_client.py was checked against {rc.RAY_CHECKED}: "
+                      f"check {rc.PRIVATE_CLIENT_MEMBERS} and the fields _address/_headers/_cookies/_verify, "
+                      "then add it", stacklevel=1)
+    for name in rc.PRIVATE_CLIENT_MEMBERS:
+        assert callable(getattr(JobSubmissionClient, name, None)), name
+    import inspect
+
+    init = inspect.getsource(JobSubmissionClient.__init__) + inspect.getsource(JobSubmissionClient.__mro__[1].__init__)
+    for field in ("_address", "_headers", "_cookies", "_verify"):
+        assert f"self.{field}" in init, field

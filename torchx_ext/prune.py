@@ -123,7 +123,7 @@ def _prune_one(name: str, scheduler: ExtScheduler[Any], cutoff: float, dry_run: 
     for left in extra:
         if not dry_run:
             try:
-                with scheduler._translated("prune"):  # engine and OS errors as ours: one line
+                with scheduler._translated("prune"):  # noqa: SLF001 - engine and OS errors as ours: one line
                     left.remove()
             except TorchxExtError as e:
                 totals.errors.append(f"{left.what}: {e}")

@@ -93,6 +93,27 @@ def split_app_id(app_id: str) -> tuple[Optional[str], str]:
 
 
 # ---------------------------------------------------------------------------- client -------
+# The Ray versions this module's use of Ray's private client API (the subclass below, request()
+# and raise_error()) was checked against; tests/test_ray_jobs_unit.py checks the installed Ray is
+# one of them and that every private member used still exists. This module is the only one outside
+# the cluster package (ray_jobs_cluster/driver.py: the GCS job table) that touches Ray's privates.
+RAY_CHECKED = ("2.60.0",)
+PRIVATE_CLIENT_MEMBERS = ("_do_request", "_raise_error", "_check_connection_and_version_with_url",
+                          "_upload_package_if_needed")
+
+
+def request(client: Any, method: str, endpoint: str, **kwargs: Any) -> Any:
+    """A request to the dashboard with the client's address, headers, cookies, TLS settings and
+    timeout: Ray's JobSubmissionClient has no public way to ask the dashboard's other REST APIs
+    (the state API, the version) with them."""
+    return client._do_request(method, endpoint, **kwargs)  # noqa: SLF001 - the one adapter (RAY_CHECKED)
+
+
+def raise_error(client: Any, response: Any) -> None:
+    """Ray's own RuntimeError with the dashboard's answer (as its public methods raise)."""
+    client._raise_error(response)  # noqa: SLF001 - the one adapter (RAY_CHECKED)
+
+
 def import_client_class() -> Any:
     try:
         from ray.job_submission import JobSubmissionClient
@@ -266,11 +287,11 @@ def is_unreachable(e: BaseException) -> bool:
 
 def _get(client: Any, endpoint: str) -> Any:
     """A GET on the Jobs API; None for HTTP 404 (decided on the status code, not on text)."""
-    r = client._do_request("GET", endpoint)
+    r = request(client, "GET", endpoint)
     if r.status_code == 404:
         return None
     if r.status_code != 200:
-        client._raise_error(r)  # Ray's own RuntimeError with the dashboard's answer
+        raise_error(client, r)
     return r.json()
 
 
@@ -289,8 +310,8 @@ def placement_state(client: Any, name: str) -> Optional[str]:
     query = urllib.parse.urlencode({"filter_keys": "name", "filter_predicates": "=", "filter_values": name,
                                     "limit": 10, "detail": 0})
     try:
-        rows = client._do_request("GET", "/api/v0/placement_groups?" + query).json()["data"]["result"]["result"]
-    except Exception:
+        rows = request(client, "GET", "/api/v0/placement_groups?" + query).json()["data"]["result"]["result"]
+    except Exception:  # noqa: BLE001 - any failure of this extra request: the job's own state stands
         return None
     states = [row.get("state") for row in rows if row.get("name") == name]
     return str(states[0]) if states else "ABSENT"
@@ -414,7 +435,7 @@ class _Pump:
         try:
             self._task = loop.create_task(self._tail(client, sid, skip))
             loop.run_until_complete(self._task)
-        except BaseException as e:  # noqa: B036  # the reader decides what an error means
+        except BaseException as e:  # noqa: B036, BLE001 - handed to the reader, which decides what it means
             self.error = e
         finally:
             loop.close()
@@ -704,9 +725,9 @@ def published_restarts(client: Any, job: Any) -> Optional[int]:
     query = urllib.parse.urlencode({"node_id": node, "filename": cluster.RESTARTS_FILE.format(job.submission_id),
                                     "lines": 1, "timeout": RESTARTS_TIMEOUT_S})
     try:
-        r = client._do_request("GET", "/api/v0/logs/file?" + query, timeout=RESTARTS_TIMEOUT_S + 2)
+        r = request(client, "GET", "/api/v0/logs/file?" + query, timeout=RESTARTS_TIMEOUT_S + 2)
         if r.status_code != 200:  # no such file (Ray answers 500 with text), or no node to ask
             return None
         return int(json.loads(r.text)["num_restarts"])
-    except Exception:  # one extra request must not break describe (as placement_state)
+    except Exception:  # noqa: BLE001 - one extra request must not break describe (as placement_state)
         return None

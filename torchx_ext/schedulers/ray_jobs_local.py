@@ -288,7 +288,7 @@ def torchxconfig() -> dict[str, str]:
         parser = configparser.ConfigParser()
         parser.read(find_configs())
         return dict(parser["ray_jobs"]) if parser.has_section("ray_jobs") else {}
-    except Exception:  # a broken config file must not break status; TorchX itself reports it
+    except Exception:  # noqa: BLE001 - a broken config file must not break status; TorchX itself reports it
         return {}
 
 
@@ -329,7 +329,7 @@ def append_manifest(url: str, record: Mapping[str, Any]) -> None:
         finally:
             os.close(fd)
         return
-    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.makedirs(fs._parent(path), exist_ok=True)  # noqa: SLF001 - fsspec's own way to a path's parent, any protocol
     mode = "ab"
     try:
         with fs.open(path, mode) as f:

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple
 from torchx.specs import Role
 
 from torchx_ext.errors import InvalidAppError, SchedulerUnavailable
-from torchx_ext.schedulers.ray_jobs_client import is_unreachable, unreachable_message
+from torchx_ext.schedulers.ray_jobs_client import is_unreachable, request, unreachable_message
 
 # What the cluster offers holds for a cluster, not for a job: fetched once per dashboard and
 # reused for CACHE_S by every submission of this process (and thread-safe, as the scheduler is).
@@ -26,8 +26,8 @@ _cache_lock = threading.Lock()
 
 def _fetch(client: Any, url: str, warn: Any) -> Mapping[str, Any]:
     try:
-        version = client._do_request("GET", "/api/version").json()
-        nodes_resp: Mapping[str, Any] = client._do_request("GET", "/api/v0/nodes?detail=1&limit=10000").json()
+        version = request(client, "GET", "/api/version").json()
+        nodes_resp: Mapping[str, Any] = request(client, "GET", "/api/v0/nodes?detail=1&limit=10000").json()
     except Exception as e:
         if is_unreachable(e):
             raise SchedulerUnavailable(unreachable_message(url, e)) from None

@@ -84,9 +84,8 @@ from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
 
 logger = logging.getLogger(__name__)
 SCHEDULER = "slurm_jobs"
-_JOB_ID = re.compile(r"^[0-9]+$")
-# remote mode: "<login>:<job id>", the login as SshLogin.name writes it (never a "/": no path)
-_REMOTE_ID = re.compile(r"^(?P<login>[^/\s\0]+):(?P<job>[0-9]+)$")
+_JOB_ID = sc.JOB_ID
+split_app_id = sc.split_app_id  # where the ids are parsed: below the scheduler (its retention uses it too)
 _DEFAULT_REMOTE_DIR = "~/.torchx_ext/slurm_jobs"
 # under the job root: Slurm's own output (slurm-<job id>.out), in a directory made 0700 before
 # sbatch (Slurm opens the file before the job's private directory can exist)
@@ -202,23 +201,6 @@ def _job_name(app_name: str) -> str:
 def _record_dir(app_id: str) -> str:
     # one place per user (not the cwd, not per option): any shell finds any app
     return state.scheduler_dir(SCHEDULER, app_id)
-
-
-def split_app_id(app_id: str) -> Optional[tuple[str, str]]:
-    """``(login, job id)`` of an app id; login "" for a local one; None: not an app id of ours.
-
-    An accepted id is always a plain directory name (never a path)."""
-    if _JOB_ID.match(app_id or ""):
-        return "", app_id
-    m = _REMOTE_ID.match(app_id or "")
-    if not m or not state.is_plain_name(app_id):
-        return None
-    try:
-        if SshLogin(m.group("login")).name != m.group("login"):
-            return None
-    except InvalidOptionError:
-        return None
-    return m.group("login"), m.group("job")
 
 
 def _with_root(spec: ScriptSpec, root: str) -> ScriptSpec:

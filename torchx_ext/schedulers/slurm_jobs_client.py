@@ -14,15 +14,38 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from typing import Any, Optional
 
 from torchx.specs import AppState
 
-from torchx_ext.errors import SchedulerUnavailable
+from torchx_ext import state
+from torchx_ext.errors import InvalidOptionError, SchedulerUnavailable
 from torchx_ext.schedulers.slurm_jobs_script import SlurmJob, parse_result, parse_sacct, parse_scontrol_job
 from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
+
+JOB_ID = re.compile(r"^[0-9]+$")
+# remote mode: "<login>:<job id>", the login as SshLogin.name writes it (never a "/": no path)
+REMOTE_ID = re.compile(r"^(?P<login>[^/\s\0]+):(?P<job>[0-9]+)$")
+
+
+def split_app_id(app_id: str) -> Optional[tuple[str, str]]:
+    """``(login, job id)`` of an app id; login "" for a local one; None: not an app id of ours.
+
+    An accepted id is always a plain directory name (never a path)."""
+    if JOB_ID.match(app_id or ""):
+        return "", app_id
+    m = REMOTE_ID.match(app_id or "")
+    if not m or not state.is_plain_name(app_id):
+        return None
+    try:
+        if SshLogin(m.group("login")).name != m.group("login"):
+            return None
+    except InvalidOptionError:
+        return None
+    return m.group("login"), m.group("job")
 
 # what Slurm's clients print when slurmctld cannot be reached (retrying is the caller's choice)
 _SACCT_ARGS = ["-n", "-P", "-X", "-o", "JobID,State,ExitCode,Reason", "-j"]

@@ -67,7 +67,7 @@ def remove_files(scheduler: SlurmJobsScheduler, app_id: str, record: Mapping[str
     """Removes an app's files (:func:`app_paths`; on the cluster in one round trip), then its record."""
     paths = app_paths(record)
     if record.get("login"):
-        proc = scheduler._cluster(record).run(["rm", "-rf", "--", *paths])
+        proc = scheduler._cluster(record).run(["rm", "-rf", "--", *paths])  # noqa: SLF001 - slurm_jobs' own hooks
         if proc.returncode != 0:
             raise BackendError(f"cannot remove {record['login']}:{record['job_dir']}: {proc.stderr.strip()}")
         _forget_links(set(workspace_copies(record)))
@@ -96,15 +96,13 @@ def _forget_links(removed: set[str]) -> None:
 def records(warn: Optional[Warn] = None) -> dict[str, dict[str, Any]]:
     """Every app record under the home, by app id; a damaged one is a ``warn`` (without ``warn``:
     StateError)."""
-    from torchx_ext.schedulers.slurm_jobs import split_app_id
-
     try:
         names = os.listdir(state.scheduler_dir(SCHEDULER))
     except FileNotFoundError:
         return {}
     out = {}
     for name in names:
-        if split_app_id(name) is None:
+        if sc.split_app_id(name) is None:
             continue
         try:
             record = state.read_json(state.scheduler_dir(SCHEDULER, name, "app.json"))
@@ -125,7 +123,7 @@ def prunable(scheduler: SlurmJobsScheduler, cutoff: float, warn: Warn) -> list[P
         by_cluster.setdefault(_cluster_key(record), {})[app_id] = record
     out = []
     for (login, _i, _c), apps in sorted(by_cluster.items()):
-        client = scheduler._cluster(next(iter(apps.values())))
+        client = scheduler._cluster(next(iter(apps.values())))  # noqa: SLF001 - slurm_jobs' own hooks
         try:
             listed = {j["job_id"]: app_state_of(j["state"], j["reason"]) for j in client.squeue_jobs() if j["leader"]}
         except TorchxExtError as e:

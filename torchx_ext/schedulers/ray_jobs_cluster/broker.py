@@ -165,7 +165,7 @@ def _waiting_now(client: Any) -> bool:
     to exit after this look, once per idle period, and the next status of any waiting app heals it."""
     try:
         return bool(undecided(client.list_jobs()))
-    except Exception:
+    except Exception:  # noqa: BLE001 - cannot tell: stay (exiting with a record waiting is the worse mistake)
         return True
 
 
@@ -184,7 +184,7 @@ def main() -> int:
     while True:
         try:
             listed = client.list_jobs()
-        except Exception as e:  # the dashboard restarts: keep going
+        except Exception as e:  # noqa: BLE001 - the dashboard restarts, whatever it raises: keep going
             print(f"list_jobs failed: {e}", file=sys.stderr, flush=True)
             time.sleep(5)
             continue
@@ -210,7 +210,7 @@ def main() -> int:
 
                         _pin_runtime_env_uri(uri, expiration_s=PIN_FOR_S)
                         pinned[uri] = now
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - pinning is a nicety: said, and tried next round
                         print(f"could not pin {uri}: {e}", file=sys.stderr, flush=True)
         for job_id, pending in decided_held(listed):  # records and verdicts, also an earlier broker's
             _release(job_id, pending, released)
@@ -224,7 +224,7 @@ def _release(job_id: str, pending: bool, released: Set[str]) -> None:
         # a PENDING job whose actor is not found yet is looked for again at the next poll
         if release(job_id) or not pending:
             released.add(job_id)
-    except Exception as e:  # it stays PENDING: a job record and an unschedulable actor, nothing runs
+    except Exception as e:  # noqa: BLE001 - it stays PENDING: a job record and an unschedulable actor, nothing runs
         released.add(job_id)
         print(f"could not release {job_id}: {e}", file=sys.stderr, flush=True)
 
