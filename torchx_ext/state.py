@@ -155,25 +155,7 @@ def write_json(path: str, data: dict[str, Any], sync_dir: bool = True) -> None:
         sync_dir: also fsync the directory, so the rename itself survives a crash (a record that
             is the only truth of what was submitted); False for a cache that can be rebuilt
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        if sync_dir:
-            _fsync_dir(directory)
-    except OSError as e:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        raise StateError(_why(path, e)) from e
+    write_text(path, json.dumps(data, indent=1, sort_keys=True), sync_dir)
 
 
 def write_text(path: str, text: str, sync_dir: bool = True) -> None:
