@@ -139,7 +139,7 @@ class GangGroup:
         if self.spec.get("placement_group"):
             kwargs["name"] = self.spec["placement_group"]
         self.pg = placement_group(self.bundles, **kwargs)
-        timeout = float(self.spec.get("placement_timeout_s", 60))
+        timeout = float(self.spec["placement_timeout_s"])  # always set by the submitter: its default is the one
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -194,7 +194,7 @@ class GangGroup:
         reuses its actor (same node). Returns the replicas that could not be placed, with why."""
         ray = self.ray
         errors: Dict[int, str] = {}
-        timeout = float(self.spec.get("placement_timeout_s", 60))
+        timeout = float(self.spec["placement_timeout_s"])  # always set by the submitter: its default is the one
         for i in indices:
             if i not in self.lost:
                 continue
