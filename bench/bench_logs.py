@@ -20,7 +20,7 @@ its row in bench_ray_jobs.py.
 
     for tb in slurm docker sshd; do bash testbed/$tb.sh start; done
     source testbed/.state/docker.env; source testbed/.state/sshd.env
-    .venv/bin/python bench/bench_logs.py --mb 200 [--only host,slurm,slurm-ssh,docker]
+    .venv/bin/python bench/bench_logs.py --mb 200 [--only host,slurm,slurm-ssh,docker] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import os
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -120,17 +121,19 @@ def wait_over(sched: Any, app_id: str, timeout: float = 600) -> None:
     raise TimeoutError(app_id)
 
 
-def row(name: str, size: int, ours: Measure, lines: int, exact: bool, raw: Measure, how: str) -> None:
+def row(name: str, size: int, ours: Measure, lines: int, exact: bool, raw: Measure, how: str) -> float:
+    """Prints one run's row; returns its CPU ratio."""
     print(f"{name:10s} log {size / 1e6:7.1f} MB | bytes read ours/raw {ours.read / raw.read:5.2f}x | "
           f"ours: read {ours.read / size:5.2f}x the log, "
           f"cpu {ours.cpu:6.2f} s, {lines} lines{'' if exact else ' (END missing!)'}, wall {ours.wall:5.1f} s | "
           f"raw ({how}): read {raw.read / size:5.2f}x, cpu {raw.cpu:6.2f} s | "
           f"cpu ratio {ours.cpu / max(raw.cpu, 1e-3):5.2f}x",
           flush=True)
+    return ours.cpu / max(raw.cpu, 1e-3)
 
 
 # ---------------------------------------------------------------------------- backends ----------
-def bench_host(lines: int) -> None:
+def bench_host(lines: int) -> float:
     from torchx_ext import state
     from torchx_ext.schedulers import host_supervisor as sup
     from torchx_ext.schedulers.host import create_scheduler
@@ -148,10 +151,11 @@ def bench_host(lines: int) -> None:
     app2, path2 = submit()
     with Measure() as raw:
         follow_pipe(["tail", "-c", "+1", "-F", path2])
-    row("host", size, ours, n, exact, raw, "tail -F")
+    ratio = row("host", size, ours, n, exact, raw, "tail -F")
     for a in (app_id, app2):
         wait_over(sched, a)
         sched.delete(a)
+    return ratio
 
 
 def _slurm_log(sched: Any, app_id: str) -> Optional[str]:
@@ -162,7 +166,7 @@ def _slurm_log(sched: Any, app_id: str) -> Optional[str]:
     return f"{rec['job_dir']}/{roles[0]['dirname']}/0/log"
 
 
-def bench_slurm(lines: int, login: Optional[str], ssh_config: Optional[str]) -> None:
+def bench_slurm(lines: int, login: Optional[str], ssh_config: Optional[str]) -> float:
     from torchx_ext.schedulers.slurm_jobs import create_scheduler
 
     sched = create_scheduler("bench")
@@ -195,13 +199,14 @@ def bench_slurm(lines: int, login: Optional[str], ssh_config: Optional[str]) -> 
             follow_pipe([*ssh, f"tail -c +1 -F {shlex.quote(path2)}"])
         else:
             follow_pipe(["tail", "-c", "+1", "-F", path2])
-    row("slurm-ssh" if login else "slurm", size, ours, n, exact, raw, "ssh tail -F" if login else "tail -F")
+    ratio = row("slurm-ssh" if login else "slurm", size, ours, n, exact, raw, "ssh tail -F" if login else "tail -F")
     for a in (app_id, app2):
         wait_over(sched, a)
         sched.delete(a)
+    return ratio
 
 
-def bench_docker(lines: int) -> None:
+def bench_docker(lines: int) -> float:
     import docker
 
     from torchx_ext.schedulers.docker_jobs import create_scheduler
@@ -244,10 +249,11 @@ def bench_docker(lines: int) -> None:
             pass
     raw.read = fetched[0]
     docker.APIClient.logs = logs
-    row("docker", size, ours, n, exact, raw, "SDK logs(follow=True)")
+    ratio = row("docker", size, ours, n, exact, raw, "SDK logs(follow=True)")
     for a in (app_id, app2):
         wait_over(sched, a)
         sched.delete(a)
+    return ratio
 
 
 def main() -> None:
@@ -256,21 +262,28 @@ def main() -> None:
     p.add_argument("--only", default="host,slurm,slurm-ssh,docker")
     p.add_argument("--login", default=os.environ.get("TORCHX_EXT_TEST_SSH_HOST"))
     p.add_argument("--ssh-config", default=os.environ.get("TORCHX_EXT_TEST_SSH_CONFIG"))
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per backend; the summary is the median of their CPU ratios (one run moves "
+                        "by +-30%% with what the other core does meanwhile)")
     a = p.parse_args()
     lines = int(a.mb * 1e6 / 100)
     only = set(a.only.split(","))
-    runs: list[tuple[str, Callable[[], None]]] = [
+    runs: list[tuple[str, Callable[[], float]]] = [
         ("host", lambda: bench_host(lines)),
         ("slurm", lambda: bench_slurm(lines, None, None)),
         ("slurm-ssh", lambda: bench_slurm(lines, a.login, a.ssh_config)),
         ("docker", lambda: bench_docker(lines)),
     ]
+    summary = []
     for name, run in runs:
         if name in only:
             if name == "slurm-ssh" and not a.login:
                 print("slurm-ssh: no --login (source testbed/.state/sshd.env)", file=sys.stderr)
                 continue
-            run()
+            ratios = sorted(run() for _ in range(a.repeat))
+            summary.append(f"{name}: cpu ratio median {statistics.median(ratios):.2f}x "
+                           f"(runs: {', '.join(f'{r:.2f}x' for r in ratios)}; goal <= 1.5x)")
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torchx.specs import AppDef, AppState, Resource, Role
 
 from torchx_ext.errors import InvalidAppError, InvalidOptionError
 from torchx_ext.groups import ReplicaOutcome, group_state, mark_service
+from torchx_ext.logs import PlainLines
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers.ray_jobs import RayJobsScheduler
 from torchx_ext.schedulers.ray_jobs_client import JobLogReader, parse_verdict
@@ -165,8 +166,9 @@ def test_log_demultiplexing() -> None:
     assert JobLogReader(client, "x", ("0", 1), "e").read_new() == [(12.0, "err of main 1 with \x1e inside\n")]
     assert JobLogReader(client, "x", ("1", 0), None).read_new() == [(13.0, "\n")]
     assert JobLogReader(client, "x", None, None).read_new() == [(None, "Running entrypoint for job x"), (10.0, "reserving")]
-    # without since/until the time is not parsed (None: no filter drops such a line)
-    assert JobLogReader(client, "x", ("0", 1), None, timed=False).read_new() == [(None, "err of main 1 with \x1e inside\n")]
+    # without since/until the time is not parsed: the piece's lines come as one PlainLines
+    plain = JobLogReader(client, "x", ("0", 1), None, timed=False).read_new()
+    assert plain == [["err of main 1 with \x1e inside\n"]] and isinstance(plain[0], PlainLines)
     reader = JobLogReader(client, "x", ("0", 0), None)
     reader.read_new()
     client.text += "\n"
@@ -233,7 +235,8 @@ def follow_all(reader: JobLogReader, client: TailClient, steps: list[Any], limit
         if i < len(steps) and steps[i] is not None:
             steps[i]()
         done = reader.is_done()
-        out += reader.read_new()
+        for item in reader.read_new():  # a PlainLines (no times asked for) holds a piece's lines
+            out += [(None, line) for line in item] if isinstance(item, PlainLines) else [item]
         if done:
             return out
         time.sleep(0.01)

@@ -19,6 +19,7 @@ from contract import HOSTILE_ARGS
 from torchx_ext.errors import DependencyError
 from torchx_ext.executors import capabilities, executor_for
 from torchx_ext.groups import mark_service
+from torchx_ext.logs import PlainLines, filter_lines
 from torchx_ext.schedulers import slurm_jobs_script as script
 from torchx_ext.schedulers.slurm_jobs import SlurmJobsExecutor, create_scheduler
 from torchx_ext.schedulers.slurm_jobs_script import app_state_of, parse_sacct, parse_scontrol_job, signal_reason
@@ -278,6 +279,48 @@ def test_log_reader_reads_each_byte_once_in_bounded_chunks(tmp_path: Any) -> Non
     with open(log, "ab") as f:
         f.write(long)
     assert "".join(text for _, text in reader.read_new()).endswith("x" * 1500)
+
+
+def _texts(items: Any) -> list[str]:
+    """The lines of a reader's items as filter_lines hands them on (no since/until, no regex)."""
+    return list(filter_lines(items))
+
+
+@pytest.mark.parametrize("tagged,want", [(False, None), (True, None), (True, b"O"), (True, b"E")])
+def test_log_reader_fast_path_gives_the_lines_of_the_line_by_line_path(tmp_path: Any, tagged: bool,
+                                                                       want: Any) -> None:
+    """Without since/until a chunk's lines are split by one regex (PlainLines); over random logs,
+    well formed or not, the lines are exactly those of the line-by-line path, chunk size aside."""
+    import random
+
+    rng = random.Random(7)
+    pieces = ["1700000000.123456", "12", "1.5", "-1", "1e5", "nan", "", "x", "1.", " 3"]
+    tags = ["O", "E", "", "OO"]
+    texts = ["text", "", " two", "a\rb", "\x1e mark", "ünïcode", "tail "]
+    for case in range(60):
+        lines = []
+        for _ in range(rng.randint(0, 40)):
+            well = rng.random() < 0.8
+            stamp = "1700000000.123456" if well else rng.choice(pieces)
+            tag = (rng.choice(["O", "E"]) if well else rng.choice(tags)) if tagged else None
+            head = stamp + " " + (tag + " " if tag is not None else "")
+            lines.append((head if rng.random() < 0.97 else stamp) + rng.choice(texts))
+        raw = ("\n".join(lines) + "\n").encode() if lines else b""
+        if rng.random() < 0.2:
+            raw += b"\xff\xfe broken utf-8\n"
+        log = tmp_path / f"log{case}"
+        log.write_bytes(raw)
+        chunk = rng.choice([16, 64, 4096])
+        slow = StampedLineReader(str(log), tagged=tagged, want_tag=want, chunk=chunk)
+        fast = StampedLineReader(str(log), tagged=tagged, want_tag=want, chunk=chunk, plain=True)
+        expected = _texts(slow.read_new())
+        assert _texts(fast.read_new()) == expected, (case, raw)
+        assert fast.offset == slow.offset == len(raw)
+    # a well-formed chunk comes as one PlainLines, stamps and tags gone, newlines kept
+    log = tmp_path / "well"
+    log.write_bytes(b"1.5 O out\n2.5 E err\n3.5 O \n")
+    items = list(StampedLineReader(str(log), tagged=True, want_tag=b"O", plain=True).read_new())
+    assert items == [["out\n", "\n"]] and isinstance(items[0], PlainLines)
 
 
 # ---------------------------------------------------------------------- Slurm away / forgotten --

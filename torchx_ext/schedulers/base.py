@@ -23,6 +23,7 @@ verb turns engine and OS errors into a :class:`~torchx_ext.errors.TorchxExtError
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -59,12 +60,12 @@ from torchx_ext.errors import (
 )
 from torchx_ext.executors import Executor, runopts_for
 from torchx_ext.groups import app_handle_id, handle_scheduler, is_service, validate_app
-from torchx_ext.logs import TimedLine, filter_lines, follow
+from torchx_ext.logs import LogItem, filter_batches, follow
 from torchx_ext.support import COMMON, Support, check_app
 
 E = TypeVar("E", bound=Executor)
 T = TypeVar("T")
-ReadNew = Callable[[], Iterable[TimedLine]]  # may stream: a generator is consumed whole per poll
+ReadNew = Callable[[], Iterable[LogItem]]  # may stream: a generator is consumed whole per poll
 Warn = Callable[[str], None]
 # a workspace copy no record names yet may belong to a submission in progress (the copy is made
 # before the record): prune leaves such copies alone for this long, whatever the cutoff
@@ -255,7 +256,8 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
                     f"app '{app_id}' has no replica {k} of role '{role_name}'; roles: {', '.join(valid)}")
             read_new, done = self._log_source(app_id, role_name, k, streams, since, until)
         lines = follow(read_new, done or (lambda: self._over(app_id)), should_tail, self.log_poll_s)
-        return self._translating_iter(filter_lines(lines, regex, since, until), "log")
+        # errors are translated per batch; the lines of a batch are handed on by chain, in C
+        return itertools.chain.from_iterable(self._translating_iter(filter_batches(lines, regex, since, until), "log"))
 
     def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:
         """Replicas per role of a known app; None if the app is unknown."""

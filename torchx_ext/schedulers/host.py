@@ -420,7 +420,8 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
     ) -> tuple[ReadNew, Optional[Callable[[], bool]]]:
         name = {Stream.STDOUT: "stdout", Stream.STDERR: "stderr"}.get(streams, "combined")
         app_dir = state.scheduler_dir(SCHEDULER, app_id)
-        reader = state.StampedLineReader(os.path.join(sup.log_dir(app_dir, role_name, k), f"{name}.log"))
+        reader = state.StampedLineReader(os.path.join(sup.log_dir(app_dir, role_name, k), f"{name}.log"),
+                                         plain=since is None and until is None)
 
         def done() -> bool:
             loaded = self._load(app_id)

@@ -10,7 +10,6 @@ import asyncio
 import base64
 import functools
 import inspect
-import itertools
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any, Callable, Dict, Optional
 from torchx.specs import AppState
 
 from torchx_ext.errors import InvalidOptionError, MissingExtraError, SchedulerUnavailable
-from torchx_ext.logs import TimedLine
+from torchx_ext.logs import LogItem, PlainLines
 from torchx_ext.schedulers import ray_jobs_cluster as cluster
 from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
 
@@ -339,7 +338,7 @@ class LogDemux:
                 "^" + re.escape(f"{cluster.LINE_MARK}{key[0]} {key[1]} ") + streams + " " + time_field + " ?(.*\n)",
                 re.M)
 
-    def feed(self, text: str) -> list[TimedLine]:
+    def feed(self, text: str) -> list[LogItem]:
         """The complete lines of ``text`` (after what was fed before) that are this reader's."""
         if self._partial:
             text = self._partial + text
@@ -347,13 +346,13 @@ class LogDemux:
         self._partial = text[end:]
         return self._lines(text[:end]) if end else []
 
-    def _lines(self, chunk: str) -> list[TimedLine]:
+    def _lines(self, chunk: str) -> list[LogItem]:
         if self._pattern is not None:
             found = self._pattern.findall(chunk)
             if self.timed:
                 return [(float(ts), body) for ts, body in found]
-            return list(zip(itertools.repeat(None), found))
-        out: list[TimedLine] = []
+            return [PlainLines(found)]  # one item per piece, not per line (no time to filter on)
+        out: list[LogItem] = []
         # not splitlines(): it also splits at the \x1e that starts our marks
         for line in chunk[:-1].split("\n"):
             if line.startswith(cluster.VERDICT_MARK):
@@ -489,7 +488,7 @@ class JobLogReader:
         self._whole = False  # fell back to whole-log reads
 
     # -------------------------------------------------------------- one-shot ----------------
-    def _read_whole(self) -> list[TimedLine]:
+    def _read_whole(self) -> list[LogItem]:
         found = _get(self.client, f"/api/jobs/{self.sid}/logs")
         if found is None:  # still waiting for its dependencies
             return []
@@ -497,7 +496,7 @@ class JobLogReader:
         piece, self.offset = text[self.offset:], max(self.offset, len(text))
         return self.demux.feed(piece)
 
-    def read_new(self) -> list[TimedLine]:
+    def read_new(self) -> list[LogItem]:
         if not self._following or self._whole:
             return self._read_whole()
         if self._pump is None:

@@ -862,17 +862,18 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         record = self._record(app_id) or {}
         dirname = next(r["dirname"] for r in record.get("roles", []) if r["name"] == role_name)
         tag = {Stream.STDOUT: b"O", Stream.STDERR: b"E"}.get(streams)
+        plain = since is None and until is None  # no time to filter on: lines a chunk at a time
         if record.get("login"):
             # the replica's log on the login node, read from where the last poll stopped
             # (a bounded read from OFFSET over the shared connection: one round trip per poll and chunk)
             remote = self._cluster(record)
             assert isinstance(remote, sc.RemoteSlurmClient)
             path = f"{record['job_dir']}/{dirname}/{k}/log"
-            reader = state.StampedLineReader(path, tagged=True, want_tag=tag,
+            reader = state.StampedLineReader(path, tagged=True, want_tag=tag, plain=plain,
                                              fetch=lambda offset, limit: remote.read_bytes_from(path, offset, limit))
             return reader.read_new, None
         path = os.path.join(record.get("job_dir", ""), dirname, str(k), "log")
-        return state.StampedLineReader(path, tagged=True, want_tag=tag).read_new, None
+        return state.StampedLineReader(path, tagged=True, want_tag=tag, plain=plain).read_new, None
 
 
 def _private_dir(path: str) -> None:
