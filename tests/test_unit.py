@@ -132,3 +132,29 @@ def test_a_replica_that_never_started_ends_with_its_app() -> None:
         assert [r.state for r in resp.roles_statuses[0].replicas] == [AppState.SUCCEEDED, final]
     resp = describe_response("a", AppState.RUNNING, "", roles, lambda role, k: (AppState.PENDING, ""))
     assert {r.state for r in resp.roles_statuses[0].replicas} == {AppState.PENDING}
+
+
+def test_a_follow_ends_once_its_app_read_unknown_long_enough(monkeypatch: Any) -> None:
+    """UNKNOWN is not terminal: a follow ends on it only after ``unknown_ends_follow_s`` on end
+    (a cluster silent for a moment does not end it; one that forgot the app does), on every backend."""
+    from torchx.schedulers.api import DescribeAppResponse
+    from torchx.specs import AppState
+
+    from torchx_ext.schedulers import base
+    from torchx_ext.schedulers.host import create_scheduler
+
+    sched = create_scheduler("t")
+    now: dict[str, Any] = {"t": 0.0, "state": AppState.RUNNING}
+    monkeypatch.setattr(base.time, "monotonic", lambda: now["t"])
+    monkeypatch.setattr(sched, "describe", lambda app_id: DescribeAppResponse(app_id=app_id, state=now["state"]))
+    over = sched._over_check("a")
+    for t, st, expected in [(0, AppState.RUNNING, False), (1, AppState.UNKNOWN, False),
+                            (10, AppState.RUNNING, False), (20, AppState.UNKNOWN, False),
+                            (45, AppState.UNKNOWN, False), (50, AppState.UNKNOWN, True)]:
+        now.update(t=float(t), state=st)
+        assert over() is expected, (t, st)
+    for final in (AppState.SUCCEEDED, AppState.FAILED, AppState.CANCELLED):
+        now.update(state=final)
+        assert sched._over_check("a")()
+    monkeypatch.setattr(sched, "describe", lambda app_id: None)
+    assert sched._over_check("a")()

@@ -102,6 +102,9 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
     # roles ``log`` accepts besides the app's own (e.g. ray_jobs' driver); name -> description
     extra_log_roles: ClassVar[Mapping[str, str]] = {}
     log_poll_s: ClassVar[float] = 0.2
+    # a follow (``log -f``) ends once the app has read UNKNOWN this long on end: a cluster that did
+    # not answer for a moment does not end it, one that forgot the app does (all backends alike)
+    unknown_ends_follow_s: ClassVar[float] = 30.0
 
     def __init__(self, session_name: str, **kwargs: Any) -> None:
         # nothing touches the engine here: TorchX builds throwaway instances to read run options
@@ -255,7 +258,7 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
                 raise UnknownAppError(
                     f"app '{app_id}' has no replica {k} of role '{role_name}'; roles: {', '.join(valid)}")
             read_new, done = self._log_source(app_id, role_name, k, streams, since, until)
-        lines = follow(read_new, done or (lambda: self._over(app_id)), should_tail, self.log_poll_s)
+        lines = follow(read_new, done or self._over_check(app_id), should_tail, self.log_poll_s)
         # errors are translated per batch; the lines of a batch are handed on by chain, in C
         return itertools.chain.from_iterable(self._translating_iter(filter_batches(lines, regex, since, until), "log"))
 
@@ -270,9 +273,24 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
         """``(read_new, is_done)`` for one replica's log; ``is_done`` None: "the app is over"."""
         raise NotImplementedError
 
-    def _over(self, app_id: str) -> bool:
-        resp = self.describe(app_id)
-        return resp is None or is_terminal(resp.state)
+    def _over_check(self, app_id: str) -> Callable[[], bool]:
+        """"Is the app over?" for one follow: gone, terminal, or UNKNOWN for
+        :attr:`unknown_ends_follow_s` on end (UNKNOWN is not terminal: without this a follow of an
+        app its cluster forgot polled forever)."""
+        unknown_since: list[float] = []
+
+        def over() -> bool:
+            resp = self.describe(app_id)
+            if resp is None or is_terminal(resp.state):
+                return True
+            if resp.state != AppState.UNKNOWN:
+                unknown_since.clear()
+                return False
+            if not unknown_since:
+                unknown_since.append(time.monotonic())
+            return time.monotonic() - unknown_since[0] >= self.unknown_ends_follow_s
+
+        return over
 
     # ------------------------------------------------------------------ helpers -----
     def handle(self, app_id: str) -> str:

@@ -492,6 +492,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         reader = AttemptsReader(api, app_id, role_name, k, streams, since, until)
         if not reader.containers():  # removed by hand: nothing to read
             return (lambda: []), None
+        over = self._over_check(app_id)
 
         def done() -> bool:
             last = reader.containers()
@@ -503,7 +504,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                 return True
             if status == "created" or last[-1]["Labels"].get(d.L_MAX_RETRIES, "0") != "0":
                 # not started yet, or another attempt may follow: only over if the app is
-                return self._over(app_id)
+                return over()
             return status in ("exited", "dead")
 
         return reader.read_new, done

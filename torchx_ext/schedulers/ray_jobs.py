@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
-from torchx.specs import AppDef, AppState, Role, is_terminal, macros
+from torchx.specs import AppDef, AppState, Role, macros
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
@@ -456,12 +456,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         key = None if role_name == DRIVER_ROLE else (str(list(counts).index(role_name)), k)
         wanted = {Stream.STDOUT: "o", Stream.STDERR: "e"}.get(streams)
 
-        def over() -> bool:
-            now = self.describe(app_id)
-            return now is None or is_terminal(now.state) or now.state == AppState.UNKNOWN
-
         # a follow reads Ray's log tail, each byte once; a read without it, the log as it is now
-        reader = rc.JobLogReader(self._client(url or ""), sid, key, wanted, is_over=over,
+        reader = rc.JobLogReader(self._client(url or ""), sid, key, wanted, is_over=self._over_check(app_id),
                                  timed=since is not None or until is not None)
         return reader.read_new, reader.is_done
 
