@@ -422,12 +422,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         app_dir = state.scheduler_dir(SCHEDULER, app_id)
         reader = state.StampedLineReader(os.path.join(sup.log_dir(app_dir, role_name, k), f"{name}.log"),
                                          plain=since is None and until is None)
-
-        def done() -> bool:
-            loaded = self._load(app_id)
-            return loaded is None or loaded[2].get("state") in (*TERMINAL, "UNKNOWN")
-
-        return reader.read_new, done
+        return reader.read_new, None  # over: as on every backend (Scheduler._over_check)
 
 
 def _is_app_dir(name: str) -> bool:
