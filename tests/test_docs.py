@@ -187,28 +187,46 @@ def test_readme_links_lead_somewhere() -> None:
 
 
 # ---------------------------------------------------------------------------------- running them ----
-def _cleanup(home: str, testbed: Optional[str]) -> None:
-    """Cancels what a (failed) block left running, so that a failure never leaves apps behind."""
-    from torchx.schedulers import get_scheduler_factories
-    from torchx.specs import is_terminal
+def _schedulers(testbed: Optional[str]) -> list[str]:
+    return ["host"] + ([{"ray": "ray_jobs", "slurm": "slurm_jobs", "docker": "docker_jobs"}[testbed]] if testbed else [])
 
-    names = ["host"] + ([{"ray": "ray_jobs", "slurm": "slurm_jobs", "docker": "docker_jobs"}[testbed]] if testbed else [])
+
+def _in_home(home: str, each: Callable[[Any, str], None], testbed: Optional[str]) -> None:
+    """Calls ``each(scheduler, name)`` for the schedulers a block may use, with ``home`` as the
+    home; an error is one line on stderr (best effort: the block's own failure is the news)."""
+    from torchx.schedulers import get_scheduler_factories
+
     saved = os.environ.get("TORCHX_EXT_HOME")
     os.environ["TORCHX_EXT_HOME"] = home
     try:
-        for name in names:
+        for name in _schedulers(testbed):
             try:
-                sched = get_scheduler_factories()[name]("torchx")
-                for app in sched.list():
-                    if not is_terminal(app.state):
-                        sched.cancel(app.app_id)
-            except Exception as e:  # noqa: BLE001 - best effort; the block's own failure is the news
+                each(get_scheduler_factories()[name]("torchx"), name)
+            except Exception as e:  # noqa: BLE001 - best effort, see above
                 print(f"cleanup of {name} apps in {home}: {e}", file=sys.stderr)
     finally:
         if saved is None:
             os.environ.pop("TORCHX_EXT_HOME", None)
         else:
             os.environ["TORCHX_EXT_HOME"] = saved
+
+
+def _apps(home: str, testbed: Optional[str]) -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    _in_home(home, lambda sched, name: found.update((name, a.app_id) for a in sched.list()), testbed)
+    return found
+
+
+def _cleanup(home: str, testbed: Optional[str], before: set[tuple[str, str]]) -> None:
+    """Deletes the apps the block made (cancelled first if they still run), and only those (an
+    engine may list apps of other homes): nothing is left on the engines, whether the block passed
+    or failed (docker_jobs kept each run's containers, and the test image they were made from)."""
+    def delete_new(sched: Any, name: str) -> None:
+        for app in sched.list():
+            if (name, app.app_id) not in before:
+                sched.delete(app.app_id)  # torchx_ext's delete cancels a running app first
+
+    _in_home(home, delete_new, testbed)
 
 
 @pytest.mark.timeout(300)
@@ -228,6 +246,7 @@ def test_documented_commands_run_as_written(block: Block) -> None:
     for name, text in block.files.items():
         with open(os.path.join(cwd, name), "w") as f:
             f.write(text)
+    before = _apps(home, testbed)
     started = time.monotonic()
     proc = subprocess.Popen(["bash", "-euo", "pipefail", "-c", block.code], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -238,7 +257,7 @@ def test_documented_commands_run_as_written(block: Block) -> None:
         out, _ = proc.communicate()
         proc.returncode = -1
     finally:
-        _cleanup(home, testbed)
+        _cleanup(home, testbed, before)
     took = time.monotonic() - started
     text = out.decode(errors="replace")
     try:
