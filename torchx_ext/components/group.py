@@ -53,6 +53,7 @@ def _port(what: str, value: str) -> int:
     return int(value)
 
 
+# Over 60 lines: a TorchX component; most of it is the docstring TorchX prints as its --help.
 def roles(
     *role_specs: str,
     services: str = "",

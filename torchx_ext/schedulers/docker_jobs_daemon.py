@@ -247,6 +247,8 @@ def _read_verdict(api: Any) -> Callable[[str], Optional[tuple[Verdict, dict[str,
     return read
 
 
+# Over 60 lines: the order of the daemon reads is the point (the verdict volume before the
+# containers, see the comments inside), so it is kept in one function.
 def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
     """The app's snapshot from the daemon, or None if the daemon knows no such app."""
     import docker

@@ -184,6 +184,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         return target
 
     # ------------------------------------------------------------------ submit ------
+    # Over 60 lines: it assembles the job's parts (the driver's spec, the runtime_env, the
+    # entrypoint resources, the metadata) in order, each from the one before; a few lines each.
     def _build_request(self, app: AppDef, ex: RayJobsExecutor, dependencies: list[str]) -> RayJobsRequest:
         url = rc.resolve_dashboard(ex.dashboard_url)
         sid = f"{state.make_app_id(app.name)}"

@@ -138,6 +138,8 @@ _format_auth_error: Any = None
 _AuthenticationError: Any = None
 
 
+# Over 60 lines: the adapter class is defined inside, so that ray is imported only when a
+# client is first needed (a dry-run never imports it); its methods are short.
 @functools.cache
 def _timeout_client_class() -> Any:
     global _format_auth_error, _AuthenticationError

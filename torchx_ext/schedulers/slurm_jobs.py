@@ -354,6 +354,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
         return str(known.get(f"{login} {wanted}", wanted))
 
+    # Over 60 lines: each Role/Resource field maps to its sbatch and srun options in one place
+    # (the support matrix's order), a few lines per field.
     @staticmethod
     def _component(role: Role, ex: SlurmJobsExecutor, app_id_prefix: str = "",
                    planned: Collection[str] = ()) -> RoleComponent:
