@@ -216,8 +216,9 @@ def bench_host(a: argparse.Namespace, runner_for: Callable[[str], Runner]) -> li
 # ---------------------------------------------------------------------- slurm_jobs --
 def fabricate_slurm(home: str, tid: str, n: int, newest_age: float, span: float, log_bytes: int = 0,
                     first_id: int = 60_000_000) -> list[str]:
-    """``n`` copies of the ended slurm_jobs app ``tid`` of ``home`` (record and job directory, one
-    directory: the default job root) under job ids ``first_id``.. that slurmctld never had (jobs it
+    """``n`` copies of the ended slurm_jobs app ``tid`` of ``home`` (its record and its job
+    directory ``<id>.<token>`` beside it, copied into one directory per copy, which its record
+    names as its job directory) under job ids ``first_id``.. that slurmctld never had (jobs it
     has forgotten), submitted (and ended: the ``result`` file's time) ``newest_age`` to
     ``newest_age + span`` seconds ago, oldest first; ``log_bytes``: each job directory gets a log of
     that many bytes. Returns the new ids."""
@@ -230,6 +231,8 @@ def fabricate_slurm(home: str, tid: str, n: int, newest_age: float, span: float,
         job_id = str(first_id + i)
         dst = os.path.join(root, job_id)
         shutil.copytree(os.path.join(root, tid), dst)
+        if os.path.isdir(record["job_dir"]):  # (gone when the template was deleted: its record dir holds both)
+            shutil.copytree(record["job_dir"], dst, dirs_exist_ok=True)
         created = now - newest_age - span * (n - i) / n
         data = json.loads(json.dumps(record).replace(record["job_dir"], dst))
         data.update(app_id=job_id, submitted=created)

@@ -153,6 +153,9 @@ def bench(scheduler: str, a: argparse.Namespace, runner: Runner, cleanup: list[C
     scratch = tempfile.mkdtemp(prefix=f"bench_prune_raw_{scheduler}_")
     cleanup.append(lambda: shutil.rmtree(scratch, ignore_errors=True))
     shutil.copytree(os.path.join(root, tid), os.path.join(scratch, scheduler, tid))
+    if scheduler == "slurm_jobs":  # its job directory <id>.<token> too, into the same copy
+        with open(os.path.join(root, tid, "app.json")) as f:
+            shutil.copytree(json.load(f)["job_dir"], os.path.join(scratch, scheduler, tid), dirs_exist_ok=True)
     importlib.import_module(f"torchx_ext.schedulers.{scheduler}").create_scheduler(SESSION).delete(tid)
     deadline = time.time() + 120
     while time.time() < deadline:  # every live app in its steady state before the snapshot

@@ -7,6 +7,7 @@ Pure script tests (reference scripts, quoting) live in ``test_slurm_jobs_unit.py
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -576,12 +577,14 @@ def test_env_values_are_private_from_creation(partition: str, tmp_path: object) 
     assert "SUCCEEDED" in out, out
     holding = assert_private(home, secret.encode())
     job = _app_id(handle)
+    with open(os.path.join(home, "slurm_jobs", job, "app.json")) as f:
+        job_dir = os.path.relpath(json.load(f)["job_dir"], home)  # slurm_jobs/<job id>.<token>
     # the record, the script and the replica's log hold it; Slurm's output sits in a private directory
-    assert {f"slurm_jobs/{job}/app.json", f"slurm_jobs/{job}/script.sbatch", f"slurm_jobs/{job}/main/0/log"} \
+    assert {f"slurm_jobs/{job}/app.json", f"{job_dir}/script.sbatch", f"{job_dir}/main/0/log"} \
         <= set(holding), holding
     assert os.path.isfile(os.path.join(home, "slurm_jobs", "slurm-out", f"slurm-{job}.out"))
     # what is ours is private; the replica itself runs under the submitter's umask (022), not 077
-    with open(os.path.join(home, "slurm_jobs", job, "main", "0", "log")) as f:
+    with open(os.path.join(home, job_dir, "main", "0", "log")) as f:
         assert f"value {secret} umask 0o22" in f.read()
 
 

@@ -520,7 +520,8 @@ def test_record_keeps_what_a_new_shell_needs(runner: Runner, remote_cfg: dict[st
     record = _record(handle)
     assert {k: record[k] for k in ("login", "identity_file", "ssh_config")} == {
         "login": remote_cfg["login"], "identity_file": None, "ssh_config": remote_cfg["ssh_config"]}
-    assert json.loads(json.dumps(record))["job_dir"].endswith("/" + _job_id(handle))
+    # <job id>.<token>: a job id the cluster gives again after a reset gets a directory of its own
+    assert re.search(r"/" + _job_id(handle) + r"\.[0-9a-f]{12}$", json.loads(json.dumps(record))["job_dir"]), record
     wait_terminal(runner, handle, TIMEOUT)
 
 

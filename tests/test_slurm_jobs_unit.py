@@ -389,7 +389,7 @@ def test_remote_script_names_the_cluster_in_the_app_id_and_uses_the_remote_root(
     app = AppDef("r", roles=[_role("main", "-c", "1", image="/home/u/ws")])
     text = repr(create_scheduler("t").submit_dryrun(
         app, {"login": "u@login.example:2200", "remote_dir": "/scratch/u/jobs"}).request)
-    assert "_TXE_DIR=/scratch/u/jobs/\"$SLURM_JOB_ID\"" in text
+    assert "_TXE_DIR=/scratch/u/jobs/\"$SLURM_JOB_ID${TORCHX_EXT_SUBMISSION:+.$TORCHX_EXT_SUBMISSION}\"" in text
     assert "#SBATCH --output=/scratch/u/jobs/slurm-out/slurm-%j.out" in text
     assert "TORCHX_EXT_APP_ID=u@login.example:2200:\"$SLURM_JOB_ID\"" in text
     assert "--chdir=/home/u/ws" in text  # an absolute image is a directory on the cluster
@@ -564,9 +564,13 @@ def test_local_submission_copies_the_workspace_and_keeps_slurms_output_private(
     assert seen.read_text().split() == ["0077", "700"]
     assert (tmp_path / "home" / "slurm_jobs" / "workspaces").is_dir()
     assert os.path.isfile(os.path.join(target, "main.py"))
-    for path in (home / "slurm_jobs" / "4242", home / "slurm_jobs" / "slurm-out"):
+    # the record (by app id) and the job directory (<job id>.<submission token>: a job id Slurm
+    # gives again after a reset of its state gets a directory of its own)
+    job_dirs = [p for p in (home / "slurm_jobs").iterdir() if p.name.startswith("4242.")]
+    assert len(job_dirs) == 1 and len(job_dirs[0].name) == len("4242.") + 12, job_dirs
+    for path in (home / "slurm_jobs" / "4242", job_dirs[0], home / "slurm_jobs" / "slurm-out"):
         assert oct(path.stat().st_mode & 0o777) == "0o700"
-    for path in (home / "slurm_jobs" / "4242" / "app.json", home / "slurm_jobs" / "4242" / "script.sbatch"):
+    for path in (home / "slurm_jobs" / "4242" / "app.json", job_dirs[0] / "script.sbatch"):
         assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 

@@ -14,9 +14,9 @@
 * restarts (``Role.max_retries``) happen inside the allocation, in the batch script; an app with
   retries is submitted ``--requeue`` and a requeue by Slurm is one more restart (README: Retries).
 
-State lives under ``$TORCHX_EXT_HOME/slurm_jobs/<job id>/`` (``app.json``; also the job directory
-unless ``job_dir`` is set), so any shell can query any app. Run ``torchx`` where ``sbatch`` works,
-or anywhere with run option ``login``: a remote cluster's login node over SSH
+State lives under ``$TORCHX_EXT_HOME/slurm_jobs/<job id>/`` (``app.json``; the job directory
+``<job id>.<token>/`` beside it unless ``job_dir`` is set), so any shell can query any app. Run
+``torchx`` where ``sbatch`` works, or anywhere with run option ``login``: a remote cluster's login node over SSH
 (:mod:`.slurm_jobs_ssh`). The app id then names the cluster, ``<login>:<job id>``, and the
 record (``$TORCHX_EXT_HOME/slurm_jobs/<app id>/app.json``) keeps how to reach it, so that
 ``torchx status/log/cancel <handle>`` from any local shell needs no options; the job directories
@@ -127,7 +127,7 @@ class SlurmJobsExecutor(Executor):
         None, help="extra srun options, one per item as --name=value, added to every replica's step"
     )
     job_dir: Optional[str] = option(
-        None, help="directory for job directories (<job_dir>/<job id>/: logs, exit codes) and "
+        None, help="directory for job directories (<job_dir>/<job id>.<token>/: logs, exit codes) and "
         f"{OUTPUT_DIR}/slurm-<job id>.out; must be visible from the nodes (default: $TORCHX_EXT_HOME/slurm_jobs)"
     )
     container_image: Optional[str] = option(
@@ -504,8 +504,9 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         try:
             self._copy_workspaces(req)
             # umask 077: Slurm creates slurm-<id>.out with the submitter's umask (SLURM_UMASK)
-            proc = sc.run(["sbatch", "--parsable"], stdin=script, umask=0o077,
-                          env={"TORCHX_EXT_UMASK": sc.current_umask()})  # the replicas' (see render)
+            token = submission_token()
+            proc = sc.run(["sbatch", "--parsable"], stdin=script, umask=0o077,  # the replicas' umask: see render
+                          env={"TORCHX_EXT_UMASK": sc.current_umask(), "TORCHX_EXT_SUBMISSION": token})
         except BaseException:
             self._remove_copies(req)  # a half copy, or one no job will use
             raise
@@ -516,7 +517,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                 raise SchedulerUnavailable(f"sbatch could not reach slurmctld: {err}")
             raise BackendError(f"sbatch rejected the job: {err}")
         job_id = proc.stdout.strip().split(";")[0]
-        app_dir = os.path.join(spec.job_root, job_id)
+        app_dir = os.path.join(spec.job_root, f"{job_id}.{token}")
         for d in (app_dir, _record_dir(job_id)):
             # 0700 from creation (the job may have made it already, under its umask 077)
             state.makedirs(d)
@@ -549,7 +550,9 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         deps = self._resolve_dependencies(req.spec.dependencies, client, login)
         spec = _with_root(replace(req.spec, dependencies=deps), root)
         script = render(spec)
-        proc = client.login.run_shell(f"root={shlex.quote(spec.job_root)}\n{_REMOTE_SUBMIT}", stdin=script)
+        token = submission_token()
+        proc = client.login.run_shell(f"root={shlex.quote(spec.job_root)} TORCHX_EXT_SUBMISSION={token}\n"
+                                      f"{_REMOTE_SUBMIT}", stdin=script)
         out = proc.stdout.strip().splitlines()
         err = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
         if sc.no_slurm_on_remote(proc):
@@ -567,7 +570,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         app_id = f"{login}:{job_id}"
         state.makedirs(_record_dir(app_id))
         record = {
-            "app_id": app_id, "app_name": spec.app_name, "job_dir": f"{spec.job_root}/{job_id}",
+            "app_id": app_id, "app_name": spec.app_name, "job_dir": f"{spec.job_root}/{job_id}.{token}",
             "job_root": spec.job_root, "roles": req.roles,
             "dependencies": [f"{login}:{d}" for d in req.spec.dependencies], "submitted": time.time(),
             "login": login, "identity_file": remote.get("identity_file"), "ssh_config": remote.get("ssh_config"),
@@ -901,11 +904,18 @@ def _private_dir(path: str) -> None:
 # (the round trip's cost is process starts). The job copies its script into its directory when it
 # starts (see slurm_jobs_script.render). Exit 90: the root cannot be written (nothing submitted);
 # else sbatch's own status (127: no sbatch on the remote PATH).
-_REMOTE_SUBMIT = r"""TORCHX_EXT_UMASK=$(umask); export TORCHX_EXT_UMASK; umask 077
+_REMOTE_SUBMIT = r"""TORCHX_EXT_UMASK=$(umask); export TORCHX_EXT_UMASK TORCHX_EXT_SUBMISSION; umask 077
 if { [ -d "$root/slurm-out" ] || mkdir -p -- "$root/slurm-out"; } && printf x >"$root/.torchx_ext_writable"
 then sbatch --parsable
 else rm -f -- "$root/.torchx_ext_writable"; (exit 90)
 fi"""
+
+
+def submission_token() -> str:
+    """Names a submission's job directory with its job id (``<job id>.<token>``): Slurm gives a job
+    id again once its state is reset (a reinstalled or testbed cluster), and the new job must not
+    append to the old one's logs or read its exit codes and verdict."""
+    return uuid.uuid4().hex[:12]
 
 
 def _index_entry(record: Mapping[str, Any]) -> index.Entry:

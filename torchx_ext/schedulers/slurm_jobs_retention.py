@@ -3,7 +3,7 @@
 An app leaves, here or on the cluster (``<login>:`` apps: on the login node, under ``remote_dir``):
 
 * its record, ``$TORCHX_EXT_HOME/slurm_jobs/<app id>/`` (always local);
-* its job directory ``<job root>/<job id>/`` (logs, exit codes, the script);
+* its job directory ``<job root>/<job id>.<token>/`` (logs, exit codes, the script);
 * Slurm's own output, ``<job root>/slurm-out/slurm-<job id>.out``;
 * its workspace copies, ``<job root>/workspaces/<copy>`` here and ``<job root>/workspaces/<hash>/<time>``
   on a cluster (one per submission; the newest of each workspace is what the next submission of it

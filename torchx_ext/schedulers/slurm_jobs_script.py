@@ -4,7 +4,10 @@ Nothing here runs a command or touches the cluster, so all of it is tested witho
 
 The script is what ``--dryrun`` prints and what ``sbatch`` receives, byte for byte; tests compare it
 with reference files under ``tests/slurm_reference/``. Layout of what it writes, under
-``<job_dir>/<job id>/`` (``<job_dir>`` defaults to ``$TORCHX_EXT_HOME/slurm_jobs``)::
+``<job_dir>/<job id>.<submission>/`` (``<job_dir>`` defaults to ``$TORCHX_EXT_HOME/slurm_jobs``;
+``<submission>``: a token of the submission, ``$TORCHX_EXT_SUBMISSION`` in sbatch's environment,
+because Slurm gives a job id again once its state is reset, and a new job must never append to
+an old job's logs or read its exit codes)::
 
     <role>/<replica>/log    every output line as "<unix time> <O|E> <text>" (O: stdout, E: stderr)
     <role>/<replica>/exit   the replica's exit code (srun's: 128+N when killed by signal N)
@@ -408,7 +411,8 @@ def render(spec: ScriptSpec) -> str:
     # the replicas keep the submitter's umask (TORCHX_EXT_UMASK, passed by sbatch's environment;
     # sbatch itself runs under 077): their files are theirs to share, ours are not
     out.append('umask 077; _TXE_UMASK=${TORCHX_EXT_UMASK:-0077}')
-    out.append(f"_TXE_DIR={sh_word(spec.job_root)}/\"$SLURM_JOB_ID\"")
+    # <job id>.<submission>: a job id Slurm gives again (its state was reset) gets a new directory
+    out.append(f"_TXE_DIR={sh_word(spec.job_root)}/\"$SLURM_JOB_ID${{TORCHX_EXT_SUBMISSION:+.$TORCHX_EXT_SUBMISSION}}\"")
     out.append('mkdir -p "$_TXE_DIR" || exit 1')
     if spec.app_id_prefix:
         # remote: submitted from stdin in one round trip; the job keeps its script (Slurm's spooled
