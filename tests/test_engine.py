@@ -4,7 +4,6 @@ property tests over random event sequences (stdlib random, fixed seeds)."""
 from __future__ import annotations
 
 import ast
-import itertools
 import json
 import os
 import pathlib
@@ -20,7 +19,6 @@ import pytest
 
 from torchx_ext import engine as E
 from torchx_ext.engine import rules
-from torchx_ext.schedulers.ray_jobs_cluster import rules as ray_rules
 
 Key = Tuple[str, int]
 ENGINE_DIR = os.path.join(os.path.dirname(__file__), "..", "torchx_ext", "engine")
@@ -169,30 +167,6 @@ def test_engine_runs_as_a_top_level_package_of_any_name(tmp_path: pathlib.Path) 
 
 
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
-
-
-@pytest.mark.parametrize("shape", [(False,), (False, False), (False, True), (True, False, False),
-                                   (False, True, True)])
-def test_group_state_is_todays_on_every_combination(shape: Tuple[bool, ...]) -> None:
-    for states in itertools.product(STATES, repeat=len(shape)):
-        for code in (None, 0, 3, -9):
-            outcomes = [rules.outcome(f"r{i}", i, svc, s, code if s in rules.TERMINAL else None, "why" if i else "")
-                        for i, (svc, s) in enumerate(zip(shape, states, strict=True))]
-            assert rules.group_state(outcomes) == ray_rules.group_state(outcomes), outcomes
-
-
-def test_retry_rules_are_todays() -> None:
-    keys = [("a", 0), ("a", 1), ("b", 0)]
-    for policy in rules.RETRY_POLICIES:
-        assert rules.retry_unit(policy, "a", 1) == ray_rules.retry_unit(policy, "a", 1)
-        assert rules.restart_scope(policy, "a", 1, keys) == ray_rules.restart_scope(policy, "a", 1, keys)
-    for base, n in itertools.product((0.0, 0.5, 1.0, 40.0), (1, 2, 3, 10)):
-        assert rules.backoff_s(base, n) == ray_rules.backoff_s(base, n)
-    for code in (None, 0, 1, 255, -9, -15, -200):
-        assert rules.exit_description(code) == ray_rules.exit_description(code)
-        for svc in (False, True):
-            assert rules.wants_restart(svc, code) == ray_rules.wants_restart(svc, code)
-    assert rules.retry_policy_name("role") == "ROLE" == ray_rules.retry_policy_name("role")
 
 
 def test_backoff_doubles_and_is_capped() -> None:
@@ -368,7 +342,7 @@ def check_verdict_is_todays(run: Launcher) -> None:
         return  # decided by the restart that could not start, not by the ending
     outcomes = [dict(v.outcome(), state="RUNNING" if v.state == "CANCELLED" else v.state)
                 for v in run.engine.replicas.values()]
-    assert (run.verdicts[0].state, run.verdicts[0].msg) == ray_rules.group_state(outcomes)
+    assert (run.verdicts[0].state, run.verdicts[0].msg) == rules.group_state(outcomes)
     mains = [v for v in run.engine.replicas.values() if not v.spec.service]
     if all(v.state == "SUCCEEDED" for v in mains):
         assert run.verdicts[0] == E.Verdict("SUCCEEDED", "")

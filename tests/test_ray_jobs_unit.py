@@ -18,13 +18,14 @@ from typing import Any, Optional
 import pytest
 from torchx.specs import AppDef, AppState, Resource, Role
 
+from torchx_ext.engine import rules
 from torchx_ext.errors import InvalidAppError, InvalidOptionError
 from torchx_ext.groups import ReplicaOutcome, group_state, mark_service
 from torchx_ext.logs import PlainLines
 from torchx_ext.schedulers import ray_jobs_client as rc
 from torchx_ext.schedulers.ray_jobs import RayJobsScheduler
 from torchx_ext.schedulers.ray_jobs_client import JobLogReader, parse_verdict
-from torchx_ext.schedulers.ray_jobs_cluster import ENV_B64_PREFIX, SPEC_ENV, driver, rules
+from torchx_ext.schedulers.ray_jobs_cluster import ENV_B64_PREFIX, SPEC_ENV, driver
 from torchx_ext.schedulers.ray_jobs_cluster.replica import decoded_env
 from torchx_ext.schedulers.ray_jobs_preflight import role_resources
 
@@ -462,3 +463,90 @@ def test_the_private_ray_client_api_we_use_was_checked_against_this_ray() -> Non
     init = inspect.getsource(JobSubmissionClient.__init__) + inspect.getsource(JobSubmissionClient.__mro__[1].__init__)
     for field in ("_address", "_headers", "_cookies", "_verify"):
         assert f"self.{field}" in init, field
+
+
+class FakeGang:
+    """A gang without Ray for the driver's launcher: ``codes[(replica, attempt)]`` is how that
+    attempt ends (absent: it runs until stopped); ``fail_start`` the attempts that cannot start."""
+
+    def __init__(self, n: int, codes: dict[tuple[int, int], int], fail_start: tuple[tuple[int, int], ...] = ()) -> None:
+        self.n, self.codes, self.fail_start = n, codes, fail_start
+        self.ips = [f"10.0.0.{i}" for i in range(n)]
+        self.attempt: dict[int, int] = {}
+        self.started: list[tuple[int, int]] = []
+        self.stopped: list[int] = []
+
+    def reserve(self) -> None:
+        return None
+
+    def node_ips(self) -> list[str]:
+        return list(self.ips)
+
+    def prepare(self, indices: list[int]) -> dict[int, str]:
+        return {}
+
+    def start(self, cmds: list[tuple[list[str], dict[str, str]]], indices: list[int]) -> list[Any]:
+        out: list[Any] = []
+        for i in indices:
+            a = int(cmds[i][1]["TORCHX_EXT_ATTEMPT"])
+            if (i, a) in self.fail_start:
+                out.append("exec: no such file")
+                continue
+            self.attempt[i] = a
+            self.started.append((i, a))
+            out.append(None)
+        return out
+
+    def poll(self) -> list[tuple[list[Any], Any, str]]:
+        return [([], self.codes.get((i, self.attempt[i])) if i in self.attempt else None, "") for i in range(self.n)]
+
+    def stop(self, indices: list[int]) -> None:
+        self.stopped += indices
+
+    def close(self) -> None:
+        pass
+
+
+def gang_spec(n: int, policy: str = "REPLICA", max_retries: int = 1, backoff: float = 0.0) -> dict[str, Any]:
+    return {"app_id": "a~b", "mode": "gang", "retry_backoff_s": backoff, "poll_interval_s": 0.01, "roles": [{
+        "name": "w", "service": False, "hosts_env": "TORCHX_EXT_HOSTS_W", "resources": {},
+        "max_retries": max_retries, "retry_policy": policy, "replicas": [{"cmd": ["x"], "env": {}}] * n}]}
+
+
+def run_gang(spec: dict[str, Any], gang: FakeGang, stopping: Optional[threading.Event] = None) -> tuple[int, dict[str, Any], str]:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = driver.run(spec, driver.Output(), stopping or threading.Event(), group=gang)
+    return code, parse_verdict(buf.getvalue()), buf.getvalue()
+
+
+def test_the_driver_performs_the_engines_restarts() -> None:
+    """The Ray driver decides with the group engine of every backend: REPLICA restarts only the
+    replica that failed, its attempt marked in its log and counted; ROLE restarts the role."""
+    gang = FakeGang(2, {(0, 1): 0, (1, 1): 3, (1, 2): 0})
+    code, verdict, out = run_gang(gang_spec(2), gang)
+    assert code == 0 and verdict["state"] == "SUCCEEDED" and verdict["num_restarts"] == 1, verdict
+    assert gang.started == [(0, 1), (1, 1), (1, 2)]
+    assert ("[torchx-ext] attempt 2 of role 'w' replica 1 begins: role 'w' replica 1 ended with exit code 3; "
+            "REPLICA policy, restart 1 of 1") in out
+    assert [r["attempt"] for r in verdict["replicas"]] == [1, 2] and verdict["replicas"][1]["host"] == "10.0.0.1"
+    gang = FakeGang(2, {(1, 1): 3, (0, 2): 0, (1, 2): 0})  # replica 0 runs on until the role restarts
+    code, verdict, _ = run_gang(gang_spec(2, "ROLE"), gang)
+    assert code == 0 and verdict["num_restarts"] == 1 and gang.stopped == [0]
+    assert sorted(gang.started) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    gang = FakeGang(2, {(0, 1): 0, (1, 1): 3, (1, 2): 4})  # the budget is spent: the engine's words
+    code, verdict, _ = run_gang(gang_spec(2), gang)
+    assert code == 1 and verdict["msg"] == ("role 'w' replica 1 failed with exit code 4: "
+                                            "after 2 attempts (REPLICA policy, max_retries=1)"), verdict
+
+
+def test_the_driver_starts_all_or_nothing_and_a_cancel_stops_a_due_restart() -> None:
+    gang = FakeGang(2, {}, fail_start=((1, 1),))
+    code, verdict, _ = run_gang(gang_spec(2), gang)
+    assert code == 1 and verdict["msg"].startswith("role 'w' replica 1 failed to start: exec: no such file")
+    assert gang.stopped == [0]  # the replica that did start
+    stopping = threading.Event()
+    gang = FakeGang(1, {(0, 1): 1})
+    threading.Timer(0.3, stopping.set).start()
+    code, verdict, _ = run_gang(gang_spec(1, backoff=30.0), gang, stopping)  # restart due in 30 s
+    assert code == 1 and verdict["state"] == "CANCELLED" and gang.started == [(0, 1)], verdict

@@ -1,8 +1,7 @@
 """The group rules and every message they write, on plain strings (standard library only).
 
-One copy for every launcher: the host supervisor, the Slurm batch job, the Ray driver and the
-Docker watcher import these (``torchx_ext.schedulers.ray_jobs_cluster.rules`` still holds the
-older copy its in-cluster users import, until they move to the engine).
+One copy for every launcher: the host supervisor, the Slurm batch job, the Ray driver (the engine
+travels to the cluster inside the driver's package) and the Docker watcher import these.
 """
 
 from __future__ import annotations

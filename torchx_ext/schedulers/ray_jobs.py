@@ -299,7 +299,10 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         try:
             with Progress(f"uploading the workspace to {req.dashboard_url}", quiet=not copy).ticking(
                     "packing and uploading"):
-                runtime_env["py_modules"] = rc.package_uris(client, runtime_env["py_modules"])
+                # the driver's package goes with the group engine inside it (rl.cluster_package)
+                shipped = [rl.cluster_package() if p == os.path.dirname(cluster.__file__) else p
+                           for p in runtime_env["py_modules"]]
+                runtime_env["py_modules"] = rc.package_uris(client, shipped)
                 if req.dependencies:
                     self._brokers.submit_waiting(client, req.dashboard_url, req.submission_id, req.entrypoint,
                                                  runtime_env, req.metadata, req.dependencies, submit_kwargs)

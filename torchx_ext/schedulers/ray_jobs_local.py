@@ -7,18 +7,42 @@ Values of secrets are never stored here: ``token_env`` is kept by name.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Mapping, Optional
 
-from torchx_ext import state
+from torchx_ext import engine, state
 from torchx_ext.errors import SchedulerUnavailable, TorchxExtError
+from torchx_ext.schedulers import ray_jobs_cluster
 from torchx_ext.schedulers.ray_jobs_client import forget_cluster, resolve_dashboard, same_dashboard
+
+
+@functools.cache
+def cluster_package() -> str:
+    """The directory shipped to the cluster as ``ray_jobs_cluster`` (``py_modules``): that package
+    with the group engine inside it as ``ray_jobs_cluster.engine``, so that the driver decides with
+    the very rules of every other backend, and the engine's name cannot meet a user's module named
+    ``engine``. Staged once per process in a private temporary directory, removed at exit; Ray names
+    a package by its content, so every process ships, and uploads, the same one."""
+    root = tempfile.mkdtemp(prefix="torchx-ext-ray-")  # 0700; the files 0600 (state.write_text)
+    atexit.register(shutil.rmtree, root, True)
+    target = os.path.join(root, "ray_jobs_cluster")
+    for src, dst in ((os.path.dirname(ray_jobs_cluster.__file__), target),
+                     (os.path.dirname(engine.__file__), os.path.join(target, "engine"))):
+        state.makedirs(dst)
+        for name in sorted(os.listdir(src)):
+            if name.endswith(".py"):  # both packages are flat, standard library (and ray) only
+                with open(os.path.join(src, name)) as f:
+                    state.write_text(os.path.join(dst, name), f.read(), sync_dir=False)
+    return target
 
 
 class Connections:

@@ -43,7 +43,7 @@ from typing import Any, Mapping, Optional
 
 from torchx.specs import AppState
 
-from torchx_ext.schedulers.ray_jobs_cluster import rules
+from torchx_ext.engine import rules
 
 # Stands for the Slurm job id in argv/env until the script is rendered (TorchX's ${app_id} macro):
 # the id only exists once sbatch has answered, so the script reads it from $SLURM_JOB_ID.

@@ -1,16 +1,17 @@
 """The cluster side of ``ray_jobs``: code that runs *inside* the Ray cluster.
 
 This package is uploaded with every submission (``runtime_env["py_modules"]``, content-hashed, so
-Ray uploads it once per version) and imported there as ``ray_jobs_cluster``: the cluster needs
-Ray and nothing of torchx or torchx-ext. Hence the rule for every module here: standard library
-and ``ray`` only, and relative imports between these modules.
+Ray uploads it once per version) and imported there as ``ray_jobs_cluster``, with the group engine
+(:mod:`torchx_ext.engine`, standard library only) inside it as ``ray_jobs_cluster.engine``
+(``ray_jobs_client.cluster_package``): the cluster needs Ray and nothing of torchx or torchx-ext.
+Hence the rule for every module here: standard library and ``ray`` only, and relative imports
+between these modules (the driver's one exception: the engine, from here or from torchx_ext).
 
 * :mod:`.driver` — the job entrypoint of every app: reserves the gang, starts one process per
-  replica, enforces the group rules, multiplexes the replicas' output into the job log;
+  replica, performs the group engine's decisions, multiplexes the replicas' output into the job log;
 * :mod:`.replica` — runs one replica's process (in the driver, or in a Ray actor of the gang);
 * :mod:`.broker` — one long-running job per cluster that starts dependents when their
-  dependencies succeed (so waiting apps cost the cluster nothing but a job record);
-* :mod:`.rules` — the group rules (same as ``torchx_ext.groups.group_state``, without torchx).
+  dependencies succeed (so waiting apps cost the cluster nothing but a job record).
 """
 
 # The wire format shared with torchx_ext.schedulers.ray_jobs (client side). Version it if changed.

@@ -26,10 +26,15 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import DRIVER_ROLE, LINE_MARK, RESTART_MARK, RESTARTS_FILE, SPEC_ENV, VERDICT_MARK, rules
+from . import DRIVER_ROLE, LINE_MARK, RESTART_MARK, RESTARTS_FILE, SPEC_ENV, VERDICT_MARK
 from .replica import Line, ReplicaRunner, node_ip
+
+try:  # on the cluster: the group engine travels inside this package (ray_jobs_client.cluster_package)
+    from . import engine  # type: ignore[attr-defined,unused-ignore]
+except ImportError:  # here, in the torchx_ext tree (the client's tests, a driver run locally)
+    from torchx_ext import engine  # type: ignore[no-redef,unused-ignore]
 
 Result = Tuple[List[Line], Optional[int], str]  # (lines, exit code, error)
 
@@ -291,164 +296,178 @@ def _fmt_res(res: Dict[str, float]) -> str:
 
 
 ATTEMPT_ENV = "TORCHX_EXT_ATTEMPT"  # torchx_ext.groups.ENV_ATTEMPT: 1, then 2, ... on each restart
+SUPERVISOR_GONE = "Ray's job supervisor of this driver is gone (head or node lost)"
+STOPPED = "stopped (the Ray job was stopped)"
 
 
-class Restarts:
-    """Role.max_retries under Role.retry_policy (the rules are in :mod:`.rules`, shared with the
-    other schedulers): which replicas restart when one ends, when, and the budgets used."""
+class Launcher:
+    """Performs the group engine's actions on Ray (the rules, budgets, backoff and messages are
+    the engine's, as in every other backend): a Start is a replica's process in its actor (or in
+    this driver), a Stop ends those processes, a Restart and a Mark are lines of the job log, the
+    Verdict is the job's last line. Reports what it sees back to the engine, in its terms."""
 
-    def __init__(self, spec: Dict[str, Any], replicas: List[Any], outcomes: List[Dict[str, Any]]) -> None:
-        self.roles = [role for _, role, _, _ in replicas]
-        self.keys = [(role["name"], k) for _, role, k, _ in replicas]
-        self.outcomes = outcomes
-        self.backoff = float(spec.get("retry_backoff_s", 0.0))
-        self.used: Dict[str, int] = {}
-        self.due: Dict[int, float] = {}
-        self.count = 0
-        self.why = ""
+    def __init__(self, spec: Dict[str, Any], group: Any, out: Output,
+                 halted: Callable[[], Optional[engine.Event]] = lambda: None) -> None:
+        self.spec, self.group, self.out = spec, group, out
+        self.halted = halted  # the job was stopped or orphaned: what to tell the engine, else None
+        self.replicas = [(ri, role, k, rep) for ri, role in enumerate(spec["roles"])
+                         for k, rep in enumerate(role["replicas"])]
+        self.keys: List[Tuple[str, int]] = [(role["name"], k) for _, role, k, _ in self.replicas]
+        self.index = {key: i for i, key in enumerate(self.keys)}
+        self.engine = engine.Engine(engine.GroupSpec.from_dicts(
+            [{"role": role["name"], "replica_id": k, "service": bool(role.get("service")),
+              "max_retries": int(role.get("max_retries", 0)), "retry_policy": role.get("retry_policy", "APPLICATION")}
+             for _, role, k, _ in self.replicas], float(spec.get("retry_backoff_s", 0.0))))
+        self.running: Dict[int, int] = {}  # replica -> the attempt whose process runs
+        self.hosts: List[str] = [""] * len(self.replicas)
+        self.cmds: List[Tuple[List[str], Dict[str, str]]] = []
+        self.verdict: Optional[engine.Verdict] = None
 
-    def on_end(self, i: int, code: int, lost: str = "") -> List[int]:
-        """The replicas to restart now that replica ``i`` ended with ``code`` (none: its outcome
-        stands, with the attempts it had in its reason)."""
-        role, o = self.roles[i], self.outcomes[i]
-        limit, policy = int(role.get("max_retries", 0)), str(role.get("retry_policy", "APPLICATION"))
-        if not rules.wants_restart(o["service"], code):
-            return []
-        unit = rules.retry_unit(policy, role["name"], o["replica_id"])
-        used = self.used.get(unit, 0)
-        if used >= limit:
-            if limit:
-                o["reason"] = f"after {used + 1} attempts ({policy} policy, max_retries={limit})"
-            return []
-        self.used[unit] = used + 1
-        self.count += 1
-        when = time.time() + rules.backoff_s(self.backoff, used + 1)
-        scope = [self.keys.index(key) for key in rules.restart_scope(policy, role["name"], o["replica_id"], self.keys)]
-        for x in scope:
-            self.due[x] = when
-        ended = f"ended: {lost}" if lost else f"ended with {rules.exit_description(code)}"
-        self.why = (f"role '{role['name']}' replica {o['replica_id']} {ended}; "
-                    f"{policy} policy, restart {used + 1} of {limit}")
-        return scope
+    def commands(self, ips: List[str]) -> None:
+        """Each replica's argv and env, its discovery variables naming the nodes ``ips``."""
+        hosts: Dict[str, List[str]] = {}
+        for (_, role, _, _), ip in zip(self.replicas, ips):
+            hosts.setdefault(role["hosts_env"], []).append(ip)
+        self.cmds = []
+        for _, role, _k, rep in self.replicas:
+            env = dict(rep["env"])
+            env.update({name: ",".join(h) for name, h in hosts.items()})
+            env["TORCHX_RANK0_HOST"] = hosts[role["hosts_env"]][0]  # TorchX's rank0_env macro
+            self.cmds.append((rep["cmd"], env))
+        self.hosts = list(ips)
+        self.out.say("hosts: " + json.dumps(hosts))
 
-    def ready(self) -> List[int]:
-        now = time.time()
-        out = sorted(i for i, t in self.due.items() if t <= now)
-        for i in out:
-            del self.due[i]
+    def report(self, event: engine.Event) -> None:
+        """Tells the engine ``event`` and performs its answer."""
+        self.perform(self.engine.on(event, time.time()))
+
+    def perform(self, actions: List[engine.Action]) -> None:
+        """Performs ``actions`` in order; a run of Starts is one batch (the actors start at once)."""
+        batch: List[engine.Start] = []
+        for action in actions:
+            if isinstance(action, engine.Start):
+                batch.append(action)
+                continue
+            if batch:
+                self.start(batch)
+                batch = []
+            if isinstance(action, engine.Restart):
+                self.out.restarts(action.number)
+                self.out.say(f"{RESTART_MARK}{action.number}: {action.why}")
+            elif isinstance(action, engine.Stop):
+                self.stop([self.index[k] for k in action.keys], action.final)
+            elif isinstance(action, engine.Mark):
+                ri, _, k, _ = self.replicas[self.index[action.key]]
+                self.out.lines(str(ri), k, [("e", time.time(), action.line)])
+            elif isinstance(action, engine.Verdict):
+                self.verdict = action
+            # Wait: the poll loop sends a Tick once engine.next_due is past
+        if batch:
+            self.start(batch)
+
+    def start(self, batch: List[engine.Start]) -> None:
+        if self.engine.verdict is not None:
+            return  # decided while this batch was performed: start no more
+        halt = self.halted()
+        if halt is not None:  # stopped meanwhile: a restart due now never starts
+            self.report(halt)
+            return
+        indices = [self.index[a.key] for a in batch]
+        before = list(self.group.ips) if isinstance(self.group, GangGroup) else None
+        unplaced = self.group.prepare(indices)  # a lost replica's actor is placed again
+        if before is not None and self.group.ips != before:
+            # a lost node's replica moves: the replicas started now learn its new node
+            # (those still running keep the discovery variables they started with)
+            self.commands(self.group.ips)
+        attempt = {self.index[a.key]: a.attempt for a in batch}
+        todo = [i for i in indices if i not in unplaced]
+        cmds = [(c, {**e, ATTEMPT_ENV: str(attempt.get(i, 1))}) for i, (c, e) in enumerate(self.cmds)]
+        errors = dict(zip(todo, self.group.start(cmds, todo)))
+        errors.update(unplaced)
+        for i in todo:  # the Starteds first: a start that raced a failure gets its Stop
+            if not errors.get(i):
+                self.running[i] = attempt[i]
+        for i in todo:
+            if not errors.get(i):
+                self.report(engine.Started(self.keys[i], attempt[i]))
+        for i in indices:
+            if errors.get(i):
+                self.report(engine.StartFailed(self.keys[i], str(errors[i]), attempt[i]))
+
+    def stop(self, indices: List[int], final: bool) -> None:
+        live = [i for i in (range(len(self.keys)) if final else indices) if i in self.running]
+        if not live:
+            return
+        if final:
+            self.out.say(f"group is {self.engine.verdict.state if self.engine.verdict else 'decided'}; "
+                         f"stopping {len(live)} replica(s) still running")
+        self.group.stop(live)
+        for i in live:
+            del self.running[i]
+        if final:  # what they wrote until they stopped
+            for i, (lines, _code, _err) in enumerate(self.group.poll()):
+                self.out.lines(str(self.replicas[i][0]), self.replicas[i][2], lines)
+
+    def poll(self) -> None:
+        for i, (lines, code, err) in enumerate(self.group.poll()):
+            ri, _, k, _ = self.replicas[i]
+            self.out.lines(str(ri), k, lines)
+            if code is None or i not in self.running:
+                continue
+            attempt = self.running.pop(i)
+            key = self.keys[i]
+            # a lost actor (err) has no exit code of its own: its reason says what happened
+            self.report(engine.Lost(key, err, attempt) if err else
+                        engine.Exited(key, code, attempt) if code >= 0 else engine.Killed(key, -code, attempt))
+
+    def outcomes(self) -> List[Dict[str, Any]]:
+        out = []
+        for i, key in enumerate(self.keys):
+            view = self.engine.replicas[key]
+            out.append({**view.outcome(), "host": self.hosts[i], "attempt": view.attempt})
         return out
 
+    def finish(self) -> int:
+        assert self.verdict is not None
+        return self.out.verdict(self.verdict.state, self.verdict.msg, self.outcomes(), self.engine.num_restarts)
 
-# Over 60 lines: the driver's main loop still holds its own restart bookkeeping (Restarts); it
-# shrinks to performing Engine actions when the driver adopts torchx_ext.engine (issue 22).
+
 def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
-        orphaned: Optional[threading.Event] = None) -> int:
-    replicas = [(ri, role, k, rep) for ri, role in enumerate(spec["roles"]) for k, rep in enumerate(role["replicas"])]
-    outcomes = [rules.outcome(role["name"], k, bool(role.get("service")), "PENDING") for _, role, k, _ in replicas]
+        orphaned: Optional[threading.Event] = None, group: Any = None) -> int:
+    """Runs the app of ``spec`` to its verdict; returns the exit status. ``group``: the replicas'
+    runner (default: this process for a single replica, a gang of Ray actors otherwise)."""
+    def stopped() -> Optional[engine.Event]:
+        if orphaned is not None and orphaned.is_set():
+            return engine.Fail(SUPERVISOR_GONE)
+        return engine.Cancel(STOPPED) if stopping.is_set() else None
 
-    restarts: Optional[Restarts] = None
-
-    def finish(state: str, msg: str) -> int:
-        for o in outcomes:  # waiting for a restart when the group was decided: it never ran again
-            if o["state"] == "PENDING" and o.get("attempt", 1) > 1:
-                o["state"] = "CANCELLED"
-        return out.verdict(state, msg, outcomes, restarts.count if restarts else 0)
-
-    group = LocalGroup(spec) if spec["mode"] == "local" else GangGroup(spec)
+    if group is None:
+        group = LocalGroup(spec) if spec["mode"] == "local" else GangGroup(spec)
+    me = Launcher(spec, group, out, stopped)
     if any(role.get("max_retries") for role in spec["roles"]):
         out.restarts(0)  # so that describe finds a count (not Ray's "file not found") from the start
+
     try:
-        out.say(f"reserving {len(replicas)} replica(s) of app {spec['app_id']}")
+        out.say(f"reserving {len(me.replicas)} replica(s) of app {spec['app_id']}")
         error = group.reserve()
         if error:
-            return finish("FAILED", error)
-        def commands(ips: List[str]) -> List[Tuple[List[str], Dict[str, str]]]:
-            """Each replica's argv and env, its discovery variables naming the nodes ``ips``."""
-            hosts: Dict[str, List[str]] = {}
-            for (_, role, _, _), ip in zip(replicas, ips):
-                hosts.setdefault(role["hosts_env"], []).append(ip)
-            cmds = []
-            for (_, role, _k, rep), ip in zip(replicas, ips):
-                env = dict(rep["env"])
-                env.update({name: ",".join(h) for name, h in hosts.items()})
-                env["TORCHX_RANK0_HOST"] = hosts[role["hosts_env"]][0]  # TorchX's rank0_env macro
-                cmds.append((rep["cmd"], env))
-                outcomes[len(cmds) - 1]["host"] = ip
-            out.say("hosts: " + json.dumps(hosts))
-            return cmds
-
-        cmds = commands(group.node_ips())
-        if stopping.is_set():  # stopped while reserving: start nothing
-            if orphaned is not None and orphaned.is_set():
-                return finish("FAILED", "Ray's job supervisor of this driver is gone (head or node lost)")
-            return finish("CANCELLED", "stopped (the Ray job was stopped)")
-        errors = group.start([(c, {**e, ATTEMPT_ENV: "1"}) for c, e in cmds], list(range(len(cmds))))
-        failed = [i for i, e in enumerate(errors) if e]
-        if failed:
-            group.stop([i for i, e in enumerate(errors) if not e])
-            for i in failed:
-                outcomes[i].update(state="FAILED", reason=errors[i])
-            first = outcomes[failed[0]]
-            return finish(
-                "FAILED", f"role '{first['role']}' replica {first['replica_id']} failed to start: {errors[failed[0]]}"
-            )
-        for o in outcomes:
-            o.update(state="RUNNING", attempt=1)
-        restarts = Restarts(spec, replicas, outcomes)
+            me.report(engine.Fail(error))
+            return me.finish()
+        me.commands(group.node_ips())
         interval = float(spec.get("poll_interval_s", 0.2))
-        while True:
-            for i, (lines, code, err) in enumerate(group.poll()):
-                ri, _, k, _ = replicas[i]
-                out.lines(str(ri), k, lines)
-                if code is not None and outcomes[i]["state"] == "RUNNING":
-                    # a lost actor (err) has no exit code of its own: its reason says what happened
-                    outcomes[i].update(state="SUCCEEDED" if code == 0 else "FAILED",
-                                       exit_code=None if err else code, reason=err)
-                    scope = restarts.on_end(i, code, err)
-                    if scope:
-                        out.restarts(restarts.count)
-                        out.say(f"{RESTART_MARK}{restarts.count}: {restarts.why}")
-                        group.stop([x for x in scope if outcomes[x]["state"] == "RUNNING"])
-                        for x in scope:
-                            outcomes[x].update(state="PENDING", attempt=outcomes[x]["attempt"] + 1,
-                                               exit_code=None, reason="")
-                            out.lines(str(replicas[x][0]), replicas[x][2], [("e", time.time(), (
-                                f"[torchx-ext] attempt {outcomes[x]['attempt']} of role '{outcomes[x]['role']}' "
-                                f"replica {outcomes[x]['replica_id']} begins: {restarts.why}"))])
-            ready = restarts.ready() if not stopping.is_set() else []
-            if ready:
-                before = [o.get("host") for o in outcomes]
-                unplaced = group.prepare(ready)
-                if isinstance(group, GangGroup) and group.ips != before:
-                    # a lost node's replica moves: the replicas restarted now learn its new node
-                    # (those still running keep the discovery variables they started with)
-                    cmds = commands(group.ips)
-                for i, why in unplaced.items():
-                    outcomes[i].update(state="FAILED", reason=f"failed to restart: {why}")
-                ready = [i for i in ready if i not in unplaced]
-                started = group.start([(c, {**e, ATTEMPT_ENV: str(outcomes[i]["attempt"])})
-                                       for i, (c, e) in enumerate(cmds)], ready)
-                for i, error in zip(ready, started):
-                    if error:
-                        outcomes[i].update(state="FAILED", reason=f"failed to restart: {error}")
-                    else:
-                        outcomes[i]["state"] = "RUNNING"
-            state, msg = rules.group_state(outcomes)
-            if orphaned is not None and orphaned.is_set() and state not in rules.TERMINAL:
-                state, msg = "FAILED", "Ray's job supervisor of this driver is gone (head or node lost)"
-            elif stopping.is_set() and state not in rules.TERMINAL:
-                state, msg = "CANCELLED", "stopped (the Ray job was stopped)"
-            if state in rules.TERMINAL:
-                live = [i for i, o in enumerate(outcomes) if o["state"] == "RUNNING"]
-                if live:
-                    out.say(f"group is {state}; stopping {len(live)} replica(s) still running")
-                    group.stop(live)
-                    for i, (lines, _code, _err) in enumerate(group.poll()):
-                        out.lines(str(replicas[i][0]), replicas[i][2], lines)
-                    for i in live:
-                        outcomes[i]["state"] = "CANCELLED"
-                return finish(state, msg)
-            stopping.wait(interval)
+        event = stopped()  # stopped while reserving: start nothing
+        me.report(event if event is not None else engine.Begin())
+        while me.verdict is None:
+            me.poll()
+            event = stopped()
+            if me.verdict is None and event is not None:
+                me.report(event)
+            due = me.engine.next_due
+            if me.verdict is None and due is not None and due <= time.time():
+                me.report(engine.Tick())
+            if me.verdict is None:
+                stopping.wait(interval)
+        return me.finish()
     finally:
         group.close()
 
