@@ -3,7 +3,7 @@
 This package is uploaded with every submission (``runtime_env["py_modules"]``, content-hashed, so
 Ray uploads it once per version) and imported there as ``ray_jobs_cluster``, with the group engine
 (:mod:`torchx_ext.engine`, standard library only) inside it as ``ray_jobs_cluster.engine``
-(``ray_jobs_client.cluster_package``): the cluster needs Ray and nothing of torchx or torchx-ext.
+(``ray_jobs_local.cluster_package``): the cluster needs Ray and nothing of torchx or torchx-ext.
 Hence the rule for every module here: standard library and ``ray`` only, and relative imports
 between these modules (the driver's one exception: the engine, from here or from torchx_ext).
 
