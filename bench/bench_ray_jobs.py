@@ -40,6 +40,9 @@ is read when present). Every job the bench makes is deleted at the end; the shar
    and status queries included), against the job log's size (what Ray's tail delivered). CPU: each
    follower's process time from its first request to the end (imports excluded), writing what it
    follows to a file; ours then checks, untimed, that every numbered line came once and in order.
+   A third follower, ``raw-lines``, hands Ray's tail on as lines (split with one regular
+   expression, as ours and as every raw row of ``bench/bench_logs.py``): ``log_iter`` must yield
+   lines, while Ray's tail writes its chunks whole, so both ratios are printed.
 
 Runtime: the head starts ~1.4 jobs/s on the 2-core testbed; the defaults make ~240 jobs that
 run (waiting records never start), most of the run is the cluster draining them.
@@ -51,6 +54,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -68,8 +72,10 @@ from torchx.specs import AppDef, Resource, Role
 
 from torchx_ext.schedulers.ray_jobs import create_scheduler
 from torchx_ext.schedulers.ray_jobs_client import make_app_id
-from torchx_ext.schedulers.ray_jobs_cluster import LINE_MARK
+from torchx_ext.schedulers.ray_jobs_cluster import FRAME_MARK
 from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
+
+LINES = re.compile(".*\n")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
@@ -401,9 +407,9 @@ def dag_shape(n: int, width: int) -> list[list[int]]:
 def first_driver_line_ms(client: Any, sid: str) -> Optional[float]:
     """Unix ms of the first marked line the job printed (our driver's, or the raw child's)."""
     for line in client.get_job_logs(sid).split("\n"):
-        if line.startswith(LINE_MARK):  # "<mark>role replica stream time text"
-            parts = line[len(LINE_MARK):].split(" ", 4)
-            if len(parts) >= 4:
+        if line.startswith(FRAME_MARK):  # a frame's header: "<mark>role replica stream time length"
+            parts = line[len(FRAME_MARK):].split(" ")
+            if len(parts) == 5:
                 return float(parts[3]) * 1000
         elif line.startswith("up "):  # the raw child: "up <time.time()>"
             return float(line.split()[1]) * 1000
@@ -828,7 +834,18 @@ def follow_child(side: str, url: str, ident: str, lines: int) -> None:
                 async for chunk in client.tail_job_logs(ident):
                     sink.write(chunk)
 
-            asyncio.run(tail())
+            async def tail_lines() -> None:
+                # a consumer that hands on lines, as every other backend's raw row in
+                # bench/bench_logs.py reads them (and as log_iter must)
+                rest = ""
+                async for chunk in client.tail_job_logs(ident):
+                    data = rest + chunk
+                    cut = data.rfind("\n") + 1
+                    sink.writelines(LINES.findall(data, 0, cut))
+                    rest = data[cut:]
+                sink.write(rest)
+
+            asyncio.run(tail() if side == "raw" else tail_lines())
             cpu = time.process_time() - t0
             out = {"cpu_s": cpu, "bytes": sink.tell()}
     print(json.dumps(out), flush=True)
@@ -843,7 +860,7 @@ def bench_log(url: str, client: Any, jobs: Jobs, log_mb: float, write_s: float) 
             f"    sys.stdout.flush(); time.sleep({write_s / 100})")
     app = AppDef("bench-log", roles=[Role("log", image="", entrypoint="python", args=["-c", code],
                                           resource=Resource(cpu=0, gpu=0, memMB=0))])
-    relays = {side: CountingRelay(url) for side in ("ours", "raw")}
+    relays = {side: CountingRelay(url) for side in ("ours", "raw", "raw-lines")}
     runner = get_runner()
     try:
         handle = runner.run(app, "ray_jobs", {"dashboard_url": url})
@@ -851,7 +868,7 @@ def bench_log(url: str, client: Any, jobs: Jobs, log_mb: float, write_s: float) 
         sid = sid_of(handle)
         t0 = time.time()
         procs = {}
-        for side, ident in (("ours", make_app_id(relays["ours"].url, sid)), ("raw", sid)):
+        for side, ident in (("ours", make_app_id(relays["ours"].url, sid)), ("raw", sid), ("raw-lines", sid)):
             procs[side] = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), "--follow-child", side, relays[side].url, ident,
                  str(lines)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
@@ -873,6 +890,7 @@ def bench_log(url: str, client: Any, jobs: Jobs, log_mb: float, write_s: float) 
         ("bytes from the dashboard / job log size", relays["ours"].received / size, relays["raw"].received / size,
          "x"),
         ("client CPU of the follower", ours["cpu_s"], raw["cpu_s"], "s"),
+        ("client CPU, raw = Ray's tail handed on as lines", ours["cpu_s"], results["raw-lines"]["cpu_s"], "s"),
     ])
     jobs.drain(120)
 

@@ -612,6 +612,14 @@ class SchedulerContract:
         assert log_words(runner, handle, "main", regex="^keep") == ["keep-1", "keep-3"]
         assert log_words(runner, handle, "main", regex="keep-[0-9]$") == ["keep-1", "keep-3", "alsokeep-4"]
 
+    def test_a_carriage_return_loses_no_text(self, runner: Runner, backend: Backend) -> None:
+        # a progress bar's "\r": the backend may keep it or make it a line end (Ray's log reads
+        # do), but the text on either side of it is the replica's and is shown
+        code = "import sys; sys.stdout.write('p10%\\rp20%\\nafter\\r\\nend\\n')"
+        handle = self.run(runner, backend, AppDef("cr", roles=[self.role(backend, "main", code)]))
+        assert wait_terminal(runner, handle, backend.timeout).state == AppState.SUCCEEDED
+        assert logs(runner, handle, "main").replace("\r", "\n").split() == ["p10%", "p20%", "after", "end"]
+
     def test_log_since_until_select_lines_by_time(self, runner: Runner, backend: Backend) -> None:
         code = ("import time; print('early %.6f' % time.time(), flush=True); time.sleep(1.5); "
                 "print('late %.6f' % time.time(), flush=True)")

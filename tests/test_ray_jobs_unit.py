@@ -150,38 +150,66 @@ class LogClient:
         return types.SimpleNamespace(status_code=200, json=lambda: {"logs": self.text})
 
 
+def frame(role: str, replica: int, stream: str, ts: float, text: str) -> str:
+    return f"\x1etxf {role} {replica} {stream} {ts:.6f} {len(text)}\n{text}"
+
+
 def test_log_demultiplexing() -> None:
     text = (
         "Running entrypoint for job x\n"
-        "\x1etx d 0 o 10.000000 reserving\n"
-        "\x1etx 0 0 o 11.000000 out of main 0\n"
-        "\x1etx 0 1 e 12.000000 err of main 1 with \x1e inside\n"
-        "\x1etx 1 0 o 13.000000 \n"
-        "\x1etx-verdict {\"state\": \"FAILED\", \"msg\": \"role 'b' replica 0 failed\"}\n"
-        "\x1etx 0 0 o 14.0 partial"  # no newline yet: read next time
+        + frame("d", 0, "o", 10, "reserving\n")
+        + frame("0", 0, "o", 11, "out of main 0\n")
+        + frame("0", 1, "e", 12, "err of main 1 with \x1e inside\n\x1etxf 0 0 o 1.0 5\nnot a frame\n")
+        + frame("1", 0, "o", 13, "\n")
+        + "\x1etx-verdict {\"state\": \"FAILED\", \"msg\": \"role 'b' replica 0 failed\"}\n"
+        + frame("0", 0, "o", 14, "partial\n")[:-1]  # no newline yet: read next time
     )
     client = LogClient(text)
     # a replica line keeps its newline (filter_lines adds one only where it is missing)
     assert JobLogReader(client, "x", ("0", 0), None).read_new() == [(11.0, "out of main 0\n")]
     assert JobLogReader(client, "x", ("0", 1), "o").read_new() == []
-    assert JobLogReader(client, "x", ("0", 1), "e").read_new() == [(12.0, "err of main 1 with \x1e inside\n")]
+    # a frame's text is taken by its length: a replica line that looks like a header is text
+    assert JobLogReader(client, "x", ("0", 1), "e").read_new() == [
+        (12.0, "err of main 1 with \x1e inside\n"), (12.0, "\x1etxf 0 0 o 1.0 5\n"), (12.0, "not a frame\n")]
     assert JobLogReader(client, "x", ("1", 0), None).read_new() == [(13.0, "\n")]
-    assert JobLogReader(client, "x", None, None).read_new() == [(None, "Running entrypoint for job x"), (10.0, "reserving")]
+    assert JobLogReader(client, "x", None, None).read_new() == [(None, "Running entrypoint for job x"),
+                                                                  (10.0, "reserving\n")]
     # without since/until the time is not parsed: the piece's lines come as one PlainLines
     plain = JobLogReader(client, "x", ("0", 1), None, timed=False).read_new()
-    assert plain == [["err of main 1 with \x1e inside\n"]] and isinstance(plain[0], PlainLines)
+    assert plain == [["err of main 1 with \x1e inside\n", "\x1etxf 0 0 o 1.0 5\n", "not a frame\n"]]
+    assert isinstance(plain[0], PlainLines)
     reader = JobLogReader(client, "x", ("0", 0), None)
     reader.read_new()
     client.text += "\n"
     assert reader.read_new() == [(14.0, "partial\n")]
     assert parse_verdict("last logs:\n" + text)["msg"] == "role 'b' replica 0 failed"
-    # the demultiplexer is the one of today's split for odd lines too: a missing text, extra spaces
-    odd = "\x1etx 0 0 o 1.5\n\x1etx 0 0 o 2.5  two spaces\n\x1etx 0 0 x 3.5 no such stream\n\x1etx 0 00 o 4 x\n"
-    assert rc.LogDemux(("0", 0), None).feed(odd) == [(1.5, "\n"), (2.5, " two spaces\n")]
+    # fed in pieces of any size, the same lines
+    whole = rc.LogDemux(("0", 1), None).feed(text)
+    for size in (1, 2, 3, 7, 64):
+        demux = rc.LogDemux(("0", 1), None)
+        assert [x for i in range(0, len(text), size) for x in demux.feed(text[i:i + size])] == whole
+    # a header that is not one (version 1's per-line marks, a bad length) is one of Ray's lines
+    odd = "\x1etx 0 0 o 1.5 v1 line\n\x1etxf 0 0 o 2.5 x\n"
+    assert rc.LogDemux(("0", 0), None).feed(odd) == []
+    assert rc.LogDemux(None, None).feed(odd) == [(None, "\x1etx 0 0 o 1.5 v1 line"), (None, "\x1etxf 0 0 o 2.5 x")]
+
+
+def test_driver_frames_survive_rays_newline_translation() -> None:
+    # Ray reads the job log in text mode (universal newlines): what the driver framed must still
+    # add up, and a replica's "\r" arrives as Ray delivers it, never swallowing what follows it
+    lines = [("o", 1.0, "progress 10%\rprogress 20%"), ("o", 1.01, "crlf\r"), ("e", 1.02, "err"),
+             ("e", 9.0, "later"), ("o", 9.0, "\x1etxf 0 0 o 1 3")]
+    written = driver.frames("0", 0, lines)
+    served = io.StringIO(written, newline=None).read()  # what Ray's open(path, "r") hands on
+    assert served == written  # nothing left for Ray to translate: the lengths hold
+    got = rc.LogDemux(("0", 0), None).feed(served)
+    assert got == [(1.0, "progress 10%\n"), (1.0, "progress 20%\n"), (1.0, "crlf\n"), (1.02, "err\n"),
+                   (9.0, "later\n"), (9.0, "\x1etxf 0 0 o 1 3\n")]
+    assert served.count("\x1etxf ") == 4 + 1  # a frame per stream run and FRAME_S; the last line is text
 
 
 def numbered(n: int, start: int = 0, replica: int = 0) -> str:
-    return "".join(f"\x1etx 0 {replica} o {1000 + i}.000000 line {i}\n" for i in range(start, start + n))
+    return "".join(frame("0", replica, "o", 1000 + i, f"line {i}\n") for i in range(start, start + n))
 
 
 class TailClient:
@@ -250,7 +278,7 @@ def test_following_reads_each_byte_once_in_order_across_pieces() -> None:
     reader = JobLogReader(client, "x", ("0", 0), None, is_over=lambda: over["v"], timed=False)
 
     def more() -> None:
-        client.log += numbered(500, start=500) + "\x1etx 0 1 o 1.0 other replica\n" + numbered(1, start=1000)[:-5]
+        client.log += numbered(500, start=500) + frame("0", 1, "o", 1.0, "other replica\n") + numbered(1, start=1000)[:-5]
 
     def finish() -> None:
         client.log += numbered(1, start=1000)[-5:]  # the rest of the last line
@@ -358,8 +386,8 @@ def test_driver_runs_a_replica_and_marks_its_lines() -> None:
                                        "import os, sys; print(os.environ['X'], os.environ['TORCHX_EXT_HOSTS_MAIN']); "
                                        "print('oops', file=sys.stderr); sys.exit(0)"]))
     assert code == 0
-    assert "\x1etx 0 0 o " in out and out.split("\x1etx 0 0 o ", 1)[1].split(" ", 1)[1].startswith("y$z ")
-    assert "\x1etx 0 0 e " in out
+    assert "\x1etxf 0 0 o " in out and out.split("\x1etxf 0 0 o ", 1)[1].split("\n", 1)[1].startswith("y$z ")
+    assert "\x1etxf 0 0 e " in out
     assert parse_verdict(out)["state"] == "SUCCEEDED"
 
 

@@ -323,49 +323,83 @@ class LogDemux:
     """Turns the job log's text, fed in pieces, into the lines of one replica (or of the driver).
 
     ``key``: ``(role index, replica)``, or None for the driver's own lines and Ray's; ``stream``:
-    ``"o"``/``"e"`` or None for both; ``timed``: parse each line's time (only since/until need it:
-    without it a replica line's time is None, which no filter drops). A replica line's text keeps
-    its newline (``filter_lines`` adds one only where it is missing): one string less per line."""
+    ``"o"``/``"e"`` or None for both; ``timed``: hand each line with its frame's time (only
+    since/until need it: without it a replica's lines come as :class:`PlainLines`, one item per
+    piece, and a line without a time is never dropped by a filter). The log is a sequence of
+    frames (``cluster.FRAME_MARK``), the verdict line, and Ray's own lines: a frame's text is taken
+    or skipped by its length, so the cost is per frame and per piece, not per line of the log.
+    A replica line's text keeps its newline (``filter_lines`` adds one only where it is missing).
+    """
+
+    _LINES = re.compile(".*\n")  # whole lines; "." is anything but "\n" (splitlines also splits at \x1e...)
 
     def __init__(self, key: Optional[tuple[str, int]], stream: Optional[str], timed: bool = True) -> None:
         self.key, self.stream, self.timed = key, stream, timed
-        self._partial = ""  # a line whose end has not come yet
-        self._pattern = None
-        if key is not None:
-            # one C-level scan per piece instead of a Python loop over every line of every
-            # replica: the fields "MARK role replica stream time[ text]", as the split below
-            streams = {"o": "o", "e": "e"}.get(stream or "", "[oe]")
-            time_field = "([^ \n]*)" if timed else "[^ \n]*"
-            self._pattern = re.compile(
-                "^" + re.escape(f"{cluster.LINE_MARK}{key[0]} {key[1]} ") + streams + " " + time_field + " ?(.*\n)",
-                re.M)
+        self._want = (cluster.DRIVER_ROLE, "0") if key is None else (str(key[0]), str(key[1]))
+        self._partial = ""  # a header or unframed line whose end has not come yet
+        self._left = 0  # characters of the current frame still to come
+        self._mine = False  # the current frame is this reader's
+        self._time: Optional[float] = None  # the current frame's time
+        self._held = ""  # this reader's frame text after its last complete line
 
     def feed(self, text: str) -> list[LogItem]:
         """The complete lines of ``text`` (after what was fed before) that are this reader's."""
-        if self._partial:
-            text = self._partial + text
-        end = text.rfind("\n") + 1
-        self._partial = text[end:]
-        return self._lines(text[:end]) if end else []
-
-    def _lines(self, chunk: str) -> list[LogItem]:
-        if self._pattern is not None:
-            found = self._pattern.findall(chunk)
-            if self.timed:
-                return [(float(ts), body) for ts, body in found]
-            return [PlainLines(found)]  # one item per piece, not per line (no time to filter on)
         out: list[LogItem] = []
-        # not splitlines(): it also splits at the \x1e that starts our marks
-        for line in chunk[:-1].split("\n"):
-            if line.startswith(cluster.VERDICT_MARK):
+        if self._partial:
+            text, self._partial = self._partial + text, ""
+        pos, end = 0, len(text)
+        while pos < end:
+            if self._left:
+                take = min(self._left, end - pos)
+                if self._mine:
+                    self._take(text[pos:pos + take], out)
+                pos += take
+                self._left -= take
+                if not self._left and self._held:  # a frame must end with its line's end: it did not
+                    self._take("\n", out)
                 continue
-            if line.startswith(cluster.LINE_MARK):
-                parts = line[len(cluster.LINE_MARK):].split(" ", 4)
-                if len(parts) >= 4 and parts[0] == cluster.DRIVER_ROLE:
-                    out.append((float(parts[3]), parts[4] if len(parts) == 5 else ""))
-            else:  # Ray's own lines and anything else the driver printed
-                out.append((None, line))
+            nl = text.find("\n", pos)
+            if nl < 0:
+                self._partial = text[pos:]
+                break
+            self._line(text[pos:nl], out)
+            pos = nl + 1
         return out
+
+    def _line(self, line: str, out: list[LogItem]) -> None:
+        """A line outside any frame: a frame's header, the verdict, or Ray's own."""
+        if line.startswith(cluster.FRAME_MARK):
+            parts = line[len(cluster.FRAME_MARK):].split(" ")
+            if len(parts) == 5 and parts[4].isdigit():
+                role, replica, stream, ts, length = parts
+                self._left = int(length)
+                self._mine = ((role, replica) == self._want
+                              and (self.stream is None or stream == self.stream))
+                if self._mine:
+                    try:
+                        self._time = float(ts) if self.timed or self.key is None else None
+                    except ValueError:
+                        self._time = None
+                return
+        if line.startswith(cluster.VERDICT_MARK):
+            return
+        if self.key is None:  # Ray's own lines and anything else the driver printed
+            out.append((None, line))
+
+    def _take(self, piece: str, out: list[LogItem]) -> None:
+        if self._held:
+            piece, self._held = self._held + piece, ""
+        cut = piece.rfind("\n") + 1
+        if cut < len(piece):
+            self._held = piece[cut:]
+        if not cut:
+            return
+        lines = self._LINES.findall(piece, 0, cut)
+        if self.key is not None and not self.timed:
+            out.append(PlainLines(lines))
+        else:
+            t = self._time
+            out.extend([(t, line) for line in lines])
 
 
 def _not_a_normal_close(record: logging.LogRecord) -> bool:

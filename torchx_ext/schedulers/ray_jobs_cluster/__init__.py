@@ -20,8 +20,19 @@ SPEC_ENV = "TORCHX_EXT_RAY_SPEC"
 # escape), so the spec and any value containing "$" travel base64-encoded; values of variables
 # named ENV_B64_PREFIX + NAME are decoded into NAME for the replicas.
 ENV_B64_PREFIX = "TORCHX_EXT_B64__"
-# Every line the driver writes for a replica starts with this; the client demultiplexes on it.
-LINE_MARK = "\x1etx "
+# The driver writes a replica's output to the job log in frames: a header line
+#   FRAME_MARK role replica stream time length
+# followed by ``length`` characters of the replica's lines (whole lines, as they came), so that the
+# client takes a replica's text by slicing, not line by line, and skips the other replicas' frames
+# without reading them (bench/bench_ray_jobs.py, "following a replica's log"). A frame's lines
+# share its time (its first line's; a frame spans at most FRAME_S): since/until are that precise.
+# Ray serves the log read in text mode with universal newlines ("\r" and "\r\n" become "\n"), so
+# the driver applies that translation to a frame's text itself before counting it: the length
+# holds on both sides, and a replica's "\r" reaches `torchx log` as Ray's own reads deliver it.
+# (Version 2 of the wire format: version 1 marked every line with "\x1etx ", which a reader of
+# version 2 shows as Ray's own lines in the driver's log, not as a replica's.)
+FRAME_MARK = "\x1etxf "
+FRAME_S = 0.05
 VERDICT_MARK = "\x1etx-verdict "
 # The driver's own line on each restart: "restart N: why"
 RESTART_MARK = "restart "

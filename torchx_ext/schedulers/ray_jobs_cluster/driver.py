@@ -7,8 +7,9 @@ It reads the app's spec (JSON in ``$TORCHX_EXT_RAY_SPEC``, written by the client
    bundle per replica, all or nothing, failing after ``placement_timeout_s`` with what is missing;
 2. starts one process per replica (in a Ray actor pinned to its bundle), after learning every
    replica's node address so each gets the ``TORCHX_EXT_HOSTS_<ROLE>`` discovery variables;
-3. polls the replicas, writes their output to the job log as ``LINE_MARK role replica stream time
-   text`` lines (the client demultiplexes them for ``torchx log``), applies the group rules and,
+3. polls the replicas, writes their output to the job log in frames (``FRAME_MARK role replica
+   stream time length``, then the lines: the client demultiplexes them for ``torchx log``),
+   performs the group engine's decisions and,
    once the group is decided, stops what still runs and writes one verdict line;
 4. on SIGTERM (``ray job stop``) stops every replica within Ray's grace period; likewise when
    Ray's job supervisor above it is gone (a lost head or node), so no replica runs on unowned.
@@ -28,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import DRIVER_ROLE, LINE_MARK, RESTART_MARK, RESTARTS_FILE, SPEC_ENV, VERDICT_MARK
+from . import DRIVER_ROLE, FRAME_MARK, FRAME_S, RESTART_MARK, RESTARTS_FILE, SPEC_ENV, VERDICT_MARK
 from .replica import Line, ReplicaRunner, node_ip
 
 try:  # on the cluster: the group engine travels inside this package (ray_jobs_local.cluster_package)
@@ -37,6 +38,25 @@ except ImportError:  # here, in the torchx_ext tree (the client's tests, a drive
     from torchx_ext import engine  # type: ignore[no-redef,unused-ignore]
 
 Result = Tuple[List[Line], Optional[int], str]  # (lines, exit code, error)
+
+
+def frames(role: str, replica: int, lines: List[Line]) -> str:
+    """The job log's text for ``lines`` of one replica: a frame (see ``FRAME_MARK``) per run of
+    lines of one stream spanning at most ``FRAME_S``."""
+    out = []
+    i, n = 0, len(lines)
+    while i < n:
+        stream, t0, _ = lines[i]
+        j = i + 1
+        while j < n and lines[j][0] == stream and lines[j][1] - t0 < FRAME_S:
+            j += 1
+        body = "\n".join([t for _, _, t in lines[i:j]]) + "\n"
+        if "\r" in body:  # as Ray's reads will deliver it (universal newlines), so that the length holds
+            body = body.replace("\r\n", "\n").replace("\r", "\n")
+        out.append(f"{FRAME_MARK}{role} {replica} {stream} {t0:.6f} {len(body)}\n")
+        out.append(body)
+        i = j
+    return "".join(out)
 
 
 class Output:
@@ -63,7 +83,7 @@ class Output:
     def lines(self, role: str, replica: int, lines: List[Line]) -> None:
         if not lines:
             return
-        text = "".join(f"{LINE_MARK}{role} {replica} {s} {ts:.6f} {t}\n" for s, ts, t in lines)
+        text = frames(role, replica, lines)
         with self._lock:
             sys.stdout.write(text)
             sys.stdout.flush()
