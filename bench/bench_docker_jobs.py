@@ -67,7 +67,7 @@ def run_ours(api: Any, image: str) -> tuple[float, Callable[[], None]]:
     from torchx.specs import AppDef, Role
 
     from torchx_ext.groups import mark_service
-    from torchx_ext.schedulers.docker_jobs import create_scheduler
+    from torchx_ext.schedulers.docker_jobs.scheduler import create_scheduler
 
     app = AppDef("bench", roles=[
         mark_service(Role("server", image=image, entrypoint="sleep", args=["300"]), True),
@@ -135,7 +135,7 @@ def restart_ours(image: str) -> float:
     from torchx.runner import get_runner
     from torchx.specs import AppDef, AppState, Role
 
-    from torchx_ext.schedulers.docker_jobs import create_scheduler
+    from torchx_ext.schedulers.docker_jobs.scheduler import create_scheduler
 
     runner = get_runner()
     handle = runner.run(AppDef("bench-restart", roles=[Role("r", image=image, entrypoint="python3",
@@ -195,7 +195,7 @@ def memory_many(api: Any, image: str, py: str, n: int, reps: int) -> None:
     from torchx.runner import get_runner
     from torchx.specs import AppDef, Role
 
-    from torchx_ext.schedulers.docker_jobs import create_scheduler
+    from torchx_ext.schedulers.docker_jobs.scheduler import create_scheduler
 
     home = os.environ["TORCHX_EXT_HOME"]
     runner = get_runner()
@@ -250,7 +250,7 @@ def main() -> int:
     # an isolated home: the watchers' diagnostics logs do not land in the user's
     home = tempfile.mkdtemp(prefix="torchx_ext_bench_")
     os.environ["TORCHX_EXT_HOME"] = home
-    from torchx_ext.schedulers.docker_jobs_daemon import client
+    from torchx_ext.schedulers.docker_jobs.daemon import client
 
     api = client()
     api.inspect_image(image)  # fail early (and never pull) if the image is missing

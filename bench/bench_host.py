@@ -47,7 +47,7 @@ def _all_running(runner, handle: str, timeout: float = 60) -> None:
 def _host_printed(handle: str, timeout: float = 60) -> None:
     """All replicas printed 'up' (same signal as the Popen baseline), read from the log files."""
     from torchx_ext import state
-    from torchx_ext.schedulers import host_supervisor as sup
+    from torchx_ext.schedulers.host import supervisor as sup
 
     app_dir = os.path.join(state.home(), "host", handle.rsplit("/", 1)[-1])
     deadline = time.time() + timeout

@@ -135,8 +135,8 @@ def row(name: str, size: int, ours: Measure, lines: int, exact: bool, raw: Measu
 # ---------------------------------------------------------------------------- backends ----------
 def bench_host(lines: int) -> float:
     from torchx_ext import state
-    from torchx_ext.schedulers import host_supervisor as sup
-    from torchx_ext.schedulers.host import create_scheduler
+    from torchx_ext.schedulers.host import supervisor as sup
+    from torchx_ext.schedulers.host.scheduler import create_scheduler
 
     sched = create_scheduler("bench")
 
@@ -209,8 +209,8 @@ def bench_slurm(lines: int, login: Optional[str], ssh_config: Optional[str]) -> 
 def bench_docker(lines: int) -> float:
     import docker
 
-    from torchx_ext.schedulers.docker_jobs import create_scheduler
-    from torchx_ext.schedulers.docker_jobs_logs import AttemptsReader
+    from torchx_ext.schedulers.docker_jobs.logs import AttemptsReader
+    from torchx_ext.schedulers.docker_jobs.scheduler import create_scheduler
 
     sched = create_scheduler("bench")
     image = os.environ.get("TORCHX_EXT_TEST_DOCKER_PYTHON", "torchx-ext-test/python:latest")

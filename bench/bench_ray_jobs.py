@@ -70,10 +70,10 @@ from typing import Any, Callable, Iterable, Optional
 from torchx.runner import get_runner
 from torchx.specs import AppDef, Resource, Role
 
-from torchx_ext.schedulers.ray_jobs import create_scheduler
-from torchx_ext.schedulers.ray_jobs_client import make_app_id
-from torchx_ext.schedulers.ray_jobs_cluster import FRAME_MARK
-from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
+from torchx_ext.schedulers.ray_jobs.client import make_app_id
+from torchx_ext.schedulers.ray_jobs.cluster import FRAME_MARK
+from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
+from torchx_ext.schedulers.ray_jobs.scheduler import create_scheduler
 
 LINES = re.compile(".*\n")
 
@@ -812,7 +812,7 @@ def follow_child(side: str, url: str, ident: str, lines: int) -> None:
         if side == "ours":
             import ray.job_submission  # noqa: F401  # imported before the clock starts, as on the raw side
 
-            from torchx_ext.schedulers.ray_jobs import create_scheduler as make
+            from torchx_ext.schedulers.ray_jobs.scheduler import create_scheduler as make
 
             t0 = time.process_time()
             sink.writelines(make("bench-log").log_iter(ident, "log", 0, should_tail=True))

@@ -21,7 +21,7 @@ from torchx_ext import wait_for
 from torchx_ext.components.group import roles, server_client
 from torchx_ext.errors import InvalidOptionError, UnknownOptionError
 from torchx_ext.executors import runopts_for
-from torchx_ext.schedulers.host import HostExecutor
+from torchx_ext.schedulers.host.scheduler import HostExecutor
 
 CLI = [sys.executable, "-m", "torchx.cli.main"]
 

@@ -22,8 +22,8 @@ from torchx.specs import AppDef, AppState, BindMount, Resource, Role, VolumeMoun
 from conftest import ROOT, live_processes, require_backend
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 from torchx_ext.groups import mark_service
-from torchx_ext.schedulers import docker_jobs_daemon as d
-from torchx_ext.schedulers.docker_jobs import DockerJobsScheduler, create_scheduler
+from torchx_ext.schedulers.docker_jobs import daemon as d
+from torchx_ext.schedulers.docker_jobs.scheduler import DockerJobsScheduler, create_scheduler
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 SMALL = Resource(cpu=1, gpu=0, memMB=256)
@@ -50,7 +50,7 @@ def watcher_pids(home: str = "") -> list[int]:
     """Live watcher processes (of the home ``home``: "." for this test session's)."""
     if home == ".":
         home = os.path.realpath(os.environ["TORCHX_EXT_HOME"])
-    return live_processes(argv=(f"torchx_ext.schedulers.docker_jobs_watcher\0{'--home' + chr(0) + home + chr(0) if home else ''}".encode(),))
+    return live_processes(argv=(f"torchx_ext.schedulers.docker_jobs.watcher\0{'--home' + chr(0) + home + chr(0) if home else ''}".encode(),))
 
 
 def wait_watchers(n: int, home: str = ".", timeout: float = 10) -> list[int]:
@@ -446,7 +446,7 @@ def _in_home(home: str, code: str, *args: str, umask: int = 0o022) -> subprocess
 _POLL_STATUS = """
 import sys, time
 from torchx.specs import is_terminal
-from torchx_ext.schedulers.docker_jobs import create_scheduler
+from torchx_ext.schedulers.docker_jobs.scheduler import create_scheduler
 s = create_scheduler("other-home")
 while True:
     st = s.describe(sys.argv[1])
@@ -468,7 +468,7 @@ def test_one_acting_watcher_wherever_status_is_asked_from(runner: Runner, tmp_pa
     homes = [str(tmp_path / f"home{i}") for i in range(2)]
     procs = [_in_home(h, _POLL_STATUS, app) for h in homes]
     # watchers started by hand in the other homes: before the lease, each would have acted
-    procs += [_in_home(h, "import sys; from torchx_ext.schedulers.docker_jobs_watcher import main; "
+    procs += [_in_home(h, "import sys; from torchx_ext.schedulers.docker_jobs.watcher import main; "
                           "sys.exit(main(['w', '--app', sys.argv[1]]))", app) for h in homes]
     outs = [p.communicate(timeout=90)[0] for p in procs]
     assert all("END SUCCEEDED" in o for o in outs[:2]), outs
@@ -481,7 +481,7 @@ def test_one_acting_watcher_wherever_status_is_asked_from(runner: Runner, tmp_pa
 
 
 def test_status_and_list_heal_only_the_apps_this_home_submitted(runner: Runner, tmp_path: Any) -> None:
-    from torchx_ext.schedulers import docker_jobs_lease as leases
+    from torchx_ext.schedulers.docker_jobs import lease as leases
 
     handle = runner.run(AppDef("heal", roles=[role("main", "import time; time.sleep(300)")]), "docker_jobs", {})
     app = app_id(handle)
@@ -489,7 +489,7 @@ def test_status_and_list_heal_only_the_apps_this_home_submitted(runner: Runner, 
     os.kill(wait_watchers(1)[0], signal.SIGKILL)
     wait_watchers(0)
     leases.remove_leases(d.client(), app)  # as if its lease had expired
-    other = _in_home(str(tmp_path / "other"), "import sys; from torchx_ext.schedulers.docker_jobs import "
+    other = _in_home(str(tmp_path / "other"), "import sys; from torchx_ext.schedulers.docker_jobs.scheduler import "
                      "create_scheduler as c; s = c('x'); print([x.app_id for x in s.list()]); "
                      "print(s.describe(sys.argv[1]).state.name)", app)
     out = other.communicate(timeout=60)[0]
@@ -560,8 +560,8 @@ def test_many_apps_one_watcher_heals_all_and_a_failing_replica_restarts_once(run
     """Issue 24: the apps of one home are watched by one process; killed, a status query starts one
     again, which takes over every app's lease at once (its predecessor is proven dead by the home's
     lock) and restarts a replica that fails afterwards exactly once."""
-    from torchx_ext.schedulers import docker_jobs_lease as leases
-    from torchx_ext.schedulers import docker_jobs_watcher as w
+    from torchx_ext.schedulers.docker_jobs import lease as leases
+    from torchx_ext.schedulers.docker_jobs import watcher as w
 
     busybox = require_backend("TORCHX_EXT_TEST_DOCKER_BUSYBOX", "Docker busybox image")
     flaky = Role("main", image=busybox, entrypoint="sh", max_retries=1, retry_policy="REPLICA", args=[

@@ -19,11 +19,11 @@ from contract import HOSTILE_ARGS
 from torchx_ext.errors import DependencyError
 from torchx_ext.executors import capabilities, scheduler_for
 from torchx_ext.groups import mark_service
-from torchx_ext.schedulers import docker_jobs_daemon as daemon
-from torchx_ext.schedulers import docker_jobs_lease as leases
-from torchx_ext.schedulers import docker_jobs_watcher as w
-from torchx_ext.schedulers.docker_jobs import DockerJobsExecutor, DockerJobsScheduler, DockerRequest
-from torchx_ext.schedulers.docker_jobs_logs import LogReader
+from torchx_ext.schedulers.docker_jobs import daemon
+from torchx_ext.schedulers.docker_jobs import lease as leases
+from torchx_ext.schedulers.docker_jobs import watcher as w
+from torchx_ext.schedulers.docker_jobs.logs import LogReader
+from torchx_ext.schedulers.docker_jobs.scheduler import DockerJobsExecutor, DockerJobsScheduler, DockerRequest
 
 docker = pytest.importorskip("docker")
 
@@ -360,7 +360,7 @@ def test_describe_in_the_middle_of_a_restart_sees_it_coming_not_a_spent_budget()
 
 def test_a_restart_that_cannot_create_an_attempt_fails_the_app_and_starts_nothing(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchx_ext.schedulers import docker_jobs_retries as retries
+    from torchx_ext.schedulers.docker_jobs import retries
 
     d = FakeDaemon()
     _with_retries(d, d.add("x", "a", 0, "exited", 3, roles=RETRY_ROLES))
@@ -380,7 +380,7 @@ def _exit(d: FakeDaemon, cid: str, code: int, at: str = "2026-01-01T00:00:09Z") 
 def test_a_new_watcher_goes_on_with_the_same_attempts_and_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every pass restores the app's engine from the snapshot its last restart left on the attempts
     it created: a watcher that takes over (a new process) draws from the same budget."""
-    from torchx_ext.schedulers import docker_jobs_retries as retries
+    from torchx_ext.schedulers.docker_jobs import retries
 
     d = FakeDaemon()
     monkeypatch.setattr(retries, "recreate", _fake_recreate(d))
@@ -404,7 +404,7 @@ def test_a_new_watcher_goes_on_with_the_same_attempts_and_budget(monkeypatch: py
 
 def test_a_pass_cut_short_is_finished_by_the_next_and_a_backoff_counts_from_the_exit(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchx_ext.schedulers import docker_jobs_retries as retries
+    from torchx_ext.schedulers.docker_jobs import retries
 
     d = FakeDaemon()
     monkeypatch.setattr(retries, "recreate", _fake_recreate(d))

@@ -23,8 +23,8 @@ from contract import wait_state, wait_terminal
 from torchx_ext import state
 from torchx_ext.components.group import roles, server_client
 from torchx_ext.errors import InvalidAppError
-from torchx_ext.schedulers import host_procs as procs
-from torchx_ext.schedulers.host import assign_gpus, create_scheduler
+from torchx_ext.schedulers.host import procs
+from torchx_ext.schedulers.host.scheduler import assign_gpus, create_scheduler
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 PY = sys.executable
@@ -205,7 +205,7 @@ def test_a_supervisor_that_crashes_stops_the_replicas_it_started(monkeypatch: py
     replica (nor a child of one) left running, the traceback kept in supervisor.log."""
     from conftest import live_processes
 
-    crasher = ("import sys, time, torchx_ext.schedulers.host_supervisor as s\n"
+    crasher = ("import sys, time, torchx_ext.schedulers.host.supervisor as s\n"
                "first = []\n"
                "def crash(self):\n"
                "    first.append(time.time())\n"
@@ -217,7 +217,7 @@ def test_a_supervisor_that_crashes_stops_the_replicas_it_started(monkeypatch: py
     real_popen = subprocess.Popen
 
     def popen(cmd: list[str], *args: object, **kwargs: object) -> subprocess.Popen[bytes]:
-        if cmd[1:3] == ["-m", "torchx_ext.schedulers.host_supervisor"]:
+        if cmd[1:3] == ["-m", "torchx_ext.schedulers.host.supervisor"]:
             cmd = [cmd[0], "-c", crasher, *cmd[3:]]
         return real_popen(cmd, *args, **kwargs)  # type: ignore[call-overload, no-any-return]
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import live_processes
 from contract import Backend, SchedulerContract
 from torchx_ext import state
-from torchx_ext.schedulers import host_procs as procs
+from torchx_ext.schedulers.host import procs
 
 
 def _nothing_running(handle: str) -> bool:

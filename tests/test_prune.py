@@ -307,8 +307,8 @@ def test_slurm_jobs_many_ended_apps(runner: Runner, home: str) -> None:
 def test_docker_jobs(runner: Runner, home: str, workspace: str) -> None:
     require_backend("TORCHX_EXT_TEST_DOCKER", "Docker")
     image = require_backend("TORCHX_EXT_TEST_DOCKER_BUSYBOX", "Docker busybox image")
-    from torchx_ext.schedulers import docker_jobs_daemon as d
-    from torchx_ext.schedulers import docker_jobs_retention as retention
+    from torchx_ext.schedulers.docker_jobs import daemon as d
+    from torchx_ext.schedulers.docker_jobs import retention
 
     api = d.client()
     images: dict[str, list[str]] = {}
@@ -337,7 +337,7 @@ def test_docker_jobs(runner: Runner, home: str, workspace: str) -> None:
         assert not built, f"workspace images left: {built}"
         delete_running(runner, "docker_jobs", long, left)
     finally:
-        from torchx_ext.schedulers.docker_jobs import create_scheduler
+        from torchx_ext.schedulers.docker_jobs.scheduler import create_scheduler
 
         s = create_scheduler("torchx")
         for a in s.app_ids():

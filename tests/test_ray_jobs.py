@@ -21,8 +21,8 @@ from torchx.specs import AppDef, AppState, Resource, Role
 from conftest import ROOT, live_processes, require_backend
 from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 from torchx_ext.errors import SchedulerUnavailable
-from torchx_ext.schedulers.ray_jobs import create_scheduler
-from torchx_ext.schedulers.ray_jobs_client import make_app_id
+from torchx_ext.schedulers.ray_jobs.client import make_app_id
+from torchx_ext.schedulers.ray_jobs.scheduler import create_scheduler
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 SMALL = Resource(cpu=1, gpu=0, memMB=128)
@@ -228,7 +228,7 @@ def test_cancel_while_waiting_for_dependency(runner: Runner) -> None:
 def test_status_of_a_waiting_app_restarts_a_killed_broker(runner: Runner) -> None:
     from ray.job_submission import JobSubmissionClient
 
-    from torchx_ext.schedulers import ray_jobs_deps
+    from torchx_ext.schedulers.ray_jobs import deps
 
     cfg = {"dashboard_url": dashboard()}
     first = runner.run(AppDef("first", roles=[role("main", "import time; time.sleep(8)")]), "ray_jobs", cfg)
@@ -238,7 +238,7 @@ def test_status_of_a_waiting_app_restarts_a_killed_broker(runner: Runner) -> Non
 
     def brokers() -> list[str]:
         return [j.submission_id for j in client.list_jobs() if (j.submission_id or "").startswith(
-            ray_jobs_deps.broker_prefix()) and str(j.status).split(".")[-1] in ("PENDING", "RUNNING")]
+            deps.broker_prefix()) and str(j.status).split(".")[-1] in ("PENDING", "RUNNING")]
 
     assert brokers(), "submitting a dependent starts a broker"
     for broker in brokers():
@@ -294,7 +294,7 @@ def test_a_cancel_whose_stop_never_reaches_the_driver_still_ends_the_app(runner:
     """A cancel of a PENDING job writes a marker besides Ray's stop; if the stop is lost (Ray
     signals only the processes it saw at that instant), the driver reads the marker and ends
     itself and its replicas. Simulated here: the marker alone, no stop."""
-    from torchx_ext.schedulers import ray_jobs_client as rc
+    from torchx_ext.schedulers.ray_jobs import client as rc
 
     code = ("import subprocess, sys, time; print('up', flush=True); "
             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); time.sleep(300)")
@@ -327,7 +327,7 @@ def test_a_replica_whose_actor_is_killed_is_restarted_in_its_bundle(runner: Runn
 
 def counting_client(seen: list[str]) -> Any:
     """A client factory whose clients note the endpoint of every Jobs API request they make."""
-    from torchx_ext.schedulers import ray_jobs_client as rc
+    from torchx_ext.schedulers.ray_jobs import client as rc
 
     def factory(url: str, token_env: Optional[str], timeout: float) -> Any:
         client = rc.connect(url, token_env, timeout)
@@ -435,8 +435,8 @@ def test_zz_head_killed_mid_job(runner: Runner) -> None:
 def test_engine_answers_are_read_by_type_where_ray_gives_one() -> None:
     """A missing job is told by HTTP 404 (even when its id holds "404"); a taken submission id
     only by Ray's text, read in one function, checked here against the real dashboard."""
-    from torchx_ext.schedulers import ray_jobs_client as rc
-    from torchx_ext.schedulers import ray_jobs_cluster as cluster
+    from torchx_ext.schedulers.ray_jobs import client as rc
+    from torchx_ext.schedulers.ray_jobs import cluster
 
     client = rc.connect(dashboard())
     assert rc.get_job(client, f"no-such-job-404-{uuid.uuid4().hex[:6]}") is None

@@ -129,7 +129,7 @@ def test_a_handle_naming_an_unknown_host_is_recorded_nowhere(tmp_path: Any) -> N
 
 
 def test_only_http_dashboards_are_named_by_an_app_id() -> None:
-    from torchx_ext.schedulers import ray_jobs_client as rc
+    from torchx_ext.schedulers.ray_jobs import client as rc
 
     assert rc.split_app_id("127.0.0.1:8265~a") == ("http://127.0.0.1:8265", "a")
     assert rc.split_app_id("https%3A//head:443~a") == ("https://head:443", "a")
@@ -138,7 +138,7 @@ def test_only_http_dashboards_are_named_by_an_app_id() -> None:
 
 
 def test_token_is_bound_to_the_configured_dashboard(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchx_ext.schedulers import ray_jobs_local as rl
+    from torchx_ext.schedulers.ray_jobs import local as rl
 
     monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

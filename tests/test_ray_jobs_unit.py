@@ -22,12 +22,12 @@ from torchx_ext.engine import rules
 from torchx_ext.errors import InvalidAppError, InvalidOptionError
 from torchx_ext.groups import ReplicaOutcome, group_state, mark_service
 from torchx_ext.logs import PlainLines
-from torchx_ext.schedulers import ray_jobs_client as rc
-from torchx_ext.schedulers.ray_jobs import RayJobsScheduler
-from torchx_ext.schedulers.ray_jobs_client import JobLogReader, parse_verdict
-from torchx_ext.schedulers.ray_jobs_cluster import ENV_B64_PREFIX, SPEC_ENV, driver
-from torchx_ext.schedulers.ray_jobs_cluster.replica import decoded_env
-from torchx_ext.schedulers.ray_jobs_preflight import role_resources
+from torchx_ext.schedulers.ray_jobs import client as rc
+from torchx_ext.schedulers.ray_jobs.client import JobLogReader, parse_verdict
+from torchx_ext.schedulers.ray_jobs.cluster import ENV_B64_PREFIX, SPEC_ENV, driver
+from torchx_ext.schedulers.ray_jobs.cluster.replica import decoded_env
+from torchx_ext.schedulers.ray_jobs.preflight import role_resources
+from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsScheduler
 
 URL = "http://127.0.0.1:8265"
 
@@ -436,7 +436,7 @@ def test_a_session_reads_proxies_ca_bundle_and_netrc_once(monkeypatch: pytest.Mo
 def test_a_recent_submission_knows_its_cancel_marker_locally(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     # a status right after a submit asks the cluster once (the job), not twice (job + marker):
     # a cancel made on this machine, by this process or another, is noted locally
-    from torchx_ext.schedulers import ray_jobs_local as rl
+    from torchx_ext.schedulers.ray_jobs import local as rl
 
     monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path))
     conns, other = rl.Connections(rc.connect, 5.0), rl.Connections(rc.connect, 5.0)
@@ -471,17 +471,17 @@ def test_driver_publishes_its_restart_count_beside_its_log(tmp_path: Any) -> Non
 
 
 def test_the_private_ray_client_api_we_use_was_checked_against_this_ray() -> None:
-    """ray_jobs_client.py is the one adapter on Ray's private client API: the installed Ray is a
+    """ray_jobs/client.py is the one adapter on Ray's private client API: the installed Ray is a
     version it was checked against, and every private member it uses is still there."""
     import ray
     from ray.job_submission import JobSubmissionClient
 
-    from torchx_ext.schedulers import ray_jobs_client as rc
+    from torchx_ext.schedulers.ray_jobs import client as rc
 
     if ray.__version__ not in rc.RAY_CHECKED:  # a new Ray: what can be checked here is, below; the rest by a person
         import warnings
 
-        warnings.warn(f"Ray {ray.__version__} is not one ray_jobs_client.py was checked against {rc.RAY_CHECKED}: "
+        warnings.warn(f"Ray {ray.__version__} is not one ray_jobs/client.py was checked against {rc.RAY_CHECKED}: "
                       f"check {rc.PRIVATE_CLIENT_MEMBERS} and the fields _address/_headers/_cookies/_verify, "
                       "then add it", stacklevel=1)
     for name in rc.PRIVATE_CLIENT_MEMBERS:

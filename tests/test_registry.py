@@ -11,7 +11,7 @@ import pytest
 
 from torchx_ext.errors import RegistrationError, UnknownExecutorError, UnknownOptionError
 from torchx_ext.executors import Capabilities, Executor, ExecutorRegistry, option, runopts_for
-from torchx_ext.schedulers.host import HostExecutor
+from torchx_ext.schedulers.host.scheduler import HostExecutor
 
 THIRDPARTY = os.path.join(os.path.dirname(__file__), "thirdparty")
 
@@ -111,7 +111,7 @@ def test_register_refuses_to_replace_another_class_unless_asked() -> None:
 
 
 def test_executor_from_cfg_keeps_zero_and_splits_lists() -> None:
-    from torchx_ext.schedulers.ray_jobs import RayJobsExecutor
+    from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsExecutor
 
     ex = RayJobsExecutor.from_cfg({"placement_timeout_s": 0, "env_forward": "A,B", "preflight": False, "pip": None})
     assert ex.placement_timeout_s == 0 and ex.env_forward == ["A", "B"] and ex.preflight is False

@@ -90,7 +90,7 @@ def test_every_error_is_ours_and_a_builtin() -> None:
 
 def test_engine_and_os_errors_leave_a_verb_as_ours(tmp_path: Any) -> None:
     from torchx_ext.errors import BackendError, StateError
-    from torchx_ext.schedulers.host import HostScheduler
+    from torchx_ext.schedulers.host.scheduler import HostScheduler
 
     sched = HostScheduler("unit")
     with pytest.raises(StateError, match="no-such-dir"):
@@ -141,7 +141,7 @@ def test_a_follow_ends_once_its_app_read_unknown_long_enough(monkeypatch: Any) -
     from torchx.specs import AppState
 
     from torchx_ext.schedulers import base
-    from torchx_ext.schedulers.host import create_scheduler
+    from torchx_ext.schedulers.host.scheduler import create_scheduler
 
     sched = create_scheduler("t")
     now: dict[str, Any] = {"t": 0.0, "state": AppState.RUNNING}

@@ -1,6 +1,6 @@
 """The detached supervisor of one ``host`` app, and the state files it shares with the scheduler.
 
-``python -m torchx_ext.schedulers.host_supervisor APP_DIR`` runs in its own session, outliving the
+``python -m torchx_ext.schedulers.host.supervisor APP_DIR`` runs in its own session, outliving the
 ``torchx run`` that started it. It waits for the app's dependencies, starts every replica (all or
 nothing), pumps their output into timestamped log files, applies the group rules of
 the engine (:mod:`torchx_ext.engine`), and records everything in ``APP_DIR/state.json``.
@@ -32,7 +32,7 @@ from torchx_ext import engine
 from torchx_ext.engine.rules import CANCELLED_BEFORE_START, CANCELLED_WAITING, TERMINAL
 from torchx_ext.errors import StateError
 from torchx_ext.groups import ENV_ATTEMPT
-from torchx_ext.schedulers.host_procs import (
+from torchx_ext.schedulers.host.procs import (
     TOKEN_ENV,
     Identity,
     boot_id,

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Collection, Optional
 
-from torchx_ext.schedulers.docker_jobs_daemon import P, parse_ts
+from torchx_ext.schedulers.docker_jobs.daemon import P, parse_ts
 
 LEASE_TTL_S = 10.0  # a lease not renewed for this long, by the daemon's clock, may be taken over
 RENEW_EVERY_S = 2.0
@@ -120,7 +120,7 @@ def take_lease(api: Any, app_id: str, holder: Optional[str] = None,
 
     Args:
         dead: holders known to be dead without waiting for their leases to expire: the home
-            watcher's predecessors (its lock file proves them gone, see docker_jobs_watcher)
+            watcher's predecessors (its lock file proves them gone, see docker_jobs.watcher)
     """
     leases = _leases(api, app_id)
     newest = (leases[-1][1].get("Labels") or {}).get(L_HOLDER) if leases else None

@@ -5,7 +5,7 @@ environment values are kept without being stored anywhere) with ``TORCHX_EXT_ATT
 on the same network under the same alias and hostname, so every replica's discovery values stay
 true. The earlier attempts stay (exited) for ``torchx log``. Which replicas restart, when, and
 what is said about it is decided by the group engine (:mod:`torchx_ext.engine`);
-:mod:`.docker_jobs_launcher` performs its decisions with :func:`recreate`.
+:mod:`.launcher` performs its decisions with :func:`recreate`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from torchx_ext.groups import ENV_ATTEMPT
-from torchx_ext.schedulers.docker_jobs_daemon import L_ATTEMPT, Replica, Snapshot
+from torchx_ext.schedulers.docker_jobs.daemon import L_ATTEMPT, Replica, Snapshot
 
 
 def num_restarts(snap: Snapshot) -> int:

@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 from torchx.specs import AppState
 
-from torchx_ext.schedulers import ray_jobs_cluster as cluster
-from torchx_ext.schedulers.ray_jobs_client import get_job, job_status, make_app_id, split_app_id
-from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
+from torchx_ext.schedulers.ray_jobs import cluster as cluster
+from torchx_ext.schedulers.ray_jobs.client import get_job, job_status, make_app_id, split_app_id
+from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 from torchx.schedulers.api import Stream
 
 from torchx_ext.logs import TimedLine
-from torchx_ext.schedulers.docker_jobs_daemon import (
+from torchx_ext.schedulers.docker_jobs.daemon import (
     L_ATTEMPT,
     L_REPLICA,
     L_RESTART_WHY,

@@ -3,7 +3,7 @@ app becomes the engine's events, and the engine's actions become container opera
 
 **One engine per app, restored every pass.** A pass (a watcher's reconcile, or a describe)
 restores the app's engine from the newest snapshot the daemon holds (label
-:data:`~.docker_jobs_daemon.L_ENGINE` of the attempts a restart created; none yet: a new engine)
+:data:`~.daemon.L_ENGINE` of the attempts a restart created; none yet: a new engine)
 and replays what the containers show since: which attempts started or could not, which ended,
 with what exit code and when (``FinishedAt``: a backoff counts from the exit whoever reads it),
 which containers were removed. The daemon stays the only truth: a watcher that takes over from a
@@ -46,8 +46,8 @@ from torchx.specs import AppState
 
 from torchx_ext import engine
 from torchx_ext.engine import rules
-from torchx_ext.schedulers import docker_jobs_retries as retries
-from torchx_ext.schedulers.docker_jobs_daemon import (
+from torchx_ext.schedulers.docker_jobs import retries as retries
+from torchx_ext.schedulers.docker_jobs.daemon import (
     L_ENGINE,
     L_RESTART,
     L_RESTART_UNIT,

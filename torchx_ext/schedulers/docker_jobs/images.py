@@ -16,7 +16,7 @@ from torchx.workspace.api import walk_workspace
 
 from torchx_ext.errors import BackendError, InvalidAppError
 from torchx_ext.progress import Progress
-from torchx_ext.schedulers import docker_jobs_daemon as w
+from torchx_ext.schedulers.docker_jobs import daemon as w
 
 TORCHX_DOCKERFILE = "Dockerfile.torchx"
 DEFAULT_DOCKERFILE = b"ARG IMAGE\nFROM $IMAGE\n\nCOPY . .\n"

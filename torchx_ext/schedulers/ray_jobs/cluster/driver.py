@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import DRIVER_ROLE, FRAME_MARK, FRAME_S, RESTART_MARK, RESTARTS_FILE, SPEC_ENV, VERDICT_MARK
 from .replica import Line, ReplicaRunner, node_ip
 
-try:  # on the cluster: the group engine travels inside this package (ray_jobs_local.cluster_package)
+try:  # on the cluster: the group engine travels inside this package (ray_jobs.local.cluster_package)
     from . import engine  # type: ignore[attr-defined,unused-ignore]
 except ImportError:  # here, in the torchx_ext tree (the client's tests, a driver run locally)
     from torchx_ext import engine  # type: ignore[no-redef,unused-ignore]

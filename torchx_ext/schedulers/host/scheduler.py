@@ -2,7 +2,7 @@
 
 TorchX's ``local_cwd`` keeps its state in memory, so ``torchx status`` from a second shell says the
 app does not exist, and the CLI blocks on any scheduler whose name starts with ``local``. ``host``
-hands each app to a small detached supervisor (:mod:`torchx_ext.schedulers.host_supervisor`) that
+hands each app to a small detached supervisor (:mod:`.supervisor`) that
 records everything under ``$TORCHX_EXT_HOME/host/<app_id>/``; ``torchx run`` returns the handle at
 once and ``torchx status/log/cancel/list`` work from any shell.
 
@@ -41,8 +41,6 @@ from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, In
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, is_service
 from torchx_ext.index import INDEX, AppIndex, Entry
-from torchx_ext.schedulers import host_procs as procs
-from torchx_ext.schedulers import host_supervisor as sup
 from torchx_ext.schedulers.base import (
     ExtScheduler,
     Leftover,
@@ -56,6 +54,8 @@ from torchx_ext.schedulers.base import (
     role_summaries,
     tree_bytes,
 )
+from torchx_ext.schedulers.host import procs
+from torchx_ext.schedulers.host import supervisor as sup
 
 SCHEDULER = "host"
 LOOPBACK = "127.0.0.1"
@@ -225,7 +225,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         # identity (sup.claim): a state.json never exists without a supervisor to check
         with sup.open_private_log(os.path.join(req.app_dir, "supervisor.log")) as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "torchx_ext.schedulers.host_supervisor", req.app_dir],
+                [sys.executable, "-m", "torchx_ext.schedulers.host.supervisor", req.app_dir],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True,
             )

@@ -1,18 +1,18 @@
 """The detached watcher of a home's ``docker_jobs`` apps: the only component that acts on them after submit.
 
-``python -m torchx_ext.schedulers.docker_jobs_watcher --home HOME`` is started by ``schedule`` (or
+``python -m torchx_ext.schedulers.docker_jobs.watcher --home HOME`` is started by ``schedule`` (or
 a status query) and outlives ``torchx run``. **One process per daemon, user and
 ``$TORCHX_EXT_HOME``** (and machine) watches every app submitted from there; it exits once none is
 left. Client-side memory is one process whatever the number of apps (a process per app cost 33 MB
-each). For each app it runs :func:`~.docker_jobs_launcher.reconcile` with ``acting=True``: the
+each). For each app it runs :func:`~.launcher.reconcile` with ``acting=True``: the
 app's group engine (:mod:`torchx_ext.engine`, restored from the daemon) decides, and the watcher
 performs: it starts the group once its dependencies succeeded, restarts replicas, pins the verdict,
-stops what must not run any more and removes the app's network (:mod:`.docker_jobs_launcher`).
+stops what must not run any more and removes the app's network (:mod:`.launcher`).
 
 ``describe`` calls it with ``acting=False``: the same decisions, computed only, never acted on.
 
 **Which apps, and when.** The watcher's apps are those with a live container labelled with this
-home's :data:`~.docker_jobs_daemon.L_SUBMITTER` (listed every :data:`SWEEP_S`) and those handed to
+home's :data:`~.daemon.L_SUBMITTER` (listed every :data:`SWEEP_S`) and those handed to
 it by a request file (:func:`request_watch`: by ``schedule`` and by healing, so an app whose
 containers all exited before its verdict was pinned is found too). One stream of the daemon's
 container events for the whole home wakes an app at once when one of its containers is created,
@@ -28,7 +28,7 @@ left gives the lock up, then looks for work once more; a submission requests its
 checks the lock, so an app is never left between a watcher that exits and one that is not started.
 
 **One acting watcher per app, wherever status is asked from**: the lease of
-:mod:`.docker_jobs_lease`, held on the daemon, one per app (the watcher renews all of its leases
+:mod:`.lease`, held on the daemon, one per app (the watcher renews all of its leases
 from one thread). A submission holds its app's lease while it creates and starts the group, then
 passes it to the watcher's holder name (:func:`hand_over`), which the watcher adopts: there is no
 instant at which another could take it. The lock file lists the lease holders of the home's
@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from torchx_ext import state
-from torchx_ext.schedulers.docker_jobs_daemon import (
+from torchx_ext.schedulers.docker_jobs.daemon import (
     L_APP_ID,
     L_SCHEDULER,
     L_SUBMITTER,
@@ -80,10 +80,10 @@ from torchx_ext.schedulers.docker_jobs_daemon import (
 )
 
 # re-exported: docker_jobs (schedule, describe) reaches them as the watcher's
-from torchx_ext.schedulers.docker_jobs_launcher import AppStatus as AppStatus
-from torchx_ext.schedulers.docker_jobs_launcher import reconcile as reconcile
-from torchx_ext.schedulers.docker_jobs_launcher import start_group as start_group
-from torchx_ext.schedulers.docker_jobs_lease import (
+from torchx_ext.schedulers.docker_jobs.launcher import AppStatus as AppStatus
+from torchx_ext.schedulers.docker_jobs.launcher import reconcile as reconcile
+from torchx_ext.schedulers.docker_jobs.launcher import start_group as start_group
+from torchx_ext.schedulers.docker_jobs.lease import (
     ACT_MIN_S,
     LEASE_TTL_S,
     RENEW_EVERY_S,
@@ -120,7 +120,7 @@ def remove_app(api: Any, app_id: str, network: Optional[str]) -> None:
 
 
 # --------------------------------------------------------------------------- watcher ------
-MODULE = "torchx_ext.schedulers.docker_jobs_watcher"
+MODULE = "torchx_ext.schedulers.docker_jobs.watcher"
 SWEEP_S = 1.0  # how often the home's live containers and requests are listed (new apps, missed changes)
 IDLE_RECHECK_S = 30.0  # an app with nothing pending is reconciled at least this often (a safety net)
 IDLE_EXIT_S = 3.0  # with nothing to watch for this long, the watcher exits
@@ -556,7 +556,7 @@ class HomeWatcher:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m torchx_ext.schedulers.docker_jobs_watcher [--home HOME] [--lock-fd FD] [--app APP ...]``:
+    """``python -m torchx_ext.schedulers.docker_jobs.watcher [--home HOME] [--lock-fd FD] [--app APP ...]``:
     the watcher of a home (the lock taken by :func:`spawn`, or taken here: it exits if another
     watcher of the home lives), or with ``--app`` one of the named apps of any submitter (recovery
     by hand: it acts on an app only while it holds the app's lease)."""

@@ -3,9 +3,9 @@
 One container per replica, on a network of its own per app (replicas reach each other by the
 short names in ``TORCHX_EXT_HOSTS_<ROLE>``, e.g. ``server-0``), labelled so that describe, log,
 cancel and list work from any process without a side file. Group rules (all or nothing, services,
-dependencies) are applied by :mod:`torchx_ext.schedulers.docker_jobs_watcher`: one detached
+dependencies) are applied by :mod:`.watcher`: one detached
 watcher process per daemon, user and ``$TORCHX_EXT_HOME`` watches all the apps submitted from
-there, and exits when none is left; ``describe`` only computes the state (:mod:`.docker_jobs_daemon`)
+there, and exits when none is left; ``describe`` only computes the state (:mod:`.daemon`)
 and restarts the watcher if it died.
 
 Choices where TorchX's ``local_docker`` differs:
@@ -22,7 +22,7 @@ Choices where TorchX's ``local_docker`` differs:
   ``build_workspace_and_update_role`` (it only notes the workspace on the role: a dry-run builds
   nothing, writes nothing and connects nowhere) and performed by ``schedule``;
 * one watcher acts per app, wherever status is asked from (a lease on the daemon, see
-  :mod:`.docker_jobs_watcher`); status and list restart a dead watcher only for the apps the
+  :mod:`.watcher`); status and list restart a dead watcher only for the apps the
   caller submitted (one watcher process for all of them);
 * cancel records CANCELLED in the app's verdict volume before stopping the containers, so their
   exit codes (143/137) do not read as failures.
@@ -54,11 +54,6 @@ from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, TorchxExtError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import ENV_ATTEMPT, discovery_env, is_service
-from torchx_ext.schedulers import docker_jobs_daemon as d
-from torchx_ext.schedulers import docker_jobs_lease as leases
-from torchx_ext.schedulers import docker_jobs_retention as retention
-from torchx_ext.schedulers import docker_jobs_retries as retries
-from torchx_ext.schedulers import docker_jobs_watcher as w
 from torchx_ext.schedulers.base import (
     ExtScheduler,
     Leftover,
@@ -68,8 +63,12 @@ from torchx_ext.schedulers.base import (
     describe_response,
     role_summaries,
 )
-from torchx_ext.schedulers.docker_jobs_images import build_workspace, ensure_image
-from torchx_ext.schedulers.docker_jobs_logs import AttemptsReader
+from torchx_ext.schedulers.docker_jobs import daemon as d
+from torchx_ext.schedulers.docker_jobs import lease as leases
+from torchx_ext.schedulers.docker_jobs import retention, retries
+from torchx_ext.schedulers.docker_jobs import watcher as w
+from torchx_ext.schedulers.docker_jobs.images import build_workspace, ensure_image
+from torchx_ext.schedulers.docker_jobs.logs import AttemptsReader
 
 SCHEDULER = d.SCHEDULER
 PULL_POLICIES = ("never", "if-not-present", "always")
@@ -302,7 +301,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         for image in dict.fromkeys(c.image for c in req.containers):
             ensure_image(api, image, req.pull_policy)
         # the app's lease, before any of its containers exists: no status query anywhere can start
-        # a watcher for it meanwhile (see docker_jobs_watcher)
+        # a watcher for it meanwhile (see docker_jobs/watcher.py)
         lease = leases.take_lease(api, req.app_id)
         if lease is None:
             raise BackendError(f"{SCHEDULER}: the watcher lease of new app '{req.app_id}' is held already")

@@ -9,10 +9,10 @@ Everything about an app lives in the daemon; nothing is kept in a side file:
   decided (group rule, cancel, failed start, failed dependency). Labels cannot change after
   creation, and creating a volume whose name exists returns the existing one, so the first verdict
   wins atomically and nobody can overwrite it. Without a verdict the state is what the group
-  engine makes of the containers (:mod:`.docker_jobs_launcher`).
+  engine makes of the containers (:mod:`.launcher`).
 
 This module reads (:func:`fetch`) and holds the few primitive actions (:func:`pin_verdict`,
-:func:`stop`, :func:`remove_network`); :mod:`.docker_jobs_launcher` performs the engine's decisions
+:func:`stop`, :func:`remove_network`); :mod:`.launcher` performs the engine's decisions
 with them, in the watcher. Errors of the SDK become ours in
 :func:`translate_error`, the one place that reads docker's exception types.
 """
@@ -52,7 +52,7 @@ L_VERDICT = P + "verdict"
 L_STATE = P + "state"
 L_MSG = P + "msg"
 L_TIME = P + "time"
-# restarts (Role.max_retries): every attempt is a new container; see docker_jobs_launcher
+# restarts (Role.max_retries): every attempt is a new container; see docker_jobs.launcher
 L_ATTEMPT = P + "attempt"
 L_MAX_RETRIES = P + "max-retries"
 L_RETRY_POLICY = P + "retry-policy"

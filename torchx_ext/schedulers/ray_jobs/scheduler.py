@@ -1,7 +1,7 @@
 """``ray_jobs``: TorchX apps on a pre-provisioned Ray cluster (KubeRay or any), via the Jobs API.
 
 Every app is one Ray job (submission id ``<app name>-<random>``) whose entrypoint is the small
-driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs_cluster>`, uploaded with the job
+driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs.cluster>`, uploaded with the job
 (``py_modules``): the cluster needs Ray and nothing else of ours.
 
 * a single-role, single-replica app runs inside the driver, and its role's ``cpu``/``gpu``/
@@ -11,15 +11,15 @@ driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs_cluster>`, uplo
   variables filled with the node addresses Ray chose, services, and the group rules;
 * replica output goes to the job log as marked lines; ``torchx log`` shows each replica's own
   stdout/stderr (and ``ray-driver`` the driver's), with regex and since/until; ``-t`` follows
-  Ray's log tail, each byte of the log read once (:class:`.ray_jobs_client.JobLogReader`);
+  Ray's log tail, each byte of the log read once (:class:`.client.JobLogReader`);
 * the restart count of an app with retries is published by its driver in a small file that
   describe reads through the dashboard's state API, not from the log (``RESTARTS_FILE``);
 * dependencies wait in the cluster (:mod:`ray_jobs_cluster.broker`): the submitter may exit;
 * the app id is ``<dashboard address>~<submission id>``: status/log/cancel from any shell need
   no configuration;
 * status queries only query, except that looking at a waiting app restarts the cluster's broker
-  when none runs (:meth:`.ray_jobs_deps.Brokers.waiting_state`), and an unreachable dashboard's
-  first failure time is noted locally (:func:`.ray_jobs_client.lost_contact`).
+  when none runs (:meth:`.deps.Brokers.waiting_state`), and an unreachable dashboard's
+  first failure time is noted locally (:func:`.client.lost_contact`).
 """
 
 from __future__ import annotations
@@ -53,14 +53,12 @@ from torchx_ext.errors import (
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service
 from torchx_ext.progress import Progress
-from torchx_ext.schedulers import ray_jobs_client as rc
-from torchx_ext.schedulers import ray_jobs_cluster as cluster
-from torchx_ext.schedulers import ray_jobs_local as rl
-from torchx_ext.schedulers import ray_jobs_preflight
-from torchx_ext.schedulers import ray_jobs_retention as retention
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response
-from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
-from torchx_ext.schedulers.ray_jobs_deps import Brokers
+from torchx_ext.schedulers.ray_jobs import client as rc
+from torchx_ext.schedulers.ray_jobs import cluster, preflight, retention
+from torchx_ext.schedulers.ray_jobs import local as rl
+from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
+from torchx_ext.schedulers.ray_jobs.deps import Brokers
 
 SCHEDULER = "ray_jobs"
 DRIVER_ROLE = "ray-driver"
@@ -154,7 +152,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
 
     def __init__(self, session_name: str, client_factory: Optional[Callable[[str, Optional[str], float], Any]] = None,
                  **kwargs: Any) -> None:
-        """``client_factory(url, token_env, timeout)`` replaces :func:`ray_jobs_client.connect`
+        """``client_factory(url, token_env, timeout)`` replaces :func:`ray_jobs.client.connect`
         (tests use it for clients that no installed Ray provides, e.g. an old one)."""
         super().__init__(session_name, **kwargs)
         self._connections = rl.Connections(client_factory or rc.connect, float(RayJobsExecutor.request_timeout_s))
@@ -212,7 +210,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             spec["placement_group"] = cluster.PG_PREFIX + sid
         for role in app.roles:
             entry = {"name": role.name, "service": is_service(role), "hosts_env": hosts_env_name(role.name),
-                     "resources": ray_jobs_preflight.role_resources(role) or {"CPU": 0.01}, "replicas": [],
+                     "resources": preflight.role_resources(role) or {"CPU": 0.01}, "replicas": [],
                      "max_retries": role.max_retries, "retry_policy": retry_policy_name(role.retry_policy)}
             for k in range(role.num_replicas):
                 r = macros.Values(img_root="", app_id=app_id, replica_id=str(k),
@@ -253,7 +251,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             retention.SUBMITTER_KEY: rl.submitter(),  # prune removes only its caller's apps
             "torchx_ext_manifest": str(manifest), "torchx_ext_secret_names": json.dumps(names),
             **({"torchx_ext_placement_group": spec["placement_group"]} if not single else {}),
-            # describe then reads num_restarts where the driver publishes it (ray_jobs_client.published_restarts)
+            # describe then reads num_restarts where the driver publishes it (ray_jobs.client.published_restarts)
             **({"torchx_ext_retries": "1"} if any(r.max_retries for r in app.roles) else {}),
             "torchx_ext_roles": json.dumps([{"name": r.name, "num_replicas": r.num_replicas, "service": is_service(r)}
                                             for r in app.roles]),
@@ -284,7 +282,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                     f"installed client ({rc.ray_version()}) has none. Upgrade ray locally or drop label_selector")
             submit_kwargs["entrypoint_label_selector"] = req.label_selector
         if req.preflight:
-            ray_jobs_preflight.preflight(client, req.dashboard_url, req.preflight_needs, req.label_selector,
+            preflight.preflight(client, req.dashboard_url, req.preflight_needs, req.label_selector,
                                          logger.warning)
         for dep in req.dependencies:
             if rc.get_job(client, dep) is None and rc.get_job(client, dep + "--waiting") is None:

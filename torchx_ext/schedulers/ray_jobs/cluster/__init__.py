@@ -3,7 +3,7 @@
 This package is uploaded with every submission (``runtime_env["py_modules"]``, content-hashed, so
 Ray uploads it once per version) and imported there as ``ray_jobs_cluster``, with the group engine
 (:mod:`torchx_ext.engine`, standard library only) inside it as ``ray_jobs_cluster.engine``
-(``ray_jobs_local.cluster_package``): the cluster needs Ray and nothing of torchx or torchx-ext.
+(``ray_jobs.local.cluster_package``): the cluster needs Ray and nothing of torchx or torchx-ext.
 Hence the rule for every module here: standard library and ``ray`` only, and relative imports
 between these modules (the driver's one exception: the engine, from here or from torchx_ext).
 
@@ -14,7 +14,7 @@ between these modules (the driver's one exception: the engine, from here or from
   dependencies succeed (so waiting apps cost the cluster nothing but a job record).
 """
 
-# The wire format shared with torchx_ext.schedulers.ray_jobs (client side). Version it if changed.
+# The wire format shared with torchx_ext.schedulers.ray_jobs.scheduler (client side). Version it if changed.
 SPEC_ENV = "TORCHX_EXT_RAY_SPEC"
 # Ray expands $VAR and drops ${VAR} in runtime_env env_vars values (os.path.expandvars, no
 # escape), so the spec and any value containing "$" travel base64-encoded; values of variables

@@ -24,8 +24,8 @@ from torchx.specs import AppState
 
 from torchx_ext.errors import InvalidOptionError, MissingExtraError, SchedulerUnavailable
 from torchx_ext.logs import LogItem, PlainLines
-from torchx_ext.schedulers import ray_jobs_cluster as cluster
-from torchx_ext.schedulers.ray_jobs_cluster.broker import KIND
+from torchx_ext.schedulers.ray_jobs import cluster as cluster
+from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
 
 APP_SEP = "~"  # app id = <address>~<submission id>; neither part can contain it
 
