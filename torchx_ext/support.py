@@ -140,30 +140,8 @@ def _capability(caps: Mapping[str, Any], role: Role) -> Optional[str]:
             "(a whole number, for --gres)" if bad else None)
 
 
-def _named_devices(devices: Mapping[str, int], role: Role) -> Optional[str]:
-    from torchx.schedulers.devices import DEVICES
-
-    unknown = sorted(set(devices or {}) - set(DEVICES))
-    return f"unknown named devices {unknown}; known: {', '.join(sorted(DEVICES))}" if unknown else None
-
-
 # ----------------------------------------------------------------------- per scheduler --------
-HOST: dict[str, Support] = {
-    **COMMON,
-    "Role.image": honoured("a directory is the replicas' working directory (a --workspace copy is one); "
-                           "any other value, such as the container image TorchX's components name, is not "
-                           "used: host runs no containers"),
-    "Role.mounts": refused("host runs no containers: use paths on this host directly, or docker_jobs"),
-    "Resource.cpu": ignored("advisory: replicas share this host, nothing is reserved or limited "
-                            "(TorchX's components always set it)"),
-    "Resource.memMB": ignored("advisory, as cpu"),
-    "Resource.gpu": honoured("with auto_set_cuda_visible_devices each replica gets its own "
-                             "CUDA_VISIBLE_DEVICES (more than the host has is refused); otherwise advisory"),
-    "Resource.capabilities": refused("one host schedules nothing: there is no node to match them against"),
-    "Resource.devices": refused("device requests need a container engine: use docker_jobs"),
-}
-
-
+# (the other schedulers' matrices are in their packages: torchx_ext/schedulers/<name>/support.py)
 SLURM_JOBS: dict[str, Support] = {
     **COMMON,
     "Role.max_retries": honoured("restarts inside the allocation, on the replica's own node, under "
@@ -183,41 +161,6 @@ SLURM_JOBS: dict[str, Support] = {
                                       _capability),
     "Resource.devices": refused("ask for devices as GRES through capabilities (e.g. {'gpu': 2}), or mount "
                                 "them with container_image and Role.mounts"),
-}
-
-
-DOCKER_JOBS: dict[str, Support] = {
-    **COMMON,
-    "Role.image": honoured("the container image (pulled only as pull_policy says)"),
-    "Role.port_map": honoured("published on publish_host (127.0.0.1) at a free host port; describe's "
-                              "roles show them as port_map {'NAME/k': host port, 'NAME': replica 0's}"),
-    "Role.mounts": honoured("bind, volume and device mounts"),
-    "Resource.cpu": honoured("a CPU limit (nano_cpus)"),
-    "Resource.gpu": honoured("a device request for that many GPUs"),
-    "Resource.memMB": honoured("a memory limit, with no swap beyond it"),
-    "Resource.capabilities": refused("a Docker engine has no node capabilities to match; use the "
-                                     "docker_jobs options (privileged, user, ...) or another scheduler"),
-    "Resource.devices": honoured("TorchX's named devices, mounted as its get_device_mounts does",
-                                 _named_devices),
-}
-
-
-RAY_JOBS: dict[str, Support] = {
-    **COMMON,
-    "Role.workspace": honoured("(torchx-nightly) one working_dir per Ray job: every role that names a "
-                               "workspace must name the first role's"),
-    "Role.image": ignored("the app runs in the Ray cluster's own environment; TorchX's components always "
-                          "name a container image, which a Ray job cannot use: ship code with --workspace "
-                          "and packages with pip="),
-    "Role.mounts": refused("a Ray job runs on the nodes as they are: ship files with --workspace "
-                           "(working_dir) or use storage the nodes share"),
-    "Resource.cpu": honoured("Ray CPUs of the job's entrypoint, or of the replica's bundle in a gang"),
-    "Resource.gpu": honoured("Ray GPUs, as cpu"),
-    "Resource.memMB": honoured("Ray memory (bytes), as cpu"),
-    "Resource.capabilities": honoured("numbers are custom Ray resources (e.g. {'sandbox': 1}); use "
-                                      "label_selector for node labels"),
-    "Resource.devices": refused("Ray has no device requests: ask for them as custom resources through "
-                                "capabilities"),
 }
 
 

@@ -49,7 +49,6 @@ from torchx.specs import AppDef, AppState, BindMount, DeviceMount, Role, VolumeM
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
-from torchx_ext import support as matrices
 from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, TorchxExtError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
@@ -69,6 +68,7 @@ from torchx_ext.schedulers.docker_jobs import retention, retries
 from torchx_ext.schedulers.docker_jobs import watcher as w
 from torchx_ext.schedulers.docker_jobs.images import build_workspace, ensure_image
 from torchx_ext.schedulers.docker_jobs.logs import AttemptsReader
+from torchx_ext.schedulers.docker_jobs.support import MATRIX
 
 SCHEDULER = d.SCHEDULER
 PULL_POLICIES = ("never", "if-not-present", "always")
@@ -201,7 +201,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
     """Groups of containers on the local (or ``DOCKER_HOST``) Docker engine. See the module docstring."""
 
     executor_cls = DockerJobsExecutor
-    support = matrices.DOCKER_JOBS
+    support = MATRIX
     name_forms = {"container name and DNS alias": dns_name}
 
     def __init__(self, session_name: str, **kwargs: Any) -> None:

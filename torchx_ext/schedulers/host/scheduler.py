@@ -35,7 +35,6 @@ from torchx.specs import AppDef, AppState, Role, macros
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
-from torchx_ext import support as matrices
 from torchx_ext.engine.rules import TERMINAL, retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
 from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
@@ -56,6 +55,7 @@ from torchx_ext.schedulers.base import (
 )
 from torchx_ext.schedulers.host import procs
 from torchx_ext.schedulers.host import supervisor as sup
+from torchx_ext.schedulers.host.support import MATRIX
 
 SCHEDULER = "host"
 LOOPBACK = "127.0.0.1"
@@ -142,7 +142,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
     """Detached, supervised processes on this host. See the module docstring."""
 
     executor_cls = HostExecutor
-    support = matrices.HOST
+    support = MATRIX
 
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
         """Runs the role in a copy of ``workspace`` (minus ``.torchxignore`` matches).

@@ -40,7 +40,6 @@ from torchx.specs import AppDef, AppState, Role, macros
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
-from torchx_ext import support as matrices
 from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import (
     BackendError,
@@ -59,6 +58,7 @@ from torchx_ext.schedulers.ray_jobs import cluster, preflight, retention
 from torchx_ext.schedulers.ray_jobs import local as rl
 from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
 from torchx_ext.schedulers.ray_jobs.deps import Brokers
+from torchx_ext.schedulers.ray_jobs.support import MATRIX
 
 SCHEDULER = "ray_jobs"
 DRIVER_ROLE = "ray-driver"
@@ -146,7 +146,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
     """TorchX scheduler over the Ray Jobs API. See the module docstring."""
 
     executor_cls = RayJobsExecutor
-    support = matrices.RAY_JOBS
+    support = MATRIX
     extra_log_roles = {DRIVER_ROLE: "the job's driver"}
     log_poll_s = 0.5
 
