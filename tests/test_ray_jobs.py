@@ -327,10 +327,10 @@ def test_a_replica_whose_actor_is_killed_is_restarted_in_its_bundle(runner: Runn
 
 def counting_client(seen: list[str]) -> Any:
     """A client factory whose clients note the endpoint of every Jobs API request they make."""
-    from torchx_ext.schedulers.ray_jobs import client as rc
+    from torchx_ext.schedulers.ray_jobs import adapter
 
     def factory(url: str, token_env: Optional[str], timeout: float) -> Any:
-        client = rc.connect(url, token_env, timeout)
+        client = adapter.connect(url, token_env, timeout)
         real = client._do_request
 
         def do(method: str, endpoint: str, **kw: Any) -> Any:
@@ -435,10 +435,10 @@ def test_zz_head_killed_mid_job(runner: Runner) -> None:
 def test_engine_answers_are_read_by_type_where_ray_gives_one() -> None:
     """A missing job is told by HTTP 404 (even when its id holds "404"); a taken submission id
     only by Ray's text, read in one function, checked here against the real dashboard."""
+    from torchx_ext.schedulers.ray_jobs import adapter, cluster
     from torchx_ext.schedulers.ray_jobs import client as rc
-    from torchx_ext.schedulers.ray_jobs import cluster
 
-    client = rc.connect(dashboard())
+    client = adapter.connect(dashboard())
     assert rc.get_job(client, f"no-such-job-404-{uuid.uuid4().hex[:6]}") is None
     taken = f"txe-taken-{uuid.uuid4().hex[:8]}"
     assert rc.claim(client, taken, {"torchx_ext_kind": "test"})

@@ -22,10 +22,13 @@ from torchx_ext.engine import rules
 from torchx_ext.errors import InvalidAppError, InvalidOptionError
 from torchx_ext.groups import ReplicaOutcome, group_state, mark_service
 from torchx_ext.logs import PlainLines
+from torchx_ext.schedulers.ray_jobs import adapter
 from torchx_ext.schedulers.ray_jobs import client as rc
-from torchx_ext.schedulers.ray_jobs.client import JobLogReader, parse_verdict
+from torchx_ext.schedulers.ray_jobs import logs as ray_logs
+from torchx_ext.schedulers.ray_jobs.client import parse_verdict
 from torchx_ext.schedulers.ray_jobs.cluster import ENV_B64_PREFIX, SPEC_ENV, driver
 from torchx_ext.schedulers.ray_jobs.cluster.replica import decoded_env
+from torchx_ext.schedulers.ray_jobs.logs import JobLogReader
 from torchx_ext.schedulers.ray_jobs.preflight import role_resources
 from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsScheduler
 
@@ -133,9 +136,9 @@ def test_label_selector_with_an_old_client_is_an_error_not_a_silent_drop() -> No
 def test_token_env_must_be_set_and_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_TOKEN_UNIT", raising=False)
     with pytest.raises(InvalidOptionError, match="RAY_TOKEN_UNIT"):
-        rc.auth_headers("RAY_TOKEN_UNIT")
+        adapter.auth_headers("RAY_TOKEN_UNIT")
     monkeypatch.setenv("RAY_TOKEN_UNIT", "sekrit")
-    assert rc.auth_headers("RAY_TOKEN_UNIT") == {"Authorization": "Bearer sekrit"}
+    assert adapter.auth_headers("RAY_TOKEN_UNIT") == {"Authorization": "Bearer sekrit"}
     assert "sekrit" not in repr(dryrun(app(role()), token_env="RAY_TOKEN_UNIT"))
 
 
@@ -184,14 +187,14 @@ def test_log_demultiplexing() -> None:
     assert reader.read_new() == [(14.0, "partial\n")]
     assert parse_verdict("last logs:\n" + text)["msg"] == "role 'b' replica 0 failed"
     # fed in pieces of any size, the same lines
-    whole = rc.LogDemux(("0", 1), None).feed(text)
+    whole = ray_logs.LogDemux(("0", 1), None).feed(text)
     for size in (1, 2, 3, 7, 64):
-        demux = rc.LogDemux(("0", 1), None)
+        demux = ray_logs.LogDemux(("0", 1), None)
         assert [x for i in range(0, len(text), size) for x in demux.feed(text[i:i + size])] == whole
     # a header that is not one (version 1's per-line marks, a bad length) is one of Ray's lines
     odd = "\x1etx 0 0 o 1.5 v1 line\n\x1etxf 0 0 o 2.5 x\n"
-    assert rc.LogDemux(("0", 0), None).feed(odd) == []
-    assert rc.LogDemux(None, None).feed(odd) == [(None, "\x1etx 0 0 o 1.5 v1 line"), (None, "\x1etxf 0 0 o 2.5 x")]
+    assert ray_logs.LogDemux(("0", 0), None).feed(odd) == []
+    assert ray_logs.LogDemux(None, None).feed(odd) == [(None, "\x1etx 0 0 o 1.5 v1 line"), (None, "\x1etxf 0 0 o 2.5 x")]
 
 
 def test_driver_frames_survive_rays_newline_translation() -> None:
@@ -202,7 +205,7 @@ def test_driver_frames_survive_rays_newline_translation() -> None:
     written = driver.frames("0", 0, lines)
     served = io.StringIO(written, newline=None).read()  # what Ray's open(path, "r") hands on
     assert served == written  # nothing left for Ray to translate: the lengths hold
-    got = rc.LogDemux(("0", 0), None).feed(served)
+    got = ray_logs.LogDemux(("0", 0), None).feed(served)
     assert got == [(1.0, "progress 10%\n"), (1.0, "progress 20%\n"), (1.0, "crlf\n"), (1.02, "err\n"),
                    (9.0, "later\n"), (9.0, "\x1etxf 0 0 o 1 3\n")]
     assert served.count("\x1etxf ") == 4 + 1  # a frame per stream run and FRAME_S; the last line is text
@@ -423,7 +426,7 @@ def test_a_session_reads_proxies_ca_bundle_and_netrc_once(monkeypatch: pytest.Mo
     monkeypatch.setenv("NETRC", str(netrc))
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/site-ca.pem")
-    cls = rc._timeout_client_class()
+    cls = adapter._timeout_client_class()
     head = types.SimpleNamespace(_address="http://head.example:8265", _verify=True)
     session = cls._session(head, requests)
     assert session.proxies.get("http") == "http://proxy.example:3128" and session.verify == "/etc/site-ca.pem"
@@ -439,7 +442,7 @@ def test_a_recent_submission_knows_its_cancel_marker_locally(monkeypatch: pytest
     from torchx_ext.schedulers.ray_jobs import local as rl
 
     monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path))
-    conns, other = rl.Connections(rc.connect, 5.0), rl.Connections(rc.connect, 5.0)
+    conns, other = rl.Connections(adapter.connect, 5.0), rl.Connections(adapter.connect, 5.0)
     for c in (conns, other):
         c.submitted("a-1")
         c.submitted("b-1")
@@ -471,20 +474,19 @@ def test_driver_publishes_its_restart_count_beside_its_log(tmp_path: Any) -> Non
 
 
 def test_the_private_ray_client_api_we_use_was_checked_against_this_ray() -> None:
-    """ray_jobs/client.py is the one adapter on Ray's private client API: the installed Ray is a
+    """ray_jobs/adapter.py is the one adapter on Ray's private client API: the installed Ray is a
     version it was checked against, and every private member it uses is still there."""
     import ray
     from ray.job_submission import JobSubmissionClient
 
-    from torchx_ext.schedulers.ray_jobs import client as rc
 
-    if ray.__version__ not in rc.RAY_CHECKED:  # a new Ray: what can be checked here is, below; the rest by a person
+    if ray.__version__ not in adapter.RAY_CHECKED:  # a new Ray: what can be checked here is, below; the rest by a person
         import warnings
 
-        warnings.warn(f"Ray {ray.__version__} is not one ray_jobs/client.py was checked against {rc.RAY_CHECKED}: "
-                      f"check {rc.PRIVATE_CLIENT_MEMBERS} and the fields _address/_headers/_cookies/_verify, "
+        warnings.warn(f"Ray {ray.__version__} is not one ray_jobs/adapter.py was checked against {adapter.RAY_CHECKED}: "
+                      f"check {adapter.PRIVATE_CLIENT_MEMBERS} and the fields _address/_headers/_cookies/_verify, "
                       "then add it", stacklevel=1)
-    for name in rc.PRIVATE_CLIENT_MEMBERS:
+    for name in adapter.PRIVATE_CLIENT_MEMBERS:
         assert callable(getattr(JobSubmissionClient, name, None)), name
     import inspect
 

@@ -22,7 +22,8 @@ from typing import Any, Callable, Mapping, Optional
 from torchx_ext import engine, state
 from torchx_ext.errors import SchedulerUnavailable, TorchxExtError
 from torchx_ext.schedulers.ray_jobs import cluster as ray_jobs_cluster
-from torchx_ext.schedulers.ray_jobs.client import forget_cluster, resolve_dashboard, same_dashboard
+from torchx_ext.schedulers.ray_jobs.adapter import forget_cluster
+from torchx_ext.schedulers.ray_jobs.client import resolve_dashboard, same_dashboard
 
 
 @functools.cache

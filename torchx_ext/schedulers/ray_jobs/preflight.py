@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple
 from torchx.specs import Role
 
 from torchx_ext.errors import InvalidAppError, SchedulerUnavailable
-from torchx_ext.schedulers.ray_jobs.client import is_unreachable, request, unreachable_message
+from torchx_ext.schedulers.ray_jobs.adapter import is_unreachable, request, unreachable_message
 
 # What the cluster offers holds for a cluster, not for a job: fetched once per dashboard and
 # reused for CACHE_S by every submission of this process (and thread-safe, as the scheduler is).

@@ -27,6 +27,7 @@ from torchx_ext.schedulers.base import Leftover as Leftover  # ray_jobs' hooks n
 from torchx_ext.schedulers.base import Prunable as Prunable
 from torchx_ext.schedulers.base import Warn as Warn
 from torchx_ext.schedulers.base import dangling_copies
+from torchx_ext.schedulers.ray_jobs import adapter
 from torchx_ext.schedulers.ray_jobs import client as rc
 from torchx_ext.schedulers.ray_jobs import local as rl
 
@@ -58,10 +59,10 @@ def prunable(scheduler: RayJobsScheduler, cutoff: float, warn: Warn) -> list[Pru
         try:
             jobs = scheduler._client(url).list_jobs()  # noqa: SLF001 - ray_jobs' own retention hooks, split out of its module for size
         except Exception as e:
-            if not rc.is_unreachable(e):
+            if not adapter.is_unreachable(e):
                 raise
             rl.note_unreachable(url)  # starts the count after which prune forgets the cluster
-            msg = str(e) if isinstance(e, TorchxExtError) else rc.unreachable_message(url, e)
+            msg = str(e) if isinstance(e, TorchxExtError) else adapter.unreachable_message(url, e)
             warn(f"{SCHEDULER}: {msg}; its apps are left alone")
             continue
         rl.in_contact(url)

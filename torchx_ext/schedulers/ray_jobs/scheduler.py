@@ -11,7 +11,7 @@ driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs.cluster>`, uplo
   variables filled with the node addresses Ray chose, services, and the group rules;
 * replica output goes to the job log as marked lines; ``torchx log`` shows each replica's own
   stdout/stderr (and ``ray-driver`` the driver's), with regex and since/until; ``-t`` follows
-  Ray's log tail, each byte of the log read once (:class:`.client.JobLogReader`);
+  Ray's log tail, each byte of the log read once (:class:`.logs.JobLogReader`);
 * the restart count of an app with retries is published by its driver in a small file that
   describe reads through the dashboard's state API, not from the log (``RESTARTS_FILE``);
 * dependencies wait in the cluster (:mod:`ray_jobs_cluster.broker`): the submitter may exit;
@@ -53,9 +53,10 @@ from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_bac
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service
 from torchx_ext.progress import Progress
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response
+from torchx_ext.schedulers.ray_jobs import adapter, cluster, preflight, retention
 from torchx_ext.schedulers.ray_jobs import client as rc
-from torchx_ext.schedulers.ray_jobs import cluster, preflight, retention
 from torchx_ext.schedulers.ray_jobs import local as rl
+from torchx_ext.schedulers.ray_jobs import logs as ray_logs
 from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
 from torchx_ext.schedulers.ray_jobs.deps import Brokers
 from torchx_ext.schedulers.ray_jobs.support import MATRIX
@@ -152,14 +153,14 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
 
     def __init__(self, session_name: str, client_factory: Optional[Callable[[str, Optional[str], float], Any]] = None,
                  **kwargs: Any) -> None:
-        """``client_factory(url, token_env, timeout)`` replaces :func:`ray_jobs.client.connect`
+        """``client_factory(url, token_env, timeout)`` replaces :func:`.adapter.connect`
         (tests use it for clients that no installed Ray provides, e.g. an old one)."""
         super().__init__(session_name, **kwargs)
-        self._connections = rl.Connections(client_factory or rc.connect, float(RayJobsExecutor.request_timeout_s))
+        self._connections = rl.Connections(client_factory or adapter.connect, float(RayJobsExecutor.request_timeout_s))
         self._brokers = Brokers()
 
     def _translate_error(self, e: Exception, verb: str) -> Optional[TorchxExtError]:
-        if rc.is_unreachable(e):
+        if adapter.is_unreachable(e):
             return SchedulerUnavailable(f"the Ray dashboard is unreachable during {verb}: {e}")
         if isinstance(e, RuntimeError) and rc.from_ray(e):  # Ray's client: the dashboard said no
             return BackendError(f"the Ray Jobs API refused to {verb}: {e}")
@@ -300,7 +301,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 # the driver's package goes with the group engine inside it (rl.cluster_package)
                 shipped = [rl.cluster_package() if p == os.path.dirname(cluster.__file__) else p
                            for p in runtime_env["py_modules"]]
-                runtime_env["py_modules"] = rc.package_uris(client, shipped)
+                runtime_env["py_modules"] = adapter.package_uris(client, shipped)
                 if req.dependencies:
                     self._brokers.submit_waiting(client, req.dashboard_url, req.submission_id, req.entrypoint,
                                                  runtime_env, req.metadata, req.dependencies, submit_kwargs)
@@ -308,8 +309,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                     client.submit_job(entrypoint=req.entrypoint, submission_id=req.submission_id,
                                       runtime_env=runtime_env, metadata=req.metadata, **submit_kwargs)
         except Exception as e:
-            if rc.is_unreachable(e):
-                raise SchedulerUnavailable(rc.unreachable_message(req.dashboard_url, e)) from None
+            if adapter.is_unreachable(e):
+                raise SchedulerUnavailable(adapter.unreachable_message(req.dashboard_url, e)) from None
             raise
         finally:
             if copy:
@@ -349,7 +350,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                     verdict = {**verdict, "num_restarts": rc.published_restarts(client, job) or 0}
                 resp = self._response(app_id, job.metadata or {}, st, msg, verdict)
         except Exception as e:
-            if not rc.is_unreachable(e):
+            if not adapter.is_unreachable(e):
                 raise
             return self._unreachable(app_id, url, e)
         rl.in_contact(url)
@@ -362,7 +363,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         return RayJobsRequest(**rc.request_fields(url or "", app_id, sid, job)) if job else None
 
     def _unreachable(self, app_id: str, url: str, e: BaseException) -> DescribeAppResponse:
-        msg = str(e) if isinstance(e, SchedulerUnavailable) else rc.unreachable_message(url, e)
+        msg = str(e) if isinstance(e, SchedulerUnavailable) else adapter.unreachable_message(url, e)
         self._connections.drop(url)
         rl.lost_contact(url, msg, app_id, float(RayJobsExecutor.lost_contact_s))  # raises past lost_contact_s
         return DescribeAppResponse(app_id=app_id, state=AppState.UNKNOWN, msg=msg)
@@ -392,9 +393,9 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             try:
                 jobs = self._client(url).list_jobs()
             except Exception as e:
-                if not rc.is_unreachable(e):
+                if not adapter.is_unreachable(e):
                     raise
-                msg = str(e) if isinstance(e, SchedulerUnavailable) else rc.unreachable_message(url, e)
+                msg = str(e) if isinstance(e, SchedulerUnavailable) else adapter.unreachable_message(url, e)
                 logger.warning(msg + "; its apps are not listed")
                 continue
             out += [self.listed(rc.make_app_id(url, sid), st, name) for sid, st, name in rc.listed_apps(jobs)]
@@ -460,7 +461,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         wanted = {Stream.STDOUT: "o", Stream.STDERR: "e"}.get(streams)
 
         # a follow reads Ray's log tail, each byte once; a read without it, the log as it is now
-        reader = rc.JobLogReader(self._client(url or ""), sid, key, wanted, is_over=self._over_check(app_id),
+        reader = ray_logs.JobLogReader(self._client(url or ""), sid, key, wanted, is_over=self._over_check(app_id),
                                  timed=since is not None or until is not None)
         return reader.read_new, reader.is_done
 
