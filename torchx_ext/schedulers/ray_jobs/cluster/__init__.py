@@ -9,6 +9,9 @@ between these modules (the driver's one exception: the engine, from here or from
 
 * :mod:`.driver` — the job entrypoint of every app: reserves the gang, starts one process per
   replica, performs the group engine's decisions, multiplexes the replicas' output into the job log;
+* :mod:`.gang` — the replicas' places: the driver itself (one replica), or a placement group
+  with a Ray actor per replica, reserved all or nothing;
+* :mod:`.supervision` — what ends a driver besides its app: a lost job supervisor, a lost stop;
 * :mod:`.replica` — runs one replica's process (in the driver, or in a Ray actor of the gang);
 * :mod:`.broker` — one long-running job per cluster that starts dependents when their
   dependencies succeed (so waiting apps cost the cluster nothing but a job record).
