@@ -561,7 +561,7 @@ def test_many_apps_one_watcher_heals_all_and_a_failing_replica_restarts_once(run
     again, which takes over every app's lease at once (its predecessor is proven dead by the home's
     lock) and restarts a replica that fails afterwards exactly once."""
     from torchx_ext.schedulers.docker_jobs import lease as leases
-    from torchx_ext.schedulers.docker_jobs import watcher as w
+    from torchx_ext.schedulers.docker_jobs import watching
 
     busybox = require_backend("TORCHX_EXT_TEST_DOCKER_BUSYBOX", "Docker busybox image")
     flaky = Role("main", image=busybox, entrypoint="sh", max_retries=1, retry_policy="REPLICA", args=[
@@ -582,9 +582,9 @@ def test_many_apps_one_watcher_heals_all_and_a_failing_replica_restarts_once(run
         return {v["Labels"][leases.L_HOLDER] for v in vols} if len(vols) >= len(handles) else set()
 
     deadline = time.time() + 10
-    while holders() != {w.current_holder()} and time.time() < deadline:
+    while holders() != {watching.current_holder()} and time.time() < deadline:
         time.sleep(0.1)
-    old = w.current_holder()
+    old = watching.current_holder()
     assert holders() == {old}  # the one watcher process holds every app's lease
     os.kill(first[0], signal.SIGKILL)
     wait_watchers(0)
@@ -592,9 +592,9 @@ def test_many_apps_one_watcher_heals_all_and_a_failing_replica_restarts_once(run
     second = wait_watchers(1)
     assert second != first
     deadline = time.time() + 5  # far less than the lease's TTL: taken over at once
-    while holders() != {w.current_holder()} and time.time() < deadline:
+    while holders() != {watching.current_holder()} and time.time() < deadline:
         time.sleep(0.1)
-    assert holders() == {w.current_holder()} and w.current_holder() != old
+    assert holders() == {watching.current_holder()} and watching.current_holder() != old
     (tmp_path / "go").write_text("")
     deadline = time.time() + 30
     while (st := runner.status(handles[-1])) and st.num_restarts < 1 and time.time() < deadline:

@@ -19,7 +19,7 @@ from contract import HOSTILE_ARGS
 from torchx_ext.errors import DependencyError
 from torchx_ext.executors import capabilities, scheduler_for
 from torchx_ext.groups import mark_service
-from torchx_ext.schedulers.docker_jobs import daemon
+from torchx_ext.schedulers.docker_jobs import daemon, watching
 from torchx_ext.schedulers.docker_jobs import lease as leases
 from torchx_ext.schedulers.docker_jobs import watcher as w
 from torchx_ext.schedulers.docker_jobs.logs import LogReader
@@ -525,18 +525,18 @@ def test_only_the_submitter_heals_with_one_watcher_per_home(monkeypatch: pytest.
         assert argv[-2:] == ["--lock-fd", str(pass_fds[0])]
         children.append(os.dup(pass_fds[0]))  # the child holds the home's lock (the same open file)
 
-    monkeypatch.setattr(w.subprocess, "Popen", popen)
+    monkeypatch.setattr(watching.subprocess, "Popen", popen)
     snap = daemon.Snapshot("a", "a", [], [], "", 5, submitter="uid=0@elsewhere:/home/x/.torchx_ext")
     status = w.AppStatus(snap, AppState.RUNNING, "")
-    assert not w.ensure_watcher(status) and not children and not os.path.exists(w.requests_dir())
+    assert not watching.ensure_watcher(status) and not children and not os.path.exists(watching.requests_dir())
     snap.submitter = daemon.submitter()
-    assert w.ensure_watcher(status) and len(children) == 1 and w.watcher_running()
-    assert os.listdir(w.requests_dir()) == ["a"]
+    assert watching.ensure_watcher(status) and len(children) == 1 and watching.watcher_running()
+    assert os.listdir(watching.requests_dir()) == ["a"]
     other = w.AppStatus(daemon.Snapshot("b", "b", [], [], "", 5, submitter=daemon.submitter()), AppState.RUNNING, "")
-    assert not w.ensure_watcher(other) and len(children) == 1  # handed to the living watcher
-    assert sorted(os.listdir(w.requests_dir())) == ["a", "b"]
+    assert not watching.ensure_watcher(other) and len(children) == 1  # handed to the living watcher
+    assert sorted(os.listdir(watching.requests_dir())) == ["a", "b"]
     os.close(children[0])  # the watcher dies: the kernel frees its lock
-    assert not w.watcher_running() and w.ensure_watcher(other) and len(children) == 2
+    assert not watching.watcher_running() and watching.ensure_watcher(other) and len(children) == 2
     os.close(children[1])
 
 

@@ -64,7 +64,7 @@ from torchx_ext.schedulers.base import (
 )
 from torchx_ext.schedulers.docker_jobs import daemon as d
 from torchx_ext.schedulers.docker_jobs import lease as leases
-from torchx_ext.schedulers.docker_jobs import retention, retries
+from torchx_ext.schedulers.docker_jobs import retention, retries, watching
 from torchx_ext.schedulers.docker_jobs import watcher as w
 from torchx_ext.schedulers.docker_jobs.images import build_workspace, ensure_image
 from torchx_ext.schedulers.docker_jobs.logs import AttemptsReader
@@ -337,7 +337,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
                 leases.remove_leases(api, req.app_id)
                 return req.app_id  # decided (FAILED, all stopped): nothing left to watch
         self._keep_request(req)
-        w.hand_over(api, lease)
+        watching.hand_over(api, lease)
         return req.app_id
 
     @staticmethod
@@ -390,11 +390,11 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
     # ------------------------------------------------------------------ queries -----
     def _status(self, app_id: str, heal: bool = True) -> Optional[w.AppStatus]:
         """The app's state by the group rules, computed only; with ``heal``, restarts a dead watcher
-        of an app this caller submitted (see :func:`w.ensure_watcher`)."""
+        of an app this caller submitted (see :func:`watching.ensure_watcher`)."""
         api = self._api()
         st = d.retrying(lambda: w.reconcile(api, app_id, acting=False))
         if st is not None and heal:
-            w.ensure_watcher(st)
+            watching.ensure_watcher(st)
         return st
 
     @staticmethod
@@ -466,7 +466,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             self._cancel(app_id)
         images = retention.image_ids(api, app_id)  # read before its containers go
         w.remove_app(api, app_id, snap.network)  # containers, network, verdict, leases
-        w.unrequest(app_id)
+        watching.unrequest(app_id)
         retention.remove_workspace_images(api, images)
         retention.remove_local_files(app_id)
 

@@ -13,7 +13,7 @@ stops what must not run any more and removes the app's network (:mod:`.launcher`
 
 **Which apps, and when.** The watcher's apps are those with a live container labelled with this
 home's :data:`~.daemon.L_SUBMITTER` (listed every :data:`SWEEP_S`) and those handed to
-it by a request file (:func:`request_watch`: by ``schedule`` and by healing, so an app whose
+it by a request file (:func:`.watching.request_watch`: by ``schedule`` and by healing, so an app whose
 containers all exited before its verdict was pinned is found too). One stream of the daemon's
 container events for the whole home wakes an app at once when one of its containers is created,
 started, dies or is removed; an app waiting for dependencies or a backoff, or stopping, is looked
@@ -22,7 +22,7 @@ change. Reconciles run in a pool of workers, one at a time per app, so an app wh
 their stop timeout to stop never delays another's restart.
 
 **One watcher per home**: a lock file (``flock``) held for the watcher's life; the kernel frees it
-when the watcher dies, so "is it alive?" is one non-blocking ``flock``. :func:`spawn` takes the lock
+when the watcher dies, so "is it alive?" is one non-blocking ``flock``. :func:`.watching.spawn` takes the lock
 and hands it to the child: of concurrent callers only one starts a watcher. A watcher with nothing
 left gives the lock up, then looks for work once more; a submission requests its app before it
 checks the lock, so an app is never left between a watcher that exits and one that is not started.
@@ -30,14 +30,14 @@ checks the lock, so an app is never left between a watcher that exits and one th
 **One acting watcher per app, wherever status is asked from**: the lease of
 :mod:`.lease`, held on the daemon, one per app (the watcher renews all of its leases
 from one thread). A submission holds its app's lease while it creates and starts the group, then
-passes it to the watcher's holder name (:func:`hand_over`), which the watcher adopts: there is no
+passes it to the watcher's holder name (:func:`.watching.hand_over`), which the watcher adopts: there is no
 instant at which another could take it. The lock file lists the lease holders of the home's
 earlier watchers: holding the lock proves them dead, so a new watcher takes their apps' leases at
 once instead of waiting for them to expire.
 
 **Healing.** While an app is not over, a status query of its submitter (same user, machine and
 home) hands it to the home's watcher and starts the watcher if none lives
-(:func:`ensure_watcher`, logged); other users' apps on a shared daemon are only read.
+(:func:`.watching.ensure_watcher`, logged); other users' apps on a shared daemon are only read.
 
 An app counts as ended only once none of its containers runs: a verdict with containers still
 stopping is reported as RUNNING with a "stopping" message.
@@ -46,15 +46,10 @@ stopping is reported as RUNNING with a "stopping" message.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import functools
-import hashlib
 import logging
 import os
 import queue
-import re
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -63,7 +58,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from torchx_ext import state
 from torchx_ext.schedulers.docker_jobs.daemon import (
     L_APP_ID,
     L_SCHEDULER,
@@ -92,7 +86,14 @@ from torchx_ext.schedulers.docker_jobs.lease import (
     remove_leases,
     renew,
     take_lease,
-    transfer,
+)
+from torchx_ext.schedulers.docker_jobs.watching import (
+    MODULE,
+    holders,
+    requested_apps,
+    try_lock,
+    unrequest,
+    write_holders,
 )
 
 POLL_S = 0.25
@@ -120,164 +121,12 @@ def remove_app(api: Any, app_id: str, network: Optional[str]) -> None:
 
 
 # --------------------------------------------------------------------------- watcher ------
-MODULE = "torchx_ext.schedulers.docker_jobs.watcher"
 SWEEP_S = 1.0  # how often the home's live containers and requests are listed (new apps, missed changes)
 IDLE_RECHECK_S = 30.0  # an app with nothing pending is reconciled at least this often (a safety net)
 IDLE_EXIT_S = 3.0  # with nothing to watch for this long, the watcher exits
 WORKERS = 16  # reconciles at once (a stop blocks its worker up to the app's stop timeout)
 _LIVE = ["created", "running", "restarting", "paused"]
 _EVENTS = ["create", "start", "die", "destroy"]
-
-
-def daemon_key() -> str:
-    """This machine and daemon, as part of a file name: one watcher per (daemon, user, home) and
-    machine (a home on a shared file system is watched from each machine for its own apps)."""
-    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    machine = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
-    return f"{machine}-{hashlib.sha1(host.encode()).hexdigest()[:10]}"
-
-
-def lock_path() -> str:
-    # flock'ed by the living watcher; its lines name the lease holders of the watchers so far
-    return state.scheduler_dir(SCHEDULER, f"watcher-{daemon_key()}.lock")
-
-
-def log_path() -> str:
-    # diagnostics only (tracebacks of the watcher); never read back: the daemon is the truth
-    return state.scheduler_dir(SCHEDULER, f"watcher-{daemon_key()}.log")
-
-
-def requests_dir() -> str:
-    """One empty file per app handed to the watcher (by submit and by healing), removed once it is over."""
-    return state.scheduler_dir(SCHEDULER, f"watching-{daemon_key()}")
-
-
-def request_watch(app_id: str) -> None:
-    """Hands ``app_id`` to this home's watcher (before :func:`spawn`: see :meth:`HomeWatcher._exit`)."""
-    path = os.path.join(requests_dir(), app_id)
-    if not os.path.exists(path):
-        state.makedirs(requests_dir())
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-
-
-def _requested() -> set[str]:
-    try:
-        return {n for n in os.listdir(requests_dir()) if state.is_plain_name(n)}
-    except FileNotFoundError:
-        return set()
-
-
-def unrequest(app_id: str) -> None:
-    """Takes ``app_id`` back from this home's watcher (over, or deleted)."""
-    try:
-        os.remove(os.path.join(requests_dir(), app_id))
-    except FileNotFoundError:
-        pass
-
-
-def _try_lock() -> Optional[int]:
-    """The home watcher's lock (an fd holding it), or None while a living watcher holds it."""
-    state.makedirs(state.scheduler_dir(SCHEDULER))
-    fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def watcher_running() -> bool:
-    """Does a watcher of this home (and daemon) live? The kernel frees its lock when it dies."""
-    fd = _try_lock()
-    if fd is not None:
-        os.close(fd)
-    return fd is None
-
-
-def _holders(fd: int) -> list[str]:
-    with os.fdopen(os.dup(fd), "r") as f:
-        f.seek(0)
-        return [x.strip() for x in f.read().splitlines() if x.strip()]
-
-
-def _write_holders(fd: int, names: list[str]) -> None:
-    with os.fdopen(os.dup(fd), "r+") as f:
-        f.seek(0)
-        f.truncate()
-        f.write("\n".join(list(dict.fromkeys(names))[-16:]) + "\n")
-
-
-def current_holder() -> str:
-    """The lease holder of this home's watcher: the last name written to the lock file (by the
-    living watcher, or by a dead one, whose successor then takes its leases at once)."""
-    try:
-        with open(lock_path()) as f:
-            names = [x.strip() for x in f.read().splitlines() if x.strip()]
-    except FileNotFoundError:
-        return ""
-    return names[-1] if names else ""
-
-
-def spawn(holder: Optional[str] = None) -> bool:
-    """Starts this home's detached watcher, holding leases as ``holder``, unless one lives; True if
-    one was started. The lock is taken here and handed to the child, so that concurrent callers start
-    one watcher between them, and the holder is written at once (see :func:`current_holder`)."""
-    fd = _try_lock()
-    if fd is None:
-        return False
-    holder = holder or new_holder("watcher")
-    try:
-        _write_holders(fd, [*_holders(fd), holder])
-        if os.path.exists(log_path()) and os.path.getsize(log_path()) > 4 << 20:
-            os.replace(log_path(), log_path() + ".1")
-        # the log can hold a traceback with Role.env values: private from its creation
-        log = os.open(log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            subprocess.Popen(
-                [sys.executable, "-m", MODULE, "--home", os.path.realpath(state.home()), "--holder", holder,
-                 "--lock-fd", str(fd)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
-                pass_fds=(fd,),
-            )
-        finally:
-            os.close(log)
-    finally:
-        os.close(fd)  # the child holds the lock now (flock belongs to the open file, shared)
-    return True
-
-
-def hand_over(api: Any, lease: Lease) -> None:
-    """Gives a submitted app to this home's watcher (started if none lives): the app is requested
-    before the watcher's lock is checked (see :meth:`HomeWatcher._exit`), then the lease the
-    submission held while it acted passes straight to the watcher's holder name (no instant where
-    another could take it); the watcher adopts it. If it cannot pass (the lease ran out), it is
-    freed for the watcher to take."""
-    request_watch(lease.app_id)
-    holder = new_holder("watcher")  # its pid is not known yet: the watcher's log names both
-    if not spawn(holder):
-        holder = current_holder()
-    if not holder or not transfer(api, lease, holder):
-        remove_leases(api, lease.app_id)
-
-
-def ensure_watcher(status: AppStatus) -> bool:
-    """The one place a status query may act: hands an app of this caller's (same user, machine and
-    home) that is not over to this home's watcher, and starts the watcher if none lives. Other apps
-    on the daemon are only read. Best effort: True if a watcher was started."""
-    snap = status.snapshot
-    if status.over or not snap.submitter or snap.submitter != submitter():
-        return False
-    try:
-        request_watch(snap.app_id)
-        if not spawn():
-            return False
-    except OSError as e:  # healing is best effort: the state was read already; the next query retries
-        logger.warning("docker_jobs: could not start the watcher of %s: %s", snap.app_id, e)
-        return False
-    logger.warning("docker_jobs: the watcher of this home was not running; started a new one for %s and "
-                   "the home's other apps (log: %s)", snap.app_id, log_path())
-    return True
 
 
 def _say(text: str) -> None:
@@ -326,9 +175,9 @@ class HomeWatcher:
     def _note_holder(self, fd: int) -> None:
         """Reads the holders of this home's earlier watchers (dead: we hold the lock they held while
         they lived) and writes ours."""
-        names = _holders(fd)
+        names = holders(fd)
         self.dead = set(names) - {self.holder}
-        _write_holders(fd, [*[n for n in names if n != self.holder], self.holder])
+        write_holders(fd, [*[n for n in names if n != self.holder], self.holder])
 
     # ---------------------------------------------------------------- threads ---
     def _follow_events(self) -> None:
@@ -461,7 +310,7 @@ class HomeWatcher:
         digests: dict[str, list[tuple[str, str]]] = {}
         for c in live:
             digests.setdefault((c.get("Labels") or {}).get(L_APP_ID, ""), []).append((c["Id"], c.get("State", "")))
-        requested = _requested()
+        requested = requested_apps()
         for app_id in set(digests) | requested | set(self.apps):
             if not app_id:
                 continue
@@ -488,11 +337,11 @@ class HomeWatcher:
             live = self.api.containers(all=True, filters={"label": [f"{L_SUBMITTER}={self.me}"], "status": _LIVE})
         except Exception:  # noqa: BLE001 - on the way out: the requested apps alone decide, as when none is live
             live = []
-        work = (_requested() | {(c.get("Labels") or {}).get(L_APP_ID, "") for c in live}) - set(self.over) - {""}
+        work = (requested_apps() | {(c.get("Labels") or {}).get(L_APP_ID, "") for c in live}) - set(self.over) - {""}
         if not work:
             _say("nothing left to watch; exiting")
             return True
-        fd = _try_lock()
+        fd = try_lock()
         if fd is None:
             _say("another watcher of this home took over; exiting")
             return True
@@ -570,7 +419,7 @@ def main(argv: list[str]) -> int:
         os.environ["TORCHX_EXT_HOME"] = args.home
     lock_fd = None
     if not args.app:
-        lock_fd = args.lock_fd if args.lock_fd is not None else _try_lock()
+        lock_fd = args.lock_fd if args.lock_fd is not None else try_lock()
         if lock_fd is None:
             _say("another watcher of this home runs; exiting")
             return 0
