@@ -23,7 +23,8 @@ from torchx_ext.schedulers.docker_jobs import daemon, watching
 from torchx_ext.schedulers.docker_jobs import lease as leases
 from torchx_ext.schedulers.docker_jobs import watcher as w
 from torchx_ext.schedulers.docker_jobs.logs import LogReader
-from torchx_ext.schedulers.docker_jobs.scheduler import DockerJobsExecutor, DockerJobsScheduler, DockerRequest
+from torchx_ext.schedulers.docker_jobs.request import DockerJobsExecutor, DockerRequest
+from torchx_ext.schedulers.docker_jobs.scheduler import DockerJobsScheduler
 
 docker = pytest.importorskip("docker")
 

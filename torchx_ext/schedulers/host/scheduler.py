@@ -18,7 +18,6 @@ home, are the user's only (directories 0700, files 0600).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any, Callable, Mapping, Optional
 
@@ -37,7 +36,6 @@ from torchx.workspace.api import WorkspaceMixin
 from torchx_ext import state
 from torchx_ext.engine.rules import TERMINAL, retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, is_service
 from torchx_ext.index import INDEX, AppIndex, Entry
 from torchx_ext.schedulers.base import (
@@ -55,63 +53,19 @@ from torchx_ext.schedulers.base import (
 )
 from torchx_ext.schedulers.host import procs
 from torchx_ext.schedulers.host import supervisor as sup
+from torchx_ext.schedulers.host.request import (
+    LOOPBACK,
+    SCHEDULER,
+    WORKSPACE_COPY_KEY,
+    HostRequest,
+    ReplicaRequest,
+)
+
+# re-exported: the executor entry point and the package name it here
+from torchx_ext.schedulers.host.request import (
+    HostExecutor as HostExecutor,
+)
 from torchx_ext.schedulers.host.support import MATRIX
-
-SCHEDULER = "host"
-LOOPBACK = "127.0.0.1"
-# Role.metadata key of a workspace copy planned by build_workspace_and_update_role: a dry-run
-# only plans it ({"source": ..., "target": ...}); schedule performs it
-WORKSPACE_COPY_KEY = "torchx_ext/workspace_copy"
-
-
-@dataclass
-class HostExecutor(Executor):
-    """Run options of the ``host`` scheduler (also usable as a typed executor)."""
-
-    scheduler = SCHEDULER
-    capabilities = GROUP_CAPABILITIES
-
-    job_dir: Optional[str] = option(
-        None, help="directory to copy the workspace into (must not exist; default: a new "
-        "directory under $TORCHX_EXT_HOME/host/workspaces when --workspace is not the current dir)"
-    )
-    auto_set_cuda_visible_devices: bool = option(
-        False, help="give each replica of a GPU role its own CUDA_VISIBLE_DEVICES, in order"
-    )
-    gpu_count: Optional[int] = option(
-        None, help="GPUs on this host for auto_set_cuda_visible_devices (default: nvidia-smi -L)"
-    )
-    retry_backoff_s: float = retry_backoff_option()
-
-
-@dataclass
-class ReplicaRequest:
-    role: str
-    replica_id: int
-    service: bool
-    cmd: list[str]
-    cwd: str
-    env: dict[str, str]
-    max_retries: int = 0
-    retry_policy: str = "APPLICATION"
-
-
-@dataclass
-class HostRequest:
-    """What ``schedule`` performs; its JSON is what ``--dryrun`` prints."""
-
-    app_id: str
-    app_name: str
-    app_dir: str
-    dependencies: list[str]
-    roles: list[dict[str, Any]]
-    replicas: list[ReplicaRequest] = field(default_factory=list)
-    retry_backoff_s: float = 0.0
-    # workspaces to copy before the app starts: {"source": dir or URL, "target": new dir}
-    workspace_copies: list[dict[str, str]] = field(default_factory=list)
-
-    def __repr__(self) -> str:
-        return json.dumps(asdict(self), indent=2, ensure_ascii=False)
 
 
 def _gpu_count() -> int:

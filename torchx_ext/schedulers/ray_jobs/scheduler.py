@@ -31,7 +31,6 @@ import os
 import shlex
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -49,7 +48,6 @@ from torchx_ext.errors import (
     SchedulerUnavailable,
     TorchxExtError,
 )
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service
 from torchx_ext.progress import Progress
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response
@@ -59,88 +57,20 @@ from torchx_ext.schedulers.ray_jobs import local as rl
 from torchx_ext.schedulers.ray_jobs import logs as ray_logs
 from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
 from torchx_ext.schedulers.ray_jobs.deps import Brokers
+from torchx_ext.schedulers.ray_jobs.request import (
+    DRIVER_ROLE,
+    STRATEGIES,
+    WORKING_DIR_KEY,
+    RayJobsRequest,
+)
+
+# re-exported: the executor entry point and the package name it here
+from torchx_ext.schedulers.ray_jobs.request import (
+    RayJobsExecutor as RayJobsExecutor,
+)
 from torchx_ext.schedulers.ray_jobs.support import MATRIX
 
-SCHEDULER = "ray_jobs"
-DRIVER_ROLE = "ray-driver"
-WORKING_DIR_KEY = "torchx_ext/working_dir"
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-MASK = "****"
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RayJobsExecutor(Executor):
-    """Run options of the ``ray_jobs`` scheduler (also usable as a typed executor)."""
-
-    scheduler = SCHEDULER
-    capabilities = GROUP_CAPABILITIES
-
-    dashboard_url: Optional[str] = option(
-        None, help="Ray dashboard (Jobs API) address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS when it is http(s))")
-    token_env: Optional[str] = option(
-        None, help="name of an environment variable holding a bearer token for a dashboard behind a proxy "
-        "(sent as 'Authorization: Bearer ...'; the value is never printed)")
-    env_forward: Optional[list[str]] = option(
-        None, help="names of local environment variables (e.g. HF_TOKEN) forwarded into the job's "
-        "runtime_env env_vars; their values are masked in dry-runs, the manifest and logs")
-    pip: Optional[list[str]] = option(None, help="pip requirements installed for the job (runtime_env pip)")
-    label_selector: Optional[dict[str, str]] = option(
-        None, help="node labels the app must run on (entrypoint_label_selector and bundle label "
-        "selectors; needs Ray >= 2.55 on the client)")
-    placement_strategy: str = option("PACK", help=f"placement group strategy of a gang: {', '.join(STRATEGIES)}")
-    placement_timeout_s: int = option(
-        120, help="seconds a gang may wait for its resources before the app fails saying what is missing")
-    python: str = option("python", help="interpreter that runs the driver on the cluster")
-    preflight: bool = option(
-        True, help="before submitting, check the dashboard answers, the Ray versions, and that a node "
-        "can hold every replica (and has the labels)")
-    request_timeout_s: int = option(10, help="timeout of each Jobs API request, in seconds")
-    lost_contact_s: int = option(
-        30, help="seconds the dashboard may stay unreachable before status of its apps is an error "
-        "instead of UNKNOWN (so `torchx run --wait` and `runner.wait` end; the apps may still run)")
-    manifest: Optional[str] = option(
-        None, help="fsspec URL of the JSONL manifest of submissions "
-        "(default: $TORCHX_EXT_HOME/ray_jobs/manifest.jsonl)")
-    retry_backoff_s: float = retry_backoff_option()
-
-
-@dataclass
-class RayJobsRequest:
-    """What ``schedule`` performs; its masked JSON is what ``--dryrun`` prints."""
-
-    dashboard_url: str
-    app_id: str
-    submission_id: str
-    entrypoint: str
-    runtime_env: dict[str, Any]
-    metadata: dict[str, str]
-    entrypoint_resources: dict[str, Any]
-    label_selector: dict[str, str]
-    dependencies: list[str]
-    spec: dict[str, Any]
-    preflight_needs: list[dict[str, float]]
-    secret_names: list[str] = field(default_factory=list)
-    token_env: Optional[str] = None
-    request_timeout_s: float = 10.0
-    lost_contact_s: float = 30.0
-    preflight: bool = True
-    manifest: str = ""
-
-    def masked(self) -> dict[str, Any]:
-        """The request without secret values (dry-run, manifest)."""
-        out = asdict(self)
-        env = dict(out["runtime_env"].get("env_vars", {}))
-        for name in self.secret_names:
-            for key in (name, cluster.ENV_B64_PREFIX + name):
-                if key in env:
-                    env[key] = MASK
-        env[cluster.SPEC_ENV] = "<the spec below, as JSON>"
-        out["runtime_env"] = {**out["runtime_env"], "env_vars": env}
-        return out
-
-    def __repr__(self) -> str:
-        return json.dumps(self.masked(), indent=2, ensure_ascii=False)
 
 
 class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
