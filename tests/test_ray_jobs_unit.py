@@ -211,6 +211,39 @@ def test_driver_frames_survive_rays_newline_translation() -> None:
     assert served.count("\x1etxf ") == 4 + 1  # a frame per stream run and FRAME_S; the last line is text
 
 
+def test_demultiplexing_random_logs_in_random_pieces() -> None:
+    """Property: whatever the replicas print (marks, "\\r", non-ASCII, empty lines) and however
+    the log is cut into pieces, each reader gets exactly its replica's lines, in order."""
+    import random
+
+    rng = random.Random(24)
+    alphabet = ["a", "b", " ", "\r", "\x1e", "\x1etxf 0 0 o 1 3", "\x1etx-verdict {}", "é", "☃", "7"]
+    for _ in range(200):
+        batches = []  # (role, replica, lines) in the order the driver wrote them
+        want: dict[tuple[str, int, str], list[str]] = {}
+        for _ in range(rng.randint(1, 12)):
+            role, replica = rng.choice([("0", 0), ("0", 1), ("1", 0), ("d", 0)])
+            lines = [(rng.choice("oe"), 1000.0 + rng.random(),
+                      "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))))
+                     for _ in range(rng.randint(1, 5))]
+            lines.sort(key=lambda x: x[1])
+            batches.append(driver.frames(role, replica, lines))
+            for stream, _, text in lines:  # as Ray will serve them: universal newlines
+                served = (text + "\n").replace("\r\n", "\n").replace("\r", "\n")
+                want.setdefault((role, replica, stream), []).extend(t + "\n" for t in served.split("\n")[:-1])
+        log = "Ray says hello\n" + "".join(batches) + "\x1etx-verdict {\"state\": \"SUCCEEDED\"}\n"
+        log = io.StringIO(log, newline=None).read()  # what Ray's reads serve (open(path, "r"))
+        cuts = sorted(rng.sample(range(1, len(log)), min(len(log) - 1, rng.randint(0, 20))))
+        pieces = [log[a:b] for a, b in zip([0, *cuts], [*cuts, len(log)], strict=True)]
+        for (role, replica, stream), lines in want.items():
+            if role == "d":
+                continue
+            demux = ray_logs.LogDemux((role, replica), stream, timed=rng.random() < 0.5)
+            got = [line for p in pieces for item in demux.feed(p)
+                   for line in (item if isinstance(item, PlainLines) else [item[1]])]
+            assert got == lines, (role, replica, stream)
+
+
 def numbered(n: int, start: int = 0, replica: int = 0) -> str:
     return "".join(frame("0", replica, "o", 1000 + i, f"line {i}\n") for i in range(start, start + n))
 
