@@ -1,15 +1,24 @@
 """``slurm_jobs``' launcher on the batch node (:mod:`torchx_ext.schedulers.slurm_jobs_node`) without
-a cluster: with fake steps (what it performs for the engine, what it leaves in the job directory)."""
+a cluster: with fake steps (what it performs for the engine, what it leaves in the job directory),
+and the rendered script run end to end with a fake ``srun``/``scontrol`` on PATH (the shipped engine
+runs on the standard library alone; a node without its Python fails with one line)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 from typing import IO, Any
 
 import pytest
+from torchx.specs import AppDef, Resource, Role
 
+from torchx_ext.groups import mark_service
 from torchx_ext.schedulers import slurm_jobs_node as node
+from torchx_ext.schedulers.slurm_jobs import create_scheduler
 
 
 @pytest.mark.parametrize("tasks,n,expected", [
@@ -175,3 +184,54 @@ def test_a_real_step_stamps_both_streams_and_keeps_the_last_partial_line(tmp_pat
         assert ended.wait(10) and step.returncode == 3
     lines = sorted(line.split(b" ", 1)[1] for line in (tmp_path / "log").read_bytes().splitlines())
     assert lines == [b"E e1", b"E \xff no newline", b"O o1"]
+
+
+# ---------------------------------------------------------------------- the whole script ---------
+def _fake_bin(tmp_path: Any) -> str:
+    """``srun`` that drops its options and runs the rest; ``scontrol`` for hostnames and nodes."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text("#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n")
+    (bindir / "scontrol").write_text(textwrap.dedent("""\
+        #!/bin/bash
+        if [[ $1 == show && $2 == hostnames ]]; then echo n1
+        elif [[ $1 == show && $2 == node ]]; then echo "NodeName=$4 NodeAddr=10.0.0.1 X=y"
+        fi
+    """))
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    return str(bindir)
+
+
+def _run_script(tmp_path: Any, app: AppDef, **cfg: Any) -> tuple[subprocess.CompletedProcess[str], str]:
+    text = repr(create_scheduler("t").submit_dryrun(app, {"job_dir": str(tmp_path / "jobs"), **cfg}).request)
+    env = {**os.environ, "PATH": f"{_fake_bin(tmp_path)}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_TASKS_PER_NODE": "2",
+           "TORCHX_EXT_SUBMISSION": "tok"}
+    proc = subprocess.run(["bash", "-s"], input=text, capture_output=True, text=True, env=env, timeout=120)
+    return proc, str(tmp_path / "jobs" / "7.tok")
+
+
+def test_the_script_runs_the_shipped_engine_on_the_standard_library_alone(tmp_path: Any) -> None:
+    code = "import os, sys; print(os.environ['TORCHX_EXT_APP_ID'], sys.argv[1:]); sys.exit(int(os.environ['TORCHX_EXT_ATTEMPT']) < 2)"
+    role = Role("main", image=str(tmp_path), entrypoint=sys.executable, args=["-c", code, "a b", "$HOME"],
+                num_replicas=2, max_retries=1, resource=Resource(cpu=1, gpu=0, memMB=100))
+    proc, job_dir = _run_script(tmp_path, AppDef("e2e", roles=[mark_service(role, False)]))
+    assert proc.returncode == 0, proc.stderr
+    with open(os.path.join(job_dir, "main", "1", "log")) as f:
+        log = f.read()
+    assert "7 ['a b', '$HOME']" in log and "[torchx-ext] attempt 2 of role 'main' replica 1 begins" in log
+    with open(os.path.join(job_dir, "result")) as f:
+        assert f.read() == "0 \n"
+    modes = {oct(os.stat(os.path.join(d, n)).st_mode & 0o777) for d, _, ns in os.walk(job_dir) for n in ns}
+    assert modes == {"0o600"}, modes
+    with open(os.path.join(job_dir, "engine.json")) as f:
+        assert json.load(f)["num_restarts"] == 1
+
+
+def test_a_node_without_its_python_fails_with_one_line(tmp_path: Any) -> None:
+    role = Role("main", image=str(tmp_path), entrypoint="true", resource=Resource(cpu=1, gpu=0, memMB=100))
+    proc, job_dir = _run_script(tmp_path, AppDef("nopy", roles=[role]), node_python="no-such-python3")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    with open(os.path.join(job_dir, "error")) as f:
+        assert f.read() == f"the node Python 'no-such-python3' (run option node_python) is not found on {os.uname().nodename}\n"
