@@ -331,6 +331,14 @@ def test_job_forgotten_by_slurm_without_accounting(tmp_path: Any, monkeypatch: A
     assert ok.roles_statuses[0].replicas[0].state == AppState.SUCCEEDED
     assert sched.describe("82") is None  # neither Slurm nor we know it
 
+    # the batch script found no node Python: its one line is the verdict, the engine never ran
+    _record(home, "83", None)
+    with open(os.path.join(home, "slurm_jobs", "83", "error"), "w") as f:
+        f.write("the node Python 'py3' (run option node_python) is not found on n1\n")
+    failed = sched.describe("83")
+    assert failed is not None and failed.state == AppState.FAILED
+    assert failed.msg.startswith("the node Python 'py3' (run option node_python) is not found on n1; see "), failed.msg
+
 
 # ---------------------------------------------------------------------- remote mode, pure parts --
 def test_remote_script_names_the_cluster_in_the_app_id_and_uses_the_remote_root() -> None:

@@ -722,12 +722,14 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         outcomes: list[ReplicaOutcome], files: dict[str, str],
     ) -> tuple[AppState, str]:
         out_file = f"{self._shown_dir(record, 'job_root')}/{OUTPUT_DIR}/slurm-{job_id}.out"
+        error = (files.get("error") or "").strip()  # the app failed before its engine could decide
         if job is None:
             st, msg = sc.verdict_from_files(job_id, self._shown_dir(record, "job_dir"), files)
             if st == AppState.UNKNOWN and err:
                 msg = f"slurmctld unreachable: {err}"
             if st == AppState.FAILED:
-                msg = group_state(outcomes)[1] or f"{msg or 'the job failed'}; see {out_file}"
+                msg = f"{error}; see {out_file}" if error else (group_state(outcomes)[1]
+                                                                 or f"the job failed; see {out_file}")
             return st, msg
         st = job.app_state
         reason = job.reason if job.reason not in ("", "None") else ""
@@ -742,7 +744,6 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             return st, f"pending in Slurm: {reason}" if reason else ""
         if st == AppState.CANCELLED:
             return st, "cancelled" + (f" ({reason})" if reason else "")
-        error = (files.get("error") or "").strip()  # the app failed before its engine could decide
         if st == AppState.FAILED and error:
             return st, f"{error}; see {out_file}"
         if st == AppState.FAILED:
