@@ -182,9 +182,8 @@ def _sbatch_line(words: list[str]) -> str:
     return "#SBATCH " + " ".join(sbatch_word(w) for w in words)
 
 
-# Over 60 lines: one function so that the generated script reads in the order it runs (header,
-# options per het component, the node Python's check, the shipped engine, the launcher's start);
-# each piece is a helper call or a line.
+# One function so that the generated script reads in the order it runs (header, options per het
+# component, the node Python's check, the shipped engine, the launcher's start).
 def render(spec: ScriptSpec) -> str:
     """The complete sbatch script of ``spec``."""
     out = [
