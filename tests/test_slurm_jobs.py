@@ -198,6 +198,18 @@ def test_failure_names_role_and_exit_code(runner: Runner, partition: str) -> Non
     assert status.roles[0].replicas[0].state == AppState.FAILED
 
 
+def test_a_node_without_the_engines_python_fails_the_app_with_one_line(runner: Runner, partition: str) -> None:
+    """The batch script runs the group engine with ``node_python``; a node without it fails the
+    app, and describe says so in one line (no traceback)."""
+    app = _role_app("nopy", "print('never')")
+    handle = runner.run(app, SCHEDULER, {"partition": partition, "node_python": "no-such-python3"})
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.FAILED, status
+    assert re.match(r"the node Python 'no-such-python3' \(run option node_python\) is not found on \S+; see ",
+                    status.msg), status.msg
+    assert "Traceback" not in status.msg and "\n" not in status.msg
+
+
 def _wait_for_line(runner: Runner, handle: str, role: str, needle: str) -> None:
     deadline = time.time() + TIMEOUT
     while needle not in logs(runner, handle, role):

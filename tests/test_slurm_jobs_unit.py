@@ -1,5 +1,6 @@
 """``slurm_jobs`` without a cluster: the generated sbatch scripts against saved references, the
-quoting of every user value, the bash runtime's helpers, and the parsers of Slurm's output.
+quoting of every user value, and the parsers of Slurm's output (the launcher the script starts:
+test_slurm_jobs_node.py).
 
 Reference scripts live in ``tests/slurm_reference/``; after an intended change regenerate them with
 ``UPDATE_REFERENCE=1 .venv/bin/python -m pytest tests/test_slurm_jobs_unit.py`` and review the diff.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import textwrap
 from typing import Any
 
 import pytest
@@ -108,11 +108,6 @@ def test_sh_word_round_trips_hostile_values() -> None:
     assert _bash_words(" ".join(script.sh_word(a) for a in HOSTILE_ARGS)) == HOSTILE_ARGS
 
 
-def test_app_id_macro_becomes_the_job_id() -> None:
-    word = script.sh_word(f"run-{script.APP_ID_TOKEN}/{script.APP_ID_TOKEN}'$x")
-    assert _bash_words(word, {"SLURM_JOB_ID": "4242"}) == ["run-4242/4242'$x"]
-
-
 @pytest.mark.parametrize("value", ["plain", "a b", 'a"b', "a\\b", "x#y", "$HOME", "it's"])
 def test_sbatch_word_quotes_for_sbatch(value: str) -> None:
     word = script.sbatch_word(value)
@@ -158,53 +153,6 @@ def test_unknown_ids_are_none_without_asking_slurm() -> None:
     sched = create_scheduler("t")
     assert sched.describe("not-a-job-id") is None
     assert sched.describe("") is None
-
-
-# ---------------------------------------------------------------------- the bash runtime --------
-def _runtime(body: str, tmp_path: Any, env: dict[str, str] | None = None) -> str:
-    """Runs ``body`` after the script's runtime, with a fake ``srun``/``scontrol`` on PATH."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir(exist_ok=True)
-    (bindir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (bindir / "scontrol").write_text(textwrap.dedent("""\
-        #!/bin/bash
-        # a fake for edge cases: "show hostnames n[1-3]" and "show node -o NODE"
-        if [[ $1 == show && $2 == hostnames ]]; then printf '%s\\n' n1 n2 n3
-        elif [[ $1 == show && $2 == node ]]; then echo "NodeName=$4 Arch=x NodeAddr=10.0.0.${4#n} X=y"
-        fi
-    """))
-    for f in bindir.iterdir():
-        f.chmod(0o755)
-    full = script.RUNTIME + "\n" + body
-    proc = subprocess.run(["bash", "-c", full], capture_output=True,
-                          env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", **(env or {})})
-    assert proc.returncode == 0, proc.stderr.decode()
-    return proc.stdout.decode("utf-8", errors="replace")
-
-
-@pytest.mark.parametrize("tasks,n,expected", [
-    ("2(x2),1", 5, "n1 n1 n2 n2 n3"),
-    ("1,3,1", 5, "n1 n2 n2 n2 n3"),
-    ("", 4, "n1 n2 n3 n1"),  # unknown layout: round robin
-])
-def test_replica_placement_follows_slurm_layout(tasks: str, n: int, expected: str, tmp_path: Any) -> None:
-    out = _runtime(f'_txe_nodes "n[1-3]" "{tasks}" {n} | tr "\\n" " "', tmp_path)
-    assert out.strip() == expected
-
-
-def test_hosts_are_node_addresses(tmp_path: Any) -> None:
-    assert _runtime("_txe_hosts n1 n3 n1", tmp_path).strip() == "10.0.0.1,10.0.0.3,10.0.0.1"
-
-
-@pytest.mark.parametrize("perl", [True, False])
-def test_stamp_keeps_bytes_and_the_last_partial_line(perl: bool, tmp_path: Any) -> None:
-    body = "" if perl else "_TXE_PERL=\n"
-    body += "printf 'a  b\\\\n\\tc\\n\\xff\\xfe ünï\\nno newline' | _txe_stamp E"
-    out = _runtime(body, tmp_path).splitlines()
-    assert [line.split(" ", 2)[1:] for line in out] == [
-        ["E", "a  b\\n\tc"], ["E", "\ufffd\ufffd ünï"], ["E", "no newline"],
-    ]
-    assert all(float(line.split(" ", 1)[0]) > 1e9 for line in out)
 
 
 # ---------------------------------------------------------------------- parsers -----------------
@@ -383,6 +331,14 @@ def test_job_forgotten_by_slurm_without_accounting(tmp_path: Any, monkeypatch: A
     assert ok.roles_statuses[0].replicas[0].state == AppState.SUCCEEDED
     assert sched.describe("82") is None  # neither Slurm nor we know it
 
+    # the batch script found no node Python: its one line is the verdict, the engine never ran
+    _record(home, "83", None)
+    with open(os.path.join(home, "slurm_jobs", "83", "error"), "w") as f:
+        f.write("the node Python 'py3' (run option node_python) is not found on n1\n")
+    failed = sched.describe("83")
+    assert failed is not None and failed.state == AppState.FAILED
+    assert failed.msg.startswith("the node Python 'py3' (run option node_python) is not found on n1; see "), failed.msg
+
 
 # ---------------------------------------------------------------------- remote mode, pure parts --
 def test_remote_script_names_the_cluster_in_the_app_id_and_uses_the_remote_root() -> None:
@@ -391,10 +347,10 @@ def test_remote_script_names_the_cluster_in_the_app_id_and_uses_the_remote_root(
         app, {"login": "u@login.example:2200", "remote_dir": "/scratch/u/jobs"}).request)
     assert "_TXE_DIR=/scratch/u/jobs/\"$SLURM_JOB_ID${TORCHX_EXT_SUBMISSION:+.$TORCHX_EXT_SUBMISSION}\"" in text
     assert "#SBATCH --output=/scratch/u/jobs/slurm-out/slurm-%j.out" in text
-    assert "TORCHX_EXT_APP_ID=u@login.example:2200:\"$SLURM_JOB_ID\"" in text
+    assert '"app_id_prefix": "u@login.example:2200:"' in text  # the launcher's TORCHX_EXT_APP_ID
     assert "--chdir=/home/u/ws" in text  # an absolute image is a directory on the cluster
     # local mode is unchanged: the app id is the job id
-    assert 'TORCHX_EXT_APP_ID="$SLURM_JOB_ID"' in _dryrun(app)
+    assert '"app_id_prefix": ""' in _dryrun(app)
 
 
 def test_remote_options_are_checked_in_the_dryrun() -> None:
@@ -468,7 +424,7 @@ def test_job_files_are_read_the_same_here_and_remotely(tmp_path: Any) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_umask_077_is_the_scripts_first_command(case: str) -> None:
     commands = [ln for ln in CASES[case]().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    assert commands[0].startswith("umask 077;"), commands[:3]
+    assert commands[0] == "umask 077", commands[:3]
 
 
 @pytest.mark.parametrize("login", ["x@-oProxyCommand=id", "-oProxyCommand=id@h", "x@-h:22", "u@h\x07x"])

@@ -5,13 +5,14 @@
   all roles together or none (gang allocation);
 * each replica is its own ``srun`` step (placed on the node Slurm allocated for that task), so
   TorchX macros (``${replica_id}``) are exact and every replica has its own log and exit code;
-* the batch script applies the group rules of :mod:`torchx_ext.groups` (services stopped when the
-  main roles end; final state from the main roles) and exits with the deciding exit code; it
-  records per-replica results in the job directory (see :mod:`.slurm_jobs_script`);
+* the batch script starts the group engine (:mod:`torchx_ext.engine`, shipped inside the script)
+  with the node's Python (run option ``node_python``): its launcher (:mod:`.slurm_jobs_node`)
+  starts the steps, the engine decides restarts, services and the verdict; the job exits with the
+  deciding exit code and leaves per-replica results in the job directory (see :mod:`.slurm_jobs_script`);
 * the app id IS the Slurm job id (``squeue -j <app id>`` works); status comes from ``scontrol``
   while slurmctld knows the job, ``sacct`` where accounting exists, then the job directory;
 * dependencies are Slurm's own ``--dependency=afterok`` with ``--kill-on-invalid-dep=yes``;
-* restarts (``Role.max_retries``) happen inside the allocation, in the batch script; an app with
+* restarts (``Role.max_retries``) happen inside the allocation, decided by the engine; an app with
   retries is submitted ``--requeue`` and a requeue by Slurm is one more restart (README: Retries).
 
 State lives under ``$TORCHX_EXT_HOME/slurm_jobs/<job id>/`` (``app.json``; the job directory
@@ -136,6 +137,11 @@ class SlurmJobsExecutor(Executor):
     )
     container_mounts: Optional[list[str]] = option(
         None, help="pyxis mounts, SRC:DST[:FLAGS] per item (srun --container-mounts)"
+    )
+    node_python: str = option(
+        "python3", help="the Python (>= 3.8, standard library only) that runs the group engine on the "
+        "job's first node, as a command name or path; the job ships the engine itself, nodes need no "
+        "torchx-ext. A node without it fails the app, saying so"
     )
     login: Optional[str] = option(
         None, help="a remote cluster: its login node as user@host[:port] or a Host alias of ~/.ssh/config, "
@@ -338,7 +344,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
                           dependencies=dependencies, components=components,
                           container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s),
-                          app_id_prefix=prefix)
+                          app_id_prefix=prefix, node_python=ex.node_python)
         roles = [{**summary, "dirname": _dirname(summary["name"])} for summary in role_summaries(app)]
         remote = {"login": login, "identity_file": ex.identity_file, "ssh_config": ex.ssh_config,
                   "remote_dir": ex.remote_dir} if login else None
@@ -629,7 +635,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         if not record.get("login"):
             return sc.verdict_from_files(app_id, record["job_dir"])
         _job, _err, files = self._cluster(record).snapshot(
-            app_id.rpartition(":")[2], record["job_dir"], ["result", "cancelled"])
+            app_id.rpartition(":")[2], record["job_dir"], ["result", "cancelled", "error"])
         return sc.verdict_from_files(app_id, f"{record['login']}:{record['job_dir']}", files)
 
     # ------------------------------------------------------------------ describe ----
@@ -716,12 +722,14 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         outcomes: list[ReplicaOutcome], files: dict[str, str],
     ) -> tuple[AppState, str]:
         out_file = f"{self._shown_dir(record, 'job_root')}/{OUTPUT_DIR}/slurm-{job_id}.out"
+        error = (files.get("error") or "").strip()  # the app failed before its engine could decide
         if job is None:
             st, msg = sc.verdict_from_files(job_id, self._shown_dir(record, "job_dir"), files)
             if st == AppState.UNKNOWN and err:
                 msg = f"slurmctld unreachable: {err}"
             if st == AppState.FAILED:
-                msg = group_state(outcomes)[1] or f"the job failed; see {out_file}"
+                msg = f"{error}; see {out_file}" if error else (group_state(outcomes)[1]
+                                                                 or f"the job failed; see {out_file}")
             return st, msg
         st = job.app_state
         reason = job.reason if job.reason not in ("", "None") else ""
@@ -736,6 +744,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             return st, f"pending in Slurm: {reason}" if reason else ""
         if st == AppState.CANCELLED:
             return st, "cancelled" + (f" ({reason})" if reason else "")
+        if st == AppState.FAILED and error:
+            return st, f"{error}; see {out_file}"
         if st == AppState.FAILED:
             group, msg = group_state(outcomes)
             if group == AppState.FAILED and job.state.startswith("FAILED"):

@@ -114,7 +114,7 @@ def last_error_in(tail: str) -> str:
 
 def job_file_names(roles: list[dict[str, Any]]) -> list[str]:
     """The small files of a job directory that describe reads (relative; see slurm_jobs_script)."""
-    names = ["result", "cancelled", "restarts", "requeues"]
+    names = ["result", "cancelled", "restarts", "requeues", "error"]
     for role in roles:
         for k in range(int(role["num_replicas"])):
             names += [f"{role['dirname']}/{k}/{name}" for name in ("exit", "host", "reason", "stopped")]
@@ -160,10 +160,13 @@ def verdict_from_files(job_id: str, job_dir: str, files: Optional[dict[str, str]
         files: its files as :func:`read_job_files` returns them; None: read them here
     """
     if files is None:
-        files = read_job_files(job_dir, ["result", "cancelled"])
+        files = read_job_files(job_dir, ["result", "cancelled", "error"])
     result = parse_result(files.get("result"))
     if result is not None:
         return (AppState.SUCCEEDED if result[0] == 0 else AppState.FAILED), ""
+    error = (files.get("error") or "").strip()
+    if error:  # the app failed before its engine could decide (no node Python, no srun)
+        return AppState.FAILED, error
     if "cancelled" in files:
         return AppState.CANCELLED, "cancelled by user"
     return AppState.UNKNOWN, (f"Slurm no longer knows job {job_id} and has no accounting (sacct); "

@@ -19,6 +19,14 @@ an old job's logs or read its exit codes)::
     restarts                a line per restart inside the allocation: "<budget unit> <why>"
     requeues                how many times Slurm requeued the job (SLURM_RESTART_COUNT)
     result                  "<exit code> <role>/<replica that decided it>", written last
+    error                   one line: why the app failed before its engine could decide (no node
+                            Python, no srun, a crash of the launcher)
+    engine.json             the engine's snapshot (a requeued job goes on from it)
+    node/txe_node/          what the script ships: the engine and its Slurm launcher
+
+Every decision (restarts, budgets, backoff, the verdict and its messages) is made by the group
+engine (:mod:`torchx_ext.engine`), run on the batch node by :mod:`.slurm_jobs_node` with the node's
+Python (run option ``node_python``); the script itself only prepares the job directory and starts it.
 
 The batch script's own output goes to ``<job_dir>/slurm-out/slurm-<job id>.out`` (Slurm needs an
 existing directory for it before the job id is known: ``slurm-out`` is made 0700 before submission).
@@ -29,12 +37,15 @@ output file. The replicas' processes get the submitter's umask back (``TORCHX_EX
 sbatch's environment, handed to each ``srun`` as ``SLURM_UMASK``): files a job writes for others
 to read (a checkpoint in a shared project directory) are as shareable as without torchx-ext.
 
-Quoting: the body is bash, every user value goes through :func:`shlex.quote`; ``#SBATCH`` lines are
+Quoting: the body is bash, every value in it goes through :func:`shlex.quote`; the replicas'
+argv and env reach the launcher as JSON (a quoted heredoc: no expansion), exact to the byte; ``#SBATCH`` lines are
 read by sbatch's own tokenizer (double quotes with backslash escapes, see :func:`sbatch_word`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import signal
@@ -43,11 +54,8 @@ from typing import Any, Mapping, Optional
 
 from torchx.specs import AppState
 
-from torchx_ext.engine import rules
+from torchx_ext.schedulers.slurm_jobs_node import APP_ID_TOKEN as APP_ID_TOKEN  # (re-exported)
 
-# Stands for the Slurm job id in argv/env until the script is rendered (TorchX's ${app_id} macro):
-# the id only exists once sbatch has answered, so the script reads it from $SLURM_JOB_ID.
-APP_ID_TOKEN = "\x00TORCHX_EXT_APP_ID\x00"
 MARKER = "torchx-ext:slurm_jobs"  # --comment of our jobs: `list` finds them in one squeue call
 
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]*$")
@@ -67,16 +75,8 @@ def sbatch_word(value: str) -> str:
 
 
 def sh_word(value: str) -> str:
-    """A bash word for ``value``; :data:`APP_ID_TOKEN` becomes ``"$SLURM_JOB_ID"``."""
-    if APP_ID_TOKEN not in value:
-        return shlex.quote(value)
-    parts = value.split(APP_ID_TOKEN)
-    return '"$SLURM_JOB_ID"'.join(shlex.quote(p) if p else "" for p in parts)
-
-
-def _readable_word(value: str) -> str:
-    """:func:`sh_word`, double-quoted where that needs no escape (a name with single quotes)."""
-    return f'"{value}"' if re.fullmatch(r"[^\x00-\x1f$`\"\\!]*", value) else sh_word(value)
+    """A bash word for ``value``."""
+    return shlex.quote(value)
 
 
 @dataclass
@@ -114,10 +114,11 @@ class ScriptSpec:
     shared_opts: list[str]  # repeated in every component (partition, time, account, ...)
     dependencies: list[str]
     components: list[RoleComponent]
-    container: bool = False  # replicas run in a container image (no watchdog: see _TXE_TASK)
+    container: bool = False  # replicas run in a container image (no watchdog: see slurm_jobs_node.STEP_TASK)
     retry_backoff_s: float = 0.0
     # remote mode: the app id is "<login>:<job id>" (it names the cluster); "" (local): the job id
     app_id_prefix: str = ""
+    node_python: str = "python3"  # the batch node's interpreter of the engine (run option node_python)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ScriptSpec:
@@ -131,261 +132,58 @@ class ScriptSpec:
         return len(self.components) > 1
 
 
-# The runtime part of every script: plain bash (4.2+), no Python needed on the nodes. Kept
-# verbatim in the script so a user can read (and re-submit) exactly what ran.
-RUNTIME = r"""
-# ---- torchx-ext runtime: identical in every script -----------------------------------------
-_TXE_SRUN=$(command -v srun) || { echo "torchx-ext: srun not found on $(hostname)" >&2; exit 1; }
-_TXE_PERL=$(command -v perl || true)
-
-# _txe_stamp TAG: prefixes each line of stdin with "<unix time> TAG " (perl if present: fast).
-_txe_stamp() {
-  if [[ -n $_TXE_PERL ]]; then
-    "$_TXE_PERL" -MTime::HiRes=time -e '$|=1; my $t = shift;
-      while (<STDIN>) { $_ .= "\n" unless /\n\z/; printf "%.6f %s %s", time, $t, $_ }' "$1"
-  else
-    local LC_ALL=C line
-    while IFS= read -r line || [[ -n $line ]]; do
-      printf '%s %s %s\n' "${EPOCHREALTIME:-$(date +%s)}" "$1" "$line"
-    done
-  fi
+# What the batch script ships to the node, by its path under <job dir>/node/: the group engine and
+# its Slurm launcher, standard library only, run by the node's Python (nothing of torchx-ext need be
+# installed there). The script holds their text, so a user reads (and can re-submit) exactly what ran.
+_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = {
+    "txe_node/__init__.py": None,
+    "txe_node/engine/__init__.py": os.path.join(_PKG, "engine", "__init__.py"),
+    "txe_node/engine/machine.py": os.path.join(_PKG, "engine", "machine.py"),
+    "txe_node/engine/rules.py": os.path.join(_PKG, "engine", "rules.py"),
+    "txe_node/schedulers/__init__.py": None,
+    "txe_node/schedulers/slurm_jobs_node.py": os.path.join(_PKG, "schedulers", "slurm_jobs_node.py"),
 }
+HEREDOC_END = "TXE_EOF"
+# -I: the user's PYTHONPATH/PYTHONSTARTUP are the replicas' business, not the launcher's
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+         "from txe_node.schedulers.slurm_jobs_node import main; sys.exit(main(sys.argv[2:]))")
 
-# _txe_nodes NODELIST TASKS_PER_NODE N: the node of each of N replicas, one per line, in the
-# block order Slurm allocated the tasks (TASKS_PER_NODE looks like "2(x3),1").
-_txe_nodes() {
-  local nodes=() counts=() part k i=0 c
-  mapfile -t nodes < <(scontrol show hostnames "$1")
-  IFS=, read -ra parts <<<"$2"
-  for part in "${parts[@]}"; do
-    if [[ $part =~ ^([0-9]+)\(x([0-9]+)\)$ ]]; then
-      for ((k = 0; k < BASH_REMATCH[2]; k++)); do counts+=("${BASH_REMATCH[1]}"); done
-    else
-      counts+=("$part")
-    fi
-  done
-  for ((k = 0; k < ${#nodes[@]} && i < $3; k++)); do
-    for ((c = 0; c < ${counts[k]:-1} && i < $3; c++, i++)); do echo "${nodes[k]}"; done
-  done
-  for ((; i < $3; i++)); do echo "${nodes[i % ${#nodes[@]}]}"; done  # layout unknown: round robin
-}
 
-# _txe_addr NODE: the address others reach NODE at (its NodeAddr; the name if unknown).
-declare -A _TXE_ADDR_CACHE
-_txe_addr() {
-  if [[ -z ${_TXE_ADDR_CACHE[$1]:-} ]]; then
-    local out; out=$(scontrol show node -o "$1" 2>/dev/null)
-    if [[ $out =~ (^|[[:space:]])NodeAddr=([^[:space:]]+) ]]; then
-      _TXE_ADDR_CACHE[$1]=${BASH_REMATCH[2]}
-    else
-      _TXE_ADDR_CACHE[$1]=$1
-    fi
-  fi
-  echo "${_TXE_ADDR_CACHE[$1]}"
-}
+def _heredoc(text: str) -> str:
+    if f"\n{HEREDOC_END}\n" in f"\n{text}\n":
+        raise ValueError(f"a line of the shipped text is {HEREDOC_END!r}")
+    return f"<<'{HEREDOC_END}'\n{text.rstrip(chr(10))}\n{HEREDOC_END}"
 
-# _txe_hosts NODE...: comma-separated addresses of the nodes, in order.
-_txe_hosts() {
-  local out=() n
-  for n in "$@"; do out+=("$(_txe_addr "$n")"); done
-  (IFS=,; echo "${out[*]}")
-}
 
-# The step's task: `bash -c "$_TXE_TASK" torchx-ext COMMAND...` starts a watchdog outside the
-# step's process tree, then becomes COMMAND (exec: same pid, argv exactly as given). Slurm's
-# proctrack/linuxproc (clusters without cgroups) follows parent pids, so a child forked at the
-# instant of a cancel, or one that daemonizes, escapes scancel. The watchdog waits for the
-# replica's process to end, then kills every process carrying the replica's token in its
-# environment, wherever it went. Under proctrack/cgroup it is redundant and harmless.
-_TXE_TASK='
-if [[ $0 == torchx-ext-watchdog ]]; then
-  mark="TORCHX_EXT_REPLICA_TOKEN=$2"
-  while { read -r s <"/proc/$1/stat"; } 2>/dev/null; do
-    read -ra f <<<"${s##*) }"
-    [[ ${f[0]} != Z && ${f[19]} == "$3" ]] || break  # a zombie, or the pid was reused
-    sleep 0.5
-  done
-  for ((i = 0; i < 50; i++)); do
-    mapfile -t left < <(grep -lzxF -- "$mark" /proc/[0-9]*/environ 2>/dev/null)
-    ((${#left[@]})) || break
-    for e in "${left[@]}"; do e=${e#/proc/}; kill -KILL "${e%/environ}" 2>/dev/null; done
-    sleep 0.1
-  done
-  exit 0
-fi
-export TORCHX_EXT_REPLICA_TOKEN="${SLURM_JOB_ID:-}.${SLURM_STEP_ID:-}.$$.$RANDOM$RANDOM"
-read -r s <"/proc/$$/stat"; read -ra f <<<"${s##*) }"
-# ( ... & ) returns once the watchdog is orphaned: from then on no kill of this tree reaches it
-( env -i PATH="$PATH" setsid bash -c "$BASH_EXECUTION_STRING" torchx-ext-watchdog \
-    "$$" "$TORCHX_EXT_REPLICA_TOKEN" "${f[19]}" </dev/null >/dev/null 2>&1 & )
-unset s f
-command -v -- "$1" >/dev/null || { echo "torchx-ext: $1: command not found on $(hostname)" >&2; exit 127; }
-exec -- "$@"'
+def shipped_sources() -> dict[str, str]:
+    """``{path under <job dir>/node: text}`` of what the script ships."""
+    out = {}
+    for rel, src in SHIPPED.items():
+        if src is None:
+            out[rel] = ""
+        else:
+            with open(src, encoding="utf-8") as f:
+                out[rel] = f.read()
+    return out
 
-# _txe_replica DIR NODE COMMAND...: starts one replica's step in the background; its output is
-# stamped into DIR/log, its exit code lands in DIR/exit (written last, atomically).
-_txe_replica() {
-  local dir=$1 node=$2; shift 2
-  mkdir -p "$dir"
-  echo "$node $(_txe_addr "$node")" >"$dir/host"
-  (
-    set -o pipefail
-    { { "$@" 2>&1 1>&3 3>&- </dev/null & echo "$!" >"$dir/pid"; wait "$!"; } \
-        | _txe_stamp E >>"$dir/log"; } 3>&1 | _txe_stamp O >>"$dir/log"
-    echo "$?" >"$dir/exit.tmp" && mv -f "$dir/exit.tmp" "$dir/exit"
-  ) &
-}
 
-# Restarts (Role.max_retries x retry_policy). Per replica i the script's tables give: _TXE_D[i]
-# its directory, _TXE_NAME[i] "role 'a' replica 0", _TXE_SVC[i] 1 for a service, _TXE_MAXR[i] and
-# _TXE_POL[i] its role's budget and policy, _TXE_UNIT[i] the budget it draws on, _TXE_SCOPE[i] the
-# replicas that restart with it; _TXE_DELAY_US[n] is the wait before a unit's n-th restart. A
-# budget's use is the job directory's "restarts" file (a line per restart), so it survives a
-# requeue; each replica's "attempt" file holds the number of its last started attempt.
-declare -a _TXE_ATT=() _TXE_USED=() _TXE_DUE=()
-
-_txe_us() { _TXE_US=${EPOCHREALTIME//[.,]/}; [[ -n $_TXE_US ]] || _TXE_US=$(date +%s%6N); }
-
-# _txe_mark I TEXT: "[torchx-ext] attempt N of <replica I> TEXT" in replica I's log, as stderr.
-_txe_mark() {
-  local d=${_TXE_D[$1]}
-  mkdir -p "$d"
-  printf '%s E [torchx-ext] attempt %s of %s %s\n' "${EPOCHREALTIME:-$(date +%s)}" \
-    "$((${_TXE_ATT[$1]:-0} + 1))" "${_TXE_NAME[$1]}" "$2" >>"$d/log"
-}
-
-# _txe_start I: starts replica I's next attempt (its step function _txe_r_I).
-_txe_start() {
-  _TXE_ATT[$1]=$((${_TXE_ATT[$1]:-0} + 1))
-  mkdir -p "${_TXE_D[$1]}"
-  echo "${_TXE_ATT[$1]}" >"${_TXE_D[$1]}/attempt"
-  _TXE_ATTEMPT=${_TXE_ATT[$1]}
-  "_txe_r_$1"
-}
-
-# _txe_begin: the first start of every replica, in this run of the job (Slurm may requeue it).
-_txe_begin() {
-  local i u rest n=0
-  for i in "${!_TXE_D[@]}"; do
-    read -r _TXE_ATT[i] 2>/dev/null <"${_TXE_D[i]}/attempt" || _TXE_ATT[i]=0
-  done
-  if [[ -f $_TXE_DIR/restarts ]]; then
-    while read -r u rest; do _TXE_USED[u]=$((${_TXE_USED[u]:-0} + 1)); done <"$_TXE_DIR/restarts"
-  fi
-  read -r n 2>/dev/null <"$_TXE_DIR/requeues" || n=0
-  if ((${SLURM_RESTART_COUNT:-0} > n)); then  # a requeue: counted, not drawn from any budget
-    echo "$SLURM_RESTART_COUNT" >"$_TXE_DIR/requeues"
-    for i in "${!_TXE_D[@]}"; do
-      _txe_mark "$i" "begins: Slurm requeued the job (requeue $SLURM_RESTART_COUNT)"
-    done
-  fi
-  for i in "${!_TXE_D[@]}"; do _txe_start "$i"; done
-}
-
-# _txe_ended I: replica I's attempt has ended (code in _TXE_C) and no restart of it is pending.
-_txe_ended() {
-  [[ -z ${_TXE_DUE[$1]:-} && -f ${_TXE_D[$1]}/exit ]] || return 1
-  read -r _TXE_C <"${_TXE_D[$1]}/exit"
-}
-
-# _txe_settle I...: waits (up to 60 s; srun ends a step with SIGTERM, then SIGKILL after
-# KillWait) until these replicas have no step left running.
-_txe_settle() {
-  local i k pending
-  for ((k = 0; k < 300; k++)); do
-    pending=0
-    for i in "$@"; do [[ -n ${_TXE_DUE[i]:-} || -f ${_TXE_D[i]}/exit ]] || pending=1; done
-    ((pending)) || return 0
-    sleep 0.2
-  done
-}
-
-# _txe_restart I CODE: replica I ended with CODE and wants a restart. Schedules its scope's
-# restart if I's budget has one left (returns 0); otherwise records the attempts (returns 1).
-_txe_restart() {
-  local i=$1 c=$2 u=${_TXE_UNIT[$1]} n j why
-  n=${_TXE_USED[u]:-0}
-  if ((n >= _TXE_MAXR[i])); then
-    ((_TXE_MAXR[i])) &&
-      echo "after $((n + 1)) attempts (${_TXE_POL[i]} policy, max_retries=${_TXE_MAXR[i]})" >"${_TXE_D[i]}/reason"
-    return 1
-  fi
-  _TXE_USED[u]=$((n + 1))
-  if ((c > 128 && c <= 192)) && j=$(kill -l "$((c - 128))" 2>/dev/null); then
-    why="${_TXE_NAME[i]} ended with signal SIG$j"
-  else
-    why="${_TXE_NAME[i]} ended with exit code $c"
-  fi
-  echo "$u $why" >>"$_TXE_DIR/restarts"
-  # from here on describe shows I waiting for its restart, not failed (the scope may take a while)
-  _TXE_DUE[i]=0; rm -f "${_TXE_D[i]}"/{exit,pid,host}
-  for j in ${_TXE_SCOPE[i]}; do
-    [[ -z ${_TXE_DUE[j]:-} && ! -f ${_TXE_D[j]}/exit && -f ${_TXE_D[j]}/pid ]] &&
-      kill -TERM "$(<"${_TXE_D[j]}/pid")" 2>/dev/null
-  done
-  _txe_settle ${_TXE_SCOPE[i]}
-  _txe_us
-  for j in ${_TXE_SCOPE[i]}; do
-    rm -f "${_TXE_D[j]}"/{exit,pid,stopped,host,reason}
-    _TXE_DUE[j]=$((_TXE_US + ${_TXE_DELAY_US[n + 1]:-0}))
-    _txe_mark "$j" "begins: $why; ${_TXE_POL[i]} policy, restart $((n + 1)) of ${_TXE_MAXR[i]}"
-  done
-}
-
-_txe_start_due() {
-  local j
-  ((${#_TXE_DUE[@]})) || return 0
-  _txe_us
-  for j in "${!_TXE_DUE[@]}"; do
-    ((_TXE_DUE[j] <= _TXE_US)) || continue
-    unset '_TXE_DUE[j]'
-    _txe_start "$j"
-  done
-}
-
-# _txe_group: the group rules. Ends when every main replica succeeded, or a main replica failed
-# (or a service ended) with no restart left; stops what still runs; records the verdict; exits
-# with its code. _TXE_MAIN and _TXE_SERVICES list replica numbers.
-_txe_group() {
-  local i code=0 culprit= pending
-  _txe_begin
-  while :; do
-    pending=0
-    for i in "${_TXE_MAIN[@]}"; do
-      _txe_ended "$i" || { pending=1; continue; }
-      [[ $_TXE_C == 0 ]] && continue
-      _txe_restart "$i" "$_TXE_C" && { pending=1; continue; }
-      code=$_TXE_C; culprit=${_TXE_D[i]}; break 2
-    done
-    [[ $pending == 0 ]] && break
-    for i in "${_TXE_SERVICES[@]}"; do
-      _txe_ended "$i" || continue
-      _txe_restart "$i" "$_TXE_C" && continue
-      code=$_TXE_C; [[ $code == 0 ]] && code=1; culprit=${_TXE_D[i]}; break 2
-    done
-    _txe_start_due
-    sleep 0.2
-  done
-  for i in "${!_TXE_D[@]}"; do
-    [[ -n ${_TXE_DUE[i]:-} || -f ${_TXE_D[i]}/exit ]] && continue
-    : >"${_TXE_D[i]}/stopped"
-    [[ -f ${_TXE_D[i]}/pid ]] && kill -TERM "$(<"${_TXE_D[i]}/pid")" 2>/dev/null
-  done
-  _txe_settle "${!_TXE_D[@]}"
-  echo "$code ${culprit#"$_TXE_DIR/"}" >"$_TXE_DIR/result.tmp" && mv -f "$_TXE_DIR/result.tmp" "$_TXE_DIR/result"
-  if ((code > 255)); then code=1; fi
-  exit "$code"
-}
-# ---- end of the runtime --------------------------------------------------------------------
-"""
+def launcher_spec(spec: ScriptSpec) -> dict[str, Any]:
+    """What the node launcher reads (on its stdin): the replicas and how to start them."""
+    keys = ("name", "dirname", "env_suffix", "service", "num_replicas", "srun_opts", "max_retries", "retry_policy")
+    return {"components": [{**{k: getattr(c, k) for k in keys},
+                            "replicas": [{"replica_id": r.replica_id, "argv": r.argv, "env": r.env}
+                                         for r in c.replicas]} for c in spec.components],
+            "container": spec.container, "retry_backoff_s": spec.retry_backoff_s,
+            "app_id_prefix": spec.app_id_prefix}
 
 
 def _sbatch_line(words: list[str]) -> str:
     return "#SBATCH " + " ".join(sbatch_word(w) for w in words)
 
 
-# Over 60 lines: one function so that the generated script reads in the order it runs (header,
-# options per het component, tables, runtime, steps); each piece is a helper call or a line.
+# One function so that the generated script reads in the order it runs (header, options per het
+# component, the node Python's check, the shipped engine, the launcher's start).
 def render(spec: ScriptSpec) -> str:
     """The complete sbatch script of ``spec``."""
     out = [
@@ -410,7 +208,7 @@ def render(spec: ScriptSpec) -> str:
     # Role.env values) are the user's only from birth, whatever umask the job inherited
     # the replicas keep the submitter's umask (TORCHX_EXT_UMASK, passed by sbatch's environment;
     # sbatch itself runs under 077): their files are theirs to share, ours are not
-    out.append('umask 077; _TXE_UMASK=${TORCHX_EXT_UMASK:-0077}')
+    out.append("umask 077")
     # <job id>.<submission>: a job id Slurm gives again (its state was reset) gets a new directory
     out.append(f"_TXE_DIR={sh_word(spec.job_root)}/\"$SLURM_JOB_ID${{TORCHX_EXT_SUBMISSION:+.$TORCHX_EXT_SUBMISSION}}\"")
     out.append('mkdir -p "$_TXE_DIR" || exit 1')
@@ -419,79 +217,29 @@ def render(spec: ScriptSpec) -> str:
         # copy, $0) in its private directory, as local mode does at submission
         # (cat, not cp: a new file, 0600 under the umask; cp would keep the spooled copy's x bits)
         out.append('cat -- "$0" >"$_TXE_DIR/script.sbatch" 2>/dev/null || :')
-    out.append(RUNTIME.strip("\n"))
     out.append("")
-    out.append("# a requeued job starts over: forget the previous run's exit codes (logs are kept)")
-    dirs = " ".join(f'"$_TXE_DIR"/{sh_word(c.dirname)}' for c in spec.components)
-    out.append(f'rm -f "$_TXE_DIR/result"; for _d in {dirs}; do rm -f "$_d"/*/{{exit,pid,stopped,host,reason}}; done')
+    out.append("# the node's Python runs the group engine (run option node_python); without it, one line says so")
+    out.append(f"_TXE_PY={sh_word(spec.node_python)}")
+    out.append('rm -f "$_TXE_DIR/error"')
+    out.append('if ! command -v -- "$_TXE_PY" >/dev/null; then')
+    out.append('  _TXE_WHY="the node Python \'$_TXE_PY\' (run option node_python) is not found on $(hostname)"')
+    out.append("elif ! \"$_TXE_PY\" -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null; then")
+    out.append('  _TXE_WHY="the node Python \'$_TXE_PY\' (run option node_python) on $(hostname) is not Python >= 3.8"')
+    out.append("fi")
+    out.append('if [[ -n ${_TXE_WHY:-} ]]; then echo "torchx-ext: $_TXE_WHY" >&2; echo "$_TXE_WHY" >"$_TXE_DIR/error"; '
+               "exit 1; fi")
     out.append("")
-    out.append("# where each replica runs, and the discovery environment every replica gets")
-    env_words = [sh_word(f"TORCHX_EXT_APP_ID={spec.app_id_prefix}{APP_ID_TOKEN}") if spec.app_id_prefix
-                 else 'TORCHX_EXT_APP_ID="$SLURM_JOB_ID"']
-    for g, comp in enumerate(spec.components):
-        sfx = f"_HET_GROUP_{g}" if spec.heterogeneous else ""
-        out.append(
-            f'mapfile -t _TXE_NODES_{g} < <(_txe_nodes "$SLURM_JOB_NODELIST{sfx}" '
-            f'"$SLURM_TASKS_PER_NODE{sfx}" {comp.num_replicas})'
-        )
-        out.append(f'_TXE_HOSTS_{g}=$(_txe_hosts "${{_TXE_NODES_{g}[@]}}")')
-        env_words.append(f'TORCHX_EXT_HOSTS_{comp.env_suffix}="$_TXE_HOSTS_{g}"')
-    out.append("_TXE_ENV=(" + " ".join(env_words) + ")")
+    out.append("# the engine and its launcher (torchx_ext/engine, torchx_ext/schedulers/slurm_jobs_node.py)")
+    out.append('mkdir -p "$_TXE_DIR"/node/txe_node/{engine,schedulers} || exit 1')
+    for rel, text in shipped_sources().items():
+        out.append(f'cat >"$_TXE_DIR/node/{rel}" {_heredoc(text)}' if text else f': >"$_TXE_DIR/node/{rel}"')
     out.append("")
-    main: list[str] = []
-    services: list[str] = []
-    table: dict[str, list[str]] = {k: [] for k in ("D", "NAME", "SVC", "MAXR", "POL", "UNIT", "SCOPE")}
-    pairs = [(c.name, r.replica_id) for c in spec.components for r in c.replicas]
-    units: dict[str, int] = {}
-    i = 0
-    for g, comp in enumerate(spec.components):
-        het = [f"--het-group={g}"] if spec.heterogeneous else []
-        for rep in comp.replicas:
-            rdir = f'"$_TXE_DIR"/{sh_word(comp.dirname)}/{rep.replica_id}'
-            (services if comp.service else main).append(str(i))
-            unit = rules.retry_unit(comp.retry_policy, comp.name, rep.replica_id)
-            scope = rules.restart_scope(comp.retry_policy, comp.name, rep.replica_id, pairs)
-            for key, value in (("D", rdir), ("NAME", _readable_word(f"role '{comp.name}' replica {rep.replica_id}")),
-                               ("SVC", str(int(comp.service))), ("MAXR", str(comp.max_retries)),
-                               ("POL", comp.retry_policy), ("UNIT", str(units.setdefault(unit, len(units)))),
-                               ("SCOPE", sh_word(" ".join(str(pairs.index(p)) for p in scope)))):
-                table[key].append(value)
-            # the discovery variables come last: `env` applies assignments in order, so they win
-            env = [
-                f'TORCHX_RANK0_HOST="${{_TXE_HOSTS_{g}%%,*}}"',
-                *[sh_word(f"{k}={v}") for k, v in rep.env.items()],
-                '"${_TXE_ENV[@]}"',
-                f"TORCHX_EXT_ROLE={sh_word(comp.name)}",
-                f"TORCHX_EXT_REPLICA_ID={rep.replica_id}",
-                f"TORCHX_EXT_NUM_REPLICAS={comp.num_replicas}",
-                'TORCHX_EXT_ATTEMPT="$_TXE_ATTEMPT"',
-                'SLURM_UMASK="$_TXE_UMASK"',  # srun gives the step's tasks this umask, not the script's 077
-            ]
-            # in a container (pyxis) the image need not have bash; its clusters track by cgroup
-            task = "" if spec.container else 'bash -c "$_TXE_TASK" torchx-ext '
-            srun = [*het, f'--nodelist="${{_TXE_NODES_{g}[{rep.replica_id}]}}"',
-                    *[sh_word(o) for o in comp.srun_opts]]
-            out.append(f"# role {comp.name!r} replica {rep.replica_id}: replica {i} of the tables below")
-            out.append(
-                f"_txe_r_{i}() {{\n"
-                f'  _txe_replica {rdir} "${{_TXE_NODES_{g}[{rep.replica_id}]}}" \\\n'
-                f'    env -- {" ".join(env)} \\\n'
-                f'    "$_TXE_SRUN" {" ".join(srun)} \\\n'
-                f"    {task}{' '.join(sh_word(a) for a in rep.argv)}\n"
-                "}"
-            )
-            i += 1
-    out.append("")
-    out.append("# per replica: directory, name, service?, its role's max_retries and retry_policy, the budget")
-    out.append("# it draws on and the replicas that restart with it (see _txe_restart)")
-    for key, values in table.items():
-        out.append(f"_TXE_{key}=(" + " ".join(values) + ")")
-    most = max((c.max_retries for c in spec.components), default=0)
-    delays = [0] + [round(rules.backoff_s(spec.retry_backoff_s, n) * 1e6) for n in range(1, most + 1)]
-    out.append("_TXE_DELAY_US=(" + " ".join(map(str, delays)) + ")  # before a unit's restart n (retry_backoff_s)")
-    out.append("_TXE_MAIN=(" + " ".join(main) + ")")
-    out.append("_TXE_SERVICES=(" + " ".join(services) + ")")
-    out.append("_txe_group")
+    out.append("# the replicas, and how each is started (srun); the launcher decides nothing, the engine does.")
+    shown = "".join(c if c.isprintable() else "?" for c in spec.app_id_prefix)  # (a comment: one line)
+    out.append(f"# Every replica gets TORCHX_EXT_APP_ID={shown}$SLURM_JOB_ID, TORCHX_EXT_HOSTS_<ROLE> (node addresses,")
+    out.append("# by replica), TORCHX_RANK0_HOST, TORCHX_EXT_ROLE, _REPLICA_ID, _NUM_REPLICAS, _ATTEMPT; SLURM_UMASK.")
+    out.append(f"exec \"$_TXE_PY\" -I -c {sh_word(_BOOT)} \"$_TXE_DIR/node\" \"$_TXE_DIR\" "
+               + _heredoc(json.dumps(launcher_spec(spec), indent=1)))
     return "\n".join(out) + "\n"
 
 
