@@ -167,7 +167,7 @@ def _slurm_log(sched: Any, app_id: str) -> Optional[str]:
 
 
 def bench_slurm(lines: int, login: Optional[str], ssh_config: Optional[str]) -> float:
-    from torchx_ext.schedulers.slurm_jobs import create_scheduler
+    from torchx_ext.schedulers.slurm_jobs.scheduler import create_scheduler
 
     sched = create_scheduler("bench")
     cfg: dict[str, Any] = {"partition": os.environ.get("TORCHX_EXT_TEST_SLURM_PARTITION", "debug")}

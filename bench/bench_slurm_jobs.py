@@ -39,8 +39,8 @@ from restart_timing import RESTART_CODE, restart_gap
 from torchx.runner import get_runner
 from torchx.specs import AppDef, Resource, Role
 
-from torchx_ext.schedulers.slurm_jobs import create_scheduler
-from torchx_ext.schedulers.slurm_jobs_script import MARKER
+from torchx_ext.schedulers.slurm_jobs.scheduler import create_scheduler
+from torchx_ext.schedulers.slurm_jobs.script import MARKER
 
 
 def _sbatch(script: str, *extra: str) -> str:
@@ -85,7 +85,7 @@ def bench_restart_requeue(partition: str, out_dir: str) -> float:
 def bench_ssh(args: argparse.Namespace, rows: list[tuple[str, float, float]]) -> None:
     """Submit and status over SSH (the login node's Slurm), appended to ``rows``."""
     from torchx_ext import state
-    from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
+    from torchx_ext.schedulers.slurm_jobs.ssh import SshLogin
 
     cfg = {"partition": args.partition, "sbatch_args": ["--hold"], "login": args.login}
     if args.ssh_config:

@@ -281,7 +281,7 @@ def _executor(scheduler: str) -> Any:
     from torchx_ext.schedulers.docker_jobs.scheduler import DockerJobsExecutor
     from torchx_ext.schedulers.host.scheduler import HostExecutor
     from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsExecutor
-    from torchx_ext.schedulers.slurm_jobs import SlurmJobsExecutor
+    from torchx_ext.schedulers.slurm_jobs.scheduler import SlurmJobsExecutor
 
     return {"host": HostExecutor, "slurm_jobs": SlurmJobsExecutor, "docker_jobs": DockerJobsExecutor,
             "ray_jobs": RayJobsExecutor}[scheduler]

@@ -56,7 +56,7 @@ def test_a_workspace_over_the_limit_is_refused_at_once_naming_the_largest(tmp_pa
 
 
 def test_rsync_progress_lines_are_shown_and_a_silent_hang_times_out() -> None:
-    from torchx_ext.schedulers.slurm_jobs_ssh import _run_reporting
+    from torchx_ext.schedulers.slurm_jobs.ssh import _run_reporting
 
     tty = Tty()
     script = ("import sys, time\n"

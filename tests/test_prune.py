@@ -174,7 +174,7 @@ def test_host(runner: Runner, home: str, workspace: str) -> None:
 def test_slurm_jobs(runner: Runner, home: str, workspace: str) -> None:
     partition = require_backend("TORCHX_EXT_TEST_SLURM_PARTITION", "Slurm")
 
-    from torchx_ext.schedulers.slurm_jobs_retention import app_paths
+    from torchx_ext.schedulers.slurm_jobs.retention import app_paths
 
     paths: dict[str, list[str]] = {}  # read while the app's record exists
 
@@ -196,7 +196,7 @@ def test_slurm_jobs_remote(runner: Runner, home: str, workspace: str) -> None:
     cfg = {"partition": partition, "login": require_backend("TORCHX_EXT_TEST_SSH_HOST", "the sshd"),
            "ssh_config": require_backend("TORCHX_EXT_TEST_SSH_CONFIG", "the sshd")}
 
-    from torchx_ext.schedulers.slurm_jobs_retention import app_paths
+    from torchx_ext.schedulers.slurm_jobs.retention import app_paths
 
     paths: dict[str, list[str]] = {}  # read while the app's record exists
 

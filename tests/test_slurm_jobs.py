@@ -610,7 +610,7 @@ def _index_lines(home: str) -> list[dict]:
 
 def test_list_shows_the_newest_first_from_its_index(
         partition: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    from torchx_ext.schedulers.slurm_jobs import create_scheduler
+    from torchx_ext.schedulers.slurm_jobs.scheduler import create_scheduler
 
     home = os.path.join(str(tmp_path), "home")
     monkeypatch.setenv("TORCHX_EXT_HOME", home)

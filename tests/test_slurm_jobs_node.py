@@ -1,4 +1,4 @@
-"""``slurm_jobs``' launcher on the batch node (:mod:`torchx_ext.schedulers.slurm_jobs_node`) without
+"""``slurm_jobs``' launcher on the batch node (:mod:`torchx_ext.schedulers.slurm_jobs.node`) without
 a cluster: with fake steps (what it performs for the engine, what it leaves in the job directory),
 and the rendered script run end to end with a fake ``srun``/``scontrol`` on PATH (the shipped engine
 runs on the standard library alone; a node without its Python fails with one line)."""
@@ -17,8 +17,8 @@ import pytest
 from torchx.specs import AppDef, Resource, Role
 
 from torchx_ext.groups import mark_service
-from torchx_ext.schedulers import slurm_jobs_node as node
-from torchx_ext.schedulers.slurm_jobs import create_scheduler
+from torchx_ext.schedulers.slurm_jobs import node
+from torchx_ext.schedulers.slurm_jobs.scheduler import create_scheduler
 
 
 @pytest.mark.parametrize("tasks,n,expected", [

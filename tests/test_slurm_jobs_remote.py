@@ -226,7 +226,7 @@ def test_the_handle_names_the_cluster_and_the_replica_sees_it(runner: Runner, re
 
 
 def test_an_app_id_is_never_a_path() -> None:
-    from torchx_ext.schedulers.slurm_jobs import split_app_id
+    from torchx_ext.schedulers.slurm_jobs.scheduler import split_app_id
 
     assert split_app_id("123") == ("", "123")
     assert split_app_id("txe-login:123") == ("txe-login", "123")
@@ -304,7 +304,7 @@ def test_cli_from_new_shells_needs_only_the_handle(runner: Runner, remote_cfg: d
 
 def test_status_is_one_round_trip(fresh_home: str, runner: Runner, remote_cfg: dict[str, str]) -> None:
     # a home of its own: list asks every cluster the home knows (other tests' login nodes too)
-    from torchx_ext.schedulers import slurm_jobs_ssh
+    from torchx_ext.schedulers.slurm_jobs import ssh as slurm_jobs_ssh
 
     handle = runner.run(_app("rt", "print(1)"), SCHEDULER, remote_cfg)
     wait_terminal(runner, handle, TIMEOUT)

@@ -1,4 +1,4 @@
-"""slurm_jobs' SSH transport (:mod:`torchx_ext.schedulers.slurm_jobs_ssh`) against a real sshd.
+"""slurm_jobs' SSH transport (:mod:`torchx_ext.schedulers.slurm_jobs.ssh`) against a real sshd.
 
 The sshd is testbed/sshd.sh's: 127.0.0.1, key authentication, the non-root user ``txe`` and a
 client config with the ``txe-login`` alias (read from testbed/.state/sshd.env by conftest). The
@@ -21,7 +21,7 @@ import pytest
 
 from conftest import require_backend
 from torchx_ext.errors import BackendError, InvalidOptionError, SchedulerUnavailable
-from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin, ssh_failure_message
+from torchx_ext.schedulers.slurm_jobs.ssh import SshLogin, ssh_failure_message
 
 HOSTILE = ["a b", "it's", '"double"', "$HOME", "${PATH}", "`id`", "$(id)", "é🙂", "", "*", "?", "[a]", "\\",
            "back\\slash", "a\nb", "tab\there", "-x", "--", ";ls", "a'; echo foo", "!x", "~", "#comment", "&", "|"]

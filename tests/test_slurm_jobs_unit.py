@@ -20,9 +20,9 @@ from torchx_ext.errors import DependencyError
 from torchx_ext.executors import capabilities, executor_for
 from torchx_ext.groups import mark_service
 from torchx_ext.logs import PlainLines, filter_lines
-from torchx_ext.schedulers import slurm_jobs_script as script
-from torchx_ext.schedulers.slurm_jobs import SlurmJobsExecutor, create_scheduler
-from torchx_ext.schedulers.slurm_jobs_script import app_state_of, parse_sacct, parse_scontrol_job, signal_reason
+from torchx_ext.schedulers.slurm_jobs import script
+from torchx_ext.schedulers.slurm_jobs.scheduler import SlurmJobsExecutor, create_scheduler
+from torchx_ext.schedulers.slurm_jobs.script import app_state_of, parse_sacct, parse_scontrol_job, signal_reason
 from torchx_ext.state import StampedLineReader
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slurm_reference")
@@ -373,7 +373,7 @@ def test_remote_options_are_checked_in_the_dryrun() -> None:
 
 
 def test_snapshot_sections_keep_any_content() -> None:
-    from torchx_ext.schedulers.slurm_jobs_client import parse_sections
+    from torchx_ext.schedulers.slurm_jobs.client import parse_sections
 
     sep = "__sep__"
     out = f"{sep} scontrol 0\nJobId=1 X=y\n{sep} file main/0/exit\n3\n\n{sep} file stopped\n\n{sep} file r\na\nb\n\n"
@@ -399,7 +399,7 @@ def test_a_fetched_log_splits_streams_and_waits_for_whole_lines() -> None:
 
 def test_job_files_are_read_the_same_here_and_remotely(tmp_path: Any) -> None:
     """read_job_files (here) gives what the remote snapshot's sections give for the same directory."""
-    from torchx_ext.schedulers.slurm_jobs_client import _SNAPSHOT, job_file_names, parse_sections, read_job_files
+    from torchx_ext.schedulers.slurm_jobs.client import _SNAPSHOT, job_file_names, parse_sections, read_job_files
 
     job = tmp_path / "7"
     (job / "main" / "0").mkdir(parents=True)
@@ -430,7 +430,7 @@ def test_umask_077_is_the_scripts_first_command(case: str) -> None:
 @pytest.mark.parametrize("login", ["x@-oProxyCommand=id", "-oProxyCommand=id@h", "x@-h:22", "u@h\x07x"])
 def test_a_login_ssh_would_read_as_an_option_is_refused_at_validation(login: str) -> None:
     from torchx_ext.errors import InvalidOptionError
-    from torchx_ext.schedulers.slurm_jobs import split_app_id
+    from torchx_ext.schedulers.slurm_jobs.scheduler import split_app_id
 
     app = AppDef("r", roles=[_role("main", "-c", "1")])
     with pytest.raises(InvalidOptionError) as e:
@@ -531,7 +531,7 @@ def test_local_submission_copies_the_workspace_and_keeps_slurms_output_private(
 
 
 def test_node_fail_names_the_lost_node_and_only_the_replicas_that_ran_there() -> None:
-    from torchx_ext.schedulers.slurm_jobs_client import node_fail_text
+    from torchx_ext.schedulers.slurm_jobs.client import node_fail_text
 
     roles = [{"name": "g", "dirname": "g", "num_replicas": 2}]
     text = node_fail_text("n[1-2]", ["n2"], roles, {"g/0/host": "n1 a", "g/1/host": "n2 b"})

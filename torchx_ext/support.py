@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
-from torchx.specs import AppDef, BindMount, Resource, Role
+from torchx.specs import AppDef, Resource, Role
 
 from torchx_ext.errors import InvalidAppError
 
@@ -81,7 +81,7 @@ def _min_replicas(value: Any, role: Role) -> Optional[str]:
             "leave min_replicas unset or equal to num_replicas")
 
 
-def _retries(value: Any, role: Role) -> Optional[str]:
+def check_retries(value: Any, role: Role) -> Optional[str]:
     return f"max_retries={value}: a number of restarts, >= 0" if not isinstance(value, int) or value < 0 else None
 
 
@@ -97,7 +97,7 @@ def _retry_policy(value: Any, role: Role) -> Optional[str]:
 
 
 RETRIES = honoured("restarts under Role.retry_policy, at most max_retries times per policy unit "
-                   "(see Retries); run option retry_backoff_s", _retries)
+                   "(see Retries); run option retry_backoff_s", check_retries)
 RETRY_POLICY = honoured("REPLICA: the failed replica alone, in its slot; ROLE: every replica of its role; "
                         "APPLICATION: the whole group. Compared by value, so ROLE works on torchx 0.7.0 too; "
                         "HOT_SPARE is refused", _retry_policy)
@@ -127,43 +127,8 @@ COMMON: dict[str, Support] = {
 }
 
 
-def _pyxis_mount(mounts: list[Any], role: Role) -> Optional[str]:
-    bad = [type(m).__name__ for m in mounts if not isinstance(m, BindMount)]
-    return (f"{', '.join(sorted(set(bad)))} cannot be mounted by pyxis; use BindMount (with container_image)"
-            if bad else None)
-
-
-def _capability(caps: Mapping[str, Any], role: Role) -> Optional[str]:
-    bad = {k: v for k, v in (caps or {}).items()
-           if not (v is True or (isinstance(v, int) and not isinstance(v, bool) and v >= 0))}
-    return (f"{bad}: a capability is a node feature (True, for --constraint) or a GRES count "
-            "(a whole number, for --gres)" if bad else None)
-
-
 # ----------------------------------------------------------------------- per scheduler --------
 # (the other schedulers' matrices are in their packages: torchx_ext/schedulers/<name>/support.py)
-SLURM_JOBS: dict[str, Support] = {
-    **COMMON,
-    "Role.max_retries": honoured("restarts inside the allocation, on the replica's own node, under "
-                                 "Role.retry_policy; the job is then submitted --requeue: a requeue by Slurm "
-                                 "(preemption, node failure, scontrol requeue) is a restart of the whole app "
-                                 "that draws on no budget (see Retries)", _retries),
-    "Role.image": honoured("a directory is the replicas' working directory (--chdir; a --workspace copy "
-                           "is one); with container_image an absolute path is the container's working "
-                           "directory; other values (container image names) are not used: set container_image"),
-    "Role.mounts": honoured("with container_image: pyxis --container-mounts (BindMount, read_only as ro); "
-                            "without it, refused", _pyxis_mount),
-    "Resource.cpu": honoured("--cpus-per-task, rounded up"),
-    "Resource.gpu": honoured("--gpus-per-task, or --gpus-per-node with gpus_per_node"),
-    "Resource.memMB": honoured("--mem-per-cpu, so that replicas packed on a node add up"),
-    "Resource.capabilities": honoured("NAME: True is a node feature (--constraint, joined with the constraint "
-                                      "option by &); NAME: N is a GRES count (--gres=NAME:N, per node)",
-                                      _capability),
-    "Resource.devices": refused("ask for devices as GRES through capabilities (e.g. {'gpu': 2}), or mount "
-                                "them with container_image and Role.mounts"),
-}
-
-
 def check_app(app: AppDef, scheduler: str, matrix: Mapping[str, Support]) -> None:
     """Raises :class:`InvalidAppError` listing every field value ``scheduler`` cannot honour."""
     problems: list[str] = []

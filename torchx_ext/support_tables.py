@@ -13,7 +13,7 @@ from typing import Mapping
 from torchx_ext.schedulers.docker_jobs.scheduler import DockerJobsScheduler
 from torchx_ext.schedulers.host.scheduler import HostScheduler
 from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsScheduler
-from torchx_ext.schedulers.slurm_jobs import SlurmJobsScheduler
+from torchx_ext.schedulers.slurm_jobs.scheduler import SlurmJobsScheduler
 from torchx_ext.support import Support, markdown
 
 

@@ -23,8 +23,8 @@ from torchx.specs import AppState
 
 from torchx_ext import state
 from torchx_ext.errors import InvalidOptionError, SchedulerUnavailable
-from torchx_ext.schedulers.slurm_jobs_script import SlurmJob, parse_result, parse_sacct, parse_scontrol_job
-from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
+from torchx_ext.schedulers.slurm_jobs.script import SlurmJob, parse_result, parse_sacct, parse_scontrol_job
+from torchx_ext.schedulers.slurm_jobs.ssh import SshLogin
 
 JOB_ID = re.compile(r"^[0-9]+$")
 # remote mode: "<login>:<job id>", the login as SshLogin.name writes it (never a "/": no path)
@@ -113,7 +113,7 @@ def last_error_in(tail: str) -> str:
 
 
 def job_file_names(roles: list[dict[str, Any]]) -> list[str]:
-    """The small files of a job directory that describe reads (relative; see slurm_jobs_script)."""
+    """The small files of a job directory that describe reads (relative; see script.py)."""
     names = ["result", "cancelled", "restarts", "requeues", "error"]
     for role in roles:
         for k in range(int(role["num_replicas"])):
@@ -326,7 +326,7 @@ def parse_sections(text: str, sep: str) -> list[tuple[str, str]]:
 
 
 class RemoteSlurmClient(SlurmClient):
-    """:class:`SlurmClient` on a login node, over an :class:`~.slurm_jobs_ssh.SshLogin`.
+    """:class:`SlurmClient` on a login node, over an :class:`~.ssh.SshLogin`.
 
     Slurm's commands run there; a command the remote shell cannot find (exit 127) is
     :class:`SchedulerUnavailable` naming the host.

@@ -1,6 +1,6 @@
 """The Slurm launcher of the group engine: it runs on the batch node, inside the allocation.
 
-The batch script (:func:`.slurm_jobs_script.render`) writes this module and the engine
+The batch script (:func:`.script.render`) writes this module and the engine
 (:mod:`torchx_ext.engine`) into the job directory (``<job dir>/node/txe_node/``) and runs them
 with the node's Python (run option ``node_python``), so the nodes need no torchx-ext: this module
 imports the standard library and the engine only, relatively, and runs on Python >= 3.8.
@@ -9,7 +9,7 @@ It performs the engine's actions with ``srun`` steps (one step per replica attem
 node Slurm allocated for that task; a heterogeneous job's component by ``--het-group``) and
 reports what the steps did as the engine's events; every decision (restart scopes, budgets,
 backoff, the verdict and its messages) is the engine's. What it leaves in the job directory is
-described in :mod:`.slurm_jobs_script`; ``engine.json`` holds the engine's snapshot, so a job that
+described in :mod:`.script`; ``engine.json`` holds the engine's snapshot, so a job that
 Slurm requeues goes on from it (a ``Rerun``: every replica's next attempt, drawn from no budget).
 """
 
@@ -26,7 +26,7 @@ import threading
 import time
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .. import engine
+from ... import engine
 
 # Stands for the Slurm job id in argv/env until the job runs (TorchX's ${app_id} macro): the id
 # only exists once sbatch has answered, so the launcher reads it from $SLURM_JOB_ID.
@@ -390,7 +390,7 @@ class Launcher:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``<job dir>``; the launcher's spec (JSON, see ``slurm_jobs_script.launcher_spec``) on stdin."""
+    """``<job dir>``; the launcher's spec (JSON, see ``script.launcher_spec``) on stdin."""
     job_dir = argv[0]
     spec = json.load(sys.stdin)
     srun = shutil.which("srun")

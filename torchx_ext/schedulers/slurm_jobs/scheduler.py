@@ -6,9 +6,9 @@
 * each replica is its own ``srun`` step (placed on the node Slurm allocated for that task), so
   TorchX macros (``${replica_id}``) are exact and every replica has its own log and exit code;
 * the batch script starts the group engine (:mod:`torchx_ext.engine`, shipped inside the script)
-  with the node's Python (run option ``node_python``): its launcher (:mod:`.slurm_jobs_node`)
+  with the node's Python (run option ``node_python``): its launcher (:mod:`.node`)
   starts the steps, the engine decides restarts, services and the verdict; the job exits with the
-  deciding exit code and leaves per-replica results in the job directory (see :mod:`.slurm_jobs_script`);
+  deciding exit code and leaves per-replica results in the job directory (see :mod:`.script`);
 * the app id IS the Slurm job id (``squeue -j <app id>`` works); status comes from ``scontrol``
   while slurmctld knows the job, ``sacct`` where accounting exists, then the job directory;
 * dependencies are Slurm's own ``--dependency=afterok`` with ``--kill-on-invalid-dep=yes``;
@@ -18,7 +18,7 @@
 State lives under ``$TORCHX_EXT_HOME/slurm_jobs/<job id>/`` (``app.json``; the job directory
 ``<job id>.<token>/`` beside it unless ``job_dir`` is set), so any shell can query any app. Run
 ``torchx`` where ``sbatch`` works, or anywhere with run option ``login``: a remote cluster's login node over SSH
-(:mod:`.slurm_jobs_ssh`). The app id then names the cluster, ``<login>:<job id>``, and the
+(:mod:`.ssh`). The app id then names the cluster, ``<login>:<job id>``, and the
 record (``$TORCHX_EXT_HOME/slurm_jobs/<app id>/app.json``) keeps how to reach it, so that
 ``torchx status/log/cancel <handle>`` from any local shell needs no options; the job directories
 and workspaces live on the cluster under ``remote_dir``.
@@ -32,11 +32,10 @@ import os
 import re
 import shlex
 import shutil
-import signal as signal_module
 import stat
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
@@ -45,7 +44,6 @@ from torchx.specs import AppDef, AppState, ReplicaStatus, Role, RoleStatus, is_t
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import index, state
-from torchx_ext import support as matrices
 from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import (
     BackendError,
@@ -56,10 +54,7 @@ from torchx_ext.errors import (
     StateError,
     TorchxExtError,
 )
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
-from torchx_ext.schedulers import slurm_jobs_client as sc
-from torchx_ext.schedulers import slurm_jobs_retention as retention
 from torchx_ext.schedulers.base import (
     ExtScheduler,
     ReadNew,
@@ -68,7 +63,27 @@ from torchx_ext.schedulers.base import (
     is_current_dir,
     role_summaries,
 )
-from torchx_ext.schedulers.slurm_jobs_script import (
+from torchx_ext.schedulers.slurm_jobs import client as sc
+from torchx_ext.schedulers.slurm_jobs import retention
+from torchx_ext.schedulers.slurm_jobs.request import (
+    DEFAULT_REMOTE_DIR,
+    OUTPUT_DIR,
+    SCHEDULER,
+    SlurmJobsRequest,
+    WorkspaceCopy,
+    job_name,
+    output_option,
+    record_dir,
+    replaced_in,
+    role_dirname,
+    signal_option,
+    split_app_id,
+    with_root,
+)
+from torchx_ext.schedulers.slurm_jobs.request import (
+    SlurmJobsExecutor as SlurmJobsExecutor,
+)
+from torchx_ext.schedulers.slurm_jobs.script import (
     APP_ID_TOKEN,
     DEP_NEVER,
     MARKER,
@@ -81,177 +96,18 @@ from torchx_ext.schedulers.slurm_jobs_script import (
     render,
     signal_reason,
 )
-from torchx_ext.schedulers.slurm_jobs_ssh import SshLogin
+from torchx_ext.schedulers.slurm_jobs.ssh import SshLogin
+from torchx_ext.schedulers.slurm_jobs.support import MATRIX
 
 logger = logging.getLogger(__name__)
-SCHEDULER = "slurm_jobs"
-_JOB_ID = sc.JOB_ID
-split_app_id = sc.split_app_id  # where the ids are parsed: below the scheduler (its retention uses it too)
-_DEFAULT_REMOTE_DIR = "~/.torchx_ext/slurm_jobs"
-# under the job root: Slurm's own output (slurm-<job id>.out), in a directory made 0700 before
-# sbatch (Slurm opens the file before the job's private directory can exist)
-OUTPUT_DIR = "slurm-out"
-
-
-@dataclass
-class SlurmJobsExecutor(Executor):
-    """Run options of the ``slurm_jobs`` scheduler (also usable as a typed executor)."""
-
-    scheduler = SCHEDULER
-    capabilities = GROUP_CAPABILITIES
-
-    partition: Optional[str] = option(None, help="Slurm partition (every role's component)")
-    time: Optional[str] = option(None, help="time limit, in any sbatch --time format (e.g. 1:00:00)")
-    signal: Optional[str] = option(
-        None, help="a signal for every replica's process before the time limit, as SIG[@SECONDS] "
-        "(sbatch --signal; e.g. USR1@120: SIGUSR1 about 120 s before; Slurm may send it up to 60 s early) "
-        "so a training script can checkpoint")
-    account: Optional[str] = option(None, help="account to charge (sbatch --account)")
-    qos: Optional[str] = option(None, help="quality of service (sbatch --qos)")
-    constraint: Optional[str] = option(None, help="node features (sbatch --constraint)")
-    exclusive: bool = option(False, help="whole nodes only (sbatch --exclusive)")
-    gpus_per_node: Optional[int] = option(
-        None, help="GPUs per node for the roles that ask for GPUs (sbatch --gpus-per-node) instead "
-        "of resource.gpu per replica (--gpus-per-task); their steps then see all GPUs of the node"
-    )
-    ntasks_per_node: Optional[int] = option(
-        None, help="replicas per node (sbatch --ntasks-per-node; nodes = ceil(replicas / this)); "
-        "default: Slurm packs replicas as resources allow"
-    )
-    retry_backoff_s: float = retry_backoff_option()
-    mail_user: Optional[str] = option(None, help="who gets Slurm's mail (sbatch --mail-user)")
-    mail_type: Optional[str] = option(None, help="when Slurm sends mail, e.g. END,FAIL (sbatch --mail-type)")
-    sbatch_args: Optional[list[str]] = option(
-        None, help="extra sbatch options, one per item as --name=value, added to every role's component"
-    )
-    srun_args: Optional[list[str]] = option(
-        None, help="extra srun options, one per item as --name=value, added to every replica's step"
-    )
-    job_dir: Optional[str] = option(
-        None, help="directory for job directories (<job_dir>/<job id>.<token>/: logs, exit codes) and "
-        f"{OUTPUT_DIR}/slurm-<job id>.out; must be visible from the nodes (default: $TORCHX_EXT_HOME/slurm_jobs)"
-    )
-    container_image: Optional[str] = option(
-        None, help="run every replica in this container image (pyxis: srun --container-image); "
-        "an absolute role image is then the working directory in the container"
-    )
-    container_mounts: Optional[list[str]] = option(
-        None, help="pyxis mounts, SRC:DST[:FLAGS] per item (srun --container-mounts)"
-    )
-    node_python: str = option(
-        "python3", help="the Python (>= 3.8, standard library only) that runs the group engine on the "
-        "job's first node, as a command name or path; the job ships the engine itself, nodes need no "
-        "torchx-ext. A node without it fails the app, saying so"
-    )
-    login: Optional[str] = option(
-        None, help="a remote cluster: its login node as user@host[:port] or a Host alias of ~/.ssh/config, "
-        "reached with the system ssh (your agent, ProxyJump, known_hosts; never prompts; one shared "
-        "connection). Slurm's commands run there; the handle names it, so status/log/cancel need no "
-        "options. Unset: Slurm's commands run here"
-    )
-    identity_file: Optional[str] = option(
-        None, help="with login: the private key to log in with (ssh -i, IdentitiesOnly); default: "
-        "what ssh would use (agent, ~/.ssh/config)"
-    )
-    ssh_config: Optional[str] = option(
-        None, help="with login: an ssh config file read instead of ~/.ssh/config (ssh -F)"
-    )
-    remote_dir: Optional[str] = option(
-        None, help="with login: the directory on the cluster for job directories and workspaces "
-        f"(must be visible from the nodes); default {_DEFAULT_REMOTE_DIR} of the login user"
-    )
-
-
-@dataclass
-class WorkspaceCopy:
-    """A workspace copy ``schedule`` makes before sbatch (a dry-run only plans it).
-
-    ``target`` is where the role runs (its image). Remote: on the login node; ``planned_root`` is
-    the remote root as the dry-run knew it (``~/...`` until a submission resolved it), replaced by
-    the resolved root at submission; ``key`` finds the previous copy (``rsync --link-dest``).
-    """
-
-    source: str
-    target: str
-    planned_root: str = ""
-    key: str = ""
-
-
-@dataclass
-class SlurmJobsRequest:
-    """What ``schedule`` performs: the script spec and the workspace copies to make first;
-    ``--dryrun`` prints the script itself, then the copies as comments."""
-
-    spec: ScriptSpec
-    roles: list[dict[str, Any]]
-    # remote mode: login, identity_file, ssh_config, remote_dir (as given); None: here
-    remote: Optional[dict[str, Any]] = None
-    workspaces: list[WorkspaceCopy] = field(default_factory=list)
-
-    def __repr__(self) -> str:
-        where = f"{self.remote['login']}:" if self.remote else ""
-        plan = "".join(f"# before sbatch: copy the workspace {w.source} to {where}{w.target}\n"
-                       for w in self.workspaces)
-        return render(self.spec) + plan
-
-
-def _dirname(role_name: str) -> str:
-    # distinct for names validate_app accepts: two names mapping here also share an env suffix
-    return re.sub(r"[^A-Za-z0-9_-]", "_", role_name) or "_"
-
-
-def _job_name(app_name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", app_name)[:64].strip("-") or "app"
-
-
-def _record_dir(app_id: str) -> str:
-    # one place per user (not the cwd, not per option): any shell finds any app
-    return state.scheduler_dir(SCHEDULER, app_id)
-
-
-def _with_root(spec: ScriptSpec, root: str) -> ScriptSpec:
-    """``spec`` with its job root replaced (the remote root, once resolved)."""
-    old = _output_option(spec.job_root)
-    new = _output_option(root)
-    return replace(spec, job_root=root, job_opts=[new if o == old else o for o in spec.job_opts])
-
-
-def _output_option(job_root: str) -> str:
-    # %% is a literal % in Slurm's filename patterns; %j is the job id
-    return f"--output={job_root.replace('%', '%%')}/{OUTPUT_DIR}/slurm-%j.out"
-
-
-def _replaced(value: Any, old: str, new: str) -> Any:
-    """``value`` (JSON-like) with ``old`` replaced by ``new`` in every string: a planned remote
-    workspace path (unique: it ends in a random suffix) by the resolved one."""
-    if isinstance(value, str):
-        return value.replace(old, new)
-    if isinstance(value, list):
-        return [_replaced(v, old, new) for v in value]
-    if isinstance(value, dict):
-        return {k: _replaced(v, old, new) for k, v in value.items()}
-    return value
-
-
-_SIGNAL = re.compile(r"(?:SIG)?([A-Z][A-Z0-9]*|[0-9]+)(?:@([0-9]+))?")
-
-
-def _signal_option(value: str) -> str:
-    """``signal`` as sbatch --signal wants it, refusing what would not reach the replicas."""
-    m = _SIGNAL.fullmatch(value.strip().upper())
-    if not m or (not m.group(1).isdigit() and not hasattr(signal_module.Signals, "SIG" + m.group(1))):
-        raise InvalidOptionError(
-            f"signal={value!r}: give a signal name or number and, optionally, @SECONDS before the time "
-            "limit (e.g. USR1@120); 'B:' (the batch shell only) is not offered: it would not reach the replicas")
-    return m.group(1) + (f"@{m.group(2)}" if m.group(2) else "")
 
 
 class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     """Slurm jobs, one (heterogeneous) job per app. See the module docstring."""
 
     executor_cls = SlurmJobsExecutor
-    support = matrices.SLURM_JOBS
-    name_forms = {"job directory": _dirname}
+    support = MATRIX
+    name_forms = {"job directory": role_dirname}
 
     def __init__(self, session_name: str, **kwargs: Any) -> None:
         super().__init__(session_name, **kwargs)
@@ -277,7 +133,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
 
     def _remote_root(self, client: sc.RemoteSlurmClient, remote_dir: Optional[str]) -> str:
         """The remote base directory, absolute: ``~`` resolved on the login node once, then remembered."""
-        wanted = remote_dir or _DEFAULT_REMOTE_DIR
+        wanted = remote_dir or DEFAULT_REMOTE_DIR
         if wanted.startswith("/"):
             return os.path.normpath(wanted)
         key = f"{client.login.name} {wanted}"
@@ -325,8 +181,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         if ex.exclusive:
             shared.append("--exclusive")
         shared += ex.sbatch_args or []
-        job_opts = [f"--job-name={_job_name(app.name)}", f"--comment={MARKER}",
-                    _output_option(job_root), "--open-mode=append",
+        job_opts = [f"--job-name={job_name(app.name)}", f"--comment={MARKER}",
+                    output_option(job_root), "--open-mode=append",
                     # with retries Slurm may requeue it (preemption, a node failure, scontrol requeue);
                     # without, it must not, behind the user's back
                     "--requeue" if any(r.max_retries for r in app.roles) else "--no-requeue"]
@@ -334,7 +190,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             if getattr(ex, key):
                 job_opts.append(f"--{key.replace('_', '-')}={getattr(ex, key)}")
         if ex.signal:
-            job_opts.append(f"--signal={_signal_option(ex.signal)}")
+            job_opts.append(f"--signal={signal_option(ex.signal)}")
         if ex.retry_backoff_s < 0:
             raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
         prefix = f"{login}:" if login else ""
@@ -345,7 +201,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                           dependencies=dependencies, components=components,
                           container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s),
                           app_id_prefix=prefix, node_python=ex.node_python)
-        roles = [{**summary, "dirname": _dirname(summary["name"])} for summary in role_summaries(app)]
+        roles = [{**summary, "dirname": role_dirname(summary["name"])} for summary in role_summaries(app)]
         remote = {"login": login, "identity_file": ex.identity_file, "ssh_config": ex.ssh_config,
                   "remote_dir": ex.remote_dir} if login else None
         return SlurmJobsRequest(spec=spec, roles=roles, remote=remote, workspaces=workspaces)
@@ -354,7 +210,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     def _planned_remote_root(login: str, remote_dir: Optional[str]) -> str:
         """The remote root as far as known without connecting: resolved at a submission (one round
         trip, remembered); until then a dry-run shows ``~/...``."""
-        wanted = remote_dir or _DEFAULT_REMOTE_DIR
+        wanted = remote_dir or DEFAULT_REMOTE_DIR
         if wanted.startswith("/"):
             return os.path.normpath(wanted)
         known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
@@ -417,7 +273,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             step.append(f"--chdir={workdir}")
         step += ex.srun_args or []
         comp = RoleComponent(
-            name=role.name, dirname=_dirname(role.name), env_suffix=role_env_suffix(role.name),
+            name=role.name, dirname=role_dirname(role.name), env_suffix=role_env_suffix(role.name),
             service=is_service(role), num_replicas=n, sbatch_opts=sbatch, srun_opts=step,
             max_retries=role.max_retries, retry_policy=retry_policy_name(role.retry_policy),
         )
@@ -465,7 +321,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         login = SshLogin(str(ex.login), ex.identity_file, ex.ssh_config).name
         root = self._planned_remote_root(login, ex.remote_dir)
         # the root as given (not as resolved): a dry-run and the submission agree on it offline
-        key = f"{login} {ex.remote_dir or _DEFAULT_REMOTE_DIR} {local}"
+        key = f"{login} {ex.remote_dir or DEFAULT_REMOTE_DIR} {local}"
         base = f"{root}/workspaces/{uuid.uuid5(uuid.NAMESPACE_URL, key).hex[:12]}"
         target = f"{base}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         return WorkspaceCopy(source=local, target=target, planned_root=root, key=key)
@@ -487,7 +343,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             target = copy.target
             if copy.planned_root != root and target.startswith(copy.planned_root + "/"):
                 target = root + target[len(copy.planned_root):]
-                spec, roles = _replaced(spec, copy.target, target), _replaced(roles, copy.target, target)
+                spec, roles = replaced_in(spec, copy.target, target), replaced_in(roles, copy.target, target)
             previous = known.get(copy.key)
             sent[target] = client.login.sync_dir(copy.source, target, link_dest=previous)
             state.update_json(state.scheduler_dir(SCHEDULER), "remote_workspaces.json", **{copy.key: target})
@@ -524,7 +380,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             raise BackendError(f"sbatch rejected the job: {err}")
         job_id = proc.stdout.strip().split(";")[0]
         app_dir = os.path.join(spec.job_root, f"{job_id}.{token}")
-        for d in (app_dir, _record_dir(job_id)):
+        for d in (app_dir, record_dir(job_id)):
             # 0700 from creation (the job may have made it already, under its umask 077)
             state.makedirs(d)
         with open(os.open(os.path.join(app_dir, "script.sbatch"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
@@ -535,7 +391,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             "roles": req.roles, "dependencies": req.spec.dependencies, "submitted": time.time(),
             "spec": asdict(spec),  # the request as submitted, for describe_native
         }
-        state.write_json(os.path.join(_record_dir(job_id), "app.json"), record)
+        state.write_json(os.path.join(record_dir(job_id), "app.json"), record)
         _INDEX.add(_index_entry(record))
         return job_id
 
@@ -554,7 +410,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         root = self._remote_root(client, remote.get("remote_dir"))
         req, sent = self._ship_workspaces(req, client, root)
         deps = self._resolve_dependencies(req.spec.dependencies, client, login)
-        spec = _with_root(replace(req.spec, dependencies=deps), root)
+        spec = with_root(replace(req.spec, dependencies=deps), root)
         script = render(spec)
         token = submission_token()
         proc = client.login.run_shell(f"root={shlex.quote(spec.job_root)} TORCHX_EXT_SUBMISSION={token}\n"
@@ -563,7 +419,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         err = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
         if sc.no_slurm_on_remote(proc):
             raise client.no_slurm("sbatch: command not found")
-        if proc.returncode != 0 or not out or not _JOB_ID.match(out[-1].split(";")[0]):
+        if proc.returncode != 0 or not out or not sc.JOB_ID.match(out[-1].split(";")[0]):
             where = f"{login}:{spec.job_root}"
             if proc.returncode == 90:
                 raise BackendError(f"cannot write into {where}: {err}; nothing was submitted and no file "
@@ -574,7 +430,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                                "and no file was left on the cluster")
         job_id = out[-1].split(";")[0]
         app_id = f"{login}:{job_id}"
-        state.makedirs(_record_dir(app_id))
+        state.makedirs(record_dir(app_id))
         record = {
             "app_id": app_id, "app_name": spec.app_name, "job_dir": f"{spec.job_root}/{job_id}.{token}",
             "job_root": spec.job_root, "roles": req.roles,
@@ -582,7 +438,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             "login": login, "identity_file": remote.get("identity_file"), "ssh_config": remote.get("ssh_config"),
             "workspace_bytes_sent": sent, "spec": asdict(spec),
         }
-        state.write_json(os.path.join(_record_dir(app_id), "app.json"), record)
+        state.write_json(os.path.join(record_dir(app_id), "app.json"), record)
         _INDEX.add(_index_entry(record))
         return app_id
 
@@ -619,7 +475,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
     def _record(app_id: str) -> Optional[dict[str, Any]]:
         if split_app_id(app_id) is None:
             return None
-        return state.read_json(os.path.join(_record_dir(app_id), "app.json"))
+        return state.read_json(os.path.join(record_dir(app_id), "app.json"))
 
     def _describe_native(self, app_id: str) -> Optional[SlurmJobsRequest]:
         record = self._record(app_id)
@@ -912,7 +768,7 @@ def _private_dir(path: str) -> None:
 # first), with the script on stdin. A byte written into the root by the shell (no process) finds
 # a full disk or an unwritable root before anything is submitted; then sbatch is the only process
 # (the round trip's cost is process starts). The job copies its script into its directory when it
-# starts (see slurm_jobs_script.render). Exit 90: the root cannot be written (nothing submitted);
+# starts (see script.render). Exit 90: the root cannot be written (nothing submitted);
 # else sbatch's own status (127: no sbatch on the remote PATH).
 _REMOTE_SUBMIT = r"""TORCHX_EXT_UMASK=$(umask); export TORCHX_EXT_UMASK TORCHX_EXT_SUBMISSION; umask 077
 if { [ -d "$root/slurm-out" ] || mkdir -p -- "$root/slurm-out"; } && printf x >"$root/.torchx_ext_writable"
@@ -945,7 +801,7 @@ def _entry_from_record(app_id: str) -> Optional[index.Entry]:
         return None
     if not record.get("submitted"):  # written by hand or an old version: the record's time
         try:
-            record = {**record, "submitted": os.path.getmtime(os.path.join(_record_dir(app_id), "app.json"))}
+            record = {**record, "submitted": os.path.getmtime(os.path.join(record_dir(app_id), "app.json"))}
         except OSError:
             return None
     return _index_entry({**record, "app_id": app_id})

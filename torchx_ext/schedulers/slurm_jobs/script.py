@@ -25,7 +25,7 @@ an old job's logs or read its exit codes)::
     node/txe_node/          what the script ships: the engine and its Slurm launcher
 
 Every decision (restarts, budgets, backoff, the verdict and its messages) is made by the group
-engine (:mod:`torchx_ext.engine`), run on the batch node by :mod:`.slurm_jobs_node` with the node's
+engine (:mod:`torchx_ext.engine`), run on the batch node by :mod:`.node` with the node's
 Python (run option ``node_python``); the script itself only prepares the job directory and starts it.
 
 The batch script's own output goes to ``<job_dir>/slurm-out/slurm-<job id>.out`` (Slurm needs an
@@ -54,7 +54,7 @@ from typing import Any, Mapping, Optional
 
 from torchx.specs import AppState
 
-from torchx_ext.schedulers.slurm_jobs_node import APP_ID_TOKEN as APP_ID_TOKEN  # (re-exported)
+from torchx_ext.schedulers.slurm_jobs.node import APP_ID_TOKEN as APP_ID_TOKEN  # (re-exported)
 
 MARKER = "torchx-ext:slurm_jobs"  # --comment of our jobs: `list` finds them in one squeue call
 
@@ -114,7 +114,7 @@ class ScriptSpec:
     shared_opts: list[str]  # repeated in every component (partition, time, account, ...)
     dependencies: list[str]
     components: list[RoleComponent]
-    container: bool = False  # replicas run in a container image (no watchdog: see slurm_jobs_node.STEP_TASK)
+    container: bool = False  # replicas run in a container image (no watchdog: see node.STEP_TASK)
     retry_backoff_s: float = 0.0
     # remote mode: the app id is "<login>:<job id>" (it names the cluster); "" (local): the job id
     app_id_prefix: str = ""
@@ -135,19 +135,20 @@ class ScriptSpec:
 # What the batch script ships to the node, by its path under <job dir>/node/: the group engine and
 # its Slurm launcher, standard library only, run by the node's Python (nothing of torchx-ext need be
 # installed there). The script holds their text, so a user reads (and can re-submit) exactly what ran.
-_PKG = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PKG = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # torchx_ext/
 SHIPPED = {
     "txe_node/__init__.py": None,
     "txe_node/engine/__init__.py": os.path.join(_PKG, "engine", "__init__.py"),
     "txe_node/engine/machine.py": os.path.join(_PKG, "engine", "machine.py"),
     "txe_node/engine/rules.py": os.path.join(_PKG, "engine", "rules.py"),
     "txe_node/schedulers/__init__.py": None,
-    "txe_node/schedulers/slurm_jobs_node.py": os.path.join(_PKG, "schedulers", "slurm_jobs_node.py"),
+    "txe_node/schedulers/slurm_jobs/__init__.py": None,
+    "txe_node/schedulers/slurm_jobs/node.py": os.path.join(_PKG, "schedulers", "slurm_jobs", "node.py"),
 }
 HEREDOC_END = "TXE_EOF"
 # -I: the user's PYTHONPATH/PYTHONSTARTUP are the replicas' business, not the launcher's
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
-         "from txe_node.schedulers.slurm_jobs_node import main; sys.exit(main(sys.argv[2:]))")
+         "from txe_node.schedulers.slurm_jobs.node import main; sys.exit(main(sys.argv[2:]))")
 
 
 def _heredoc(text: str) -> str:
@@ -229,8 +230,8 @@ def render(spec: ScriptSpec) -> str:
     out.append('if [[ -n ${_TXE_WHY:-} ]]; then echo "torchx-ext: $_TXE_WHY" >&2; echo "$_TXE_WHY" >"$_TXE_DIR/error"; '
                "exit 1; fi")
     out.append("")
-    out.append("# the engine and its launcher (torchx_ext/engine, torchx_ext/schedulers/slurm_jobs_node.py)")
-    out.append('mkdir -p "$_TXE_DIR"/node/txe_node/{engine,schedulers} || exit 1')
+    out.append("# the engine and its launcher (torchx_ext/engine, torchx_ext/schedulers/slurm_jobs/node.py)")
+    out.append('mkdir -p "$_TXE_DIR"/node/txe_node/{engine,schedulers/slurm_jobs} || exit 1')
     for rel, text in shipped_sources().items():
         out.append(f'cat >"$_TXE_DIR/node/{rel}" {_heredoc(text)}' if text else f': >"$_TXE_DIR/node/{rel}"')
     out.append("")

@@ -1,0 +1,183 @@
+"""What a ``slurm_jobs`` submission asks: its run options (:class:`SlurmJobsExecutor`), the request a
+dry-run prints and ``schedule`` performs (:class:`SlurmJobsRequest`), and the sbatch options and
+names made of them."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal as signal_module
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+from torchx_ext import state
+from torchx_ext.errors import (
+    InvalidOptionError,
+)
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
+from torchx_ext.schedulers.slurm_jobs import client as sc
+from torchx_ext.schedulers.slurm_jobs.script import (
+    ScriptSpec,
+    render,
+)
+
+logger = logging.getLogger(__name__)
+SCHEDULER = "slurm_jobs"
+split_app_id = sc.split_app_id  # where the ids are parsed: below the scheduler (its retention uses it too)
+DEFAULT_REMOTE_DIR = "~/.torchx_ext/slurm_jobs"
+# under the job root: Slurm's own output (slurm-<job id>.out), in a directory made 0700 before
+# sbatch (Slurm opens the file before the job's private directory can exist)
+OUTPUT_DIR = "slurm-out"
+
+
+@dataclass
+class SlurmJobsExecutor(Executor):
+    """Run options of the ``slurm_jobs`` scheduler (also usable as a typed executor)."""
+
+    scheduler = SCHEDULER
+    capabilities = GROUP_CAPABILITIES
+
+    partition: Optional[str] = option(None, help="Slurm partition (every role's component)")
+    time: Optional[str] = option(None, help="time limit, in any sbatch --time format (e.g. 1:00:00)")
+    signal: Optional[str] = option(
+        None, help="a signal for every replica's process before the time limit, as SIG[@SECONDS] "
+        "(sbatch --signal; e.g. USR1@120: SIGUSR1 about 120 s before; Slurm may send it up to 60 s early) "
+        "so a training script can checkpoint")
+    account: Optional[str] = option(None, help="account to charge (sbatch --account)")
+    qos: Optional[str] = option(None, help="quality of service (sbatch --qos)")
+    constraint: Optional[str] = option(None, help="node features (sbatch --constraint)")
+    exclusive: bool = option(False, help="whole nodes only (sbatch --exclusive)")
+    gpus_per_node: Optional[int] = option(
+        None, help="GPUs per node for the roles that ask for GPUs (sbatch --gpus-per-node) instead "
+        "of resource.gpu per replica (--gpus-per-task); their steps then see all GPUs of the node"
+    )
+    ntasks_per_node: Optional[int] = option(
+        None, help="replicas per node (sbatch --ntasks-per-node; nodes = ceil(replicas / this)); "
+        "default: Slurm packs replicas as resources allow"
+    )
+    retry_backoff_s: float = retry_backoff_option()
+    mail_user: Optional[str] = option(None, help="who gets Slurm's mail (sbatch --mail-user)")
+    mail_type: Optional[str] = option(None, help="when Slurm sends mail, e.g. END,FAIL (sbatch --mail-type)")
+    sbatch_args: Optional[list[str]] = option(
+        None, help="extra sbatch options, one per item as --name=value, added to every role's component"
+    )
+    srun_args: Optional[list[str]] = option(
+        None, help="extra srun options, one per item as --name=value, added to every replica's step"
+    )
+    job_dir: Optional[str] = option(
+        None, help="directory for job directories (<job_dir>/<job id>.<token>/: logs, exit codes) and "
+        f"{OUTPUT_DIR}/slurm-<job id>.out; must be visible from the nodes (default: $TORCHX_EXT_HOME/slurm_jobs)"
+    )
+    container_image: Optional[str] = option(
+        None, help="run every replica in this container image (pyxis: srun --container-image); "
+        "an absolute role image is then the working directory in the container"
+    )
+    container_mounts: Optional[list[str]] = option(
+        None, help="pyxis mounts, SRC:DST[:FLAGS] per item (srun --container-mounts)"
+    )
+    node_python: str = option(
+        "python3", help="the Python (>= 3.8, standard library only) that runs the group engine on the "
+        "job's first node, as a command name or path; the job ships the engine itself, nodes need no "
+        "torchx-ext. A node without it fails the app, saying so"
+    )
+    login: Optional[str] = option(
+        None, help="a remote cluster: its login node as user@host[:port] or a Host alias of ~/.ssh/config, "
+        "reached with the system ssh (your agent, ProxyJump, known_hosts; never prompts; one shared "
+        "connection). Slurm's commands run there; the handle names it, so status/log/cancel need no "
+        "options. Unset: Slurm's commands run here"
+    )
+    identity_file: Optional[str] = option(
+        None, help="with login: the private key to log in with (ssh -i, IdentitiesOnly); default: "
+        "what ssh would use (agent, ~/.ssh/config)"
+    )
+    ssh_config: Optional[str] = option(
+        None, help="with login: an ssh config file read instead of ~/.ssh/config (ssh -F)"
+    )
+    remote_dir: Optional[str] = option(
+        None, help="with login: the directory on the cluster for job directories and workspaces "
+        f"(must be visible from the nodes); default {DEFAULT_REMOTE_DIR} of the login user"
+    )
+
+
+@dataclass
+class WorkspaceCopy:
+    """A workspace copy ``schedule`` makes before sbatch (a dry-run only plans it).
+
+    ``target`` is where the role runs (its image). Remote: on the login node; ``planned_root`` is
+    the remote root as the dry-run knew it (``~/...`` until a submission resolved it), replaced by
+    the resolved root at submission; ``key`` finds the previous copy (``rsync --link-dest``).
+    """
+
+    source: str
+    target: str
+    planned_root: str = ""
+    key: str = ""
+
+
+@dataclass
+class SlurmJobsRequest:
+    """What ``schedule`` performs: the script spec and the workspace copies to make first;
+    ``--dryrun`` prints the script itself, then the copies as comments."""
+
+    spec: ScriptSpec
+    roles: list[dict[str, Any]]
+    # remote mode: login, identity_file, ssh_config, remote_dir (as given); None: here
+    remote: Optional[dict[str, Any]] = None
+    workspaces: list[WorkspaceCopy] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        where = f"{self.remote['login']}:" if self.remote else ""
+        plan = "".join(f"# before sbatch: copy the workspace {w.source} to {where}{w.target}\n"
+                       for w in self.workspaces)
+        return render(self.spec) + plan
+
+
+def role_dirname(role_name: str) -> str:
+    # distinct for names validate_app accepts: two names mapping here also share an env suffix
+    return re.sub(r"[^A-Za-z0-9_-]", "_", role_name) or "_"
+
+
+def job_name(app_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", app_name)[:64].strip("-") or "app"
+
+
+def record_dir(app_id: str) -> str:
+    # one place per user (not the cwd, not per option): any shell finds any app
+    return state.scheduler_dir(SCHEDULER, app_id)
+
+
+def with_root(spec: ScriptSpec, root: str) -> ScriptSpec:
+    """``spec`` with its job root replaced (the remote root, once resolved)."""
+    old = output_option(spec.job_root)
+    new = output_option(root)
+    return replace(spec, job_root=root, job_opts=[new if o == old else o for o in spec.job_opts])
+
+
+def output_option(job_root: str) -> str:
+    # %% is a literal % in Slurm's filename patterns; %j is the job id
+    return f"--output={job_root.replace('%', '%%')}/{OUTPUT_DIR}/slurm-%j.out"
+
+
+def replaced_in(value: Any, old: str, new: str) -> Any:
+    """``value`` (JSON-like) with ``old`` replaced by ``new`` in every string: a planned remote
+    workspace path (unique: it ends in a random suffix) by the resolved one."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, list):
+        return [replaced_in(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: replaced_in(v, old, new) for k, v in value.items()}
+    return value
+
+
+SIGNAL_RE = re.compile(r"(?:SIG)?([A-Z][A-Z0-9]*|[0-9]+)(?:@([0-9]+))?")
+
+
+def signal_option(value: str) -> str:
+    """``signal`` as sbatch --signal wants it, refusing what would not reach the replicas."""
+    m = SIGNAL_RE.fullmatch(value.strip().upper())
+    if not m or (not m.group(1).isdigit() and not hasattr(signal_module.Signals, "SIG" + m.group(1))):
+        raise InvalidOptionError(
+            f"signal={value!r}: give a signal name or number and, optionally, @SECONDS before the time "
+            "limit (e.g. USR1@120); 'B:' (the batch shell only) is not offered: it would not reach the replicas")
+    return m.group(1) + (f"@{m.group(2)}" if m.group(2) else "")
