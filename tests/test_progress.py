@@ -42,7 +42,7 @@ def test_short_work_shows_nothing_and_blocking_work_ticks() -> None:
 
 
 def test_a_workspace_over_the_limit_is_refused_at_once_naming_the_largest(tmp_path: Any) -> None:
-    from torchx_ext.schedulers.base import copy_workspace
+    from torchx_ext.schedulers.workspace import copy_workspace
 
     ws = tmp_path / "ws"
     (ws / "data").mkdir(parents=True)

@@ -17,8 +17,8 @@ import pytest
 
 from torchx_ext import state
 from torchx_ext.errors import StateError
-from torchx_ext.schedulers.base import copy_workspace
 from torchx_ext.schedulers.ray_jobs import local as rl
+from torchx_ext.schedulers.workspace import copy_workspace
 
 THREADS = 8
 ROUNDS = 200

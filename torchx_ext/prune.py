@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from torchx_ext.errors import InvalidOptionError, MissingExtraError, SchedulerUnavailable, TorchxExtError
-from torchx_ext.schedulers.base import ExtScheduler, Prunable
+from torchx_ext.schedulers.base import ExtScheduler
+from torchx_ext.schedulers.retention import Prunable
 
 SCHEDULERS = ("host", "slurm_jobs", "docker_jobs", "ray_jobs")
 SESSION = "torchx"  # the TorchX CLI's session name: the handles printed are the ones `torchx` showed

@@ -24,11 +24,8 @@ verb turns engine and OS errors into a :class:`~torchx_ext.errors.TorchxExtError
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import (
     Any,
@@ -61,36 +58,12 @@ from torchx_ext.errors import (
 from torchx_ext.executors import Executor, runopts_for
 from torchx_ext.groups import app_handle_id, handle_scheduler, is_service, validate_app
 from torchx_ext.logs import LogItem, filter_batches, follow
+from torchx_ext.schedulers.retention import Leftover, Prunable, Warn
 from torchx_ext.support import COMMON, Support, check_app
 
 E = TypeVar("E", bound=Executor)
 T = TypeVar("T")
 ReadNew = Callable[[], Iterable[LogItem]]  # may stream: a generator is consumed whole per poll
-Warn = Callable[[str], None]
-# a workspace copy no record names yet may belong to a submission in progress (the copy is made
-# before the record): prune leaves such copies alone for this long, whatever the cutoff
-IN_FLIGHT_S = 600.0
-
-
-@dataclass
-class Prunable:
-    """An ended app that ``prune`` may remove (see :meth:`ExtScheduler.prunable`)."""
-
-    app_id: str
-    state: AppState
-    ended: float  # unix time it ended; where the engine does not say, when it was submitted
-    bytes: Optional[int] = None  # what removing it frees on this machine (or the cluster), where known
-
-
-@dataclass
-class Leftover:
-    """Something no app owns any more (a workspace copy no record names, a cluster that is gone)."""
-
-    what: str  # shown to the user
-    bytes: Optional[int]
-    remove: Callable[[], None]
-
-
 class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
     """Base of the torchx-ext schedulers. See the module docstring for what a backend provides."""
 
@@ -335,45 +308,6 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
 
 
 # ---------------------------------------------------------------------- shared pieces -------
-def tree_bytes(path: str) -> int:
-    """Bytes of the files under ``path`` (a file or a directory; 0 if missing); links not followed."""
-    try:
-        if not os.path.isdir(path) or os.path.islink(path):
-            return os.lstat(path).st_size
-    except OSError:
-        return 0
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def dangling_copies(root: str, referenced: Iterable[str], cutoff: float) -> list[Leftover]:
-    """The directories under ``root`` that no record names (``referenced``), untouched since before
-    ``cutoff`` and older than :data:`IN_FLIGHT_S` (a submission may be copying into one)."""
-    try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    keep = {os.path.realpath(r) for r in referenced}
-    out = []
-    for name in sorted(names):
-        path = os.path.join(root, name)
-        try:
-            mtime = os.lstat(path).st_mtime
-        except OSError:
-            continue
-        if os.path.realpath(path) in keep or mtime >= min(cutoff, time.time() - IN_FLIGHT_S):
-            continue
-        out.append(Leftover(f"workspace copy {path} (no app refers to it)", tree_bytes(path),
-                            lambda p=path: shutil.rmtree(p, ignore_errors=True)))  # type: ignore[misc]
-    return out
-
-
 def role_summaries(app: AppDef) -> list[dict[str, Any]]:
     """What describe shows of each role later, recorded at submission (JSON-able)."""
     return [
@@ -415,69 +349,3 @@ def describe_response(
     end_unstarted_replicas(state, statuses)
     return DescribeAppResponse(app_id=app_id, state=state, msg=msg, roles=roles, roles_statuses=statuses,
                                num_restarts=num_restarts)
-
-
-def is_current_dir(workspace: str) -> bool:
-    """Is ``workspace`` (a path or ``file://`` URL) the current directory, TorchX CLI's default?"""
-    local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
-    return "://" not in local and os.path.realpath(local) == os.path.realpath(os.getcwd())
-
-
-def copy_workspace(workspace: str, target: str, ignore_file: str = ".torchxignore",
-                   max_bytes: Optional[int] = None, skip_under: Optional[str] = None) -> int:
-    """Copies ``workspace`` (an fsspec URL) into the new directory ``target``, minus what
-    ``ignore_file`` excludes (TorchX's DirWorkspace rules); returns the bytes copied.
-
-    Args:
-        workspace: the source directory
-        target: created; must not exist
-        ignore_file: the ignore file's name in the workspace
-        max_bytes: raise :class:`~torchx_ext.errors.InvalidAppError` (and remove ``target``) past this
-        skip_under: a local directory never copied (e.g. our home inside the workspace)
-    """
-    import fsspec
-    from torchx.workspace.api import walk_workspace
-
-    from torchx_ext.progress import Progress, mib
-    from torchx_ext.state import FILE_MODE, makedirs
-
-    fs, root = fsspec.core.url_to_fs(workspace)
-    makedirs(target, exist_ok=False)
-    size = files_copied = 0
-    by_entry: dict[str, int] = {}  # bytes per top-level entry: what to name when over max_bytes
-    skip = os.path.realpath(skip_under) if skip_under else None
-    with Progress(f"copying the workspace {workspace}") as progress:
-        for dirpath, _dirs, files in walk_workspace(fs, root, ignore_file):
-            rel = os.path.relpath(dirpath, root)
-            if skip and os.path.realpath(os.path.join(root, rel)).startswith(skip):
-                continue
-            for name, info in files.items():
-                if info.get("type") != "file":
-                    continue
-                nbytes = int(info.get("size") or 0)
-                size += nbytes
-                top = os.path.normpath(os.path.join(rel, name)).split(os.sep, 1)
-                entry = top[0] + ("/" if len(top) > 1 else "")
-                by_entry[entry] = by_entry.get(entry, 0) + nbytes
-                if max_bytes is not None and size > max_bytes:
-                    # refused at the first byte over the limit, not after a scan of the whole tree
-                    shutil.rmtree(target, ignore_errors=True)
-                    biggest = sorted(by_entry.items(), key=lambda kv: -kv[1])[:3]
-                    raise InvalidAppError(
-                        f"the workspace {workspace} is over {max_bytes // 2**20} MiB (largest so far: "
-                        + ", ".join(f"{k} {mib(v)}" for k, v in biggest)
-                        + f"); list what the job does not need (virtualenvs, data, checkpoints) in a "
-                        f"{ignore_file} file in it"
-                    )
-                dst = os.path.normpath(os.path.join(target, rel, name))
-                makedirs(os.path.dirname(dst))
-                # private from creation (0600); then the source's owner bits only (a script stays
-                # executable), never group/other: the copy lives in the user's private state
-                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-                with os.fdopen(fd, "wb") as out, fs.open(info["name"], "rb") as src:
-                    shutil.copyfileobj(src, out)
-                if info.get("mode") is not None:
-                    os.chmod(dst, info["mode"] & 0o700)
-                files_copied += 1
-                progress.update(files=files_copied, nbytes=size)
-    return size

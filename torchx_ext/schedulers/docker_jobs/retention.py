@@ -17,9 +17,9 @@ import time
 from typing import Any, Iterable
 
 from torchx_ext import state
-from torchx_ext.schedulers.base import IN_FLIGHT_S, Leftover, Prunable, Warn
 from torchx_ext.schedulers.docker_jobs import daemon as d
 from torchx_ext.schedulers.docker_jobs import lease as leases
+from torchx_ext.schedulers.retention import IN_FLIGHT_S, Leftover, Prunable, Warn
 
 SCHEDULER = d.SCHEDULER
 LOCAL_SUFFIXES = (".request.json", ".watcher.log")

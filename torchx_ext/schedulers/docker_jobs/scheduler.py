@@ -50,15 +50,7 @@ from torchx_ext import state
 from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidOptionError, TorchxExtError
 from torchx_ext.groups import ENV_ATTEMPT, discovery_env, is_service
-from torchx_ext.schedulers.base import (
-    ExtScheduler,
-    Leftover,
-    Prunable,
-    ReadNew,
-    Warn,
-    describe_response,
-    role_summaries,
-)
+from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
 from torchx_ext.schedulers.docker_jobs import daemon as d
 from torchx_ext.schedulers.docker_jobs import lease as leases
 from torchx_ext.schedulers.docker_jobs import retention, retries, watching
@@ -80,6 +72,7 @@ from torchx_ext.schedulers.docker_jobs.request import (
     DockerJobsExecutor as DockerJobsExecutor,
 )
 from torchx_ext.schedulers.docker_jobs.support import MATRIX
+from torchx_ext.schedulers.retention import Leftover, Prunable, Warn
 
 
 class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]):

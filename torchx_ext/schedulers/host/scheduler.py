@@ -38,19 +38,7 @@ from torchx_ext.engine.rules import TERMINAL, retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
 from torchx_ext.groups import discovery_env, is_service
 from torchx_ext.index import INDEX, AppIndex, Entry
-from torchx_ext.schedulers.base import (
-    ExtScheduler,
-    Leftover,
-    Prunable,
-    ReadNew,
-    Warn,
-    copy_workspace,
-    dangling_copies,
-    describe_response,
-    is_current_dir,
-    role_summaries,
-    tree_bytes,
-)
+from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
 from torchx_ext.schedulers.host import procs
 from torchx_ext.schedulers.host import supervisor as sup
 from torchx_ext.schedulers.host.request import (
@@ -66,6 +54,8 @@ from torchx_ext.schedulers.host.request import (
     HostExecutor as HostExecutor,
 )
 from torchx_ext.schedulers.host.support import MATRIX
+from torchx_ext.schedulers.retention import Leftover, Prunable, Warn, dangling_copies, tree_bytes
+from torchx_ext.schedulers.workspace import copy_workspace, is_current_dir
 
 
 def _gpu_count() -> int:

@@ -23,13 +23,13 @@ from torchx.specs import is_terminal
 
 from torchx_ext import state
 from torchx_ext.errors import TorchxExtError
-from torchx_ext.schedulers.base import Leftover as Leftover  # ray_jobs' hooks name them from here
-from torchx_ext.schedulers.base import Prunable as Prunable
-from torchx_ext.schedulers.base import Warn as Warn
-from torchx_ext.schedulers.base import dangling_copies
 from torchx_ext.schedulers.ray_jobs import adapter
 from torchx_ext.schedulers.ray_jobs import client as rc
 from torchx_ext.schedulers.ray_jobs import local as rl
+from torchx_ext.schedulers.retention import Leftover as Leftover  # ray_jobs' hooks name them from here
+from torchx_ext.schedulers.retention import Prunable as Prunable
+from torchx_ext.schedulers.retention import Warn as Warn
+from torchx_ext.schedulers.retention import dangling_copies
 
 if TYPE_CHECKING:
     from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsScheduler

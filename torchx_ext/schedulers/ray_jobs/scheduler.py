@@ -50,7 +50,7 @@ from torchx_ext.errors import (
 )
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service
 from torchx_ext.progress import Progress
-from torchx_ext.schedulers.base import ExtScheduler, ReadNew, copy_workspace, describe_response
+from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response
 from torchx_ext.schedulers.ray_jobs import adapter, cluster, preflight, retention
 from torchx_ext.schedulers.ray_jobs import client as rc
 from torchx_ext.schedulers.ray_jobs import local as rl
@@ -69,6 +69,7 @@ from torchx_ext.schedulers.ray_jobs.request import (
     RayJobsExecutor as RayJobsExecutor,
 )
 from torchx_ext.schedulers.ray_jobs.support import MATRIX
+from torchx_ext.schedulers.workspace import copy_workspace
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from torchx.specs import AppState, is_terminal
 
 from torchx_ext import state
 from torchx_ext.errors import BackendError, StateError, TorchxExtError
-from torchx_ext.schedulers.base import Leftover as Leftover  # slurm_jobs' hooks name them from here
-from torchx_ext.schedulers.base import Prunable as Prunable
-from torchx_ext.schedulers.base import Warn as Warn
-from torchx_ext.schedulers.base import dangling_copies, tree_bytes
+from torchx_ext.schedulers.retention import Leftover as Leftover  # slurm_jobs' hooks name them from here
+from torchx_ext.schedulers.retention import Prunable as Prunable
+from torchx_ext.schedulers.retention import Warn as Warn
+from torchx_ext.schedulers.retention import dangling_copies, tree_bytes
 from torchx_ext.schedulers.slurm_jobs import client as sc
 from torchx_ext.schedulers.slurm_jobs.script import app_state_of
 

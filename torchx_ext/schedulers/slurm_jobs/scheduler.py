@@ -55,14 +55,7 @@ from torchx_ext.errors import (
     TorchxExtError,
 )
 from torchx_ext.groups import ReplicaOutcome, group_state, is_service, role_env_suffix
-from torchx_ext.schedulers.base import (
-    ExtScheduler,
-    ReadNew,
-    copy_workspace,
-    end_unstarted_replicas,
-    is_current_dir,
-    role_summaries,
-)
+from torchx_ext.schedulers.base import ExtScheduler, ReadNew, end_unstarted_replicas, role_summaries
 from torchx_ext.schedulers.slurm_jobs import client as sc
 from torchx_ext.schedulers.slurm_jobs import retention
 from torchx_ext.schedulers.slurm_jobs.request import (
@@ -98,6 +91,7 @@ from torchx_ext.schedulers.slurm_jobs.script import (
 )
 from torchx_ext.schedulers.slurm_jobs.ssh import SshLogin
 from torchx_ext.schedulers.slurm_jobs.support import MATRIX
+from torchx_ext.schedulers.workspace import copy_workspace, is_current_dir
 
 logger = logging.getLogger(__name__)
 
