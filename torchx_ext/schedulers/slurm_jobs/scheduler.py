@@ -27,48 +27,37 @@ and workspaces live on the cluster under ``remote_dir``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shlex
-import shutil
-import stat
 import time
 import uuid
 from dataclasses import asdict, replace
 from datetime import datetime
-from typing import Any, Callable, Collection, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
-from torchx.specs import AppDef, AppState, Role, is_terminal, macros
+from torchx.specs import AppDef, AppState, Role, is_terminal
 from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import index, state
-from torchx_ext.engine.rules import retry_policy_name
 from torchx_ext.errors import (
     BackendError,
     DependencyError,
-    InvalidAppError,
-    InvalidOptionError,
     SchedulerUnavailable,
     StateError,
     TorchxExtError,
 )
-from torchx_ext.groups import is_service, role_env_suffix
-from torchx_ext.schedulers.base import ExtScheduler, ReadNew, end_unstarted_replicas, role_summaries
+from torchx_ext.schedulers.base import ExtScheduler, ReadNew, end_unstarted_replicas
 from torchx_ext.schedulers.slurm_jobs import client as sc
-from torchx_ext.schedulers.slurm_jobs import retention, status
+from torchx_ext.schedulers.slurm_jobs import records, retention, status, workspaces
 from torchx_ext.schedulers.slurm_jobs.request import (
-    DEFAULT_REMOTE_DIR,
     OUTPUT_DIR,
     SCHEDULER,
     SlurmJobsRequest,
     WorkspaceCopy,
-    job_name,
-    output_option,
+    build_request,
     record_dir,
-    replaced_in,
     role_dirname,
-    signal_option,
     split_app_id,
     with_root,
 )
@@ -76,10 +65,6 @@ from torchx_ext.schedulers.slurm_jobs.request import (
     SlurmJobsExecutor as SlurmJobsExecutor,
 )
 from torchx_ext.schedulers.slurm_jobs.script import (
-    APP_ID_TOKEN,
-    MARKER,
-    ReplicaCommand,
-    RoleComponent,
     ScriptSpec,
     app_state_of,
     render,
@@ -120,158 +105,9 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             return self._slurm
         return self._remote(record["login"], record.get("identity_file"), record.get("ssh_config"))
 
-    def _remote_root(self, client: sc.RemoteSlurmClient, remote_dir: Optional[str]) -> str:
-        """The remote base directory, absolute: ``~`` resolved on the login node once, then remembered."""
-        wanted = remote_dir or DEFAULT_REMOTE_DIR
-        if wanted.startswith("/"):
-            return os.path.normpath(wanted)
-        key = f"{client.login.name} {wanted}"
-        known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
-        if key in known:
-            return str(known[key])
-        proc = client.login.run(["sh", "-c", 'umask 077; case $1 in "~") d=$HOME ;; "~/"*) d=$HOME/${1#"~/"} ;; '
-                                 '/*) d=$1 ;; *) d=$HOME/$1 ;; esac; mkdir -p -- "$d" && cd -- "$d" && pwd -P',
-                                 "sh", wanted])
-        if proc.returncode != 0 or not proc.stdout.strip().startswith("/"):
-            raise BackendError(f"cannot create {wanted} on {client.login.name}: "
-                               f"{(proc.stderr.strip().splitlines() or ['no answer'])[-1]}")
-        root = proc.stdout.strip().splitlines()[-1]
-        state.makedirs(state.scheduler_dir(SCHEDULER))
-        state.update_json(state.scheduler_dir(SCHEDULER), "remote_roots.json", **{key: root})
-        return root
-
     # ------------------------------------------------------------------ dry-run -----
     def _build_request(self, app: AppDef, ex: SlurmJobsExecutor, dependencies: list[str]) -> SlurmJobsRequest:
-        login = SshLogin(ex.login, ex.identity_file, ex.ssh_config).name if ex.login else ""
-        if not login:
-            for key in ("identity_file", "ssh_config", "remote_dir"):
-                if getattr(ex, key):
-                    raise InvalidOptionError(f"{key} is an option of a remote cluster: set login too")
-        elif ex.job_dir:
-            raise InvalidOptionError("job_dir is a directory here; with login, the directory on the cluster "
-                                     "is remote_dir")
-        dep_ids = []
-        for dep in dependencies:
-            where = split_app_id(dep)
-            if where is None or where[0] != login:
-                what = f"an app id of {login} (<login>:<job id>)" if login else "a Slurm job id"
-                raise DependencyError(f"dependency '{dep}' is not {what}: an app can depend on apps of its "
-                                      "own cluster only")
-            dep_ids.append(where[1])
-        dependencies = dep_ids
-        if login:
-            job_root = self._planned_remote_root(login, ex.remote_dir)
-        else:
-            job_root = os.path.abspath(os.path.expanduser(ex.job_dir or state.scheduler_dir(SCHEDULER)))
-        shared: list[str] = []
-        for key in ("partition", "time", "account", "qos"):
-            if getattr(ex, key):
-                shared.append(f"--{key}={getattr(ex, key)}")
-        if ex.exclusive:
-            shared.append("--exclusive")
-        shared += ex.sbatch_args or []
-        job_opts = [f"--job-name={job_name(app.name)}", f"--comment={MARKER}",
-                    output_option(job_root), "--open-mode=append",
-                    # with retries Slurm may requeue it (preemption, a node failure, scontrol requeue);
-                    # without, it must not, behind the user's back
-                    "--requeue" if any(r.max_retries for r in app.roles) else "--no-requeue"]
-        for key in ("mail_user", "mail_type"):
-            if getattr(ex, key):
-                job_opts.append(f"--{key.replace('_', '-')}={getattr(ex, key)}")
-        if ex.signal:
-            job_opts.append(f"--signal={signal_option(ex.signal)}")
-        if ex.retry_backoff_s < 0:
-            raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
-        prefix = f"{login}:" if login else ""
-        workspaces = [self._planned[r.image] for r in app.roles if r.image in self._planned]
-        planned = {w.target for w in workspaces}
-        components = [self._component(role, ex, prefix, planned) for role in app.roles]
-        spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
-                          dependencies=dependencies, components=components,
-                          container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s),
-                          app_id_prefix=prefix, node_python=ex.node_python)
-        roles = [{**summary, "dirname": role_dirname(summary["name"])} for summary in role_summaries(app)]
-        remote = {"login": login, "identity_file": ex.identity_file, "ssh_config": ex.ssh_config,
-                  "remote_dir": ex.remote_dir} if login else None
-        return SlurmJobsRequest(spec=spec, roles=roles, remote=remote, workspaces=workspaces)
-
-    @staticmethod
-    def _planned_remote_root(login: str, remote_dir: Optional[str]) -> str:
-        """The remote root as far as known without connecting: resolved at a submission (one round
-        trip, remembered); until then a dry-run shows ``~/...``."""
-        wanted = remote_dir or DEFAULT_REMOTE_DIR
-        if wanted.startswith("/"):
-            return os.path.normpath(wanted)
-        known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_roots.json")) or {}
-        return str(known.get(f"{login} {wanted}", wanted))
-
-    # Over 60 lines: each Role/Resource field maps to its sbatch and srun options in one place
-    # (the support matrix's order), a few lines per field.
-    @staticmethod
-    def _component(role: Role, ex: SlurmJobsExecutor, app_id_prefix: str = "",
-                   planned: Collection[str] = ()) -> RoleComponent:
-        n = role.num_replicas
-        res = role.resource
-        sbatch = [f"--ntasks={n}"]
-        if ex.ntasks_per_node:
-            sbatch += [f"--nodes={math.ceil(n / ex.ntasks_per_node)}", f"--ntasks-per-node={ex.ntasks_per_node}"]
-        step = ["--nodes=1", "--ntasks=1", "--exact", "--export=ALL"]
-        res_opts = []
-        if res.cpu > 0:
-            res_opts.append(f"--cpus-per-task={math.ceil(res.cpu)}")
-        if res.memMB > 0:
-            # per CPU, so that replicas packed onto one node add up
-            res_opts.append(f"--mem-per-cpu={math.ceil(res.memMB / max(math.ceil(res.cpu), 1))}")
-        sbatch += res_opts
-        step += res_opts
-        if res.gpu > 0 and ex.gpus_per_node:
-            sbatch.append(f"--gpus-per-node={ex.gpus_per_node}")
-        elif res.gpu > 0:
-            sbatch.append(f"--gpus-per-task={res.gpu}")
-            step.append(f"--gpus-per-task={res.gpu}")
-        caps = dict(res.capabilities or {})
-        features = [ex.constraint] if ex.constraint else []
-        features += [name for name, value in caps.items() if value is True]
-        if features:
-            sbatch.append(f"--constraint={'&'.join(features)}")
-        gres = [f"{name}:{value}" for name, value in caps.items() if value is not True and value]
-        if gres:
-            sbatch.append(f"--gres={','.join(gres)}")
-        if role.mounts and not ex.container_image:
-            raise InvalidAppError(f"role '{role.name}': Role.mounts need a container on {SCHEDULER}: set "
-                                  "container_image (pyxis); a bare step sees the nodes' filesystems as they are")
-        # a planned workspace copy is the role's directory (schedule makes it before sbatch)
-        if role.image and role.image in planned:
-            workdir: Optional[str] = role.image
-        elif ex.login:  # an absolute image is a directory on the cluster
-            workdir = role.image if role.image and role.image.startswith("/") else None
-        else:
-            workdir = os.path.abspath(role.image) if role.image and os.path.isdir(role.image) else None
-        if ex.container_image:
-            step.append(f"--container-image={ex.container_image}")
-            mounts = list(ex.container_mounts or [])
-            mounts += [f"{m.src_path}:{m.dst_path}" + (":ro" if m.read_only else "") for m in role.mounts]
-            if workdir:  # a workspace copy (or any local directory): visible at the same path inside
-                mounts.append(f"{workdir}:{workdir}")
-            if mounts:
-                step.append(f"--container-mounts={','.join(mounts)}")
-            if role.image and (role.image.startswith("/") or role.image in planned):
-                workdir = role.image
-                step.append(f"--container-workdir={role.image}")
-        elif workdir:
-            step.append(f"--chdir={workdir}")
-        step += ex.srun_args or []
-        comp = RoleComponent(
-            name=role.name, dirname=role_dirname(role.name), env_suffix=role_env_suffix(role.name),
-            service=is_service(role), num_replicas=n, sbatch_opts=sbatch, srun_opts=step,
-            max_retries=role.max_retries, retry_policy=retry_policy_name(role.retry_policy),
-        )
-        for k in range(n):
-            values = macros.Values(img_root=workdir or role.image, app_id=app_id_prefix + APP_ID_TOKEN,
-                                   replica_id=str(k), rank0_env="TORCHX_RANK0_HOST")
-            r = values.apply(role)
-            comp.replicas.append(ReplicaCommand(k, [r.entrypoint, *r.args], dict(r.env)))
-        return comp
+        return build_request(app, ex, dependencies, self._planned)
 
     # ------------------------------------------------------------------ workspace ---
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Mapping[str, Any]) -> None:
@@ -283,11 +119,11 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
 
         Only plans: TorchX's ``Runner.dryrun`` calls this, and a dry-run writes nothing and connects
         nowhere. The role's image becomes the copy's path; ``schedule`` makes the copy (see
-        :meth:`_copy_workspaces`) before sbatch.
+        :meth:`_copy_workspaces`, or :func:`.workspaces.ship`) before sbatch.
         """
         ex: SlurmJobsExecutor = SlurmJobsExecutor.from_cfg(cfg)  # type: ignore[assignment]
         if ex.login:
-            copy = self._plan_remote_workspace(workspace, ex)
+            copy = workspaces.plan_remote(workspace, ex)
         elif is_current_dir(workspace):
             return
         else:
@@ -297,48 +133,11 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         self._planned[copy.target] = copy
         role.image = copy.target
 
-    def _plan_remote_workspace(self, workspace: str, ex: SlurmJobsExecutor) -> WorkspaceCopy:
-        """Where ``workspace`` goes on the cluster: a NEW directory per submission, so that no
-        running job sees its files change under it; unchanged files will be hard links into the
-        previous copy of the same workspace (``rsync --link-dest``), so a re-submit sends only what
-        changed. With a login, the current directory (the CLI's default workspace) is shipped too:
-        the cluster cannot run it in place."""
-        local = workspace[len("file://"):] if workspace.startswith("file://") else workspace
-        if "://" in local:
-            raise InvalidOptionError(f"workspace {workspace}: with login, a local directory")
-        local = os.path.realpath(local)
-        login = SshLogin(str(ex.login), ex.identity_file, ex.ssh_config).name
-        root = self._planned_remote_root(login, ex.remote_dir)
-        # the root as given (not as resolved): a dry-run and the submission agree on it offline
-        key = f"{login} {ex.remote_dir or DEFAULT_REMOTE_DIR} {local}"
-        base = f"{root}/workspaces/{uuid.uuid5(uuid.NAMESPACE_URL, key).hex[:12]}"
-        target = f"{base}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        return WorkspaceCopy(source=local, target=target, planned_root=root, key=key)
-
     def _copy_workspaces(self, req: SlurmJobsRequest) -> None:
         """Makes the request's local workspace copies (schedule only)."""
         for copy in req.workspaces:
             with self._translated("copy the workspace"):
                 copy_workspace(copy.source, copy.target)
-
-    def _ship_workspaces(self, req: SlurmJobsRequest, client: sc.RemoteSlurmClient,
-                         root: str) -> tuple[SlurmJobsRequest, dict[str, int]]:
-        """Ships the request's workspaces to the cluster (schedule only) and returns the request with
-        each planned path under the resolved ``root``, and the bytes sent per copy."""
-        sent: dict[str, int] = {}
-        spec, roles = asdict(req.spec), req.roles
-        known = state.read_json(state.scheduler_dir(SCHEDULER, "remote_workspaces.json")) or {}
-        for copy in req.workspaces:
-            target = copy.target
-            if copy.planned_root != root and target.startswith(copy.planned_root + "/"):
-                target = root + target[len(copy.planned_root):]
-                spec, roles = replaced_in(spec, copy.target, target), replaced_in(roles, copy.target, target)
-            previous = known.get(copy.key)
-            sent[target] = client.login.sync_dir(copy.source, target, link_dest=previous)
-            state.update_json(state.scheduler_dir(SCHEDULER), "remote_workspaces.json", **{copy.key: target})
-            logger.info("workspace %s shipped to %s:%s: %d bytes sent%s", copy.source, client.login.name, target,
-                        sent[target], f" (unchanged files linked from {previous})" if previous else "")
-        return replace(req, spec=ScriptSpec.from_dict(spec), roles=roles), sent
 
     # ------------------------------------------------------------------ submit ------
     def _schedule(self, req: SlurmJobsRequest) -> str:
@@ -350,19 +149,19 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         # output goes into a directory of ours inside it, private before sbatch names the file
         out_dir = os.path.join(spec.job_root, OUTPUT_DIR)
         state.makedirs(out_dir)
-        _private_dir(out_dir)
+        workspaces.private_dir(out_dir)
         script = render(spec)
         try:
             self._copy_workspaces(req)
             # umask 077: Slurm creates slurm-<id>.out with the submitter's umask (SLURM_UMASK)
-            token = submission_token()
+            token = records.submission_token()
             proc = sc.run(["sbatch", "--parsable"], stdin=script, umask=0o077,  # the replicas' umask: see render
                           env={"TORCHX_EXT_UMASK": sc.current_umask(), "TORCHX_EXT_SUBMISSION": token})
         except BaseException:
-            self._remove_copies(req)  # a half copy, or one no job will use
+            workspaces.remove_copies(req)  # a half copy, or one no job will use
             raise
         if proc.returncode != 0:
-            self._remove_copies(req)  # nothing submitted: nothing left behind
+            workspaces.remove_copies(req)  # nothing submitted: nothing left behind
             err = "; ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
             if sc.unreachable(proc):
                 raise SchedulerUnavailable(f"sbatch could not reach slurmctld: {err}")
@@ -381,13 +180,8 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             "spec": asdict(spec),  # the request as submitted, for describe_native
         }
         state.write_json(os.path.join(record_dir(job_id), "app.json"), record)
-        _INDEX.add(_index_entry(record))
+        records.INDEX.add(records.index_entry(record))
         return job_id
-
-    @staticmethod
-    def _remove_copies(req: SlurmJobsRequest) -> None:
-        for copy in req.workspaces:
-            shutil.rmtree(copy.target, ignore_errors=True)
 
     def _schedule_remote(self, req: SlurmJobsRequest) -> str:
         """sbatch on the login node: ONE round trip (once the remote root is known) that checks that
@@ -396,12 +190,12 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         remote = req.remote or {}
         client = self._remote(remote["login"], remote.get("identity_file"), remote.get("ssh_config"))
         login = client.login.name
-        root = self._remote_root(client, remote.get("remote_dir"))
-        req, sent = self._ship_workspaces(req, client, root)
+        root = workspaces.remote_root(client, remote.get("remote_dir"))
+        req, sent = workspaces.ship(req, client, root)
         deps = self._resolve_dependencies(req.spec.dependencies, client, login)
         spec = with_root(replace(req.spec, dependencies=deps), root)
         script = render(spec)
-        token = submission_token()
+        token = records.submission_token()
         proc = client.login.run_shell(f"root={shlex.quote(spec.job_root)} TORCHX_EXT_SUBMISSION={token}\n"
                                       f"{_REMOTE_SUBMIT}", stdin=script)
         out = proc.stdout.strip().splitlines()
@@ -428,7 +222,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
             "workspace_bytes_sent": sent, "spec": asdict(spec),
         }
         state.write_json(os.path.join(record_dir(app_id), "app.json"), record)
-        _INDEX.add(_index_entry(record))
+        records.INDEX.add(records.index_entry(record))
         return app_id
 
     def _resolve_dependencies(self, deps: list[str], client: Optional[sc.SlurmClient] = None,
@@ -460,11 +254,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         return keep
 
     # ------------------------------------------------------------------ records -----
-    @staticmethod
-    def _record(app_id: str) -> Optional[dict[str, Any]]:
-        if split_app_id(app_id) is None:
-            return None
-        return state.read_json(os.path.join(record_dir(app_id), "app.json"))
+    _record = staticmethod(records.read_record)  # (retention and the benches read records through it)
 
     def _describe_native(self, app_id: str) -> Optional[SlurmJobsRequest]:
         record = self._record(app_id)
@@ -517,7 +307,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         cannot be asked is one warning and its open apps are not listed; only when no cluster
         could be asked is it an error.
         """
-        entries = _INDEX.entries()
+        entries = records.INDEX.entries()
         clusters: dict[tuple[str, str, str], list[index.Entry]] = {}
         for entry in entries:
             if not entry.end:
@@ -554,7 +344,7 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
                         listed[entry.app_id] = (st, is_terminal(st))
         if failed and len(failed) == len(clusters):
             raise failed[0]
-        _INDEX.ended({k: st.name for k, (st, final) in listed.items() if final})
+        records.INDEX.ended({k: st.name for k, (st, final) in listed.items() if final})
         out = []
         for entry in entries:
             if entry.end:
@@ -597,11 +387,11 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         self._cancel(app_id)
         if (record := self._record(app_id)) is not None:  # its files and record (see retention)
             retention.remove_files(self, app_id, record)
-            _INDEX.forget(app_id)
+            records.INDEX.forget(app_id)
 
     def delete_apps(self, app_ids: Sequence[str], done: Callable[[str, Optional[Exception]], None]) -> None:
         # one squeue per cluster instead of a scontrol per app (see retention.delete_apps)
-        retention.delete_apps(self, app_ids, done, _INDEX)
+        retention.delete_apps(self, app_ids, done, records.INDEX)
 
     def _prunable(self, cutoff: float, warn: retention.Warn) -> list[retention.Prunable]:
         return retention.prunable(self, cutoff, warn)
@@ -635,23 +425,6 @@ class SlurmJobsScheduler(WorkspaceMixin[None], ExtScheduler[SlurmJobsExecutor]):
         return state.StampedLineReader(path, tagged=True, want_tag=tag, plain=plain).read_new, None
 
 
-def _private_dir(path: str) -> None:
-    """Checks that ``path`` (made by :func:`state.makedirs`, 0700) is a directory of this user's that
-    no one else can enter; one left open by an earlier version is closed (it is ours)."""
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        raise StateError(f"cannot use {path} for Slurm's output: {e.strerror or e}") from e
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise StateError(f"{path} is not a directory owned by this user: Slurm's output would be "
-                         "readable there; remove it or choose another job_dir")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        try:
-            os.chmod(path, 0o700)
-        except OSError as e:
-            raise StateError(f"cannot make {path} private: {e.strerror or e}") from e
-
-
 # sbatch on a login node in one round trip, run by the login shell itself (POSIX sh; $root is set
 # first), with the script on stdin. A byte written into the root by the shell (no process) finds
 # a full disk or an unwritable root before anything is submitted; then sbatch is the only process
@@ -663,40 +436,6 @@ if { [ -d "$root/slurm-out" ] || mkdir -p -- "$root/slurm-out"; } && printf x >"
 then sbatch --parsable
 else rm -f -- "$root/.torchx_ext_writable"; (exit 90)
 fi"""
-
-
-def submission_token() -> str:
-    """Names a submission's job directory with its job id (``<job id>.<token>``): Slurm gives a job
-    id again once its state is reset (a reinstalled or testbed cluster), and the new job must not
-    append to the old one's logs or read its exit codes and verdict."""
-    return uuid.uuid4().hex[:12]
-
-
-def _index_entry(record: Mapping[str, Any]) -> index.Entry:
-    """What list needs of an app: its id, submission time, name and, remote, how to reach its cluster."""
-    cluster = {k: record[k] for k in ("login", "identity_file", "ssh_config") if record.get(k)}
-    return index.Entry(str(record["app_id"]), float(record.get("submitted") or 0), str(record.get("app_name", "")),
-                       extra=cluster)
-
-
-def _entry_from_record(app_id: str) -> Optional[index.Entry]:
-    try:
-        record = SlurmJobsScheduler._record(app_id)  # noqa: SLF001 - this module's own class
-    except StateError as e:  # not listed (as before the index): say so, the others are listed
-        logger.warning("%s; this app is not listed", e)
-        return None
-    if record is None:
-        return None
-    if not record.get("submitted"):  # written by hand or an old version: the record's time
-        try:
-            record = {**record, "submitted": os.path.getmtime(os.path.join(record_dir(app_id), "app.json"))}
-        except OSError:
-            return None
-    return _index_entry({**record, "app_id": app_id})
-
-
-# list's index of this home's slurm_jobs apps (see torchx_ext.index)
-_INDEX = index.AppIndex(SCHEDULER, lambda name: split_app_id(name) is not None, _entry_from_record)
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> SlurmJobsScheduler:
