@@ -56,7 +56,7 @@ def test_a_workspace_over_the_limit_is_refused_at_once_naming_the_largest(tmp_pa
 
 
 def test_rsync_progress_lines_are_shown_and_a_silent_hang_times_out() -> None:
-    from torchx_ext.schedulers.slurm_jobs.ssh import _run_reporting
+    from torchx_ext.schedulers.slurm_jobs.transfer import run_reporting
 
     tty = Tty()
     script = ("import sys, time\n"
@@ -65,8 +65,8 @@ def test_rsync_progress_lines_are_shown_and_a_silent_hang_times_out() -> None:
               "    time.sleep(0.1)\n"
               "print('Total transferred file size: 1,100 bytes')\n").replace("%%", "%")
     with Progress("shipping", stream=tty, after_s=0) as p:
-        proc = _run_reporting([sys.executable, "-c", script], 30, p)
+        proc = run_reporting([sys.executable, "-c", script], 30, p)
     assert proc.returncode == 0 and "Total transferred file size: 1,100" in proc.stdout
     assert "shipping: 1,100 bytes, 100%, 1.00MB/s" in tty.getvalue()
     with Progress("hang", stream=Tty()) as p, pytest.raises(subprocess.TimeoutExpired):
-        _run_reporting(["sleep", "30"], 0.5, p)
+        run_reporting(["sleep", "30"], 0.5, p)

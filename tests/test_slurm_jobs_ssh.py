@@ -21,6 +21,7 @@ import pytest
 
 from conftest import require_backend
 from torchx_ext.errors import BackendError, InvalidOptionError, SchedulerUnavailable
+from torchx_ext.schedulers.slurm_jobs import transfer
 from torchx_ext.schedulers.slurm_jobs.ssh import SshLogin, ssh_failure_message
 
 HOSTILE = ["a b", "it's", '"double"', "$HOME", "${PATH}", "`id`", "$(id)", "é🙂", "", "*", "?", "[a]", "\\",
@@ -164,7 +165,7 @@ def test_user_host_port_target(sshd: dict[str, str], fresh_home: str, tmp_path: 
         files = _workspace(ws)
         remote = f"torchx_ext_test/{uuid.uuid4().hex[:8]}"
         try:
-            assert node.sync_dir(ws, remote) > 0
+            assert transfer.sync_dir(node, ws, remote) > 0
             assert _remote_tree(node, remote) == _expected_tree(files)
         finally:
             node.run(["rm", "-rf", "--", remote])
@@ -218,7 +219,7 @@ def test_unreachable_port(sshd: dict[str, str], fresh_home: str, tmp_path: objec
     msg = _one_line_naming(e, node.name)
     assert "Connection refused" in msg and "port" in msg
     with pytest.raises(SchedulerUnavailable, match="cannot reach"):
-        node.sync_dir(str(tmp_path), "torchx_ext_unreachable")
+        transfer.sync_dir(node, str(tmp_path), "torchx_ext_unreachable")
 
 
 def test_no_ssh_client(fresh_home: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,16 +286,16 @@ def test_sync_dir_sends_only_what_changed(login: SshLogin, remote_dir: str, tmp_
     expected = _expected_tree(files)
     # something ignored already on the remote (an earlier sync, before it was ignored) goes away
     login.put_text(f"{remote_dir}/data/stale", "stale")
-    sent = login.sync_dir(ws, remote_dir)
+    sent = transfer.sync_dir(login, ws, remote_dir)
     assert sent == sum(len(files[k]) for k in expected)
     assert _remote_tree(login, remote_dir) == expected
-    assert login.sync_dir(ws, remote_dir) == 0  # nothing changed: no file content sent
+    assert transfer.sync_dir(login, ws, remote_dir) == 0  # nothing changed: no file content sent
     with open(os.path.join(ws, "pkg/mod.py"), "wb") as f:
         f.write(b"x = 2  # changed\n")
     os.remove(os.path.join(ws, "main.py"))
     with open(os.path.join(ws, "data/big.bin"), "ab") as f:
         f.write(b"ignored change")
-    assert login.sync_dir(ws, remote_dir) == len(b"x = 2  # changed\n")
+    assert transfer.sync_dir(login, ws, remote_dir) == len(b"x = 2  # changed\n")
     files["pkg/mod.py"] = b"x = 2  # changed\n"
     del files["main.py"]
     assert _remote_tree(login, remote_dir) == _expected_tree(files)
@@ -310,10 +311,10 @@ def test_sync_dir_without_rsync_sends_a_tar(login: SshLogin, remote_dir: str, tm
     os.symlink(shutil.which("ssh") or "/usr/bin/ssh", os.path.join(bin_dir, "ssh"))
     monkeypatch.setenv("PATH", bin_dir)  # ssh, and no rsync
     total = sum(len(files[k]) for k in expected)
-    assert login.sync_dir(ws, remote_dir) == total
-    assert login.sync_dir(ws, remote_dir) == total  # the fallback sends everything, every time
+    assert transfer.sync_dir(login, ws, remote_dir) == total
+    assert transfer.sync_dir(login, ws, remote_dir) == total  # the fallback sends everything, every time
     os.remove(os.path.join(ws, "main.py"))
-    assert login.sync_dir(ws, remote_dir) == total - len(files.pop("main.py"))
+    assert transfer.sync_dir(login, ws, remote_dir) == total - len(files.pop("main.py"))
     assert _remote_tree(login, remote_dir) == _expected_tree(files)
 
 
@@ -321,12 +322,12 @@ def test_sync_dir_refuses_the_home_directory(tmp_path: object) -> None:
     node = SshLogin("login.example")  # refused before any connection
     for bad in ("", ".", "./", "/", "~", ".."):
         with pytest.raises(InvalidOptionError, match="refusing to sync"):
-            node.sync_dir(str(tmp_path), bad)
+            transfer.sync_dir(node, str(tmp_path), bad)
 
 
 def test_sync_dir_remote_refusal_is_a_backend_error(login: SshLogin, tmp_path: object) -> None:
     with pytest.raises(BackendError, match="cannot create directory"):
-        login.sync_dir(str(tmp_path), "/proc/torchx_ext_nope")
+        transfer.sync_dir(login, str(tmp_path), "/proc/torchx_ext_nope")
 
 
 # -- no sshd needed: ssh's messages, as the real ssh (OpenSSH 9.2) printed them, and targets ------------
@@ -453,7 +454,7 @@ def test_sync_dir_copies_are_private(login: SshLogin, remote_dir: str, tmp_path:
         os.mkdir(bin_dir)
         os.symlink(shutil.which("ssh") or "/usr/bin/ssh", os.path.join(bin_dir, "ssh"))
         monkeypatch.setenv("PATH", bin_dir)
-    login.sync_dir(ws, f"{remote_dir}/copy")
+    transfer.sync_dir(login, ws, f"{remote_dir}/copy")
     modes = _modes(login, remote_dir)
     assert modes.pop("copy/main.py") == "700"  # the user's own bits, x included, are kept
     assert all(mode == ("700" if "." not in rel.rsplit("/", 1)[-1] or rel == "." else "600")
@@ -468,8 +469,8 @@ def test_sync_dir_link_dest_is_protected_like_the_destination(login: SshLogin, r
     home = login.run(["sh", "-c", "pwd"]).stdout.strip()
     # a previous copy whose path the remote shell would split and run, were it not protected
     name = "prev dir;touch injected;$(touch injected2)"
-    login.sync_dir(ws, f"{remote_dir}/{name}")
-    login.sync_dir(ws, f"{remote_dir}/next", link_dest=f"{home}/{remote_dir}/{name}")
+    transfer.sync_dir(login, ws, f"{remote_dir}/{name}")
+    transfer.sync_dir(login, ws, f"{remote_dir}/next", link_dest=f"{home}/{remote_dir}/{name}")
     links = login.run(["stat", "-c", "%h", f"{remote_dir}/next/pkg/mod.py"]).stdout.strip()
     assert links == "2", "unchanged files are hard links into the previous copy"
     assert sorted(login.run(["ls", "-A", remote_dir]).stdout.splitlines()) == ["next", name]

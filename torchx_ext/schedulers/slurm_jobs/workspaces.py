@@ -21,6 +21,7 @@ from torchx_ext.errors import (
     StateError,
 )
 from torchx_ext.schedulers.slurm_jobs import client as sc
+from torchx_ext.schedulers.slurm_jobs import transfer
 from torchx_ext.schedulers.slurm_jobs.request import (
     DEFAULT_REMOTE_DIR,
     SCHEDULER,
@@ -90,7 +91,7 @@ def ship(req: SlurmJobsRequest, client: sc.RemoteSlurmClient, root: str) -> tupl
             target = root + target[len(copy.planned_root):]
             spec, roles = replaced_in(spec, copy.target, target), replaced_in(roles, copy.target, target)
         previous = known.get(copy.key)
-        sent[target] = client.login.sync_dir(copy.source, target, link_dest=previous)
+        sent[target] = transfer.sync_dir(client.login, copy.source, target, link_dest=previous)
         state.update_json(state.scheduler_dir(SCHEDULER), "remote_workspaces.json", **{copy.key: target})
         logger.info("workspace %s shipped to %s:%s: %d bytes sent%s", copy.source, client.login.name, target,
                     sent[target], f" (unchanged files linked from {previous})" if previous else "")
