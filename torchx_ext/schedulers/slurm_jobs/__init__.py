@@ -9,20 +9,7 @@ machine or on a login node over SSH.
 * :mod:`.retention` — what delete and prune remove.
 """
 
-from __future__ import annotations
+from torchx_ext.schedulers import lazy_exports
 
-from typing import Any
-
-# What the entry points name here (``torchx_ext.schedulers.slurm_jobs:create_scheduler`` and the
-# executor), imported on first use: a process this package starts with ``python -m`` must not
-# pay for the scheduler's imports (torchx) before it runs.
-_EXPORTS = ("create_scheduler", "SlurmJobsScheduler", "SlurmJobsExecutor")
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        from . import scheduler
-
-        return getattr(scheduler, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# what the entry points name here (``torchx_ext.schedulers.slurm_jobs:create_scheduler``, the executor)
+__getattr__, __all__ = lazy_exports(__name__, ("create_scheduler", "SlurmJobsScheduler", "SlurmJobsExecutor"))
