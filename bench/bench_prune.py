@@ -1,8 +1,8 @@
 """``python -m torchx_ext prune`` of thousands of ended apps (issue 24): completes, frees what it
 says, and leaves every running app untouched.
 
-Per scheduler (``host``; ``slurm_jobs`` on the testbed cluster, ``bash testbed/slurm.sh start``), in
-a fresh ``$TORCHX_EXT_HOME``:
+Per scheduler (``host``; ``slurm_jobs`` on the testbed cluster, ``bash testbed/slurm.sh start``;
+``docker_jobs`` and ``ray_jobs``: below), in a fresh ``$TORCHX_EXT_HOME``:
 
 * ``--running`` apps that have not ended (host: ``sleep``; slurm_jobs: jobs submitted ``--hold``,
   PENDING until cancelled, so that the shared testbed's two nodes stay free), submitted for real;
@@ -22,10 +22,54 @@ a fresh ``$TORCHX_EXT_HOME``:
   hand, one ``rm -rf`` of their directories (for slurm_jobs nothing else: there is no job to
   cancel), and the prune's ratio to it.
 
+``docker_jobs`` (the testbed's daemon, ``source testbed/.state/docker.env``; only the local
+``$TORCHX_EXT_TEST_DOCKER_BUSYBOX`` image, never a pull) and ``ray_jobs`` (the testbed's head,
+``source testbed/.state/ray.env``: ``--dashboard`` and ``--gcs``) keep an app on the backend, not
+in directories of the home, so the same steps differ thus:
+
+* docker_jobs: the ``--running`` apps are busybox ``sleep 600``, on docker's ``bridge`` network
+  (an app's own network, the default, stops at ~30 apps: the daemon's default address pools run
+  out). An ended app, as the real one shows it, is an exited container, its verdict volume
+  ``<app>.verdict`` and ``<app>.request.json`` in the home; each fabricated one is a container made
+  with ``docker create`` and NEVER STARTED (``created``, not ``exited``: starting 2,000 costs
+  minutes, and prune reads only that it does not run) with the real container's ``torchx-ext.*``
+  labels (new app id; ``network_mode=none``, the real app's network being gone), the verdict volume
+  with the real verdict's labels and a FAKED verdict time 2 to 5 days ago (the ``torchx-ext.time``
+  label: what ``docker_jobs_retention.prunable`` reads), and the request file (its mtime that time
+  too), 4 at once. The home's watcher (running for the live apps) sees each created container,
+  takes its lease and lets it go: the bench waits for that to settle. Checks: the containers and
+  volumes of every ended app gone from the daemon; the home's files removed are exactly their
+  request files, and their bytes are what prune says (prune counts no bytes on the daemon:
+  containers, their logs and volumes are freed unsaid; the count of the daemon's vfs layer
+  directories before and after is printed); every live app RUNNING, with the same containers
+  (id, running, start time), no verdict, the same request file (its lease volumes are not
+  compared: the watcher renews them every 2 s); ``torchx list`` shows the live apps and none
+  pruned (it shows every docker_jobs app on the shared daemon: other users' are counted apart).
+  Raw: the same objects fabricated again, removed one by one with the SDK in a new process
+  (``remove_container(force=True)``, ``remove_volume``, ``os.remove``; the ids known, no listing).
+* ray_jobs: the live apps are ``time.sleep(600)`` jobs, ``--ray-running`` of them (10 by default,
+  not 50: each running app costs the head ~375 MB, driver, supervisor actor and replica: 50 would
+  take ~19 GB of the shared machine's 23). An ended app is its Ray job record (JobInfo, which Ray's
+  job manager keeps in the GCS KV, ``_ray_internal_job_info_<id>`` in namespace ``job``) plus a
+  line of the home's manifest; each fabricated one is the real ended app's record, copied with a
+  new submission id and FAKED ``start_time``/``end_time`` 2 to 5 days ago (``end_time``: what
+  ``ray_jobs_retention.prunable`` reads), written with ``GcsClient.internal_kv_put`` (no driver:
+  ``ray.init`` would add a job), plus the manifest line. No driver ever runs for them (a real job
+  costs the head ~0.7 s): the Jobs API lists, gets and deletes them as any ended submission job,
+  and ``delete_job`` removes exactly that record (not the driver's log, which a fabricated job does
+  not have; the real template's stays on the head after delete, as printed). Checks: every ended
+  app's record gone (the KV and ``list_jobs``); prune says its sizes are unknown, the bytes of the
+  records gone are printed; every live app RUNNING with the same job record (status, times,
+  metadata, entrypoint, driver); ``torchx list`` as for docker_jobs. Raw: the same records
+  fabricated again, ``JobSubmissionClient.delete_job`` of each in a new process.
+
     PYTHONPATH=. .venv-test/bin/python bench/bench_prune.py [--ended 2000] [--running 50] [-s host]
+    source testbed/.state/docker.env; source testbed/.state/ray.env
+    PYTHONPATH=. .venv-test/bin/python bench/bench_prune.py -s docker_jobs -s ray_jobs [--ray-running 10]
 
 Everything started is cancelled (only this benchmark's own jobs), and the homes removed, at the end,
-also when the benchmark fails. Exit status 1 if a check fails.
+also when the benchmark fails; on docker and Ray, every container, volume, network, job record and
+driver log of this benchmark's apps (and only those) is removed. Exit status 1 if a check fails.
 """
 
 from __future__ import annotations
