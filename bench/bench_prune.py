@@ -321,7 +321,7 @@ def fabricate_docker(api: Any, home: str, tpl: DockerTemplate, n: int, newest_ag
     create`` (never started) with the template container's labels, the verdict volume with the
     template's labels and a verdict time ``newest_age`` to ``newest_age + span`` ago (what
     ``docker_jobs_retention.prunable`` reads), and the request file (its mtime that time too)."""
-    from torchx_ext.schedulers import docker_jobs_daemon as d
+    from torchx_ext.schedulers.docker_jobs import daemon as d
 
     now = time.time()
     ids = [f"{tpl.app_id.rsplit('-', 1)[0]}-{uuid.uuid4().hex[:10]}" for _ in range(n)]
@@ -345,8 +345,8 @@ def fabricate_docker(api: Any, home: str, tpl: DockerTemplate, n: int, newest_ag
 
 def docker_objects(api: Any, ids: set[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """The containers and volumes (verdicts, leases) on the daemon that belong to the apps ``ids``."""
-    from torchx_ext.schedulers import docker_jobs_daemon as d
-    from torchx_ext.schedulers import docker_jobs_lease as leases
+    from torchx_ext.schedulers.docker_jobs import daemon as d
+    from torchx_ext.schedulers.docker_jobs import lease as leases
 
     cs = [c for c in api.containers(all=True, filters={"label": f"{d.L_SCHEDULER}={d.SCHEDULER}"})
           if c["Labels"].get(d.L_APP_ID) in ids]
@@ -381,8 +381,8 @@ def vfs_dirs() -> Optional[int]:
 
 
 def bench_docker(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[], object]]) -> dict[str, Any]:
-    from torchx_ext.schedulers import docker_jobs_daemon as d
     from torchx_ext.schedulers.docker_jobs import create_scheduler
+    from torchx_ext.schedulers.docker_jobs import daemon as d
 
     scheduler = "docker_jobs"
     home = tempfile.mkdtemp(prefix=f"bench_prune_{scheduler}_")
@@ -395,7 +395,7 @@ def bench_docker(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[
     def sweep() -> None:  # cleanup, also after a failure: this benchmark's apps only
         live_now = [c for c in docker_objects(api, mine)[0] if c.get("State") == "running"]
         pool_map(lambda c: gone_ok(lambda: api.stop(c["Id"], timeout=2)), live_now)
-        from torchx_ext.schedulers import docker_jobs_watcher as w
+        from torchx_ext.schedulers.docker_jobs import watching as w
 
         deadline = time.time() + 30
         while os.path.isdir(root) and w.watcher_running() and time.time() < deadline:
@@ -588,7 +588,7 @@ def ray_driver_log(sid: str) -> Optional[str]:
 def bench_ray(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[], object]]) -> dict[str, Any]:
     from ray.job_submission import JobSubmissionClient
 
-    from torchx_ext.schedulers import ray_jobs_client as rc
+    from torchx_ext.schedulers.ray_jobs import client as rc
     from torchx_ext.schedulers.ray_jobs import create_scheduler
 
     scheduler, url, running = "ray_jobs", a.dashboard, a.ray_running
