@@ -65,7 +65,7 @@ L_ENGINE = P + "engine"  # the group engine's snapshot when the restart that cre
 # who submitted the app (user, machine, $TORCHX_EXT_HOME): only they heal it (start a watcher)
 L_SUBMITTER = P + "submitter"
 
-_RUNNING = {"running", "restarting", "paused"}
+RUNNING = {"running", "restarting", "paused"}
 _NEVER = "0001-01-01T00:00:00Z"
 
 T = TypeVar("T")
@@ -183,7 +183,7 @@ class Replica:
 
     @property
     def running(self) -> bool:
-        return self.status in _RUNNING
+        return self.status in RUNNING
 
 
 @dataclass
