@@ -613,3 +613,37 @@ def test_the_driver_starts_all_or_nothing_and_a_cancel_stops_a_due_restart() -> 
     threading.Timer(0.3, stopping.set).start()
     code, verdict, _ = run_gang(gang_spec(1, backoff=30.0), gang, stopping)  # restart due in 30 s
     assert code == 1 and verdict["state"] == "CANCELLED" and gang.started == [(0, 1)], verdict
+
+
+def test_delete_jobs_reads_the_listing_first_and_says_what_ray_kept() -> None:
+    """One GET per job only after the first pass (which reads the listing); a job Ray keeps is
+    returned once the patience runs out without progress, not reported as deleted."""
+    old = int((time.time() - 60) * 1000)
+
+    class Client:
+        def __init__(self) -> None:
+            self.jobs = {i: types.SimpleNamespace(submission_id=i, status="SUCCEEDED", end_time=old)
+                         for i in ("a", "b", "stuck")}
+            self.gets: list[str] = []
+
+        def _do_request(self, method: str, endpoint: str) -> Any:
+            sid = endpoint.rsplit("/", 1)[-1]
+            self.gets.append(sid)
+            job = self.jobs.get(sid)
+            if job is None:
+                return types.SimpleNamespace(status_code=404, json=lambda: {})
+            body = {"type": "SUBMISSION", "submission_id": sid, "status": job.status, "entrypoint": "e",
+                    "end_time": job.end_time}
+            return types.SimpleNamespace(status_code=200, json=lambda: body)
+
+        def delete_job(self, sid: str) -> None:
+            if sid != "stuck":  # Ray's monitor writes this one back every time
+                self.jobs.pop(sid, None)
+
+    client = Client()
+    listed = dict(client.jobs)
+    left = rc.delete_jobs(client, ["a", "b", "stuck", "marker-made-since"], patience_s=1.5, listed=listed)
+    assert left == ["stuck"]
+    assert "a" not in client.jobs and "b" not in client.jobs
+    # the first pass asked only for the job the listing did not have; later passes confirm
+    assert client.gets[0] == "marker-made-since" and client.gets.count("a") == 1

@@ -199,18 +199,31 @@ def claim(client: Any, sid: str, metadata: dict[str, str]) -> bool:
         raise
 
 
-def delete_jobs(client: Any, ids: list[str], patience_s: float = 40) -> None:
-    """Deletes jobs once they are over. Ray's job monitor can write a just-ended job back (FAILED,
-    "supervisor actor died") after delete_job: delete once over for a while, and again if it returns."""
+def delete_jobs(client: Any, ids: list[str], patience_s: float = 40,
+                listed: Optional[dict[str, Any]] = None) -> list[str]:
+    """Deletes jobs once they are over; returns the ids still there when it gave up.
+
+    Ray's job monitor can write a just-ended job back (FAILED, "supervisor actor died") after
+    delete_job: a job is deleted once over for a while, and again if it returns. It gives up after
+    ``patience_s`` without progress (not after ``patience_s`` in all: a long list takes its time).
+    ``listed``: jobs by submission id from a ``list_jobs`` just before, which the first pass reads
+    instead of asking job by job (a prune of 2,000 apps asked for each of its jobs).
+    """
+    pending = list(ids)
+    first = listed is not None
     deadline = time.time() + patience_s
-    while ids and time.time() < deadline:
-        for job_id in list(ids):
-            job = get_job(client, job_id)
+    while pending and time.time() < deadline:
+        for job_id in list(pending):
+            job = listed[job_id] if first and listed is not None and job_id in listed else get_job(client, job_id)
             if job is None:
-                ids.remove(job_id)
+                pending.remove(job_id)
+                deadline = time.time() + patience_s  # progress: the patience is for a stuck job
             elif job_status(job) not in ("PENDING", "RUNNING") and time.time() - (job.end_time or 0) / 1000 > 3:
                 client.delete_job(job_id)
-        time.sleep(1.0)
+        first = False
+        if pending:
+            time.sleep(1.0)
+    return pending
 
 
 def request_fields(url: str, app_id: str, sid: str, job: Any) -> dict[str, Any]:

@@ -79,30 +79,52 @@ def prunable(scheduler: RayJobsScheduler, cutoff: float, warn: Warn) -> list[Pru
 
 def delete_apps(scheduler: RayJobsScheduler, app_ids: Sequence[str],
                 done: Callable[[str, Optional[Exception]], None]) -> None:
-    """Deletes many apps with one wait per cluster (:func:`rc.delete_jobs` waits for Ray's job
-    monitor once per call, not once per app)."""
+    """Deletes many apps with one listing and one wait per cluster: an app the listing shows
+    ended is not cancelled first, and :func:`rc.delete_jobs` asks only for jobs that exist."""
     by_url: dict[str, list[str]] = {}
     for app_id in app_ids:
         url, sid = rc.split_app_id(app_id)
-        try:
-            with scheduler._translated("delete"):  # noqa: SLF001 - ray_jobs' own retention hooks, split out of its module for size
-                if url is not None:
-                    scheduler._cancel(app_id)  # noqa: SLF001 - as delete does: an app that still runs stops first
-        except TorchxExtError as e:
-            done(app_id, e)
-            continue
         by_url.setdefault(url or "", []).append(sid)
     for url, sids in by_url.items():
+        listed: dict[str, Any] = {}
+        ended: set[str] = set()
         try:
             with scheduler._translated("delete"):  # noqa: SLF001 - ray_jobs' own retention hooks, split out of its module for size
                 if url:
-                    client = scheduler._client(url)  # noqa: SLF001 - ray_jobs' own retention hooks, split out of its module for size
-                    rc.delete_jobs(client, [j for sid in sids for j in job_ids(sid)])
+                    jobs = scheduler._client(url).list_jobs()  # noqa: SLF001 - as above
+                    listed = {j.submission_id: j for j in jobs}
+                    ended = {sid for sid, st, _ in rc.listed_apps(jobs) if is_terminal(st)}
         except TorchxExtError as e:
             for sid in sids:
                 done(rc.make_app_id(url, sid), e)
             continue
+        kept = []
         for sid in sids:
+            try:
+                with scheduler._translated("delete"):  # noqa: SLF001 - as above
+                    if url and sid not in ended:
+                        scheduler._cancel(rc.make_app_id(url, sid))  # noqa: SLF001 - as delete does: a running app stops first
+            except TorchxExtError as e:
+                done(rc.make_app_id(url, sid), e)
+                continue
+            kept.append(sid)
+        # the listing names every job an ended app has (one it lacks does not exist); a cancel
+        # just now may have made a marker job, so a cancelled app's jobs are all asked for
+        ids = [j for sid in kept for j in job_ids(sid) if sid not in ended or j in listed]
+        left: set[str] = set()
+        try:
+            with scheduler._translated("delete"):  # noqa: SLF001 - as above
+                if url:
+                    left = set(rc.delete_jobs(scheduler._client(url), ids, listed=listed))  # noqa: SLF001 - as above
+        except TorchxExtError as e:
+            for sid in kept:
+                done(rc.make_app_id(url, sid), e)
+            continue
+        for sid in kept:
+            if any(j in left for j in job_ids(sid)):
+                done(rc.make_app_id(url, sid), TorchxExtError(
+                    f"Ray kept job {sid} after repeated deletes for a while; run prune (or delete) again"))
+                continue
             forget_app(url, sid)
             done(rc.make_app_id(url, sid), None)
 

@@ -361,7 +361,8 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         if url is None or self._describe(app_id) is None:
             return
         self._cancel(app_id)
-        rc.delete_jobs(self._client(url), retention.job_ids(sid))
+        if rc.delete_jobs(self._client(url), retention.job_ids(sid)):
+            raise BackendError(f"Ray kept job {sid} after repeated deletes for a while; delete it again")
         retention.forget_app(url, sid)
 
     def delete_apps(self, app_ids: Sequence[str], done: Callable[[str, Optional[Exception]], None]) -> None:
