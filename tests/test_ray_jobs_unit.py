@@ -8,6 +8,7 @@ import base64
 import io
 import itertools
 import json
+import os
 import sys
 import threading
 import time
@@ -647,3 +648,27 @@ def test_delete_jobs_reads_the_listing_first_and_says_what_ray_kept() -> None:
     assert "a" not in client.jobs and "b" not in client.jobs
     # the first pass asked only for the job the listing did not have; later passes confirm
     assert client.gets[0] == "marker-made-since" and client.gets.count("a") == 1
+
+
+def test_the_broker_ships_the_package_its_entrypoint_imports() -> None:
+    """The broker's entrypoint is ``python -m ray_jobs_cluster.broker``: the directory it ships
+    must be that package (Ray names a py_module by its directory), with the broker in it."""
+    from torchx_ext.schedulers.ray_jobs.deps import Brokers
+
+    class Client:
+        submitted: list[dict[str, Any]] = []
+
+        def list_jobs(self) -> list[Any]:
+            return []
+
+        def submit_job(self, **kw: Any) -> str:
+            self.submitted.append(kw)
+            return str(kw["submission_id"])
+
+    client = Client()
+    assert Brokers().ensure(client, "http://head:8265", "python3")
+    (job,) = client.submitted
+    (package,) = job["runtime_env"]["py_modules"]
+    module = job["entrypoint"].split()[-1]
+    assert module == "ray_jobs_cluster.broker" and os.path.basename(package) == "ray_jobs_cluster"
+    assert os.path.isfile(os.path.join(package, "broker.py"))

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from torchx.specs import AppState
 
 from torchx_ext.schedulers.ray_jobs import cluster as cluster
+from torchx_ext.schedulers.ray_jobs import local as rl
 from torchx_ext.schedulers.ray_jobs.client import get_job, job_status, make_app_id, split_app_id
 from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
 
@@ -81,7 +82,9 @@ class Brokers:
         """Starts the cluster's broker job unless one runs; returns whether it started one. Two
         submitters racing may start two: harmless, every decision claims a unique id."""
         found = running_broker(client, self._running.get(url))
-        self._running[url] = found or start_broker(client, python, os.path.dirname(cluster.__file__))
+        # the staged package, named ray_jobs_cluster (the broker's entrypoint imports it by that
+        # name; the source directory here is ray_jobs/cluster)
+        self._running[url] = found or start_broker(client, python, rl.cluster_package())
         return not found
 
     def submit_waiting(self, client: Any, url: str, sid: str, entrypoint: str, runtime_env: dict[str, Any],
