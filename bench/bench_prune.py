@@ -272,6 +272,46 @@ WORKERS = 4  # daemon calls at once while fabricating and cleaning up (2 cores, 
 # the raw baseline: the same daemon objects and files, removed one by one with the SDK (the ids known)
 # (an object already gone is counted, not an error: the daemon is shared, and a "docker container
 # prune" by someone else removes never-started containers too; it happened once here)
+def wait_running(runner: Runner, live: list[str], timeout: float) -> None:
+    """Until every live app is RUNNING (the checks after the prune compare against that), or ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = [runner.status(h) for h in live]
+        if all(s is not None and s.state == AppState.RUNNING for s in states):
+            return
+        time.sleep(0.5)
+
+
+def prune_twice(scheduler: str, home: str, ended: int, totals: Any,
+                unchanged_after_dry: Callable[[], bool]) -> tuple[Run, Run, str]:
+    """``prune --dry-run`` then ``prune`` of ``ended`` apps, each checked: the dry run lists them
+    and removes nothing (``unchanged_after_dry``), the prune removes each once. Returns both runs
+    and the prune's summary line."""
+    dry = timed([*PRUNE, "-s", scheduler, "--dry-run"], home)
+    dry_sum = dry.out.strip().splitlines()[-1]
+    check(totals.apps == ended and f"would remove {ended} app(s)" in dry_sum,
+          f"dry run lists {ended} apps: {dry_sum!r}")
+    check(unchanged_after_dry(), "dry run removes nothing")
+    real = timed([*PRUNE, "-s", scheduler], home)
+    summary = real.out.strip().splitlines()[-1]
+    lines = [x for x in real.out.splitlines() if x.startswith("removed ") and "://" in x]
+    check(f"removed {ended} app(s)" in summary and len(lines) == ended, f"prune: {summary!r}")
+    return dry, real, summary
+
+
+def live_untouched(runner: Runner, scheduler: str, home: str, live: list[str], before_states: dict[str, Any],
+                   touched: list[str], what: str) -> set[str]:
+    """Checks that every live app is in its state of before and its backend record unchanged
+    (``touched``: those that changed; ``what``: the record, as printed); returns the handles
+    ``torchx list`` then shows."""
+    after_states = {h: (runner.status(h) or AppState.UNKNOWN) for h in live}
+    changed = [h for h, s in after_states.items() if getattr(s, "state", s) != before_states[h]]
+    check(not changed, f"every live app still RUNNING (describe): {len(changed)} changed")
+    check(not touched, f"every live app's {what}: {len(touched)} touched")
+    listed = timed([TORCHX, "list", "-s", scheduler], home)
+    return {x.split()[0] for x in listed.out.splitlines() if x.startswith(f"{scheduler}://")}
+
+
 RAW_DOCKER = """import json, os, sys, docker
 spec = json.load(open(sys.argv[1]))
 api = docker.APIClient(version=os.environ.get("DOCKER_API_VERSION") or "auto")
@@ -439,12 +479,7 @@ def bench_docker(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[
     mine.update(ids)
     settled(api, ids)
     create_scheduler(SESSION).delete(tid)  # the template is no part of the set
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        states = [runner.status(h) for h in live]
-        if all(s is not None and s.state == AppState.RUNNING for s in states):
-            break
-        time.sleep(0.5)
+    wait_running(runner, live, 120)
     live_ids = [h.rsplit("/", 1)[-1] for h in live]
 
     def live_record(app_id: str) -> Any:
@@ -469,17 +504,12 @@ def bench_docker(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[
           f"of the {a.ended} ended apps on the daemon")
     files0, vfs0 = sizes(home), vfs_dirs()
     totals = exact_totals(scheduler)
-    dry = timed([*PRUNE, "-s", scheduler, "--dry-run"], home)
-    dry_sum = dry.out.strip().splitlines()[-1]
-    check(totals.apps == a.ended and f"would remove {a.ended} app(s)" in dry_sum,
-          f"dry run lists {a.ended} apps: {dry_sum!r}")
-    cs1, vols1 = docker_objects(api, fab)
-    check(len(cs1) == a.ended and len(vols1) == a.ended and sizes(home).keys() >= files0.keys(),
-          "dry run removes nothing (containers, volumes, files)")
-    real = timed([*PRUNE, "-s", scheduler], home)
-    summary = real.out.strip().splitlines()[-1]
-    lines = [x for x in real.out.splitlines() if x.startswith("removed ") and "://" in x]
-    check(f"removed {a.ended} app(s)" in summary and len(lines) == a.ended, f"prune: {summary!r}")
+
+    def nothing_removed() -> bool:  # containers, volumes, files
+        cs1, vols1 = docker_objects(api, fab)
+        return len(cs1) == a.ended and len(vols1) == a.ended and sizes(home).keys() >= files0.keys()
+
+    dry, real, summary = prune_twice(scheduler, home, a.ended, totals, nothing_removed)
     cs2, vols2 = docker_objects(api, fab)
     check(not cs2 and not vols2, f"every ended app's containers and volumes gone from the daemon "
           f"({len(cs2)} containers, {len(vols2)} volumes left)")
@@ -493,14 +523,9 @@ def bench_docker(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[
     printed = said_bytes(summary)
     check(abs(printed - gone) <= 0.05 * 1024 ** 2 + 0.0005 * gone, f"printed {printed:.0f} B ~ gone {gone} B")
 
-    after_states = {h: (runner.status(h) or AppState.UNKNOWN) for h in live}
-    changed = [h for h, s in after_states.items() if getattr(s, "state", s) != before_states[h]]
-    check(not changed, f"every live app still RUNNING (describe): {len(changed)} changed")
     touched = [i for i in live_ids if live_record(i) != records[i]]
-    check(not touched, f"every live app's containers (same id, running, same start), no verdict, "
-          f"request file intact: {len(touched)} touched")
-    listed = timed([TORCHX, "list", "-s", scheduler], home)
-    shown = {x.split()[0] for x in listed.out.splitlines() if x.startswith(f"{scheduler}://")}
+    shown = live_untouched(runner, scheduler, home, live, before_states, touched,
+                           "containers (same id, running, same start), no verdict, request file intact")
     # the daemon is shared: list shows every docker_jobs app on it, other users' too
     shown_mine = {h.rsplit("/", 1)[-1] for h in shown} & mine
     check(shown_mine == set(live_ids), f"torchx list shows the {a.running} live apps of this benchmark and none "
@@ -639,12 +664,7 @@ def bench_ray(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[], 
     mine.extend(ids)
     create_scheduler(SESSION).delete(template.rsplit("/", 1)[-1])  # the template is no part of the set
     tpl_log = ray_driver_log(tid)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        states = [runner.status(h) for h in live]
-        if all(s is not None and s.state == AppState.RUNNING for s in states):
-            break
-        time.sleep(0.5)
+    wait_running(runner, live, 180)
     live_sids = [rc.split_app_id(h.rsplit("/", 1)[-1])[1] for h in live]
 
     def live_record(sid: str) -> Any:
@@ -664,15 +684,9 @@ def bench_ray(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[], 
           f"the {a.ended} ended apps' job records in Ray ({len(kv0)}; Jobs API lists them)")
     files0 = sizes(home)
     totals = exact_totals(scheduler)
-    dry = timed([*PRUNE, "-s", scheduler, "--dry-run"], home)
-    dry_sum = dry.out.strip().splitlines()[-1]
-    check(totals.apps == a.ended and f"would remove {a.ended} app(s)" in dry_sum,
-          f"dry run lists {a.ended} apps: {dry_sum!r}")
-    check(len(job_records(gcs, ids)) == a.ended and sizes(home).keys() >= files0.keys(), "dry run removes nothing")
-    real = timed([*PRUNE, "-s", scheduler], home)
-    summary = real.out.strip().splitlines()[-1]
-    lines = [x for x in real.out.splitlines() if x.startswith("removed ") and "://" in x]
-    check(f"removed {a.ended} app(s)" in summary and len(lines) == a.ended, f"prune: {summary!r}")
+    dry, real, summary = prune_twice(
+        scheduler, home, a.ended, totals,
+        lambda: len(job_records(gcs, ids)) == a.ended and sizes(home).keys() >= files0.keys())
     left = job_records(gcs, ids)
     listed1 = {j.submission_id for j in client.list_jobs()}
     check(not left and not set(ids) & listed1, f"every ended app's Ray job gone ({len(left)} records left, "
@@ -683,14 +697,9 @@ def bench_ray(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[], 
           f"said {totals.bytes} B and {totals.unknown_sizes} of unknown size; freed {kv_bytes} B of Ray job "
           f"records (GCS KV keys+values); the home's files {gone:+d} B")
 
-    after_states = {h: (runner.status(h) or AppState.UNKNOWN) for h in live}
-    changed = [h for h, s in after_states.items() if getattr(s, "state", s) != before_states[h]]
-    check(not changed, f"every live app still RUNNING (describe): {len(changed)} changed")
     touched = [s for s in live_sids if live_record(s) != records[s]]
-    check(not touched, f"every live app's Ray job record intact (status, times, metadata, driver): "
-          f"{len(touched)} touched")
-    listed = timed([TORCHX, "list", "-s", scheduler], home)
-    shown = {x.split()[0] for x in listed.out.splitlines() if x.startswith(f"{scheduler}://")}
+    shown = live_untouched(runner, scheduler, home, live, before_states, touched,
+                           "Ray job record intact (status, times, metadata, driver)")
     ours = {rc.split_app_id(h.rsplit("/", 1)[-1])[1] for h in shown}
     check(set(live) <= shown and not ours & (set(ids) | {tid}),
           f"torchx list shows the {running} live apps and none pruned ({len(shown)} shown; "
