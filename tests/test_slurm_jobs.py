@@ -258,13 +258,18 @@ def test_a_crashed_slurmd_that_comes_back_leaves_the_app_running_to_its_end(runn
 
 
 def _replica_pid(app_id: str, token: str) -> Optional[int]:
+    """The replica's own process: its argv is the role's (``sys.executable -c ... token``). The
+    ``srun`` that started it (and the child srun forks) carry the same words after their options;
+    which comes first in /proc depends on where the pid counter (32768 here) has wrapped, and
+    killing srun's child leaves srun waiting on the step: not the failure this test is about."""
     for pid in _processes_of(app_id):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if token.encode() in f.read():
-                    return pid
+                argv = f.read().split(b"\0")
         except OSError:
             continue
+        if argv[0] == sys.executable.encode() and token.encode() in argv:
+            return pid
     return None
 
 
@@ -407,13 +412,16 @@ def _resume(node: str) -> None:
 
 
 def test_a_signal_before_the_time_limit_reaches_the_replica(runner: Runner, partition: str) -> None:
-    """``signal=USR1@50`` with a 1-minute limit: Slurm signals the replica's process (its steps),
-    whose handler's output is in ``torchx log`` (Slurm may send it up to 60 s early: at once here)."""
+    """``signal=USR1@80`` with a 2-minute limit: Slurm signals the replica's process (its steps),
+    whose handler's output is in ``torchx log``. slurmctld checks every 30 s and signals the steps
+    that exist at that instant once ``80 + 30`` s or less are left: 10-40 s after the start here,
+    when the step is surely up (with ``@50`` and 1 minute, the first check, which may come in the
+    job's first second, already sends it, and the signal is lost if the step is not up yet)."""
     code = ("import signal, sys, time; "
             "signal.signal(signal.SIGUSR1, lambda *_: (print('GOT SIGUSR1', flush=True), sys.exit(0))); "
             "print('up', flush=True); time.sleep(300)")
     app = _role_app("sig", code)
-    handle = runner.run(app, SCHEDULER, {"partition": partition, "time": "00:01:00", "signal": "USR1@50"})
+    handle = runner.run(app, SCHEDULER, {"partition": partition, "time": "00:02:00", "signal": "USR1@80"})
     _wait_for_line(runner, handle, "main", "GOT SIGUSR1")
     assert wait_terminal(runner, handle, 120).state == AppState.SUCCEEDED
 

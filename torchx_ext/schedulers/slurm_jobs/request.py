@@ -53,8 +53,8 @@ class SlurmJobsExecutor(Executor):
     time: Optional[str] = option(None, help="time limit, in any sbatch --time format (e.g. 1:00:00)")
     signal: Optional[str] = option(
         None, help="a signal for every replica's process before the time limit, as SIG[@SECONDS] "
-        "(sbatch --signal; e.g. USR1@120: SIGUSR1 about 120 s before; Slurm may send it up to 60 s early) "
-        "so a training script can checkpoint")
+        "(sbatch --signal; e.g. USR1@120: SIGUSR1 about 120 s before; Slurm may send it up to 60 s early, "
+        "once, to the replicas running then) so a training script can checkpoint")
     account: Optional[str] = option(None, help="account to charge (sbatch --account)")
     qos: Optional[str] = option(None, help="quality of service (sbatch --qos)")
     constraint: Optional[str] = option(None, help="node features (sbatch --constraint)")
