@@ -73,6 +73,14 @@ CLIENT = (
     "else: sys.exit('server never answered at ' + url)\n"
 )
 
+# one try, at once: without readiness it races the server (and loses to a server that listens late)
+CONNECT_ONCE = (
+    "import os, sys, urllib.request\n"
+    "host = os.environ['TORCHX_EXT_HOSTS_SERVER'].split(',')[0]\n"
+    "url = 'http://%s:%s/' % (host, sys.argv[1])\n"
+    "print('GOT ' + urllib.request.urlopen(url, timeout=10).read().decode(), flush=True)\n"
+)
+
 
 @dataclass
 class Backend:
@@ -483,6 +491,36 @@ class SchedulerContract:
         status = wait_terminal(runner, handle, backend.timeout)
         assert status.state == AppState.FAILED, status
         assert "server" in status.msg, status.msg
+
+    def test_a_service_with_ports_accepts_connections_before_the_others_start(
+            self, runner: Runner, backend: Backend) -> None:
+        """The engine's readiness, not the component's waiter: the server listens 2 s after it
+        starts, and the client tries once, at its start."""
+        port = free_port()
+        server = self.role(backend, "server", f"import time; time.sleep(2)\n{SERVER}", str(port), service=True)
+        server.port_map = {"http": port}
+        client = self.role(backend, "client", CONNECT_ONCE, str(port))
+        handle = self.run(runner, backend, AppDef("ready", roles=[server, client]))
+        status = wait_terminal(runner, handle, backend.timeout)
+        assert status.state == AppState.SUCCEEDED, (status, logs(runner, handle, "client"))
+        assert "GOT hello from server" in logs(runner, handle, "client")
+
+    def test_a_service_not_ready_in_time_fails_the_app_naming_it(self, runner: Runner, backend: Backend) -> None:
+        server = self.role(backend, "server", "import time; time.sleep(600)", service=True)
+        server.port_map = {"http": free_port()}  # never listened on
+        client = self.role(backend, "client", "print('client ran', flush=True)")
+        handle = self.run(runner, backend, AppDef("notready", roles=[server, client]), ready_timeout_s=3)
+        status = wait_terminal(runner, handle, backend.timeout)
+        assert status.state == AppState.FAILED, status
+        assert "service role 'server' replica 0 was not ready: port" in status.msg, status.msg
+        assert "within 3 s (run option ready_timeout_s)" in status.msg, status.msg
+        try:  # a replica that never started may have no log at all
+            client_log = logs(runner, handle, "client")
+        except Exception:  # noqa: BLE001  (any backend's "no such log" is fine here)
+            client_log = ""
+        assert "client ran" not in client_log
+        if backend.nothing_running:
+            assert backend.nothing_running(handle)
 
     def test_dependency_success(self, runner: Runner, backend: Backend) -> None:
         first = self.run(runner, backend, AppDef("first", roles=[

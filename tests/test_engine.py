@@ -24,10 +24,11 @@ Key = Tuple[str, int]
 ENGINE_DIR = os.path.join(os.path.dirname(__file__), "..", "torchx_ext", "engine")
 
 
-def group(*roles: Tuple[str, int, bool, int, str], backoff: float = 0.0) -> E.GroupSpec:
-    """``(name, replicas, service, max_retries, policy)`` per role."""
-    return E.GroupSpec(tuple(E.ReplicaSpec(n, k, svc, mr, pol) for n, count, svc, mr, pol in roles
-                             for k in range(count)), backoff)
+def group(*roles: Tuple[str, int, bool, int, str], backoff: float = 0.0,
+          ports: Optional[Dict[str, Tuple[int, ...]]] = None, ready_timeout_s: float = 10.0) -> E.GroupSpec:
+    """``(name, replicas, service, max_retries, policy)`` per role; ``ports``: a service role's."""
+    return E.GroupSpec(tuple(E.ReplicaSpec(n, k, svc, mr, pol, (ports or {}).get(n, ()))
+                             for n, count, svc, mr, pol in roles for k in range(count)), backoff, ready_timeout_s)
 
 
 class Launcher:
@@ -45,6 +46,7 @@ class Launcher:
         self.marks: List[E.Mark] = []
         self.charged: Dict[str, List[int]] = {}  # unit -> max_retries of each replica that charged it
         self.last_ended: Optional[Key] = None
+        self.probing: Dict[Key, E.Probe] = {}  # services being probed (their current attempt's)
         self.twins = False  # check every decision against an engine restored from a snapshot
 
     def report(self, event: E.Event) -> None:
@@ -62,6 +64,8 @@ class Launcher:
                 return  # the protocol: no Start of a batch once the engine has decided
             assert not self.verdicts, f"start after the verdict: {a}"
             assert a.key not in self.running, f"{a.key} started twice"
+            if not self.service(a.key):  # readiness: no other role starts while a service is not ready
+                assert self.engine.services_ready, (a, self.probing)
             seen = self.attempts.setdefault(a.key, [])
             assert not seen or a.attempt > seen[-1], (a, seen)
             seen.append(a.attempt)
@@ -73,6 +77,11 @@ class Launcher:
         elif isinstance(a, E.Stop):
             for k in a.keys:
                 self.running.pop(k, None)
+                self.probing.pop(k, None)
+        elif isinstance(a, E.Probe):
+            assert self.service(a.key) and a.ports and self.running.get(a.key) == a.attempt, (a, self.running)
+            assert a.until == self.now + self.spec.ready_timeout_s
+            self.probing[a.key] = a
         elif isinstance(a, E.Restart):
             assert a.number == len(self.restarts) + 1
             assert self.last_ended is not None
@@ -92,12 +101,21 @@ class Launcher:
         elif isinstance(a, E.Wait):
             assert a.until >= self.now
 
+    def service(self, key: Key) -> bool:
+        return next(r.service for r in self.spec.replicas if r.key == key)
+
+    def ready(self, key: Key) -> None:
+        """The probe of ``key`` succeeds."""
+        probe = self.probing.pop(key)
+        self.report(E.Ready(key, probe.attempt))
+
     def max_retries(self, key: Key) -> int:
         return next(r.max_retries for r in self.spec.replicas if r.key == key)
 
     def end(self, key: Key, how: str) -> None:
         """``how``: "0", "3" (exit codes), "kill" (SIGKILL) or "lost"."""
         attempt = self.running.pop(key)
+        self.probing.pop(key, None)
         self.last_ended = key
         if how == "kill":
             self.report(E.Killed(key, signal.SIGKILL, attempt))
@@ -125,6 +143,8 @@ class Launcher:
                                 r"(REPLICA|ROLE|APPLICATION) policy, restart \d+ of \d+", m.line), m.line
         for key, v in self.engine.replicas.items():
             assert v.state in rules.STATES
+            if v.held:  # held only while a service is not ready, and never started meanwhile
+                assert v.state == "PENDING" and not self.engine.services_ready and key not in self.running
             assert (key in self.running) == (v.state == "RUNNING"), (key, v, self.running)
         if self.verdicts:
             assert self.engine.verdict == self.verdicts[0]
@@ -310,6 +330,7 @@ HOWS = ("0", "3", "kill", "lost")
 def steps(run: Launcher, hows: Sequence[str]) -> List[Tuple[str, Optional[Key], str]]:
     """Everything that can happen next: a running replica ends, a timer fires, a cancel."""
     out: List[Tuple[str, Optional[Key], str]] = [("end", k, h) for k in sorted(run.running) for h in hows]
+    out += [("ready", k, "") for k in sorted(run.probing)]
     if run.engine.next_due is not None:
         out.append(("tick", None, ""))
     out.append(("cancel", None, ""))
@@ -324,6 +345,9 @@ def apply(run: Launcher, step: Tuple[str, Optional[Key], str]) -> None:
         run.end(key, how)
     elif kind == "tick":
         run.tick()
+    elif kind == "ready":
+        assert key is not None
+        run.ready(key)
     else:
         run.report(E.Cancel())
     run.check()
@@ -338,8 +362,8 @@ def restarted(run: Launcher, before: Dict[Key, str]) -> bool:
 def check_verdict_is_todays(run: Launcher) -> None:
     """A verdict decided by an ending is today's rules on the replicas' outcomes, the ones its stop
     cancelled counted as still running."""
-    if re.search(r"failed to (re)?start: ", run.verdicts[0].msg):
-        return  # decided by the restart that could not start, not by the ending
+    if re.search(r"failed to (re)?start: |was not ready: ", run.verdicts[0].msg):
+        return  # decided by the restart that could not start (or a deadline), not by the ending
     outcomes = [dict(v.outcome(), state="RUNNING" if v.state == "CANCELLED" else v.state)
                 for v in run.engine.replicas.values()]
     assert (run.verdicts[0].state, run.verdicts[0].msg) == rules.group_state(outcomes)
@@ -356,7 +380,9 @@ def finish(run: Launcher) -> None:
         if run.verdicts:
             return
         mains = [k for k in sorted(run.running) if not any(r.service for r in run.spec.replicas if r.key == k)]
-        if mains:
+        if run.probing:
+            apply(run, ("ready", sorted(run.probing)[0], ""))
+        elif mains:
             apply(run, ("end", mains[0], "0"))
         else:
             assert run.engine.next_due is not None, "no verdict, nothing running, nothing due"
@@ -382,7 +408,9 @@ SHAPES = {
     "two-replicas": [("a", 2, False)],
     "main+service": [("m", 1, False), ("s", 1, True)],
     "two-roles": [("a", 1, False), ("b", 1, False)],
+    "main+ported-service": [("m", 1, False), ("p", 1, True)],
 }
+SHAPE_PORTS = {"p": (8000,)}
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -391,7 +419,8 @@ def test_every_small_group_every_sequence(shape: str, policy: str) -> None:
     paths = 0
     for retries in (0, 1, 2):
         for backoff in (0.0, 1.0):
-            spec = group(*[(n, c, svc, retries, policy) for n, c, svc in SHAPES[shape]], backoff=backoff)
+            spec = group(*[(n, c, svc, retries, policy) for n, c, svc in SHAPES[shape]], backoff=backoff,
+                         ports=SHAPE_PORTS)
             paths += explore(spec, 5 if len(spec.replicas) == 1 else 4, HOWS)
     assert paths > 100
 
@@ -402,7 +431,9 @@ def random_group(rng: random.Random) -> E.GroupSpec:
     for i in range(rng.randint(1, 3)):
         roles.append((f"r{i}", rng.randint(1, 3), i > 0 and rng.random() < 0.4, rng.choice((0, 0, 1, 2, 3)),
                       rng.choice(rules.RETRY_POLICIES)))
-    return group(*roles, backoff=rng.choice((0.0, 0.0, 0.5, 2.0, 40.0)))
+    ports = {r[0]: (8000 + i,) * rng.randint(1, 2) for i, r in enumerate(roles) if r[2] and rng.random() < 0.6}
+    return group(*roles, backoff=rng.choice((0.0, 0.0, 0.5, 2.0, 40.0)), ports=ports,
+                 ready_timeout_s=rng.choice((1.0, 30.0)))
 
 
 @pytest.mark.parametrize("seed", range(0, 400, 40))
@@ -419,7 +450,7 @@ def test_random_event_sequences_keep_the_invariants(seed: int) -> None:
             if run.verdicts:
                 # late news after the verdict: nothing but a Stop of a start that raced it
                 key = rng.choice(list(run.engine.replicas))
-                late: List[E.Event] = [E.Tick(), E.Cancel(), E.Exited(key, 1), E.Lost(key, "x")]
+                late: List[E.Event] = [E.Tick(), E.Cancel(), E.Exited(key, 1), E.Lost(key, "x"), E.Ready(key)]
                 assert run.engine.on(rng.choice(late), run.now) == []
                 break
             r = rng.random()
@@ -428,6 +459,8 @@ def test_random_event_sequences_keep_the_invariants(seed: int) -> None:
                 run.check()
             elif r < 0.04:
                 apply(run, ("cancel", None, ""))
+            elif r < 0.15 and run.probing:
+                apply(run, ("ready", rng.choice(sorted(run.probing)), ""))
             elif r < 0.25 or not run.running:
                 if run.engine.next_due is None and not run.running:
                     break
@@ -479,3 +512,79 @@ def test_a_launchers_detail_leads_the_failure_reason_and_how_names_the_restart()
     lone = started(group(("b", 1, False, 0, "REPLICA")))
     assert lone.engine.on(E.Exited(("b", 0), 137, detail="OOMKilled"), 0.0)[-1] == E.Verdict(
         "FAILED", "role 'b' replica 0 failed with exit code 137: OOMKilled")
+
+
+# ------------------------------------------------------------------------ readiness ----
+def _ported(policy: str = "APPLICATION", retries: int = 0) -> E.GroupSpec:
+    return group(("client", 2, False, retries, policy), ("server", 1, True, retries, policy),
+                 ports={"server": (8000, 8001)}, ready_timeout_s=30.0)
+
+
+def test_a_service_with_ports_starts_first_and_the_others_once_it_accepts() -> None:
+    eng = E.Engine(_ported())
+    assert eng.on(E.Begin(), 0.0) == [E.Start(("server", 0), 1)]
+    assert eng.on(E.Started(("server", 0), 1), 1.0) == [E.Probe(("server", 0), 1, (8000, 8001), 31.0), E.Wait(31.0)]
+    assert eng.next_due == 31.0
+    assert eng.on(E.Ready(("server", 0), 1), 2.0) == [E.Start(("client", 0), 1), E.Start(("client", 1), 1)]
+    assert eng.next_due is None and eng.on(E.Ready(("server", 0), 1), 3.0) == []
+
+
+def test_a_group_without_ports_starts_at_once_as_before() -> None:
+    eng = E.Engine(group(("client", 1, False, 0, "REPLICA"), ("server", 1, True, 0, "REPLICA")))
+    assert eng.on(E.Begin(), 0.0) == [E.Start(("server", 0), 1), E.Start(("client", 0), 1)]
+    assert eng.on(E.Started(("server", 0), 1), 0.0) == []
+    # a non-service role's ports are not waited for
+    assert E.ReplicaSpec.from_dict({"role": "c", "replica_id": 0, "ports": [80]}).ports == ()
+
+
+def test_a_service_not_ready_in_time_fails_the_app_naming_it() -> None:
+    eng = E.Engine(_ported())
+    eng.on(E.Begin(), 0.0)
+    eng.on(E.Started(("server", 0), 1), 1.0)
+    assert eng.on(E.Tick(), 30.0) == [E.Wait(31.0)]  # not yet
+    actions = eng.on(E.Tick(), 31.0)
+    msg = ("service role 'server' replica 0 was not ready: ports 8000, 8001 did not accept connections "
+           "within 30 s (run option ready_timeout_s); the other roles were not started")
+    assert actions == [E.Stop((("server", 0),), final=True), E.Verdict("FAILED", msg)]
+    assert [v.state for v in eng.replicas.values()] == ["CANCELLED", "CANCELLED", "CANCELLED"]
+    assert eng.on(E.Ready(("server", 0), 1), 32.0) == []
+
+
+def test_a_whole_group_restart_holds_the_others_until_the_service_is_ready_again() -> None:
+    run = Launcher(_ported("APPLICATION", 1))
+    run.report(E.Begin())
+    run.ready(("server", 0))
+    assert sorted(run.running) == [("client", 0), ("client", 1), ("server", 0)]
+    run.end(("client", 0), "3")
+    assert sorted(run.running) == [("server", 0)] and run.engine.replicas[("client", 1)].held
+    assert run.probing[("server", 0)].attempt == 2
+    run.ready(("server", 0))
+    assert sorted(run.running) == [("client", 0), ("client", 1), ("server", 0)]
+    run.check()
+
+
+def test_a_service_restarting_alone_leaves_the_others_running_and_holds_new_starts() -> None:
+    run = Launcher(_ported("REPLICA", 2))
+    run.report(E.Begin())
+    run.ready(("server", 0))
+    run.end(("server", 0), "1")  # restarts alone: the clients run on
+    assert sorted(run.running) == [("client", 0), ("client", 1), ("server", 0)]
+    assert not run.engine.services_ready
+    run.end(("client", 1), "3")  # its restart waits for the server's new attempt
+    assert run.engine.replicas[("client", 1)].held and ("client", 1) not in run.running
+    stale = E.Ready(("server", 0), 1)
+    assert run.engine.on(stale, run.now) == []  # the first attempt's news
+    run.ready(("server", 0))
+    assert ("client", 1) in run.running
+    run.check()
+
+
+def test_readiness_survives_a_snapshot_and_reads_one_from_before_it() -> None:
+    eng = E.Engine(_ported())
+    eng.on(E.Begin(), 0.0)
+    eng.on(E.Started(("server", 0), 1), 1.0)
+    twin = E.Engine.restore(eng.spec, json.loads(json.dumps(eng.snapshot())))
+    assert twin.on(E.Ready(("server", 0), 1), 2.0) == eng.on(E.Ready(("server", 0), 1), 2.0)
+    old = eng.snapshot()
+    old["replicas"] = [row[:8] for row in old["replicas"]]
+    assert not E.Engine.restore(eng.spec, old).replicas[("server", 0)].ready

@@ -27,6 +27,7 @@ from torchx.specs import runopts
 from torchx.util.types import to_dict
 
 from torchx_ext.compat import as_list
+from torchx_ext.engine.rules import READY_TIMEOUT_S
 from torchx_ext.errors import InvalidOptionError, RegistrationError, UnknownExecutorError, UnknownOptionError
 
 ENTRY_POINT_GROUP = "torchx_ext.executors"
@@ -61,6 +62,13 @@ def retry_backoff_option() -> Any:
     """The ``retry_backoff_s`` run option of every scheduler that restarts replicas."""
     return option(0.0, help="seconds before a unit's first restart (Role.max_retries), doubled for each "
                   "further restart of the same unit, capped at 60; 0 restarts at once")
+
+
+def ready_timeout_option() -> Any:
+    """The ``ready_timeout_s`` run option of every scheduler that runs the group engine."""
+    return option(READY_TIMEOUT_S, help="seconds a service role with ports (Role.port_map) may take to accept "
+                  "connections on them; the other roles start once every service does, and a service not "
+                  "ready in time fails the app, naming it")
 
 
 @dataclass

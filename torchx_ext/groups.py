@@ -52,6 +52,12 @@ def is_service(role: Role) -> bool:
     return bool(role.metadata.get(SERVICE_KEY, False))
 
 
+def service_ports(role: Role) -> tuple[int, ...]:
+    """The ports the group engine waits on before it starts the other roles: a service role's
+    ``port_map`` (none for any other role)."""
+    return tuple(sorted(set(int(p) for p in role.port_map.values()))) if is_service(role) else ()
+
+
 def role_env_suffix(role_name: str) -> str:
     """``"vllm-server"`` → ``"VLLM_SERVER"``."""
     return re.sub(r"[^A-Za-z0-9]", "_", role_name).upper()

@@ -14,6 +14,8 @@ from .machine import (
     Killed,
     Lost,
     Mark,
+    Probe,
+    Ready,
     ReplicaSpec,
     ReplicaView,
     Rerun,
@@ -28,5 +30,5 @@ from .machine import (
 )
 
 __all__ = ["Action", "Begin", "Cancel", "Engine", "Event", "Exited", "Fail", "GroupSpec", "Killed", "Lost",
-           "Mark", "ReplicaSpec", "ReplicaView", "Rerun", "Restart", "Start", "StartFailed", "Started", "Stop", "Tick",
-           "Verdict", "Wait"]
+           "Mark", "Probe", "Ready", "ReplicaSpec", "ReplicaView", "Rerun", "Restart", "Start", "StartFailed",
+           "Started", "Stop", "Tick", "Verdict", "Wait"]

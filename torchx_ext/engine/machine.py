@@ -17,14 +17,19 @@ Protocol:
     ``Stop`` of its scope, a ``Mark`` per replica, then ``Start``s now or a ``Wait``), or the verdict.
   * ``Cancel``/``Fail`` -> the verdict. ``Tick`` -> the ``Start``s whose backoff is over.
   * ``Rerun`` (after :meth:`Engine.restore`): the whole group again, drawn from no budget.
+  * Readiness: a service replica that declares ports (``ReplicaSpec.ports``, from the role's
+    ``port_map``) is ready once every one of them accepts TCP connections on its host. While any
+    such replica's current attempt is not ready, no non-service replica starts: ``Begin`` (and a
+    ``Rerun``, or a restart whose scope holds a service) starts the services and holds the others.
+    A performed Start of such a service is answered with ``Started``, which gets a ``Probe``; the
+    launcher connects to those ports where the replica runs until they accept and then reports
+    ``Ready``; the held replicas start on the last one. A service not ready ready_timeout_s after
+    its Started fails the app, naming it (the deadline is in ``next_due``: the launcher Ticks).
   * The verdict is always ``Stop(final=True)`` of every replica ever started, then ``Verdict``;
     it comes once; after it every event gets no action, except a ``Started`` (a start that raced
     the verdict), which gets a Stop of that replica.
   * An event naming an attempt that is not the replica's current one is stale: ignored.
 
-Service readiness (a service that declares ports starts the others once they accept
-connections) is not decided here yet: ``ReplicaSpec.ports`` is where it will read them, a
-``Ready`` event will report them, and ``Begin`` will then start services first.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class ReplicaSpec:
     service: bool = False
     max_retries: int = 0
     retry_policy: str = "APPLICATION"
-    ports: Tuple[int, ...] = ()  # readiness (not decided yet; see the module docstring)
+    ports: Tuple[int, ...] = ()  # a service's: it is ready once they accept connections
 
     @property
     def key(self) -> Key:
@@ -54,20 +59,28 @@ class ReplicaSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReplicaSpec:
         """From a launcher's JSON replica record (keys role, replica_id, service, max_retries,
-        retry_policy; the others are the launcher's)."""
+        retry_policy, ports; the others are the launcher's). A non-service's ports are not waited for."""
         return cls(str(d["role"]), int(d["replica_id"]), bool(d.get("service", False)),
                    int(d.get("max_retries", 0)), rules.retry_policy_name(d.get("retry_policy", "APPLICATION")),
-                   tuple(int(p) for p in d.get("ports", ())))
+                   tuple(int(p) for p in d.get("ports", ())) if d.get("service") else ())
 
 
 @dataclass(frozen=True)
 class GroupSpec:
     replicas: Tuple[ReplicaSpec, ...]
     retry_backoff_s: float = 0.0
+    ready_timeout_s: float = rules.READY_TIMEOUT_S  # how long a service may take to accept connections
 
     @classmethod
-    def from_dicts(cls, replicas: Sequence[Mapping[str, Any]], retry_backoff_s: float = 0.0) -> GroupSpec:
-        return cls(tuple(ReplicaSpec.from_dict(r) for r in replicas), float(retry_backoff_s))
+    def from_dicts(cls, replicas: Sequence[Mapping[str, Any]], retry_backoff_s: float = 0.0,
+                   ready_timeout_s: Optional[float] = None) -> GroupSpec:
+        return cls(tuple(ReplicaSpec.from_dict(r) for r in replicas), float(retry_backoff_s),
+                   rules.READY_TIMEOUT_S if ready_timeout_s is None else float(ready_timeout_s))
+
+    @property
+    def gated(self) -> bool:
+        """Does a service declare ports (so the other roles wait for it)?"""
+        return any(r.service and r.ports for r in self.replicas)
 
 
 # ---------------------------------------------------------------------------- events ----
@@ -138,11 +151,18 @@ class Rerun:
 
 
 @dataclass(frozen=True)
+class Ready:
+    """Every port of the service's attempt (``Probe``) accepts connections."""
+    key: Key
+    attempt: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class Tick:
     """A timer the engine asked for (``Wait``) may be due."""
 
 
-Event = Union[Begin, Started, StartFailed, Exited, Killed, Lost, Cancel, Fail, Rerun, Tick]
+Event = Union[Begin, Started, StartFailed, Exited, Killed, Lost, Cancel, Fail, Rerun, Ready, Tick]
 
 
 # --------------------------------------------------------------------------- actions ----
@@ -180,6 +200,17 @@ class Mark:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """Connect to ``ports`` where attempt ``attempt`` of service ``key`` runs, until each accepts
+    (or the attempt is stopped, or a verdict comes); then report ``Ready(key, attempt)``. The
+    deadline is the engine's (``until``, for the launcher's own records)."""
+    key: Key
+    attempt: int
+    ports: Tuple[int, ...]
+    until: float
+
+
+@dataclass(frozen=True)
 class Wait:
     """Send a Tick at ``until`` (or sooner)."""
     until: float
@@ -191,7 +222,7 @@ class Verdict:
     msg: str
 
 
-Action = Union[Start, Stop, Restart, Mark, Wait, Verdict]
+Action = Union[Start, Stop, Restart, Mark, Probe, Wait, Verdict]
 
 
 # ---------------------------------------------------------------------------- engine ----
@@ -205,6 +236,9 @@ class ReplicaView:
     reason: str = ""
     ever_started: bool = False
     due: Optional[float] = None  # when its pending restart starts
+    ready: bool = False  # a service with ports: its attempt accepts connections (else: ready_by)
+    ready_by: Optional[float] = None
+    held: bool = False  # a non-service whose start waits for the services to be ready
 
     def outcome(self) -> Dict[str, Any]:
         s = self.spec
@@ -227,9 +261,16 @@ class Engine:
 
     @property
     def next_due(self) -> Optional[float]:
-        """When the next pending restart starts (None: none pending, or decided)."""
-        due = [v.due for v in self.replicas.values() if v.due is not None]
+        """When the next pending restart starts or a service's readiness deadline passes (None:
+        neither pending, or decided): a Tick is due then."""
+        due = [t for v in self.replicas.values() for t in (v.due, v.ready_by) if t is not None]
         return min(due) if due and self.verdict is None else None
+
+    @property
+    def services_ready(self) -> bool:
+        """Is every service that declares ports ready (its current attempt)? Until then the
+        others are held."""
+        return all(v.ready for v in self.replicas.values() if v.spec.service and v.spec.ports)
 
     def on(self, event: Event, now: float) -> List[Action]:
         """The actions ``event`` asks for, in the order they must be performed."""
@@ -238,19 +279,21 @@ class Engine:
                 return [Stop((event.key,), final=True)]
             return []
         if isinstance(event, Begin):
-            return self._begin()
+            return self._begin(now)
         if isinstance(event, (Cancel, Fail)):
             state = "CANCELLED" if isinstance(event, Cancel) else "FAILED"
             return self._decide(state, event.msg)
         if isinstance(event, Tick):
-            return self._start_due(now)
+            return self._not_ready(now) or self._start_due(now)
         if isinstance(event, Rerun):
             return self._rerun(event.why, now)
         view = self.replicas[event.key]
         if event.attempt is not None and event.attempt != view.attempt:
             return []  # an earlier attempt's news: that attempt was stopped already
         if isinstance(event, Started):
-            return self._started(view)
+            return self._started(view, now)
+        if isinstance(event, Ready):
+            return self._ready(view, now)
         if isinstance(event, StartFailed):
             return self._start_failed(view, event.error)
         return self._ended(view, event, now)
@@ -261,7 +304,8 @@ class Engine:
         return {"used": dict(self.used), "num_restarts": self.num_restarts, "begun": self.begun,
                 "verdict": [self.verdict.state, self.verdict.msg] if self.verdict else None,
                 "replicas": [[v.spec.role, v.spec.replica_id, v.state, v.attempt, v.exit_code, v.reason,
-                              v.ever_started, v.due] for v in self.replicas.values()]}
+                              v.ever_started, v.due, v.ready, v.ready_by, v.held]
+                             for v in self.replicas.values()]}
 
     @classmethod
     def restore(cls, spec: GroupSpec, snap: Mapping[str, Any]) -> Engine:
@@ -270,9 +314,11 @@ class Engine:
         eng.used = {str(k): int(n) for k, n in snap["used"].items()}
         eng.num_restarts, eng.begun = int(snap["num_restarts"]), bool(snap["begun"])
         eng.verdict = Verdict(*snap["verdict"]) if snap.get("verdict") else None
-        for role, k, state, attempt, code, reason, ever, due in snap["replicas"]:
+        for row in snap["replicas"]:  # (8 fields before readiness: nothing was held then)
+            role, k, state, attempt, code, reason, ever, due, ready, ready_by, held = [*row, False, None, False][:11]
             v = eng.replicas[(role, k)]
             v.state, v.attempt, v.exit_code, v.reason, v.ever_started, v.due = state, attempt, code, reason, ever, due
+            v.ready, v.ready_by, v.held = bool(ready), ready_by, bool(held)
         return eng
 
     # -- the events ---------------------------------------------------------------------
@@ -282,19 +328,41 @@ class Engine:
         keys = tuple(self.replicas)
         actions: List[Action] = [Restart(self.num_restarts, "", why, keys, now)]
         for key, v in self.replicas.items():
-            v.state, v.attempt, v.exit_code, v.reason, v.due = "PENDING", v.attempt + 1, None, "", None
+            v.state, v.attempt, v.exit_code, v.reason, v.due = "PENDING", v.attempt + 1, None, "", now
+            v.ready, v.ready_by, v.held = False, None, False
             actions.append(Mark(key, v.attempt, rules.attempt_marker(v.attempt, key[0], key[1], why)))
-        return actions + [Start(key, v.attempt) for key, v in self.replicas.items()]
+        return actions + self._start_due(now)
 
-    def _begin(self) -> List[Action]:
+    def _begin(self, now: float) -> List[Action]:
         if self.begun:
             return []
         self.begun = True
-        return [Start(key, 1) for key in self.replicas]
+        for v in self.replicas.values():
+            v.due = now
+        return self._start_due(now)
 
-    def _started(self, view: ReplicaView) -> List[Action]:
-        if view.state == "PENDING" and view.due is None:
-            view.state, view.ever_started = "RUNNING", True
+    def _started(self, view: ReplicaView, now: float) -> List[Action]:
+        if view.state != "PENDING" or view.due is not None or view.held:
+            return []
+        view.state, view.ever_started = "RUNNING", True
+        s = view.spec
+        if not (s.service and s.ports):
+            return []
+        view.ready_by = now + self.spec.ready_timeout_s
+        return [Probe(s.key, view.attempt, s.ports, view.ready_by), Wait(view.ready_by)]
+
+    def _ready(self, view: ReplicaView, now: float) -> List[Action]:
+        if view.state != "RUNNING" or view.ready or not (view.spec.service and view.spec.ports):
+            return []
+        view.ready, view.ready_by = True, None
+        return self._start_due(now)
+
+    def _not_ready(self, now: float) -> List[Action]:  # the verdict, once a readiness deadline passed
+        for v in self.replicas.values():
+            if v.ready_by is not None and v.ready_by <= now and not v.ready:
+                s = v.spec
+                v.reason = rules.not_ready_reason(s.ports, self.spec.ready_timeout_s)
+                return self._decide("FAILED", rules.not_ready_message(s.role, s.replica_id, v.reason))
         return []
 
     def _start_failed(self, view: ReplicaView, error: str) -> List[Action]:
@@ -316,7 +384,7 @@ class Engine:
         else:
             code, lost = None, event.why
         view.state = "SUCCEEDED" if code == 0 else "FAILED"
-        view.exit_code, view.reason = code, lost
+        view.exit_code, view.reason, view.ready_by = code, lost, None
         actions: List[Action] = []
         if rules.wants_restart(view.spec.service, -1 if lost else code):
             actions = self._restart(view, rules.ended_description(code, lost, how), now)
@@ -347,23 +415,36 @@ class Engine:
         for key in scope:
             x = self.replicas[key]
             x.state, x.attempt, x.exit_code, x.reason, x.due = "PENDING", x.attempt + 1, None, "", due
+            x.ready, x.ready_by, x.held = False, None, False
             actions.append(Mark(key, x.attempt, rules.attempt_marker(x.attempt, key[0], key[1], why)))
         return actions + self._start_due(now)
 
     def _start_due(self, now: float) -> List[Action]:
+        """Starts what is due (services first), holding the others while a service is not
+        ready, and starts the held ones once every service is."""
         actions: List[Action] = []
-        for key, v in self.replicas.items():
-            if v.due is not None and v.due <= now:
-                v.due = None
-                actions.append(Start(key, v.attempt))
+        ready = self.services_ready
+        for service in (True, False):
+            for key, v in self.replicas.items():
+                if v.spec.service != service:
+                    continue
+                if v.due is not None and v.due <= now:
+                    v.due, v.held = None, not (service or ready)
+                    if not v.held:
+                        actions.append(Start(key, v.attempt))
+                elif v.held and ready:
+                    v.held = False
+                    actions.append(Start(key, v.attempt))
         nxt = self.next_due
         return actions + ([Wait(nxt)] if nxt is not None else [])
 
     def _decide(self, state: str, msg: str) -> List[Action]:
         """The verdict: stop everything ever started, then say it (once)."""
         for v in self.replicas.values():
-            if v.state == "RUNNING" or v.due is not None:
-                v.state, v.due = "CANCELLED", None  # stopped by the verdict, or its restart never came
+            if v.state == "RUNNING" or v.due is not None or v.held:
+                # stopped by the verdict, or its restart (or its start, held) never came
+                v.state, v.due, v.held = "CANCELLED", None, False
+            v.ready_by = None
         self.verdict = Verdict(state, msg)
         started = tuple(k for k, v in self.replicas.items() if v.ever_started)
         return [Stop(started, final=True), self.verdict]

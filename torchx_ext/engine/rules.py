@@ -14,6 +14,7 @@ STATES = ("PENDING", "RUNNING", *TERMINAL)
 RETRY_POLICIES = ("REPLICA", "ROLE", "APPLICATION")
 BACKOFF_CAP_S = 60.0
 MARK_PREFIX = "[torchx-ext] "  # the attempt marker's start, in a replica's stderr
+READY_TIMEOUT_S = 300.0  # how long a service may take to accept connections (run option ready_timeout_s)
 
 
 # ------------------------------------------------------------------------ group state ----
@@ -140,6 +141,18 @@ def start_failed_message(role: str, replica_id: int, error: str, attempt: int) -
         return (f"{replica_name(role, replica_id)} failed to start: {error}; "
                 "the group was stopped (all or nothing)")
     return f"{replica_name(role, replica_id)} failed to restart: {error}"
+
+
+def not_ready_reason(ports: Sequence[int], timeout_s: float) -> str:
+    """Why a service failed its readiness: ``port 8000 did not accept connections within 300 s``."""
+    which = f"port {ports[0]}" if len(ports) == 1 else "ports " + ", ".join(str(p) for p in ports)
+    return (f"{which} did not accept connections within {timeout_s:g} s "
+            "(run option ready_timeout_s); the other roles were not started")
+
+
+def not_ready_message(role: str, replica_id: int, reason: str) -> str:
+    """The verdict of a service that was not ready in time."""
+    return f"service role '{role}' replica {replica_id} was not ready: {reason}"
 
 
 CANCELLED_BY_USER = "cancelled by user"
