@@ -509,7 +509,7 @@ class SchedulerContract:
         server = self.role(backend, "server", "import time; time.sleep(600)", service=True)
         server.port_map = {"http": free_port()}  # never listened on
         client = self.role(backend, "client", "print('client ran', flush=True)")
-        handle = self.run(runner, backend, AppDef("notready", roles=[server, client]), ready_timeout_s=3)
+        handle = self.run(runner, backend, AppDef("notready", roles=[server, client]), ready_timeout_s=3.0)
         status = wait_terminal(runner, handle, backend.timeout)
         assert status.state == AppState.FAILED, status
         assert "service role 'server' replica 0 was not ready: port" in status.msg, status.msg

@@ -66,14 +66,15 @@ def test_group_roles_help_example_waits_for_its_service(tmp_path: str) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def test_a_service_that_never_listens_fails_the_client_in_one_line(tmp_path: str) -> None:
+def test_a_service_that_never_listens_fails_the_app_in_one_line(tmp_path: str) -> None:
     port = free_port()
-    out = cli("run", "-s", "host", "--wait", "group.roles", "--services", "server", "--ports", f"server={port}",
-              "--ready_timeout_s", "1", "server=sleep 30", "client=echo never", cwd=str(tmp_path))
+    out = cli("run", "-s", "host", "-cfg", "ready_timeout_s=1", "--wait", "group.roles", "--services", "server",
+              "--ports", f"server={port}", "server=sleep 30", "client=echo never", cwd=str(tmp_path))
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    status = cli("status", handle_in(out.stdout))
+    assert (f"service role 'server' replica 0 was not ready: port {port} did not accept connections within 1 s "
+            "(run option ready_timeout_s); the other roles were not started") in status.stdout, status.stdout
     log = cli("log", handle_in(out.stdout) + "/client/0")
-    assert f"torchx-ext: service 'server' did not accept connections on 127.0.0.1:{port} within 1s; " \
-           "not starting 'echo'" in log.stdout + log.stderr, log.stdout + log.stderr
     assert "never" not in log.stdout
 
 
@@ -123,23 +124,20 @@ def test_waiter_failures_are_one_line() -> None:
     assert missing.stderr == "torchx-ext: cannot run '/nonexistent/prog': No such file or directory\n"
 
 
-def test_components_wrap_the_non_services_and_map_the_port() -> None:
+def test_components_map_the_port_and_leave_the_commands_as_given() -> None:
+    """The engine waits on a service's port_map: the commands are the user's, unwrapped."""
     app = server_client(server="python3 -m http.server 8000", client="curl -s http://x:8000/", port=8000)
     srv, cl = app.roles
     assert srv.entrypoint == "python3" and srv.args == ["-m", "http.server", "8000"]
-    assert srv.port_map == {"server": 8000}
-    assert cl.entrypoint == "python3" and cl.args[0] == "-c"
-    assert cl.args[2:] == ["300", "server:8000:TORCHX_EXT_HOSTS_SERVER", "--", "curl", "-s", "http://x:8000/"]
-    # no port: nothing waits (the behaviour before --port existed)
-    assert server_client(server="a", client="b c").roles[1].args == ["c"]
+    assert srv.port_map == {"server": 8000} and cl.port_map == {}
+    assert cl.entrypoint == "curl" and cl.args == ["-s", "http://x:8000/"]
+    assert server_client(server="a", client="b c").roles[0].port_map == {}  # no port: nothing waits
 
-    app = roles("db=serve", "vllm=serve2", "judge=run x", services="db,vllm", ports="db=5432,vllm=8000",
-                ready_timeout_s=60)
+    app = roles("db=serve", "vllm=serve2", "judge=run x", services="db,vllm", ports="db=5432,vllm=8000")
     db, vllm, judge = app.roles
     assert (db.entrypoint, vllm.entrypoint, db.port_map, vllm.port_map) == ("serve", "serve2", {"db": 5432},
                                                                            {"vllm": 8000})
-    assert judge.args[2:] == ["60", "db:5432:TORCHX_EXT_HOSTS_DB", "vllm:8000:TORCHX_EXT_HOSTS_VLLM", "--",
-                              "run", "x"]
+    assert (judge.entrypoint, judge.args, judge.port_map) == ("run", ["x"], {})
     with pytest.raises(ValueError, match=r"ports: \['judge'\] not in --services"):
         roles("db=serve", "judge=run", services="db", ports="judge=1")
     with pytest.raises(ValueError, match="expected a TCP port"):
@@ -152,7 +150,7 @@ def test_components_wrap_the_non_services_and_map_the_port() -> None:
 @pytest.mark.parametrize("cfg, line", [
     ("retry_backof_s=1", "torchx: error: Unknown option 'retry_backof_s' for scheduler 'host' "
                          "(did you mean 'retry_backoff_s'?). Valid options: auto_set_cuda_visible_devices, "
-                         "dependencies, gpu_count, job_dir, retry_backoff_s"),
+                         "dependencies, gpu_count, job_dir, ready_timeout_s, retry_backoff_s"),
     ("dependency=host://torchx/x-1", "torchx: error: Unknown option 'dependency' for scheduler 'host' "
                                      "(did you mean 'dependencies'?). Valid options: "),
     ("retry_backoff_s=abc", "torchx: error: option 'retry_backoff_s' of scheduler 'host' cannot be 'abc': "

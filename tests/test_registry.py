@@ -58,10 +58,12 @@ def test_register_by_call_on_a_fresh_registry() -> None:
 
 def test_executor_fields_are_the_run_options() -> None:
     names = {name for name, _ in runopts_for(HostExecutor)}
-    assert names == {"dependencies", "job_dir", "auto_set_cuda_visible_devices", "gpu_count", "retry_backoff_s"}
+    assert names == {"dependencies", "job_dir", "auto_set_cuda_visible_devices", "gpu_count", "retry_backoff_s",
+                     "ready_timeout_s"}
     ex = HostExecutor(dependencies=["host://s/a-1"], gpu_count=2)
     assert ex.to_run_args() == ("host", {"dependencies": ["host://s/a-1"], "gpu_count": 2,
-                                         "auto_set_cuda_visible_devices": False, "retry_backoff_s": 0.0})
+                                         "auto_set_cuda_visible_devices": False, "retry_backoff_s": 0.0,
+                                         "ready_timeout_s": 300.0})
     with pytest.raises(UnknownOptionError, match="Unknown option 'gpus'.*Valid options: .*gpu_count"):
         HostExecutor.from_cfg({"gpus": 1})
 

@@ -118,8 +118,10 @@ COMMON: dict[str, Support] = {
     "Role.retry_policy": RETRY_POLICY,
     "Role.resource": honoured("see the Resource rows"),
     "Role.metadata": honoured("'torchx_ext/service' marks a service role; other keys are free-form and ignored"),
-    "Role.port_map": ignored("replicas use their host's (node's) network: a port the process opens is "
-                             "reachable at its TORCHX_EXT_HOSTS_<ROLE> address already; nothing to map"),
+    "Role.port_map": honoured("a service role's ports: the other roles start once they accept connections "
+                              "(run option ready_timeout_s). Nothing is mapped: replicas use their host's "
+                              "(node's) network, so a port the process opens is reachable at its "
+                              "TORCHX_EXT_HOSTS_<ROLE> address already"),
     "Role.workspace": honoured("(torchx-nightly) built by TorchX through the scheduler's own workspace build, "
                                "per role, as --workspace is"),
     "Role.overrides": refused("request overrides are specific to TorchX's Kubernetes scheduler"),

@@ -4,10 +4,11 @@ Every replica finds every role's hosts in ``TORCHX_EXT_HOSTS_<ROLE>`` (see :mod:
 Commands are split like a shell would split them (``shlex``), so quote inside them as you would in a
 shell; nothing is ever re-joined into a shell string.
 
-A service given a port (``--port`` of ``server_client``, ``--ports`` of ``roles``) is waited for: the
-other roles' commands start only once every replica of that service accepts TCP connections on it
-(:mod:`torchx_ext.wait_for`, which needs a ``python3`` in the image), and the port is the service
-role's ``port_map`` (published by ``docker_jobs``).
+A service given a port (``--port`` of ``server_client``, ``--ports`` of ``roles``) gets it as its
+``port_map``, and the group engine of every torchx-ext scheduler waits for it: the other roles start
+only once every replica of that service accepts TCP connections on it (run option
+``ready_timeout_s``). Nothing is added to the commands, so any image will do. (On a scheduler
+without the engine, TorchX's own, :func:`torchx_ext.wait_for.wrap` makes a command wait instead.)
 """
 
 
@@ -16,7 +17,6 @@ from typing import Dict, List, Optional
 
 from torchx import specs
 
-from torchx_ext import wait_for
 from torchx_ext.groups import mark_service
 
 
@@ -34,17 +34,11 @@ def _role(
     return mark_service(role, service)
 
 
-def _wait_for_services(app_roles: List[specs.Role], ports: Dict[str, int], timeout_s: int) -> None:
-    """Gives each service its port_map and makes every other role wait until the services listen."""
-    if not ports:
-        return
-    if timeout_s <= 0:
-        raise ValueError(f"ready_timeout_s={timeout_s}: give the seconds to wait for the services, > 0")
+def _give_ports(app_roles: List[specs.Role], ports: Dict[str, int]) -> None:
+    """Each service named in ``ports`` gets its port as ``port_map``: the engine waits on it."""
     for role in app_roles:
         if role.name in ports:
             role.port_map = {role.name: ports[role.name]}
-        else:
-            role.entrypoint, role.args = wait_for.wrap(role.entrypoint, role.args, ports, timeout_s)
 
 
 def _port(what: str, value: str) -> int:
@@ -65,7 +59,6 @@ def roles(
     gpu: int = 0,
     memMB: int = 1024,
     name: str = "group",
-    ready_timeout_s: int = 300,
 ) -> specs.AppDef:
     """Runs N roles as one heterogeneous group (started together, all or nothing).
 
@@ -76,7 +69,7 @@ def roles(
         role_specs: one ``NAME=COMMAND`` per role; COMMAND is split with shell quoting rules
         services: comma-separated role names that are services (stopped when the others end)
         ports: comma-separated ``SERVICE=PORT``: the other roles start once every replica of that
-            service accepts TCP connections on PORT (needs python3 in the image)
+            service accepts TCP connections on PORT (run option ready_timeout_s: how long at most)
         replicas: comma-separated ``NAME=N`` replica counts (default 1 per role)
         image: image of every role (a directory on ``host``/``slurm_jobs``, an image on ``docker_jobs``)
         env: environment variables for every role, ``KEY=VALUE,KEY2=VALUE2``
@@ -84,7 +77,6 @@ def roles(
         gpu: GPUs per replica
         memMB: memory per replica in MB
         name: the app's name
-        ready_timeout_s: seconds the other roles wait for the services' ports before failing
     """
     if not role_specs:
         raise ValueError("give at least one role as NAME=COMMAND")
@@ -114,7 +106,7 @@ def roles(
     not_services = sorted(set(port_of) - service_names)
     if not_services:
         raise ValueError(f"ports: {not_services} not in --services; only a service's port is waited for")
-    _wait_for_services(app_roles, port_of, ready_timeout_s)
+    _give_ports(app_roles, port_of)
     return specs.AppDef(name=name, roles=app_roles)
 
 
@@ -130,7 +122,6 @@ def server_client(
     gpu: int = 0,
     memMB: int = 1024,
     name: str = "server-client",
-    ready_timeout_s: int = 300,
 ) -> specs.AppDef:
     """A server role (a service) and a client role; the app ends when the client ends.
 
@@ -144,8 +135,8 @@ def server_client(
     Args:
         server: the server's command, split with shell quoting rules
         client: the client's command, split with shell quoting rules
-        port: the port the server listens on: the client waits until it accepts connections
-            (needs python3 in the image); 0: the client starts at once
+        port: the port the server listens on: the client starts once it accepts connections
+            (run option ready_timeout_s: how long at most); 0: the client starts at once
         image: image of both roles (a directory on ``host``/``slurm_jobs``, an image on ``docker_jobs``)
         server_replicas: number of server replicas
         client_replicas: number of client replicas
@@ -154,12 +145,11 @@ def server_client(
         gpu: GPUs per server replica
         memMB: memory per replica in MB
         name: the app's name
-        ready_timeout_s: seconds the client waits for the server's port before failing
     """
     app_roles = [
         _role("server", server, image, server_replicas, env, cpu, gpu, memMB, service=True),
         _role("client", client, image, client_replicas, env, cpu, 0, memMB, service=False),
     ]
     if port:
-        _wait_for_services(app_roles, {"server": _port("port", str(port))}, ready_timeout_s)
+        _give_ports(app_roles, {"server": _port("port", str(port))})
     return specs.AppDef(name=name, roles=app_roles)

@@ -20,7 +20,9 @@ def _named_devices(devices: Mapping[str, int], role: Role) -> Optional[str]:
 MATRIX: dict[str, Support] = {
     **COMMON,
     "Role.image": honoured("the container image (pulled only as pull_policy says)"),
-    "Role.port_map": honoured("published on publish_host (127.0.0.1) at a free host port; describe's "
+    "Role.port_map": honoured("a service role's ports: the other roles start once they accept connections "
+                              "(run option ready_timeout_s). Each is published on publish_host (127.0.0.1) "
+                              "at a free host port; describe's "
                               "roles show them as port_map {'NAME/k': host port, 'NAME': replica 0's}"),
     "Role.mounts": honoured("bind, volume and device mounts"),
     "Resource.cpu": honoured("a CPU limit (nano_cpus)"),

@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
+from torchx_ext.engine.rules import READY_TIMEOUT_S
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, ready_timeout_option, retry_backoff_option
 
 SCHEDULER = "host"
 LOOPBACK = "127.0.0.1"
@@ -34,6 +35,7 @@ class HostExecutor(Executor):
         None, help="GPUs on this host for auto_set_cuda_visible_devices (default: nvidia-smi -L)"
     )
     retry_backoff_s: float = retry_backoff_option()
+    ready_timeout_s: float = ready_timeout_option()
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ReplicaRequest:
     env: dict[str, str]
     max_retries: int = 0
     retry_policy: str = "APPLICATION"
+    ports: list[int] = field(default_factory=list)  # a service's: the others start once they accept
 
 
 @dataclass
@@ -59,6 +62,7 @@ class HostRequest:
     roles: list[dict[str, Any]]
     replicas: list[ReplicaRequest] = field(default_factory=list)
     retry_backoff_s: float = 0.0
+    ready_timeout_s: float = READY_TIMEOUT_S
     # workspaces to copy before the app starts: {"source": dir or URL, "target": new dir}
     workspace_copies: list[dict[str, str]] = field(default_factory=list)
 

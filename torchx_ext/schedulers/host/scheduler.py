@@ -36,11 +36,11 @@ from torchx.workspace.api import WorkspaceMixin
 from torchx_ext import state
 from torchx_ext.engine.rules import TERMINAL, retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
-from torchx_ext.groups import discovery_env, is_service
+from torchx_ext.groups import discovery_env, is_service, service_ports
 from torchx_ext.index import INDEX, AppIndex, Entry
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
 from torchx_ext.schedulers.host import procs
-from torchx_ext.schedulers.host import supervisor as sup
+from torchx_ext.schedulers.host import records as sup
 from torchx_ext.schedulers.host.request import (
     LOOPBACK,
     SCHEDULER,
@@ -53,6 +53,7 @@ from torchx_ext.schedulers.host.request import (
 from torchx_ext.schedulers.host.request import (
     HostExecutor as HostExecutor,
 )
+from torchx_ext.schedulers.host.supervisor import STOP_GRACE_S
 from torchx_ext.schedulers.host.support import MATRIX
 from torchx_ext.schedulers.retention import Leftover, Prunable, Warn, dangling_copies, tree_bytes
 from torchx_ext.schedulers.workspace import copy_workspace, is_current_dir
@@ -126,9 +127,12 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
         hosts = {role.name: [LOOPBACK] * role.num_replicas for role in app.roles}
         if executor.retry_backoff_s < 0:
             raise InvalidOptionError(f"retry_backoff_s={executor.retry_backoff_s}: a delay in seconds, >= 0")
+        if executor.ready_timeout_s <= 0:
+            raise InvalidOptionError(f"ready_timeout_s={executor.ready_timeout_s}: a time in seconds, > 0")
         request = HostRequest(app_id=app_id, app_name=app.name, app_dir=state.scheduler_dir(SCHEDULER, app_id),
                               dependencies=dependencies, roles=role_summaries(app),
-                              retry_backoff_s=float(executor.retry_backoff_s))
+                              retry_backoff_s=float(executor.retry_backoff_s),
+                              ready_timeout_s=float(executor.ready_timeout_s))
         for role in app.roles:
             copy = self._planned_copy(role)
             if copy is not None:
@@ -146,6 +150,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
                 request.replicas.append(ReplicaRequest(
                     role.name, i, is_service(role), [r.entrypoint, *r.args], cwd, env,
                     max_retries=role.max_retries, retry_policy=retry_policy_name(role.retry_policy),
+                    ports=list(service_ports(role)),
                 ))
         return request
 
@@ -278,7 +283,7 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
                 return
         else:
             procs.signal_process(supervisor, signal.SIGTERM)
-            deadline = time.time() + sup.STOP_GRACE_S + 5
+            deadline = time.time() + STOP_GRACE_S + 5
             while time.time() < deadline and procs.running(supervisor):
                 time.sleep(0.05)
             if procs.running(supervisor) and procs.signal_process(supervisor, signal.SIGKILL):

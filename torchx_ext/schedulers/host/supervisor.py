@@ -22,11 +22,12 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
 import traceback
-from typing import IO, Any, Mapping, Optional, cast
+from typing import IO, Any, Optional, cast
 
 from torchx_ext import engine
 from torchx_ext.engine.rules import CANCELLED_BEFORE_START, CANCELLED_WAITING, TERMINAL
@@ -34,82 +35,21 @@ from torchx_ext.errors import StateError
 from torchx_ext.groups import ENV_ATTEMPT
 from torchx_ext.schedulers.host.procs import (
     TOKEN_ENV,
-    Identity,
     boot_id,
     identity,
     kill_marked,
-    marked,
     replica_of,
     replica_token,
     running,
     signal_group,
     supervisor_of,
 )
-from torchx_ext.state import locked, makedirs, read_json, update_json, write_json
+from torchx_ext.schedulers.host.records import claim, log_dir, open_private_log, update_state
+from torchx_ext.state import makedirs, read_json
 
 STOP_GRACE_S = 3.0
 POLL_S = 0.2
-
-
-# ---------------------------------------------------------------- state files (shared) ----
-def update_state(app_dir: str, **changes: Any) -> dict[str, Any]:
-    return update_json(app_dir, "state.json", **changes)
-
-
-def open_private_log(path: str) -> IO[bytes]:
-    """``path`` opened for appending, created 0600 (a log can hold what a replica printed)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
-
-
-def claim(app_dir: str, supervisor: Identity) -> dict[str, Any]:
-    """Records ``supervisor`` as the app's supervisor (creating state.json if this is the first
-    word about the app) unless the app has ended already (a cancel came first); returns the record.
-
-    Both ``schedule`` (right after starting it) and the supervisor itself (first thing) call it:
-    whichever is first, state.json never exists without a supervisor identity to check.
-    """
-    path = os.path.join(app_dir, "state.json")
-    with locked(app_dir):
-        st = read_json(path)
-        if st is None:
-            st = {"state": "SUBMITTED", "msg": "", "created": time.time(), "replicas": {}}
-        elif st.get("state") in TERMINAL:
-            return st
-        st.update(supervisor_pid=supervisor["pid"], supervisor_start=supervisor["start"],
-                  boot_id=supervisor["boot"])
-        write_json(path, st)
-        return st
-
-
-def gone_message(record: Mapping[str, Any], app_dir: str, orphans: int) -> str:
-    """Why an app without a verdict has no supervisor; ``orphans``: its processes still running."""
-    left = (f"{orphans} of its processes still run unsupervised: `torchx cancel` stops them" if orphans
-            else "its replicas were not seen to finish")
-    return (f"the host supervisor (pid {record.get('supervisor_pid')}) is gone: it was killed or the machine "
-            f"rebooted; {left} (see {app_dir}/supervisor.log)")
-
-
-def orphans(app_dir: str, spec: Mapping[str, Any], record: Mapping[str, Any]) -> int:
-    """How many processes provably of this app still run: replica leaders still the recorded
-    process, and processes carrying a replica token."""
-    tokens = {replica_token(app_dir, r["role"], r["replica_id"]) for r in spec.get("replicas", [])}
-    pids = {ident["pid"] for ident, _ in marked(tokens)}
-    pids.update(rs["pid"] for rs in record.get("replicas", {}).values() if running(replica_of(record, rs)))
-    return len(pids)
-
-
-def stop_recorded(app_dir: str, spec: Mapping[str, Any], record: Mapping[str, Any]) -> None:
-    """SIGKILLs what an app's record (and its replica tokens) says is still its own, with its
-    supervisor gone: each replica's group while provably the replica's, then any process still
-    carrying a replica token. Nothing else: a reused pid or group is left alone."""
-    for key, rs in record.get("replicas", {}).items():
-        role, _, k = key.rpartition("/")
-        signal_group(replica_of(record, rs), signal.SIGKILL, replica_token(app_dir, role, int(k)))
-    kill_marked({replica_token(app_dir, r["role"], r["replica_id"]) for r in spec.get("replicas", [])})
-
-
-def log_dir(app_dir: str, role: str, replica_id: int) -> str:
-    return os.path.join(app_dir, "logs", role, str(replica_id))
+PROBE_S = 0.05
 
 
 # ---------------------------------------------------------------------- the supervisor ----
@@ -161,8 +101,9 @@ class Supervisor:
             for r in self.replicas
         }
         self.by_key = {(r.spec["role"], r.spec["replica_id"]): r for r in self.replicas}
-        self.engine = engine.Engine(engine.GroupSpec.from_dicts(spec["replicas"],
-                                                                float(spec.get("retry_backoff_s", 0.0))))
+        self.engine = engine.Engine(engine.GroupSpec.from_dicts(
+            spec["replicas"], float(spec.get("retry_backoff_s", 0.0)), spec.get("ready_timeout_s")))
+        self.probes: dict[tuple[str, int], engine.Probe] = {}  # services not ready yet
         self.boot = boot_id()
 
     # -- state ------------------------------------------------------------------------
@@ -242,12 +183,28 @@ class Supervisor:
         elif isinstance(action, engine.Mark):
             self._sync(self.by_key[action.key])
             self.by_key[action.key].write("stderr", (action.line + "\n").encode())
+        elif isinstance(action, engine.Probe):
+            self.probes[action.key] = action
         elif isinstance(action, engine.Verdict):
             for r in self.replicas:
                 self._sync(r)
             self._save(state=action.state, msg=action.msg, ended=time.time())
         # Restart: the engine's count is saved with every state (num_restarts); Wait: the main
         # loop's select never sleeps past engine.next_due
+
+    def _probe(self) -> None:
+        """Reports Ready for each probed service whose ports all accept connections on this host
+        (loopback: discovery gives host replicas 127.0.0.1). A connect to loopback is answered at
+        once (accepted or refused), so the loop is not held up; a probe whose attempt is no longer
+        the one running is dropped (the engine would ignore its Ready anyway)."""
+        for key, probe in list(self.probes.items()):
+            v = self.engine.replicas[key]
+            if self.engine.verdict is not None or v.state != "RUNNING" or v.attempt != probe.attempt:
+                del self.probes[key]
+                continue
+            if all(_accepts("127.0.0.1", port) for port in probe.ports):
+                del self.probes[key]
+                self._report(engine.Ready(key, probe.attempt))
 
     def _sync(self, r: _Replica) -> None:
         """Copies the engine's view of ``r`` into its record (pid, times and an exit code of a
@@ -392,9 +349,12 @@ class Supervisor:
         self._save(state="RUNNING", msg="", started=time.time())
         self._wake_on_child_exit()
         while self.engine.verdict is None:
-            # until the next due restart at most: a restart without backoff starts at once
+            # until the next due restart (or readiness deadline) at most: a restart without backoff
+            # starts at once; a service is probed every PROBE_S
             due = self.engine.next_due
-            self._pump(max(0.0, min(POLL_S, due - time.time())) if due is not None else POLL_S)
+            poll = PROBE_S if self.probes else POLL_S
+            self._pump(max(0.0, min(poll, due - time.time())) if due is not None else poll)
+            self._probe()
             if self.cancelled:
                 self._report(engine.Cancel())
                 return
@@ -412,6 +372,14 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(w)
         self.sel.register(r, selectors.EVENT_READ, None)
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1.0).close()
+        return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str]) -> int:
