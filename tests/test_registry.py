@@ -118,3 +118,14 @@ def test_executor_from_cfg_keeps_zero_and_splits_lists() -> None:
     ex = RayJobsExecutor.from_cfg({"placement_timeout_s": 0, "env_forward": "A,B", "preflight": False, "pip": None})
     assert ex.placement_timeout_s == 0 and ex.env_forward == ["A", "B"] and ex.preflight is False
     assert ex.pip is None and ex.request_timeout_s == 10  # unset: the dataclass default, the only one
+
+
+def test_the_engine_timings_are_checked_once_for_every_scheduler() -> None:
+    from torchx_ext.errors import InvalidOptionError
+    from torchx_ext.executors import engine_timings
+
+    assert engine_timings(HostExecutor(retry_backoff_s=1, ready_timeout_s=5)) == (1.0, 5.0)
+    with pytest.raises(InvalidOptionError, match=r"retry_backoff_s=-1: a delay in seconds, >= 0"):
+        engine_timings(HostExecutor(retry_backoff_s=-1))
+    with pytest.raises(InvalidOptionError, match=r"ready_timeout_s=0: a time in seconds, > 0"):
+        engine_timings(HostExecutor(ready_timeout_s=0))

@@ -71,6 +71,18 @@ def ready_timeout_option() -> Any:
                   "ready in time fails the app, naming it")
 
 
+def engine_timings(executor: Any) -> tuple[float, float]:
+    """``(retry_backoff_s, ready_timeout_s)`` of an executor with both options, checked once for
+    every scheduler that runs the group engine."""
+    backoff, ready = float(executor.retry_backoff_s), float(executor.ready_timeout_s)
+    if backoff < 0:
+        raise InvalidOptionError(f"retry_backoff_s={executor.retry_backoff_s}: a delay in seconds, >= 0")
+    if ready <= 0:
+        raise InvalidOptionError(f"ready_timeout_s={executor.ready_timeout_s}: a time in seconds, > 0 "
+                                 "(how long a service may take to accept connections)")
+    return backoff, ready
+
+
 @dataclass
 class Executor:
     """Base of all executors. Subclasses set ``scheduler`` and ``capabilities``."""

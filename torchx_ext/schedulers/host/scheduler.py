@@ -36,6 +36,7 @@ from torchx.workspace.api import WorkspaceMixin
 from torchx_ext import state
 from torchx_ext.engine.rules import TERMINAL, retry_policy_name
 from torchx_ext.errors import BackendError, DependencyError, InvalidAppError, InvalidOptionError, StateError
+from torchx_ext.executors import engine_timings
 from torchx_ext.groups import discovery_env, is_service, service_ports
 from torchx_ext.index import INDEX, AppIndex, Entry
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
@@ -125,14 +126,10 @@ class HostScheduler(WorkspaceMixin[None], ExtScheduler[HostExecutor]):
             total = executor.gpu_count
             gpus = assign_gpus(app, int(total) if total is not None else _gpu_count())
         hosts = {role.name: [LOOPBACK] * role.num_replicas for role in app.roles}
-        if executor.retry_backoff_s < 0:
-            raise InvalidOptionError(f"retry_backoff_s={executor.retry_backoff_s}: a delay in seconds, >= 0")
-        if executor.ready_timeout_s <= 0:
-            raise InvalidOptionError(f"ready_timeout_s={executor.ready_timeout_s}: a time in seconds, > 0")
+        backoff, ready = engine_timings(executor)
         request = HostRequest(app_id=app_id, app_name=app.name, app_dir=state.scheduler_dir(SCHEDULER, app_id),
                               dependencies=dependencies, roles=role_summaries(app),
-                              retry_backoff_s=float(executor.retry_backoff_s),
-                              ready_timeout_s=float(executor.ready_timeout_s))
+                              retry_backoff_s=backoff, ready_timeout_s=ready)
         for role in app.roles:
             copy = self._planned_copy(role)
             if copy is not None:
