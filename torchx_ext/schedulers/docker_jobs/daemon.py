@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, TypeVar
 from torchx.specs import AppState
 
 from torchx_ext import state as local_state
+from torchx_ext.engine.rules import READY_TIMEOUT_S
 from torchx_ext.errors import BackendError, MissingExtraError, SchedulerUnavailable, TorchxExtError
 
 SCHEDULER = "docker_jobs"
@@ -57,6 +58,7 @@ L_ATTEMPT = P + "attempt"
 L_MAX_RETRIES = P + "max-retries"
 L_RETRY_POLICY = P + "retry-policy"
 L_RETRY_BACKOFF = P + "retry-backoff-s"
+L_READY_TIMEOUT = P + "ready-timeout-s"  # run option ready_timeout_s (services with ports)
 L_RESTART = P + "restart"  # the number of the restart that created this attempt
 L_RESTART_UNIT = P + "restart-unit"  # the budget it was charged to (rules.retry_unit)
 L_START_AFTER = P + "start-after"  # unix time: the end of its backoff
@@ -207,6 +209,7 @@ class Snapshot:
     verdict: Optional[Verdict] = None
     previous: list[Replica] = field(default_factory=list)  # earlier attempts (their logs, budgets)
     retry_backoff_s: float = 0.0
+    ready_timeout_s: float = READY_TIMEOUT_S
     submitter: str = ""  # the L_SUBMITTER label ("" for apps submitted before it existed)
 
     @property
@@ -270,6 +273,7 @@ def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
         verdict=found[0] if found else None,
     )
     snap.retry_backoff_s = float(labels.get(L_RETRY_BACKOFF) or 0.0)
+    snap.ready_timeout_s = float(labels.get(L_READY_TIMEOUT) or READY_TIMEOUT_S)
     snap.submitter = labels.get(L_SUBMITTER, "")
     latest: dict[tuple[str, int], Replica] = {}
     for s in summaries:
@@ -384,18 +388,15 @@ def parallel(fn: Callable[[T], Any], reps: list[T]) -> list[tuple[T, Optional[Ba
         return list(pool.map(one, reps))
 
 
-
 def explain(e: BaseException) -> str:
     """The daemon's own words for an API error (not the HTTP wrapping)."""
     return str(getattr(e, "explanation", None) or e)
-
 
 
 def stop(api: Any, reps: list[Replica], timeout: Optional[int]) -> None:
     """Stops containers (SIGTERM, SIGKILL after ``timeout``; 0 = kill at once). Errors ignored:
     a container that is already gone or stopped is what we want."""
     parallel(lambda r: api.stop(r.container_id, timeout=timeout), reps)
-
 
 
 def remove_network(api: Any, name: str) -> None:
@@ -406,7 +407,6 @@ def remove_network(api: Any, name: str) -> None:
         api.remove_network(name)
     except docker.errors.APIError:
         pass  # already gone, or not ours to remove (an existing network given as network_mode)
-
 
 
 def published_roles(snap: Snapshot) -> list[dict[str, Any]]:

@@ -21,7 +21,10 @@ again from what the daemon holds, and a describe computes exactly what the watch
     attempt's container was created with (the same words, :func:`rules.attempt_marker`).
   * ``Start``: the attempt's container is started (created first if a pass cut short did not);
     a batch at once, its Starteds reported before its StartFaileds.
-  * ``Wait``: the watcher looks again by then (:attr:`AppStatus.next_due`).
+  * ``Probe``: ``Ready`` at once if the attempt was seen ready (a record on the daemon), else the
+    acting watcher connects once per pass until it is (:mod:`.readiness`: where, how; its
+    ``Started`` is reported at the container's ``StartedAt``, so every pass has the same deadline).
+  * ``Wait``: the watcher looks again by then (:attr:`AppStatus.next_due`; a pending probe: soon).
   * ``Verdict``: pinned (the verdict volume) *before* the final ``Stop``: the verdict is what makes
     the exit codes of the stopped containers read as stops to any later reader; stopped first, a
     successor would read them as failures. A failed first start stops the others at once (nothing
@@ -46,7 +49,7 @@ from torchx.specs import AppState
 
 from torchx_ext import engine
 from torchx_ext.engine import rules
-from torchx_ext.schedulers.docker_jobs import retries as retries
+from torchx_ext.schedulers.docker_jobs import readiness, retries
 from torchx_ext.schedulers.docker_jobs.daemon import (
     L_ENGINE,
     L_RESTART,
@@ -90,18 +93,24 @@ class AppStatus:
         """When the engine wants to be asked again (the end of a backoff)."""
         return self.engine.next_due if self.engine is not None else None
 
+    @property
+    def probing(self) -> bool:
+        """A service's readiness is pending: the watcher looks again soon (each look probes it)."""
+        return self.engine is not None and any(v.ready_by is not None for v in self.engine.replicas.values())
+
 
 def group_spec(snap: Snapshot) -> engine.GroupSpec:
-    """The app's group for the engine: its roles as submitted, each replica's retry policy and
-    budget from its containers' labels."""
+    """The app's group for the engine: its roles as submitted (with a service's ports), each
+    replica's retry policy and budget from its containers' labels."""
     latest = {(r.role, r.replica_id): r for r in sorted((*snap.previous, *snap.replicas), key=lambda r: r.attempt)}
-    keys = [((str(s["name"]), k), bool(s.get("service"))) for s in snap.roles for k in range(int(s["num_replicas"]))]
+    keys = [((str(s["name"]), k), bool(s.get("service")), readiness.ports(s))
+            for s in snap.roles for k in range(int(s["num_replicas"]))]
     specs = []
-    for key, service in keys or [(k, r.service) for k, r in sorted(latest.items())]:
+    for key, service, ports in keys or [(k, r.service, ()) for k, r in sorted(latest.items())]:
         rep = latest.get(key)
         specs.append(engine.ReplicaSpec(key[0], key[1], service, rep.max_retries if rep else 0,
-                                        rules.retry_policy_name(rep.policy if rep else "APPLICATION")))
-    return engine.GroupSpec(tuple(specs), snap.retry_backoff_s)
+                                        rules.retry_policy_name(rep.policy if rep else "APPLICATION"), ports))
+    return engine.GroupSpec(tuple(specs), snap.retry_backoff_s, snap.ready_timeout_s)
 
 
 class Pass:
@@ -121,6 +130,7 @@ class Pass:
         self.verdict: Optional[Verdict] = None
         self.kill_at_once = False
         self.changed = False  # something was performed: the daemon's view is worth reading again
+        self.readiness = readiness.Readiness(api, snap, self.spec.gated, probing=acting)
 
     def _restored(self) -> engine.Engine:
         """The engine as the newest snapshot on the daemon left it (a new one if there is none)."""
@@ -145,12 +155,18 @@ class Pass:
     def report(self, event: engine.Event, now: float) -> None:
         if isinstance(event, engine.StartFailed) and (event.attempt or 1) == 1:
             self.kill_at_once = True  # all or nothing: the others never did any work
+        if isinstance(event, engine.Started) and self.engine.replicas[event.key].spec.ports:
+            attempt = (event.key, event.attempt or self.engine.replicas[event.key].attempt)
+            now = self.readiness.started_at(attempt, self.attempts.get(attempt), now)  # the deadline's start
         self.perform(self.engine.on(event, now))
 
     def replay(self) -> None:
         """Reports what the containers show that the engine has not heard yet, oldest exit first
         (a scope's exit before the stops it caused), until nothing is new or the app is decided."""
         eng = self.engine
+        for key, v in eng.replicas.items():  # a restored engine's probes, before any Tick: a service
+            if v.state == "RUNNING" and v.ready_by is not None:  # past its deadline is looked at first
+                self._probe(engine.Probe(key, v.attempt, v.spec.ports, v.ready_by))
         while eng.verdict is None:
             self._tick(time.time())
             for key, v in list(eng.replicas.items()):
@@ -170,15 +186,11 @@ class Pass:
     def _tick(self, now: float) -> None:
         # a restarted attempt that runs already was due, whatever this machine's clock says
         late = [v.due for k, v in self.engine.replicas.items()
-                if v.due is not None and self._started((k, v.attempt))]
+                if v.due is not None and getattr(self.attempts.get((k, v.attempt)), "started", False)]
         at = max([now, *late])
         due = self.engine.next_due
         if due is not None and due <= at:
             self.report(engine.Tick(), at)
-
-    def _started(self, attempt: tuple[Key, int]) -> bool:
-        rep = self.attempts.get(attempt)
-        return rep is not None and rep.started
 
     def _ended(self) -> list[tuple[float, Union[engine.Exited, engine.Lost]]]:
         out: list[tuple[float, Union[engine.Exited, engine.Lost]]] = []
@@ -231,7 +243,14 @@ class Pass:
                 self._restart(action)
             elif isinstance(action, engine.Stop):
                 self._stop(action)
+            elif isinstance(action, engine.Probe):
+                self._probe(action)
             i += 1
+
+    def _probe(self, probe: engine.Probe) -> None:
+        # Ready if seen ready (readiness.Readiness.ready); else pending: the watcher looks again soon
+        if self.readiness.ready(probe, self.attempts.get((probe.key, probe.attempt))):
+            self.report(engine.Ready(probe.key, probe.attempt), time.time())
 
     def _pin(self, v: engine.Verdict) -> None:
         state = AppState.__members__[v.state]
@@ -320,6 +339,7 @@ class Pass:
                 if e is None:
                     rep = self.attempts[(a.key, a.attempt)]
                     rep.status, rep.started = "running", True
+                    self.readiness.started[(a.key, a.attempt)] = time.time()
                     news.append(engine.Started(a.key, a.attempt))
                 else:
                     news.append(engine.StartFailed(a.key, explain(e), a.attempt))
@@ -339,7 +359,7 @@ class Pass:
         eng = self.engine
         if self.acting and eng.verdict is None and eng.begun:
             self.start([engine.Start(k, v.attempt) for k, v in eng.replicas.items()
-                        if v.state == "PENDING" and v.due is None])
+                        if v.state == "PENDING" and v.due is None and not v.held])
 
 
 # ------------------------------------------------------------------------- the app ------
@@ -347,6 +367,7 @@ def start_group(api: Any, snap: Snapshot, reps: list[Replica]) -> Optional[Verdi
     """Starts ``reps`` (the group's first attempts) all or nothing: the engine's Begin, performed;
     the verdict if one failed to start (pinned, the others stopped)."""
     p = Pass(api, replace(snap, replicas=list(reps), previous=[]), acting=True)
+    p.readiness.probing = False  # the services started a moment ago: the watcher probes them
     p.report(engine.Begin(), time.time())
     return p.verdict
 

@@ -13,7 +13,7 @@ from torchx.schedulers.devices import get_device_mounts
 from torchx.specs import AppDef, BindMount, DeviceMount, Role, VolumeMount
 
 from torchx_ext.errors import InvalidAppError, InvalidOptionError
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, ready_timeout_option, retry_backoff_option
 from torchx_ext.schedulers.docker_jobs import daemon as d
 
 SCHEDULER = d.SCHEDULER
@@ -54,6 +54,7 @@ class DockerJobsExecutor(Executor):
         "127.0.0.1", help="address on which the ports of Role.port_map are published, each at a free host port "
         "that describe shows (0.0.0.0: every interface)")
     retry_backoff_s: float = retry_backoff_option()
+    ready_timeout_s: float = ready_timeout_option()
 
 
 @dataclass

@@ -130,9 +130,13 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             d.L_ROLES: json.dumps(role_summaries(app)), d.L_NETWORK: network or "",
             d.L_STOP_TIMEOUT: str(host["stop_timeout"]), d.L_CREATED: f"{time.time():.3f}",
             d.L_RETRY_BACKOFF: str(float(ex.retry_backoff_s)), d.L_SUBMITTER: d.submitter(),
+            d.L_READY_TIMEOUT: str(float(ex.ready_timeout_s)),
         }
         if ex.retry_backoff_s < 0:
             raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
+        if not ex.ready_timeout_s > 0:  # (also refuses NaN)
+            raise InvalidOptionError(f"ready_timeout_s={ex.ready_timeout_s}: the seconds a service with ports "
+                                     "may take to accept connections, > 0")
         request = DockerRequest(
             app_id=app_id, network=network, network_mode=mode or app_id, pull_policy=ex.pull_policy,
             dependencies=dependencies, copy_env=ex.copy_env or [], host=host, labels=labels,
@@ -205,7 +209,8 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             )
         if not req.dependencies:
             snap = d.Snapshot(req.app_id, req.labels[d.L_APP_NAME], json.loads(req.labels[d.L_ROLES]),
-                              [], req.network or "", req.host["stop_timeout"])
+                              [], req.network or "", req.host["stop_timeout"],
+                              ready_timeout_s=float(req.labels[d.L_READY_TIMEOUT]))
             reps = [d.Replica(c.role, c.replica_id, c.service, ids[c.name], c.name, "", "created")
                     for c in req.containers]
             self._keep_request(req)

@@ -16,7 +16,7 @@ home's :data:`~.daemon.L_SUBMITTER` (listed every :data:`SWEEP_S`) and those han
 it by a request file (:func:`.watching.request_watch`: by ``schedule`` and by healing, so an app whose
 containers all exited before its verdict was pinned is found too). One stream of the daemon's
 container events for the whole home wakes an app at once when one of its containers is created,
-started, dies or is removed; an app waiting for dependencies or a backoff, or stopping, is looked
+started, dies or is removed; an app waiting for dependencies, a backoff or a service's readiness, or stopping, is looked
 at every :data:`POLL_S`, any other every :data:`IDLE_RECHECK_S` and whenever the listing shows a
 change. Reconciles run in a pool of workers, one at a time per app, so an app whose containers take
 their stop timeout to stop never delays another's restart.
@@ -87,6 +87,7 @@ from torchx_ext.schedulers.docker_jobs.lease import (
     renew,
     take_lease,
 )
+from torchx_ext.schedulers.docker_jobs.readiness import remove_records
 from torchx_ext.schedulers.docker_jobs.watching import (
     MODULE,
     holders,
@@ -118,6 +119,7 @@ def remove_app(api: Any, app_id: str, network: Optional[str]) -> None:
     except docker.errors.NotFound:
         pass
     remove_leases(api, app_id)
+    remove_records(api, app_id)
 
 
 # --------------------------------------------------------------------------- watcher ------
@@ -391,6 +393,7 @@ class HomeWatcher:
             with app.lease_lock:
                 app.lease = None
             remove_leases(api, app.app_id)  # nothing left to act on: no lease volumes stay behind
+            remove_records(api, app.app_id)  # (nor readiness records: only a live app's engine reads them)
             unrequest(app.app_id)
             _say(f"{app.app_id} is over" if status else f"{app.app_id} is gone")
             return None
@@ -398,8 +401,11 @@ class HomeWatcher:
         if now < app.quick_until:
             return now + DIE_SETTLE_POLL_S
         snap = status.snapshot
-        if snap.verdict is not None or any(r.status == "created" and not r.started for r in snap.replicas):
-            return now + POLL_S  # stopping, waiting for dependencies or a backoff: look again soon
+        if (snap.verdict is not None or status.probing
+                or any(r.status == "created" and not r.started for r in snap.replicas)):
+            # stopping, waiting for dependencies, a backoff or a service's readiness (each pass
+            # connects once: see readiness): look again soon
+            return now + POLL_S
         due = status.next_due  # a restart whose attempts could not be created yet
         return min(now + IDLE_RECHECK_S, max(due, now + POLL_S)) if due is not None else now + IDLE_RECHECK_S
 
