@@ -9,6 +9,7 @@ import email.utils
 import json
 import os
 import re
+import socket
 import time
 from typing import Any, Optional
 
@@ -16,10 +17,11 @@ import pytest
 from torchx.specs import AppDef, AppState, BindMount, DeviceMount, Resource, Role, VolumeMount
 
 from contract import HOSTILE_ARGS
+from torchx_ext import engine
 from torchx_ext.errors import DependencyError
 from torchx_ext.executors import capabilities, scheduler_for
 from torchx_ext.groups import mark_service
-from torchx_ext.schedulers.docker_jobs import daemon, watching
+from torchx_ext.schedulers.docker_jobs import daemon, launcher, readiness, watching
 from torchx_ext.schedulers.docker_jobs import lease as leases
 from torchx_ext.schedulers.docker_jobs import watcher as w
 from torchx_ext.schedulers.docker_jobs.logs import LogReader
@@ -79,6 +81,7 @@ def test_dryrun_network_modes() -> None:
     ({"extra_hosts": ["nohost"]}, "expected HOST:IP"),
     ({"tmpfs": ["relative"]}, "absolute PATH"),
     ({"stop_timeout": -1}, "must be >= 0"),
+    ({"ready_timeout_s": 0}, "ready_timeout_s=0.0: the seconds a service with ports may take to accept connections, > 0"),
 ])
 def test_bad_options_are_one_clear_error(cfg: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -149,7 +152,7 @@ class FakeDaemon:
 
     def __init__(self) -> None:
         self.containers_: dict[str, dict[str, Any]] = {}
-        self.volumes: dict[str, dict[str, Any]] = {}
+        self.vols: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str, Any]] = []
         self.fail_start: set[str] = set()
 
@@ -174,13 +177,22 @@ class FakeDaemon:
         return {"State": dict(self.containers_[cid]["State"])}
 
     def inspect_volume(self, name: str) -> dict[str, Any]:
-        if name not in self.volumes:
+        if name not in self.vols:
             raise docker.errors.NotFound("no volume")
-        return self.volumes[name]
+        return self.vols[name]
 
     def create_volume(self, name: str, driver: str = "local",
                       labels: Optional[dict[str, str]] = None) -> dict[str, Any]:
-        return self.volumes.setdefault(name, {"Name": name, "Labels": dict(labels or {})})
+        return self.vols.setdefault(name, {"Name": name, "Labels": dict(labels or {})})
+
+    def volumes(self, filters: dict[str, list[str]]) -> dict[str, Any]:
+        want = dict(x.split("=", 1) for x in filters["label"])
+        return {"Volumes": [v for v in self.vols.values() if builtins.all(
+            v["Labels"].get(k) == x for k, x in want.items())]}
+
+    def remove_volume(self, name: str) -> None:
+        if self.vols.pop(name, None) is None:
+            raise docker.errors.NotFound("no volume")
 
     def start(self, cid: str) -> None:
         self.calls.append(("start", cid, None))
@@ -229,7 +241,7 @@ def test_describe_computes_the_state_but_never_acts() -> None:
     assert not st.over  # no verdict pinned yet: the watcher (restarted if dead) still has work
     failed = w.reconcile(d, "b", acting=False)
     assert failed is not None and failed.state == AppState.FAILED and "dependency 'dep' ended FAILED" in failed.msg
-    assert not d.calls and not d.volumes  # nothing stopped, started or pinned by a query
+    assert not d.calls and not d.vols  # nothing stopped, started or pinned by a query
     st = w.reconcile(d, "a", acting=True)  # the watcher's turn
     assert ("stop", "a-server-0", 5) in d.calls and st is not None and st.state == AppState.SUCCEEDED and st.over
 
@@ -549,3 +561,121 @@ def test_workspace_is_planned_not_built_by_the_dryrun() -> None:
     assert role.image == "img" and req.builds == {"main": {"image": "img", "workspace": "/some/ws"}}
     assert s._client is None  # no daemon connection
     assert json.loads(repr(req))["builds"]["main"]["workspace"] == "/some/ws"
+
+
+# ------------------------------------------------------------------------ readiness ------
+PORTED = [{"name": "server", "num_replicas": 1, "service": True, "port_map": {"http": 8000}},
+          {"name": "client", "num_replicas": 1, "service": False}]
+
+
+def _ready_app(d: FakeDaemon, started_s_ago: float = 0.0, timeout_s: str = "300.0") -> None:
+    """App "r": a server with a port, started ``started_s_ago``, and its client, created, never started."""
+    d.add("r", "server", 0, "running", service=True, roles=PORTED)
+    d.add("r", "client", 0, "created", roles=PORTED, started=False)
+    d.containers_["r-server-0"]["State"]["StartedAt"] = _ts(time.time() - started_s_ago)
+    for c in d.containers_.values():
+        c["Labels"][daemon.L_READY_TIMEOUT] = timeout_s
+
+
+def _ts(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def _accepting(monkeypatch: pytest.MonkeyPatch, answer: list[bool]) -> list[tuple[str, tuple[int, ...]]]:
+    """readiness.check on the fake: ``answer[0]`` (changed by the test); the probes it was asked."""
+    asked: list[tuple[str, tuple[int, ...]]] = []
+
+    def check(api: Any, rep: daemon.Replica, ports: tuple[int, ...], network: str) -> bool:
+        asked.append((rep.container_id, ports))
+        return answer[0]
+    monkeypatch.setattr(readiness, "check", check)
+    return asked
+
+
+def test_the_others_are_held_until_the_service_accepts_then_describe_reads_the_record(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    d = FakeDaemon()
+    _ready_app(d)
+    answer = [False]
+    asked = _accepting(monkeypatch, answer)
+    st = w.reconcile(d, "r", acting=True)
+    assert st is not None and st.state == AppState.RUNNING and st.probing, st  # the watcher looks again soon
+    assert asked == [("r-server-0", (8000,))] and not [c for c in d.calls if c[0] == "start"]
+    client = next(r for r in st.snapshot.replicas if r.role == "client")
+    assert daemon.displayed_state(client, st.snapshot.verdict) == AppState.PENDING  # held: created, not started
+    assert w.reconcile(d, "r", acting=False).probing and len(asked) == 1  # type: ignore[union-attr]  # describe never connects
+    answer[0] = True
+    st = w.reconcile(d, "r", acting=True)
+    assert ("start", "r-client-0", None) in d.calls and st is not None and not st.probing, st
+    assert [v["Labels"][readiness.L_READY_ATTEMPT] for v in d.vols.values()] == ["1"]  # the record
+    asked.clear()
+    st = w.reconcile(d, "r", acting=False)  # describe (or a successor): the record, no connect, no deadline
+    assert st is not None and st.state == AppState.RUNNING and not st.probing and not asked, st
+    assert st.engine is not None and st.engine.replicas[("client", 0)].state == "RUNNING"
+
+
+def test_a_service_not_ready_in_time_fails_the_app_and_the_held_never_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = FakeDaemon()
+    _ready_app(d, started_s_ago=5, timeout_s="3.0")
+    _accepting(monkeypatch, [False])
+    st = w.reconcile(d, "r", acting=True)
+    assert st is not None and st.state == AppState.FAILED and st.over, st
+    assert st.msg == ("service role 'server' replica 0 was not ready: port 8000 did not accept connections "
+                      "within 3 s (run option ready_timeout_s); the other roles were not started")
+    assert ("stop", "r-server-0", 5) in d.calls and not [c for c in d.calls if c[0] == "start"]
+    client = next(r for r in st.snapshot.replicas if r.role == "client")
+    assert daemon.displayed_state(client, st.snapshot.verdict) == AppState.CANCELLED
+
+
+def test_a_successor_past_the_deadline_looks_at_the_service_before_it_fails_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline counts from the container's StartedAt whoever computes it; a watcher that
+    took over late connects before it Ticks (fresh engine, and one restored from a snapshot)."""
+    d = FakeDaemon()
+    _ready_app(d, started_s_ago=400)
+    _accepting(monkeypatch, [True])
+    st = w.reconcile(d, "r", acting=True)
+    assert st is not None and st.state == AppState.RUNNING and ("start", "r-client-0", None) in d.calls, st
+    eng = engine.Engine(launcher.group_spec(daemon.fetch(d, "r")))  # type: ignore[arg-type]
+    eng.on(engine.Begin(), 0.0)
+    eng.on(engine.Started(("server", 0)), time.time() - 400)  # a snapshot taken while it was not ready
+    d.vols.clear()
+    d.containers_["r-client-0"]["State"].update(Status="created", StartedAt="0001-01-01T00:00:00Z")
+    d.containers_["r-server-0"]["Labels"][daemon.L_ENGINE] = json.dumps(eng.snapshot())
+    d.calls.clear()
+    st = w.reconcile(d, "r", acting=True)
+    assert st is not None and st.state == AppState.RUNNING and ("start", "r-client-0", None) in d.calls, st
+
+
+def test_ready_timeout_label_and_a_whole_number_option() -> None:
+    assert request(two_roles()).containers[0].labels[daemon.L_READY_TIMEOUT] == "300.0"
+    assert request(two_roles(), ready_timeout_s=3).containers[2].labels[daemon.L_READY_TIMEOUT] == "3.0"
+    with pytest.raises(ValueError, match="cannot be True: expected float"):
+        request(two_roles(), ready_timeout_s=True)
+
+
+def test_where_a_service_is_probed(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Api:
+        mode, nets = "app", {"app": {"IPAddress": "172.18.0.2"}, "other": {"IPAddress": "10.0.0.9"}}
+
+        def inspect_container(self, cid: str) -> dict[str, Any]:
+            return {"HostConfig": {"NetworkMode": self.mode}, "NetworkSettings": {"Networks": self.nets}}
+    api = Api()
+    rep = daemon.Replica("s", 0, True, "c", "c", "", "running", ports={8000: "127.0.0.1:32768", 9000: "10.1.1.1:32769"})
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    assert readiness.endpoints(api, rep, (8000,), "app") == [("172.18.0.2", 8000)]  # what the other replicas use
+    api.nets = {}
+    assert readiness.endpoints(api, rep, (8000,), "app") == []  # no address yet: not ready
+    api.mode = "host"
+    assert readiness.endpoints(api, rep, (8000,), "") == [("127.0.0.1", 8000)]
+    monkeypatch.setenv("DOCKER_HOST", "tcp://docker.example:2376")
+    assert readiness.endpoints(api, rep, (8000,), "") == [("docker.example", 8000)]
+    api.mode = "app"
+    assert readiness.endpoints(api, rep, (8000, 9000), "app") == [("docker.example", 32768), ("10.1.1.1", 32769)]
+    assert readiness.endpoints(api, rep, (7000,), "app") == []  # not published: never reachable from here
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        assert readiness.accepts("127.0.0.1", port)
+    assert not readiness.accepts("127.0.0.1", port)

@@ -162,6 +162,7 @@ class Readiness:
         self.api, self.app_id, self.network, self.probing = api, snap.app_id, snap.network, probing
         self.recorded = recorded(api, snap.app_id) if gated else set()
         self.started: dict[tuple[Key, int], float] = {}  # (replica, attempt) -> when it started
+        self.checked: set[Record] = set()  # connected to in this pass (once is enough)
 
     def started_at(self, attempt: tuple[Key, int], rep: Optional[Replica], now: float) -> float:
         """When ``attempt`` started (``now`` if it is not known)."""
@@ -173,8 +174,10 @@ class Readiness:
         """Was ``probe``'s attempt (an ``engine.Probe``) seen ready: recorded, or (probing) accepting
         on every port now, and then recorded?"""
         rec = (probe.key[0], probe.key[1], probe.attempt)
-        if rec not in self.recorded and self.probing and rep is not None and check(
-                self.api, rep, probe.ports, self.network):
+        if rec in self.recorded or not self.probing or rep is None or rec in self.checked:
+            return rec in self.recorded
+        self.checked.add(rec)
+        if check(self.api, rep, probe.ports, self.network):
             record(self.api, self.app_id, rec)
             self.recorded.add(rec)
         return rec in self.recorded
