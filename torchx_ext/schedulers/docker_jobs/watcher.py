@@ -16,10 +16,11 @@ home's :data:`~.daemon.L_SUBMITTER` (listed every :data:`SWEEP_S`) and those han
 it by a request file (:func:`.watching.request_watch`: by ``schedule`` and by healing, so an app whose
 containers all exited before its verdict was pinned is found too). One stream of the daemon's
 container events for the whole home wakes an app at once when one of its containers is created,
-started, dies or is removed; an app waiting for dependencies, a backoff or a service's readiness, or stopping, is looked
-at every :data:`POLL_S`, any other every :data:`IDLE_RECHECK_S` and whenever the listing shows a
-change. Reconciles run in a pool of workers, one at a time per app, so an app whose containers take
-their stop timeout to stop never delays another's restart.
+started, dies or is removed; an app waiting for dependencies, a backoff or a service's readiness
+(each look connects once: :mod:`.readiness`), or stopping, is looked at every :data:`POLL_S`, any
+other every :data:`IDLE_RECHECK_S` and whenever the listing shows a change. Reconciles run in a
+pool of workers, one at a time per app, so an app whose containers take their stop timeout to stop
+never delays another's restart.
 
 **One watcher per home**: a lock file (``flock``) held for the watcher's life; the kernel frees it
 when the watcher dies, so "is it alive?" is one non-blocking ``flock``. :func:`.watching.spawn` takes the lock
