@@ -75,9 +75,9 @@ def engine_timings(executor: Any) -> tuple[float, float]:
     """``(retry_backoff_s, ready_timeout_s)`` of an executor with both options, checked once for
     every scheduler that runs the group engine."""
     backoff, ready = float(executor.retry_backoff_s), float(executor.ready_timeout_s)
-    if backoff < 0:
+    if not backoff >= 0:  # (not: NaN is refused too)
         raise InvalidOptionError(f"retry_backoff_s={executor.retry_backoff_s}: a delay in seconds, >= 0")
-    if ready <= 0:
+    if not ready > 0:
         raise InvalidOptionError(f"ready_timeout_s={executor.ready_timeout_s}: a time in seconds, > 0 "
                                  "(how long a service may take to accept connections)")
     return backoff, ready

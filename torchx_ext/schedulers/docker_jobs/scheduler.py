@@ -48,7 +48,8 @@ from torchx.workspace.api import WorkspaceMixin
 
 from torchx_ext import state
 from torchx_ext.engine.rules import retry_policy_name
-from torchx_ext.errors import BackendError, DependencyError, InvalidOptionError, TorchxExtError
+from torchx_ext.errors import BackendError, DependencyError, TorchxExtError
+from torchx_ext.executors import engine_timings
 from torchx_ext.groups import ENV_ATTEMPT, discovery_env, is_service
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
 from torchx_ext.schedulers.docker_jobs import daemon as d
@@ -124,19 +125,14 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             hosts = names  # a shared network: only container names are unique on it
         else:
             hosts = aliases
+        backoff, ready = engine_timings(ex)
         labels = {
             d.L_SCHEDULER: SCHEDULER, d.L_APP_ID: app_id, d.L_APP_NAME: app.name,
             d.L_SESSION: self.session_name, d.L_DEPENDENCIES: ",".join(dependencies),
             d.L_ROLES: json.dumps(role_summaries(app)), d.L_NETWORK: network or "",
             d.L_STOP_TIMEOUT: str(host["stop_timeout"]), d.L_CREATED: f"{time.time():.3f}",
-            d.L_RETRY_BACKOFF: str(float(ex.retry_backoff_s)), d.L_SUBMITTER: d.submitter(),
-            d.L_READY_TIMEOUT: str(float(ex.ready_timeout_s)),
+            d.L_RETRY_BACKOFF: str(backoff), d.L_SUBMITTER: d.submitter(), d.L_READY_TIMEOUT: str(ready),
         }
-        if ex.retry_backoff_s < 0:
-            raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
-        if not ex.ready_timeout_s > 0:  # (also refuses NaN)
-            raise InvalidOptionError(f"ready_timeout_s={ex.ready_timeout_s}: the seconds a service with ports "
-                                     "may take to accept connections, > 0")
         request = DockerRequest(
             app_id=app_id, network=network, network_mode=mode or app_id, pull_policy=ex.pull_policy,
             dependencies=dependencies, copy_env=ex.copy_env or [], host=host, labels=labels,
