@@ -220,6 +220,9 @@ class StrictRunopts(runopts):
                                   f"expected {_EXPECTED.get(tp, str(tp))}")
 
     def resolve(self, cfg: Mapping[str, Any], **kwargs: Any) -> Dict[str, Any]:
+        # a whole number for a float option is that number (ready_timeout_s=3), as in Python (not a bool)
+        cfg = {k: float(v) if type(v) is int and k in self._opts and self._opts[k].opt_type is float else v
+               for k, v in cfg.items()}
         # a Python caller's cfg (or .torchxconfig's) of the wrong type: our line, not TorchX's
         for name, value in cfg.items():
             opt = self._opts.get(name)
