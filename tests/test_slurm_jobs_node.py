@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from typing import IO, Any
 
 import pytest
-from torchx.specs import AppDef, Resource, Role
+from torchx.specs import AppDef, AppState, Resource, Role
 
 from torchx_ext.groups import mark_service
 from torchx_ext.schedulers.slurm_jobs import node
@@ -174,6 +176,96 @@ def test_a_step_that_cannot_start_fails_the_group(tmp_path: Any) -> None:
     la.report(node.engine.Begin())
     assert la.engine.verdict is not None and "failed to start: no srun" in la.engine.verdict.msg
     assert _read(tmp_path, "result") == "1 a/0\n"
+
+
+# ---------------------------------------------------------------------- readiness ----------------
+def _ported_launcher(tmp_path: Any, port: int, timeout: float) -> node.Launcher:
+    """A service ``srv`` that declares ``port`` on 127.0.0.1 and a role ``m`` held until it accepts."""
+    spec = _spec(("srv", 1, True, 0, "APPLICATION"), ("m", 1, False, 0, "APPLICATION"))
+    spec["components"][0]["ports"], spec["ready_timeout_s"] = [port], timeout
+    la = _launcher(tmp_path, spec)
+    la.by_key[("srv", 0)].node = "local"
+    node._ADDR["local"] = "127.0.0.1"
+    return la
+
+
+def _loop(la: node.Launcher, until: Any, timeout: float = 10.0) -> None:
+    """The launcher's main loop (Launcher.run without Slurm's placement) until ``until()``."""
+    deadline = time.time() + timeout
+    while not until() and la.engine.verdict is None:
+        assert time.time() < deadline, "the launcher's loop never got there"
+        due = la.engine.next_due
+        la.ended.wait(max(0.0, min(node.POLL_S, due - time.time())) if due is not None else node.POLL_S)
+        la.ended.clear()
+        la.poll()
+
+
+def test_the_others_start_once_the_services_port_accepts_connections(tmp_path: Any) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, not listening yet: connections are refused
+        la = _ported_launcher(tmp_path, sock.getsockname()[1], timeout=30)
+        la.report(node.engine.Begin())
+        assert [s.argv[2] for s in la.steps] == ["--nodelist=local"]  # type: ignore[attr-defined]
+        assert la.by_key[("m", 0)].step is None and _read(tmp_path, "m/0/host") is None
+        time.sleep(0.5)  # the probe is refused meanwhile, and tries again
+        la.poll()
+        assert la.by_key[("m", 0)].step is None
+        sock.listen()
+        _loop(la, lambda: la.by_key[("m", 0)].step is not None)
+    assert la.engine.verdict is None and la.engine.replicas[("srv", 0)].ready
+    assert _read(tmp_path, "m/0/attempt") == "1\n"
+
+
+def test_a_service_not_ready_in_time_fails_the_app_and_describe_says_so(tmp_path: Any) -> None:
+    from torchx_ext.schedulers.slurm_jobs import client, status
+    from torchx_ext.schedulers.slurm_jobs.script import SlurmJob
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # never listens
+        port = sock.getsockname()[1]
+        la = _ported_launcher(tmp_path, port, timeout=0.5)
+        la.report(node.engine.Begin())
+        roles = [{"name": n, "dirname": n, "service": n == "srv", "num_replicas": 1, "image": "", "entrypoint": "x"}
+                 for n in ("srv", "m")]
+        record = {"app_id": "42", "job_dir": str(tmp_path), "job_root": str(tmp_path), "roles": roles}
+        files = client.read_job_files(str(tmp_path), client.job_file_names(roles))
+        shown = status.replicas(record, SlurmJob("42", "RUNNING"), files)[1]
+        assert [r.replicas[0].state for r in shown] == [AppState.RUNNING, AppState.PENDING]  # m is held
+        _loop(la, lambda: False)
+    assert la.engine.verdict is not None
+    msg = (f"service role 'srv' replica 0 was not ready: port {port} did not accept connections within 0.5 s "
+           "(run option ready_timeout_s); the other roles were not started")
+    assert la.engine.verdict.msg == msg and _read(tmp_path, "verdict") == msg + "\n"
+    assert la.code == 1 and _read(tmp_path, "result") == "1 \n"
+    assert _current(la, ("srv", 0)).terminated and _read(tmp_path, "srv/0/stopped") == ""
+    assert len(la.steps) == 1 and _read(tmp_path, "m/0/log") is None  # type: ignore[attr-defined]
+    files = client.read_job_files(str(tmp_path), client.job_file_names(roles))
+    for job in (SlurmJob("42", "FAILED", exit_code=1), None):  # Slurm knows the job; forgot it
+        _, statuses, outcomes = status.replicas(record, job, files)
+        assert status.app_state("42", record, job, None, outcomes, files, lambda: None)[1] == msg  # type: ignore
+        assert statuses[0].replicas[0].state == AppState.FAILED
+
+
+def test_a_probe_gives_up_once_its_attempt_is_over(tmp_path: Any) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        la = _ported_launcher(tmp_path, sock.getsockname()[1], timeout=30)
+        la.start(la.by_key[("srv", 0)], 1)  # its step, without the engine's Probe (no probe thread)
+        r, probe = la.by_key[("srv", 0)], node.engine.Probe(("srv", 0), 1, (sock.getsockname()[1],), 0.0)
+        step = r.step
+        _current(la, ("srv", 0)).end(1)  # ended (or stopped): its port is no news
+        la.probe(r, step, "127.0.0.1", probe)
+        r.step = None  # superseded by another attempt
+        la.probe(r, step, "127.0.0.1", probe)
+        r.step = step
+        step.done.clear()  # type: ignore[union-attr]
+        la.engine.verdict = node.engine.Verdict("FAILED", "x")  # decided
+        la.probe(r, step, "127.0.0.1", probe)
+        assert la.readies.empty()
+        la.engine.verdict = None
+        la.probe(r, step, "127.0.0.1", probe)  # its own attempt, listening: Ready
+        assert la.readies.get_nowait() == node.engine.Ready(("srv", 0), 1)
 
 
 def test_a_real_step_stamps_both_streams_and_keeps_the_last_partial_line(tmp_path: Any) -> None:

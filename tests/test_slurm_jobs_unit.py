@@ -36,6 +36,11 @@ def _role(name: str, *args: str, replicas: int = 1, service: bool = False, image
     return mark_service(role, service)
 
 
+def _ported(role: Role, **ports: int) -> Role:
+    role.port_map = dict(ports)
+    return role
+
+
 def _dryrun(app: AppDef, **cfg: Any) -> str:
     cfg.setdefault("job_dir", "/shared/jobs")
     return repr(create_scheduler("test").submit_dryrun(app, cfg).request)
@@ -53,11 +58,12 @@ CASES = {
     # two roles: one heterogeneous job, a service, dependencies (afterok + kill-on-invalid-dep)
     "group_with_service_and_dependencies": lambda: _dryrun(
         AppDef("serve", roles=[
-            _role("vllm-server", "-m", "server", "--port", "8000", service=True,
-                  resource=Resource(cpu=4, gpu=1, memMB=16000)),
+            _ported(_role("vllm-server", "-m", "server", "--port", "8000", service=True,
+                          resource=Resource(cpu=4, gpu=1, memMB=16000)), http=8000),
             _role("client", "-m", "client", "--app", "${app_id}", replicas=2, env={"MODE": "eval"}),
         ]),
         partition="batch", dependencies=["slurm_jobs://torchx/101", "102"], gpus_per_node=8,
+        ready_timeout_s=600.0,
     ),
     # pyxis: container image + mounts on every srun; an absolute image is the container workdir
     "pyxis_container": lambda: _dryrun(
@@ -425,6 +431,23 @@ def test_job_files_are_read_the_same_here_and_remotely(tmp_path: Any) -> None:
 def test_umask_077_is_the_scripts_first_command(case: str) -> None:
     commands = [ln for ln in CASES[case]().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert commands[0] == "umask 077", commands[:3]
+
+
+def test_a_services_ports_and_the_ready_timeout_reach_the_launcher() -> None:
+    from torchx_ext.errors import InvalidOptionError
+    from torchx_ext.schedulers.slurm_jobs.request import build_request
+
+    server, client = _role("server", "-m", "s", service=True), _role("client", "-m", "c")
+    server.port_map = {"http": 8000, "metrics": 9000, "again": 8000}
+    client.port_map = {"http": 7000}  # not a service: nothing waits for it
+    ex = SlurmJobsExecutor(job_dir="/shared/jobs", ready_timeout_s=12.5)
+    spec = script.launcher_spec(build_request(AppDef("a", roles=[server, client]), ex, [], {}).spec)
+    assert [c["ports"] for c in spec["components"]] == [[8000, 9000], []]
+    assert spec["ready_timeout_s"] == 12.5
+    assert '"ready_timeout_s": 300.0' in _dryrun(AppDef("a", roles=[server, client]))  # the engine's default
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(InvalidOptionError, match=r"ready_timeout_s=.*a time in seconds, > 0"):
+            build_request(AppDef("a", roles=[server]), SlurmJobsExecutor(ready_timeout_s=bad), [], {})
 
 
 @pytest.mark.parametrize("login", ["x@-oProxyCommand=id", "-oProxyCommand=id@h", "x@-h:22", "u@h\x07x"])

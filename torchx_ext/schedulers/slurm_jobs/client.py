@@ -114,7 +114,7 @@ def last_error_in(tail: str) -> str:
 
 def job_file_names(roles: list[dict[str, Any]]) -> list[str]:
     """The small files of a job directory that describe reads (relative; see script.py)."""
-    names = ["result", "cancelled", "restarts", "requeues", "error"]
+    names = ["result", "verdict", "cancelled", "restarts", "requeues", "error"]
     for role in roles:
         for k in range(int(role["num_replicas"])):
             names += [f"{role['dirname']}/{k}/{name}" for name in ("exit", "host", "reason", "stopped")]

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +36,8 @@ APP_ID_TOKEN = "\x00TORCHX_EXT_APP_ID\x00"
 SETTLE_S = 60.0  # a stop waits this long for its steps (srun: SIGTERM, then SIGKILL after KillWait)
 DRAIN_S = 5.0  # after a step ends, how long its output may still come (a daemonised child's pipes)
 POLL_S = 0.2
+PROBE_S = 0.1  # a readiness probe tries each port this often (a connect gives up after CONNECT_S)
+CONNECT_S = 1.0
 
 # The step's task: `bash -c STEP_TASK torchx-ext COMMAND...` starts a watchdog outside the
 # step's process tree, then becomes COMMAND (exec: same pid, argv exactly as given). Slurm's
@@ -130,6 +134,15 @@ def read(path: str) -> str:
         return ""
 
 
+def accepts(host: str, port: int) -> bool:
+    """Does ``host`` accept a TCP connection on ``port`` now?"""
+    try:
+        socket.create_connection((host, port), CONNECT_S).close()
+    except OSError:
+        return False
+    return True
+
+
 def end_event(key: Key, returncode: int, attempt: int) -> Tuple[int, engine.Event]:
     """(bash's ``$?``, the engine's event) of a step whose ``srun`` ended with ``returncode``
     (Popen's: -N when srun itself was killed by signal N; srun reports a task killed by signal N
@@ -219,11 +232,13 @@ class Launcher:
                          for r in c["replicas"]]
         self.by_key = {r.key: r for r in self.replicas}
         records = [{"role": c["name"], "replica_id": r["replica_id"], "service": c["service"],
-                    "max_retries": c["max_retries"], "retry_policy": c["retry_policy"]}
+                    "max_retries": c["max_retries"], "retry_policy": c["retry_policy"], "ports": c.get("ports", [])}
                    for c in spec["components"] for r in c["replicas"]]
-        self.group = engine.GroupSpec.from_dicts(records, float(spec.get("retry_backoff_s", 0.0)))
+        self.group = engine.GroupSpec.from_dicts(records, float(spec.get("retry_backoff_s", 0.0)),
+                                                 spec.get("ready_timeout_s"))
         self.engine = engine.Engine(self.group)
-        self.ended = threading.Event()
+        self.ended = threading.Event()  # a step ended or a probe found its ports ready: the main loop wakes
+        self.readies: queue.SimpleQueue[engine.Ready] = queue.SimpleQueue()  # from the probes, for the main loop
         self.deciding: Optional[Tuple[Replica, int]] = None  # the last end told: (replica, $?)
         self.hosts: List[str] = []  # per component, comma-separated addresses
         self.code = 1  # the batch script's exit code: the deciding replica's
@@ -293,6 +308,9 @@ class Launcher:
             self.stop([self.by_key[k] for k in action.keys], action.final)
         elif isinstance(action, engine.Mark):
             self.by_key[action.key].log.write(b"%.6f E %s\n" % (time.time(), action.line.encode()))
+        elif isinstance(action, engine.Probe):
+            r = self.by_key[action.key]
+            threading.Thread(target=self.probe, args=(r, r.step, address(r.node), action), daemon=True).start()
         elif isinstance(action, engine.Verdict):
             self.conclude(action)
         # Wait: the main loop never sleeps past engine.next_due
@@ -308,6 +326,21 @@ class Launcher:
         except OSError as e:
             return str(e)
         return None
+
+    def probe(self, r: Replica, step: Optional[Step], host: str, probe: engine.Probe) -> None:
+        """(A thread) Connects to the probe's ports at ``host`` (the node's address, as the other
+        replicas reach it) until each accepts, then hands ``Ready`` to the main loop (it alone reports
+        to the engine, and Ticks at the deadline); gives up once the attempt ended, was stopped or
+        superseded, or the group is decided."""
+        left = list(probe.ports)
+        while left:
+            if step is None or step.done.is_set() or r.step is not step or self.engine.verdict is not None:
+                return
+            left = [p for p in left if not accepts(host, p)]
+            if left:
+                time.sleep(PROBE_S)
+        self.readies.put(engine.Ready(r.key, probe.attempt))
+        self.ended.set()
 
     def stop(self, scope: List[Replica], final: bool) -> None:
         """Ends these replicas' steps (SIGTERM to srun, which ends the step) and waits for them.
@@ -341,6 +374,8 @@ class Launcher:
             code = 1
             if self.deciding is not None:
                 code, culprit = self.deciding[1] or 1, self.deciding[0].relpath  # a service ended 0: 1
+            else:  # the engine's own (a service not ready in time): no replica's end tells describe why
+                write(os.path.join(self.job_dir, "verdict"), verdict.msg + "\n")
         self.code = code if code <= 255 else 1
         write(os.path.join(self.job_dir, "result"), f"{code} {culprit}\n")
 
@@ -359,7 +394,8 @@ class Launcher:
         return engine.Rerun(f"Slurm requeued the job (requeue {count})")
 
     def poll(self) -> None:
-        """Tells the engine of every step that ended since the last poll, then a due Tick."""
+        """Tells the engine of every step that ended since the last poll, then the probes'
+        Readies, then a due Tick."""
         for r in self.replicas:
             if self.engine.verdict is not None:
                 return
@@ -370,13 +406,16 @@ class Launcher:
             write(os.path.join(r.dir, "exit"), f"{code}\n")
             self.deciding = (r, code)
             self.report(event)
+        while not self.readies.empty() and self.engine.verdict is None:
+            self.report(self.readies.get())
         due = self.engine.next_due
         if self.engine.verdict is None and due is not None and due <= time.time():
+            self.deciding = None  # a verdict now is the engine's own (a readiness deadline), no end's
             self.report(engine.Tick())
 
     def run(self) -> int:
         # a requeued job starts over: forget the previous run's exit codes (logs are kept)
-        remove(self.job_dir, "result")
+        remove(self.job_dir, "result", "verdict")
         for r in self.replicas:
             remove(r.dir, "exit", "stopped", "host", "reason")
         self.place()

@@ -20,8 +20,8 @@ from torchx_ext.errors import (
     InvalidAppError,
     InvalidOptionError,
 )
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
-from torchx_ext.groups import is_service, role_env_suffix
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, ready_timeout_option, retry_backoff_option
+from torchx_ext.groups import is_service, role_env_suffix, service_ports
 from torchx_ext.schedulers.base import role_summaries
 from torchx_ext.schedulers.slurm_jobs import client as sc
 from torchx_ext.schedulers.slurm_jobs.script import (
@@ -68,6 +68,7 @@ class SlurmJobsExecutor(Executor):
         "default: Slurm packs replicas as resources allow"
     )
     retry_backoff_s: float = retry_backoff_option()
+    ready_timeout_s: float = ready_timeout_option()
     mail_user: Optional[str] = option(None, help="who gets Slurm's mail (sbatch --mail-user)")
     mail_type: Optional[str] = option(None, help="when Slurm sends mail, e.g. END,FAIL (sbatch --mail-type)")
     sbatch_args: Optional[list[str]] = option(
@@ -239,6 +240,8 @@ def build_request(app: AppDef, ex: SlurmJobsExecutor, dependencies: list[str],
         job_opts.append(f"--signal={signal_option(ex.signal)}")
     if ex.retry_backoff_s < 0:
         raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
+    if not ex.ready_timeout_s > 0:  # (also refuses NaN)
+        raise InvalidOptionError(f"ready_timeout_s={ex.ready_timeout_s}: a time in seconds, > 0")
     prefix = f"{login}:" if login else ""
     workspaces = [plans[r.image] for r in app.roles if r.image in plans]
     planned = {w.target for w in workspaces}
@@ -246,6 +249,7 @@ def build_request(app: AppDef, ex: SlurmJobsExecutor, dependencies: list[str],
     spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
                       dependencies=dependencies, components=components,
                       container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s),
+                      ready_timeout_s=float(ex.ready_timeout_s),
                       app_id_prefix=prefix, node_python=ex.node_python)
     roles = [{**summary, "dirname": role_dirname(summary["name"])} for summary in role_summaries(app)]
     remote = {"login": login, "identity_file": ex.identity_file, "ssh_config": ex.ssh_config,
@@ -320,6 +324,7 @@ def role_component(role: Role, ex: SlurmJobsExecutor, app_id_prefix: str = "",
         name=role.name, dirname=role_dirname(role.name), env_suffix=role_env_suffix(role.name),
         service=is_service(role), num_replicas=n, sbatch_opts=sbatch, srun_opts=step,
         max_retries=role.max_retries, retry_policy=retry_policy_name(role.retry_policy),
+        ports=list(service_ports(role)),
     )
     for k in range(n):
         values = macros.Values(img_root=workdir or role.image, app_id=app_id_prefix + APP_ID_TOKEN,

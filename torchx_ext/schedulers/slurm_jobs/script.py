@@ -15,10 +15,13 @@ an old job's logs or read its exit codes)::
     <role>/<replica>/stopped present when the group stopped it (services at the end, or the
                             rest of the group after a failure)
     <role>/<replica>/attempt the number of its last started attempt (TORCHX_EXT_ATTEMPT)
-    <role>/<replica>/reason  "after N attempts (...)" once its restarts are used up
+    <role>/<replica>/reason  "after N attempts (...)" once its restarts are used up (a service stopped
+                            because it was not ready in time: why)
     restarts                a line per restart inside the allocation: "<budget unit> <why>"
     requeues                how many times Slurm requeued the job (SLURM_RESTART_COUNT)
     result                  "<exit code> <role>/<replica that decided it>", written last
+    verdict                 the engine's message when it decided without a replica's end (a service
+                            not ready within ready_timeout_s), before result
     error                   one line: why the app failed before its engine could decide (no node
                             Python, no srun, a crash of the launcher)
     engine.json             the engine's snapshot (a requeued job goes on from it)
@@ -54,6 +57,7 @@ from typing import Any, Mapping, Optional
 
 from torchx.specs import AppState
 
+from torchx_ext.engine.rules import READY_TIMEOUT_S
 from torchx_ext.schedulers.slurm_jobs.node import APP_ID_TOKEN as APP_ID_TOKEN  # (re-exported)
 
 MARKER = "torchx-ext:slurm_jobs"  # --comment of our jobs: `list` finds them in one squeue call
@@ -102,6 +106,7 @@ class RoleComponent:
     replicas: list[ReplicaCommand] = field(default_factory=list)
     max_retries: int = 0  # Role.max_retries
     retry_policy: str = "APPLICATION"  # Role.retry_policy, by value
+    ports: list[int] = field(default_factory=list)  # a service's: the others start once they accept
 
 
 @dataclass
@@ -116,6 +121,7 @@ class ScriptSpec:
     components: list[RoleComponent]
     container: bool = False  # replicas run in a container image (no watchdog: see node.STEP_TASK)
     retry_backoff_s: float = 0.0
+    ready_timeout_s: float = READY_TIMEOUT_S
     # remote mode: the app id is "<login>:<job id>" (it names the cluster); "" (local): the job id
     app_id_prefix: str = ""
     node_python: str = "python3"  # the batch node's interpreter of the engine (run option node_python)
@@ -171,11 +177,13 @@ def shipped_sources() -> dict[str, str]:
 
 def launcher_spec(spec: ScriptSpec) -> dict[str, Any]:
     """What the node launcher reads (on its stdin): the replicas and how to start them."""
-    keys = ("name", "dirname", "env_suffix", "service", "num_replicas", "srun_opts", "max_retries", "retry_policy")
+    keys = ("name", "dirname", "env_suffix", "service", "num_replicas", "srun_opts", "max_retries", "retry_policy",
+            "ports")
     return {"components": [{**{k: getattr(c, k) for k in keys},
                             "replicas": [{"replica_id": r.replica_id, "argv": r.argv, "env": r.env}
                                          for r in c.replicas]} for c in spec.components],
             "container": spec.container, "retry_backoff_s": spec.retry_backoff_s,
+            "ready_timeout_s": spec.ready_timeout_s,
             "app_id_prefix": spec.app_id_prefix}
 
 

@@ -58,6 +58,8 @@ def replicas(
             shown = outcome = AppState.PENDING
             if job_state == AppState.PENDING:
                 pass  # requeued: what the last run left is not this run's
+            elif code is not None and f"{rdir}/stopped" in files and f"{rdir}/reason" in files:
+                shown = outcome = AppState.FAILED  # the engine's verdict is about it (not ready in time)
             elif code is not None and f"{rdir}/stopped" in files:
                 # the group stopped it: judged as it was then (running), shown as stopped
                 outcome = AppState.RUNNING
@@ -70,7 +72,7 @@ def replicas(
             elif host and job_state == AppState.RUNNING:
                 shown = outcome = AppState.RUNNING
             reason = ""
-            if outcome in (AppState.FAILED, AppState.SUCCEEDED) and code:
+            if outcome in (AppState.FAILED, AppState.SUCCEEDED) and code and f"{rdir}/stopped" not in files:
                 reason = signal_reason(code) or sc.last_error_in(files.get(f"{rdir}/log", ""))
             if outcome in (AppState.FAILED, AppState.SUCCEEDED):
                 # out of restarts: "after 3 attempts (REPLICA policy, max_retries=2)"
@@ -87,12 +89,14 @@ def app_state(
 ) -> tuple[AppState, str]:
     out_file = f"{shown_dir(record, 'job_root')}/{OUTPUT_DIR}/slurm-{job_id}.out"
     error = (files.get("error") or "").strip()  # the app failed before its engine could decide
+    # the engine decided without a replica's end (a service not ready in time): its words
+    verdict = (files.get("verdict") or "").strip()
     if job is None:
         st, msg = sc.verdict_from_files(job_id, shown_dir(record, "job_dir"), files)
         if st == AppState.UNKNOWN and err:
             msg = f"slurmctld unreachable: {err}"
         if st == AppState.FAILED:
-            msg = f"{error}; see {out_file}" if error else (group_state(outcomes)[1]
+            msg = f"{error}; see {out_file}" if error else (verdict or group_state(outcomes)[1]
                                                              or f"the job failed; see {out_file}")
         return st, msg
     st = job.app_state
@@ -111,7 +115,7 @@ def app_state(
     if st == AppState.FAILED and error:
         return st, f"{error}; see {out_file}"
     if st == AppState.FAILED:
-        group, msg = group_state(outcomes)
+        group, msg = (AppState.FAILED, verdict) if verdict else group_state(outcomes)
         if group == AppState.FAILED and job.state.startswith("FAILED"):
             return st, msg
         detail = f"Slurm: {job.state}" + (f" ({reason})" if reason else "")
@@ -122,6 +126,6 @@ def app_state(
             detail += f", batch script exit code {job.exit_code}" + (f" signal {job.signal}" if job.signal else "")
         return st, f"{detail}; {msg + '; ' if msg else ''}see {out_file}"
     if st == AppState.RUNNING:
-        group, msg = group_state(outcomes)
+        group, msg = (AppState.FAILED, verdict) if verdict else group_state(outcomes)
         return st, (f"stopping: {msg}" if group == AppState.FAILED else "")
     return st, ""
