@@ -24,7 +24,8 @@ from torchx.specs import AppDef, AppState, Resource, RetryPolicy, Role
 
 from conftest import require_backend
 from contract import logs, wait_terminal
-from multinode import ALLREDUCE, DISCOVERY, WHERE
+from multinode import ALLREDUCE, DISCOVERY, PORT, WHERE
+from torchx_ext.groups import mark_service
 
 SMALL = Resource(cpu=1, gpu=0, memMB=300)
 TIMEOUT = 90.0
@@ -133,6 +134,40 @@ def test_discovery_two_roles_across_node_addresses(runner: Runner, tmp_path: Any
     assert first.split()[4].split(",") == [where["client/0"], where["client/1"]], (first, where)
     assert sorted(line.split()[1] for line in out["server/0"].splitlines() if line.startswith("accepted-from")) == \
         sorted([where["client/0"], where["client/1"]])
+
+
+# ------------------------------------------------------------------------------ readiness ----
+# the service listens 2 s late; the client connects once, at its start
+LATE_SERVER = WHERE + f"PORT = {PORT}\n" + r"""
+import socket, time
+print("ran-on", me(), flush=True)
+time.sleep(2)
+srv = socket.create_server(("0.0.0.0", PORT))
+while True:
+    c, _ = srv.accept(); c.sendall(b"hello"); c.close()
+"""
+CONNECT_ONCE = WHERE + f"PORT = {PORT}\n" + r"""
+import os, socket
+print("ran-on", me(), flush=True)
+host = os.environ["TORCHX_EXT_HOSTS_SERVER"]
+print("GOT", socket.create_connection((host, PORT), timeout=10).recv(100).decode(), "from", host, flush=True)
+"""
+
+
+def test_a_service_on_another_node_is_probed_at_its_node_address(runner: Runner, tmp_path: Any,
+                                                                  cluster: dict[str, tuple[str, str]]) -> None:
+    """The launcher runs on the client's node (the job's first component); the server's port is
+    probed at the server node's address, across the boundary, before the client starts."""
+    server = mark_service(role("server", LATE_SERVER, port_map={"p": PORT}))
+    app = AppDef(f"mn-ready-{uuid.uuid4().hex[:4]}", roles=[role("client", CONNECT_ONCE), server])
+    handle = run(runner, app, tmp_path)
+    status = wait_terminal(runner, handle, TIMEOUT)
+    out = {r: logs(runner, handle, r, 0) for r in ("server", "client")}
+    print(f"\n[slurm readiness] {handle}: {status.state.name}: {out}")
+    assert status.state == AppState.SUCCEEDED, f"{status}\n{out}"
+    where = {r: ran_on(runner, handle, r, 0)[0] for r in out}
+    assert where["server"] != where["client"] and set(where.values()) <= set(cluster), where
+    assert f"GOT hello from {where['server']}" in out["client"], out
 
 
 # ------------------------------------------------------------------------------ gloo ---------
