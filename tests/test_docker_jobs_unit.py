@@ -81,7 +81,7 @@ def test_dryrun_network_modes() -> None:
     ({"extra_hosts": ["nohost"]}, "expected HOST:IP"),
     ({"tmpfs": ["relative"]}, "absolute PATH"),
     ({"stop_timeout": -1}, "must be >= 0"),
-    ({"ready_timeout_s": 0}, "ready_timeout_s=0.0: the seconds a service with ports may take to accept connections, > 0"),
+    ({"ready_timeout_s": 0}, r"ready_timeout_s=0.0: a time in seconds, > 0 \(how long a service may take to accept connections\)"),
 ])
 def test_bad_options_are_one_clear_error(cfg: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -20,7 +20,14 @@ from torchx_ext.errors import (
     InvalidAppError,
     InvalidOptionError,
 )
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, ready_timeout_option, retry_backoff_option
+from torchx_ext.executors import (
+    GROUP_CAPABILITIES,
+    Executor,
+    engine_timings,
+    option,
+    ready_timeout_option,
+    retry_backoff_option,
+)
 from torchx_ext.groups import is_service, role_env_suffix, service_ports
 from torchx_ext.schedulers.base import role_summaries
 from torchx_ext.schedulers.slurm_jobs import client as sc
@@ -238,18 +245,14 @@ def build_request(app: AppDef, ex: SlurmJobsExecutor, dependencies: list[str],
             job_opts.append(f"--{key.replace('_', '-')}={getattr(ex, key)}")
     if ex.signal:
         job_opts.append(f"--signal={signal_option(ex.signal)}")
-    if ex.retry_backoff_s < 0:
-        raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
-    if not ex.ready_timeout_s > 0:  # (also refuses NaN)
-        raise InvalidOptionError(f"ready_timeout_s={ex.ready_timeout_s}: a time in seconds, > 0")
+    backoff, ready = engine_timings(ex)
     prefix = f"{login}:" if login else ""
     workspaces = [plans[r.image] for r in app.roles if r.image in plans]
     planned = {w.target for w in workspaces}
     components = [role_component(role, ex, prefix, planned) for role in app.roles]
     spec = ScriptSpec(app_name=app.name, job_root=job_root, job_opts=job_opts, shared_opts=shared,
                       dependencies=dependencies, components=components,
-                      container=bool(ex.container_image), retry_backoff_s=float(ex.retry_backoff_s),
-                      ready_timeout_s=float(ex.ready_timeout_s),
+                      container=bool(ex.container_image), retry_backoff_s=backoff, ready_timeout_s=ready,
                       app_id_prefix=prefix, node_python=ex.node_python)
     roles = [{**summary, "dirname": role_dirname(summary["name"])} for summary in role_summaries(app)]
     remote = {"login": login, "identity_file": ex.identity_file, "ssh_config": ex.ssh_config,
