@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -27,7 +28,7 @@ from torchx_ext.schedulers.ray_jobs import adapter
 from torchx_ext.schedulers.ray_jobs import client as rc
 from torchx_ext.schedulers.ray_jobs import logs as ray_logs
 from torchx_ext.schedulers.ray_jobs.client import parse_verdict
-from torchx_ext.schedulers.ray_jobs.cluster import ENV_B64_PREFIX, SPEC_ENV, driver
+from torchx_ext.schedulers.ray_jobs.cluster import ENV_B64_PREFIX, SPEC_ENV, driver, readiness
 from torchx_ext.schedulers.ray_jobs.cluster.replica import decoded_env
 from torchx_ext.schedulers.ray_jobs.logs import JobLogReader
 from torchx_ext.schedulers.ray_jobs.preflight import role_resources
@@ -92,6 +93,20 @@ def test_bad_options_and_capabilities_are_clear_errors() -> None:
         dryrun(app(role()), placement_strategy="CLUMP")
     with pytest.raises(InvalidOptionError, match="GCS"):
         dryrun(app(role()), dashboard_url="ray://head:10001")
+
+
+def test_the_driver_learns_the_services_ports_and_the_ready_timeout() -> None:
+    server = mark_service(role("server"))
+    server.port_map = {"http": 8000, "metrics": 9000}
+    client = role("client")
+    client.port_map = {"debug": 5678}  # not a service: nobody waits for it
+    req = dryrun(app(server, client), ready_timeout_s=7)
+    assert req.spec["ready_timeout_s"] == 7.0
+    assert [r["ports"] for r in req.spec["roles"]] == [[8000, 9000], []]
+    assert dryrun(app(role())).spec["ready_timeout_s"] == rules.READY_TIMEOUT_S
+    for bad in (0, -1.0):
+        with pytest.raises(InvalidOptionError, match=r"ready_timeout_s=.*: a time in seconds, > 0"):
+            dryrun(app(server, client), ready_timeout_s=bad)
 
 
 def test_forwarded_env_is_masked_and_dollar_values_survive_ray(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -614,6 +629,101 @@ def test_the_driver_starts_all_or_nothing_and_a_cancel_stops_a_due_restart() -> 
     threading.Timer(0.3, stopping.set).start()
     code, verdict, _ = run_gang(gang_spec(1, backoff=30.0), gang, stopping)  # restart due in 30 s
     assert code == 1 and verdict["state"] == "CANCELLED" and gang.started == [(0, 1)], verdict
+
+
+def ready_spec(port: int, timeout: float = 30.0) -> dict[str, Any]:
+    """A gang of a service with ``port`` and a client (FakeGang replicas 0 and 1)."""
+    spec = gang_spec(1, max_retries=0)
+    spec["ready_timeout_s"] = timeout
+    spec["roles"] = [{**spec["roles"][0], "name": "server", "service": True, "ports": [port]},
+                     {**spec["roles"][0], "name": "client"}]
+    return spec
+
+
+def test_the_driver_starts_the_others_once_the_service_accepts_connections_where_it_runs() -> None:
+    """The service starts alone; the driver connects to its port at its node's address and the
+    client starts only once that accepts (here: a listener opened 0.5 s after the start)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    gang = FakeGang(2, {(1, 1): 0})
+    gang.ips = ["127.0.0.1", "10.0.0.1"]  # the service's node; the driver must not probe the client's
+    started: dict[int, float] = {}
+    start = gang.start
+
+    def timed_start(cmds: list[tuple[list[str], dict[str, str]]], indices: list[int]) -> list[Any]:
+        started.update({i: time.time() for i in indices})
+        return start(cmds, indices)
+
+    gang.start = timed_start  # type: ignore[method-assign]
+    threading.Timer(0.5, listener.listen).start()
+    t0 = time.time()
+    try:
+        code, verdict, out = run_gang(ready_spec(port), gang)
+    finally:
+        listener.close()
+    assert code == 0 and verdict["state"] == "SUCCEEDED", verdict
+    assert gang.started == [(0, 1), (1, 1)] and started[1] - t0 >= 0.5, (gang.started, started, t0)
+    assert f"to accept connections on 127.0.0.1 port(s) {port}" in out
+    assert gang.stopped == [0]  # the service, once the client succeeded
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def local_gang(n: int, codes: dict[tuple[int, int], int]) -> FakeGang:
+    gang = FakeGang(n, codes)
+    gang.ips = ["127.0.0.1"] * n  # (an address of no host may accept connections where tests run)
+    return gang
+
+
+def test_a_service_not_ready_in_time_fails_the_app_and_the_held_client_never_starts() -> None:
+    port = closed_port()
+    gang = local_gang(2, {})
+    t0 = time.time()
+    code, verdict, _ = run_gang(ready_spec(port, timeout=0.5), gang)
+    assert code == 1 and verdict["msg"] == (
+        f"service role 'server' replica 0 was not ready: port {port} did not accept connections within "
+        "0.5 s (run option ready_timeout_s); the other roles were not started"), verdict
+    assert time.time() - t0 < 5 and gang.started == [(0, 1)] and gang.stopped == [0]
+    # (the engine's record: the service was stopped by the verdict, its reason says why)
+    assert [r["state"] for r in verdict["replicas"]] == ["CANCELLED", "CANCELLED"], verdict
+
+
+def test_a_service_that_ends_before_it_is_ready_is_no_longer_probed_and_a_cancel_while_held_works() -> None:
+    gang = local_gang(2, {(0, 1): 2})  # the service fails at once
+    code, verdict, _ = run_gang(ready_spec(closed_port()), gang)
+    assert code == 1 and verdict["msg"] == "service role 'server' replica 0 ended early with exit code 2", verdict
+    assert gang.started == [(0, 1)]
+    probes = [t for t in threading.enumerate() if t.name.startswith("torchx-ext-probe-")]
+    stopping = threading.Event()
+    gang = local_gang(2, {})
+    threading.Timer(0.3, stopping.set).start()
+    code, verdict, _ = run_gang(ready_spec(closed_port()), gang, stopping)
+    assert code == 1 and verdict["state"] == "CANCELLED" and gang.started == [(0, 1)], verdict
+    assert gang.stopped == [0]  # the held client was never started: nothing of it to stop
+    probes += [t for t in threading.enumerate() if t.name.startswith("torchx-ext-probe-")]
+    time.sleep(readiness.RETRY_S + readiness.CONNECT_TIMEOUT_S + 0.2)
+    assert not any(t.is_alive() for t in probes)
+
+
+def test_the_probes_say_only_what_is_still_wanted() -> None:
+    """A probe that found its ports just as its attempt was stopped, or of an earlier attempt,
+    is not reported."""
+    probes = readiness.Probes(connect=lambda host, port, timeout: True)
+    probes.start(0, 1, "h", [1])
+    probes.start(1, 1, "h", [1])
+    probes.start(1, 2, "h", [1])  # a restart: attempt 1's probe is over
+    deadline = time.time() + 5
+    while probes._found.qsize() < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    probes.cancel([0])
+    assert probes.ready() == [(1, 2)]
+    assert probes.ready() == []
 
 
 def test_delete_jobs_reads_the_listing_first_and_says_what_ray_kept() -> None:

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, retry_backoff_option
+from torchx_ext.executors import GROUP_CAPABILITIES, Executor, option, ready_timeout_option, retry_backoff_option
 from torchx_ext.schedulers.ray_jobs import cluster
 
 SCHEDULER = "ray_jobs"
@@ -51,6 +51,7 @@ class RayJobsExecutor(Executor):
         None, help="fsspec URL of the JSONL manifest of submissions "
         "(default: $TORCHX_EXT_HOME/ray_jobs/manifest.jsonl)")
     retry_backoff_s: float = retry_backoff_option()
+    ready_timeout_s: float = ready_timeout_option()
 
 
 @dataclass

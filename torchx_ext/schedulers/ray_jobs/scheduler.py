@@ -48,7 +48,7 @@ from torchx_ext.errors import (
     SchedulerUnavailable,
     TorchxExtError,
 )
-from torchx_ext.groups import discovery_env, hosts_env_name, is_service
+from torchx_ext.groups import discovery_env, hosts_env_name, is_service, service_ports
 from torchx_ext.progress import Progress
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response
 from torchx_ext.schedulers.ray_jobs import adapter, cluster, preflight, retention
@@ -134,14 +134,18 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         spec: dict[str, Any] = {
             "version": 1, "app_id": app_id, "mode": "local" if single else "gang", "strategy": strategy,
             "placement_timeout_s": float(ex.placement_timeout_s), "label_selector": dict(ex.label_selector or {}),
-            "retry_backoff_s": float(ex.retry_backoff_s), "roles": [],
+            "retry_backoff_s": float(ex.retry_backoff_s), "ready_timeout_s": float(ex.ready_timeout_s), "roles": [],
         }
         if ex.retry_backoff_s < 0:
             raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
+        if not ex.ready_timeout_s > 0:
+            raise InvalidOptionError(f"ready_timeout_s={ex.ready_timeout_s}: a time in seconds, > 0")
         if not single:
             spec["placement_group"] = cluster.PG_PREFIX + sid
         for role in app.roles:
-            entry = {"name": role.name, "service": is_service(role), "hosts_env": hosts_env_name(role.name),
+            # ports: the engine holds the other roles until the driver finds them accepting connections
+            entry = {"name": role.name, "service": is_service(role), "ports": list(service_ports(role)),
+                     "hosts_env": hosts_env_name(role.name),
                      "resources": preflight.role_resources(role) or {"CPU": 0.01}, "replicas": [],
                      "max_retries": role.max_retries, "retry_policy": retry_policy_name(role.retry_policy)}
             for k in range(role.num_replicas):

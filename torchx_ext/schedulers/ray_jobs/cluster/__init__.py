@@ -11,6 +11,7 @@ between these modules (the driver's one exception: the engine, from here or from
   replica, performs the group engine's decisions, multiplexes the replicas' output into the job log;
 * :mod:`.gang` — the replicas' places: the driver itself (one replica), or a placement group
   with a Ray actor per replica, reserved all or nothing;
+* :mod:`.readiness` — the services' readiness: the driver connects to their ports where they run;
 * :mod:`.supervision` — what ends a driver besides its app: a lost job supervisor, a lost stop;
 * :mod:`.replica` — runs one replica's process (in the driver, or in a Ray actor of the gang);
 * :mod:`.broker` — one long-running job per cluster that starts dependents when their

@@ -9,8 +9,9 @@ It reads the app's spec (JSON in ``$TORCHX_EXT_RAY_SPEC``, written by the client
    replica's node address so each gets the ``TORCHX_EXT_HOSTS_<ROLE>`` discovery variables;
 3. polls the replicas, writes their output to the job log in frames (``FRAME_MARK role replica
    stream time length``, then the lines: the client demultiplexes them for ``torchx log``),
-   performs the group engine's decisions and,
-   once the group is decided, stops what still runs and writes one verdict line;
+   performs the group engine's decisions (a service with ports starts first, and the others once
+   the driver found those ports accepting connections at its node's address: :mod:`.readiness`)
+   and, once the group is decided, stops what still runs and writes one verdict line;
 4. on SIGTERM (``ray job stop``) stops every replica within Ray's grace period; likewise when
    Ray's job supervisor above it is gone (a lost head or node), so no replica runs on unowned.
 
@@ -31,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import DRIVER_ROLE, FRAME_MARK, FRAME_S, RESTART_MARK, RESTARTS_FILE, SPEC_ENV, VERDICT_MARK
 from .gang import GangGroup, LocalGroup
+from .readiness import Probes
 from .replica import Line
 from .supervision import watch_job
 
@@ -124,8 +126,10 @@ class Launcher:
         self.index = {key: i for i, key in enumerate(self.keys)}
         self.engine = engine.Engine(engine.GroupSpec.from_dicts(
             [{"role": role["name"], "replica_id": k, "service": bool(role.get("service")),
-              "max_retries": int(role.get("max_retries", 0)), "retry_policy": role.get("retry_policy", "APPLICATION")}
-             for _, role, k, _ in self.replicas], float(spec.get("retry_backoff_s", 0.0))))
+              "max_retries": int(role.get("max_retries", 0)), "retry_policy": role.get("retry_policy", "APPLICATION"),
+              "ports": role.get("ports", [])}
+             for _, role, k, _ in self.replicas], float(spec.get("retry_backoff_s", 0.0)), spec.get("ready_timeout_s")))
+        self.probes = Probes()  # the services' readiness, found in threads, told to the engine by the loop
         self.running: Dict[int, int] = {}  # replica -> the attempt whose process runs
         self.hosts: List[str] = [""] * len(self.replicas)
         self.cmds: List[Tuple[List[str], Dict[str, str]]] = []
@@ -167,7 +171,10 @@ class Launcher:
             elif isinstance(action, engine.Mark):
                 ri, _, k, _ = self.replicas[self.index[action.key]]
                 self.out.lines(str(ri), k, [("e", time.time(), action.line)])
+            elif isinstance(action, engine.Probe):
+                self.probe(action)
             elif isinstance(action, engine.Verdict):
+                self.probes.cancel_all()
                 self.verdict = action
             # Wait: the poll loop sends a Tick once engine.next_due is past
         if batch:
@@ -202,7 +209,27 @@ class Launcher:
             if errors.get(i):
                 self.report(engine.StartFailed(self.keys[i], str(errors[i]), attempt[i]))
 
+    def probe(self, action: engine.Probe) -> None:
+        """Connects to the service's ports at its node's address (``TORCHX_EXT_HOSTS_<ROLE>``'s)
+        until each accepts; :meth:`ready` tells the engine."""
+        i = self.index[action.key]
+        ports = ", ".join(str(p) for p in action.ports)
+        self.out.say(f"waiting for role '{action.key[0]}' replica {action.key[1]} to accept connections on "
+                     f"{self.hosts[i]} port(s) {ports} (for {action.until - time.time():.0f} s at most)")
+        self.probes.start(i, action.attempt, self.hosts[i], action.ports)
+
+    def ready(self) -> None:
+        """Tells the engine of the services found ready since the last call (from the loop, the
+        one thread that calls the engine)."""
+        for i, attempt in self.probes.ready():
+            if self.verdict is not None:
+                return
+            role, k = self.keys[i]
+            self.out.say(f"role '{role}' replica {k} accepts connections on every port of its role")
+            self.report(engine.Ready(self.keys[i], attempt))
+
     def stop(self, indices: List[int], final: bool) -> None:
+        self.probes.cancel(list(range(len(self.keys))) if final else indices)
         live = [i for i in (range(len(self.keys)) if final else indices) if i in self.running]
         if not live:
             return
@@ -223,6 +250,7 @@ class Launcher:
             if code is None or i not in self.running:
                 continue
             attempt = self.running.pop(i)
+            self.probes.cancel([i])  # a service that ended is no longer waited for
             key = self.keys[i]
             # a lost actor (err) has no exit code of its own: its reason says what happened
             self.report(engine.Lost(key, err, attempt) if err else
@@ -267,16 +295,20 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
         me.report(event if event is not None else engine.Begin())
         while me.verdict is None:
             me.poll()
+            if me.verdict is None:
+                me.ready()
             event = stopped()
             if me.verdict is None and event is not None:
                 me.report(event)
-            due = me.engine.next_due
+            due = me.engine.next_due  # a restart's backoff, or a service's readiness deadline
             if me.verdict is None and due is not None and due <= time.time():
                 me.report(engine.Tick())
+            due = me.engine.next_due
             if me.verdict is None:
-                stopping.wait(interval)
+                stopping.wait(interval if due is None else min(interval, max(0.0, due - time.time())))
         return me.finish()
     finally:
+        me.probes.cancel_all()
         group.close()
 
 
