@@ -19,8 +19,9 @@ from torchx.runner import Runner, get_runner
 from torchx.specs import AppDef, AppState, Resource, Role
 
 from conftest import ROOT, live_processes, require_backend
-from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
+from contract import TERMINAL, Backend, SchedulerContract, free_port, logs, wait_state, wait_terminal
 from torchx_ext.errors import SchedulerUnavailable
+from torchx_ext.groups import mark_service
 from torchx_ext.schedulers.ray_jobs.client import make_app_id
 from torchx_ext.schedulers.ray_jobs.scheduler import create_scheduler
 
@@ -383,6 +384,26 @@ def test_describe_of_a_running_app_reports_its_restarts_without_reading_its_log(
     runner.cancel(handle)
     status = wait_terminal(runner, handle, TIMEOUT)
     assert status.state == AppState.CANCELLED and status.num_restarts == 2, status
+
+
+def test_describe_shows_the_replicas_held_for_a_service_pending(runner: Runner) -> None:
+    """Ray has the job RUNNING while the client waits for a server that never listens: describe
+    shows the server RUNNING and the client PENDING (published by the driver), then the verdict."""
+    server = mark_service(role("server", "import time; time.sleep(600)"))
+    server.port_map = {"http": free_port()}  # never listened on
+    app = AppDef("held", roles=[server, role("client", "print('client ran')")])
+    handle = runner.run(app, "ray_jobs", {"dashboard_url": dashboard(), "ready_timeout_s": 8.0})
+    deadline = time.time() + TIMEOUT
+    while True:
+        status = runner.status(handle)
+        assert status is not None and status.state not in TERMINAL and time.time() < deadline, status
+        states = [rs.replicas[0].state for rs in status.roles]
+        if status.state == AppState.RUNNING and states == [AppState.RUNNING, AppState.PENDING]:
+            break
+        time.sleep(0.3)
+    status = wait_terminal(runner, handle, TIMEOUT)
+    assert status.state == AppState.FAILED and "service role 'server' replica 0 was not ready" in status.msg, status
+    assert nothing_running(handle)
 
 
 def test_unreachable_dashboard_is_one_clear_error() -> None:

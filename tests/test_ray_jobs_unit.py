@@ -711,6 +711,33 @@ def test_a_service_that_ends_before_it_is_ready_is_no_longer_probed_and_a_cancel
     assert not any(t.is_alive() for t in probes)
 
 
+def test_the_held_replicas_are_published_and_described_pending() -> None:
+    """Ray has the job RUNNING while the client waits for the server: the driver publishes the
+    held replicas (beside its log, with the restart count) and describe shows them PENDING."""
+    published: list[dict[str, Any]] = []
+
+    class Recorded(driver.Output):
+        def publish(self, **fields: Any) -> None:
+            super().publish(**fields)
+            published.append(dict(self.published))
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    threading.Timer(0.3, listener.listen).start()
+    try:
+        with redirect_stdout(io.StringIO()):
+            code = driver.run(ready_spec(listener.getsockname()[1]), Recorded(), threading.Event(),
+                              group=local_gang(2, {(1, 1): 0}))
+    finally:
+        listener.close()
+    assert code == 0 and published == [{"num_restarts": 0, "held": [["client", 0]]},
+                                       {"num_restarts": 0, "held": []}], published
+    meta = {"torchx_ext_roles": json.dumps([{"name": "server", "num_replicas": 1, "service": True},
+                                            {"name": "client", "num_replicas": 1, "service": False}])}
+    resp = RayJobsScheduler._response("a", meta, AppState.RUNNING, "", {"held": [["client", 0]]})
+    assert [r.replicas[0].state for r in resp.roles_statuses] == [AppState.RUNNING, AppState.PENDING]
+
+
 def test_the_probes_say_only_what_is_still_wanted() -> None:
     """A probe that found its ports just as its attempt was stopped, or of an earlier attempt,
     is not reported."""

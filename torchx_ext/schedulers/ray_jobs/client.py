@@ -283,11 +283,12 @@ def ray_version() -> str:
 RESTARTS_TIMEOUT_S = 3
 
 
-def published_restarts(client: Any, job: Any) -> Optional[int]:
-    """num_restarts of a running (or SUCCEEDED) app, as its driver published it: a small file
-    beside the job's driver log (``ray_jobs_cluster.RESTARTS_FILE``), read through the dashboard's
-    state API (``/api/v0/logs/file``, what ``ray.util.state.get_log`` asks) on the driver's node.
-    None when there is none to read (a driver of an older version, a lost node): then 0 is shown."""
+def published(client: Any, job: Any) -> Optional[dict[str, Any]]:
+    """What the driver of a running (or SUCCEEDED) app published: num_restarts, and ``held``, the
+    [role, replica] not started while the services are not ready: a small file beside the job's
+    driver log (``ray_jobs_cluster.RESTARTS_FILE``), read through the dashboard's state API
+    (``/api/v0/logs/file``, what ``ray.util.state.get_log`` asks) on the driver's node. None when
+    there is none to read (a driver of an older version, a lost node): then 0 restarts are shown."""
     node = getattr(job, "driver_node_id", None)
     if not node:
         return None
@@ -299,6 +300,7 @@ def published_restarts(client: Any, job: Any) -> Optional[int]:
         r = request(client, "GET", "/api/v0/logs/file?" + query, timeout=RESTARTS_TIMEOUT_S + 2)
         if r.status_code != 200:  # no such file (Ray answers 500 with text), or no node to ask
             return None
-        return int(json.loads(r.text)["num_restarts"])
+        out = json.loads(r.text)
+        return {"num_restarts": int(out["num_restarts"]), "held": [list(x) for x in out.get("held", [])]}
     except Exception:  # noqa: BLE001 - one extra request must not break describe (as placement_state)
         return None

@@ -12,8 +12,9 @@ driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs.cluster>`, uplo
 * replica output goes to the job log as marked lines; ``torchx log`` shows each replica's own
   stdout/stderr (and ``ray-driver`` the driver's), with regex and since/until; ``-t`` follows
   Ray's log tail, each byte of the log read once (:class:`.logs.JobLogReader`);
-* the restart count of an app with retries is published by its driver in a small file that
-  describe reads through the dashboard's state API, not from the log (``RESTARTS_FILE``);
+* the restart count of an app with retries, and the replicas held until its services are ready,
+  are published by its driver in a small file that describe reads through the dashboard's state
+  API, not from the log (``RESTARTS_FILE``);
 * dependencies wait in the cluster (:mod:`ray_jobs_cluster.broker`): the submitter may exit;
 * the app id is ``<dashboard address>~<submission id>``: status/log/cancel from any shell need
   no configuration;
@@ -187,8 +188,10 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
             retention.SUBMITTER_KEY: rl.submitter(),  # prune removes only its caller's apps
             "torchx_ext_manifest": str(manifest), "torchx_ext_secret_names": json.dumps(names),
             **({"torchx_ext_placement_group": spec["placement_group"]} if not single else {}),
-            # describe then reads num_restarts where the driver publishes it (ray_jobs.client.published_restarts)
+            # describe then reads num_restarts where the driver publishes it (ray_jobs.client.published),
+            # and which replicas wait for the services (gated)
             **({"torchx_ext_retries": "1"} if any(r.max_retries for r in app.roles) else {}),
+            **({"torchx_ext_gated": "1"} if any(service_ports(r) for r in app.roles) else {}),
             "torchx_ext_roles": json.dumps([{"name": r.name, "num_replicas": r.num_replicas, "service": is_service(r)}
                                             for r in app.roles]),
         }
@@ -280,9 +283,12 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 resp = None if waiting is None else self._response(app_id, waiting[2], waiting[0], waiting[1], {})
             else:
                 st, msg, verdict = rc.job_state(client, job, marker)
-                if ((job.metadata or {}).get("torchx_ext_retries") and "num_restarts" not in verdict
+                meta = job.metadata or {}
+                if ((meta.get("torchx_ext_retries") or meta.get("torchx_ext_gated")) and "num_restarts" not in verdict
                         and rc.job_status(job) != "PENDING"):
-                    verdict = {**verdict, "num_restarts": rc.published_restarts(client, job) or 0}
+                    published = rc.published(client, job) or {}
+                    verdict = {**verdict, "num_restarts": int(published.get("num_restarts", 0)),
+                               "held": published.get("held", [])}
                 resp = self._response(app_id, job.metadata or {}, st, msg, verdict)
         except Exception as e:
             if not adapter.is_unreachable(e):
@@ -307,8 +313,11 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
     def _response(app_id: str, meta: Mapping[str, str], st: AppState, msg: str,
                   verdict: Mapping[str, Any]) -> DescribeAppResponse:
         by_replica = {(r.get("role"), r.get("replica_id")): r for r in verdict.get("replicas", [])}
+        held = {(role, k) for role, k in verdict.get("held", [])}  # not started: waiting for the services
 
         def replica(role: str, k: int) -> tuple[AppState, str]:
+            if st == AppState.RUNNING and (role, k) in held:
+                return AppState.PENDING, ""
             seen = by_replica.get((role, k), {})
             return (AppState[seen["state"]] if "state" in seen else st), seen.get("host", "")
 

@@ -42,6 +42,7 @@ VERDICT_MARK = "\x1etx-verdict "
 RESTART_MARK = "restart "
 # How describe learns num_restarts of a job Ray reports RUNNING or SUCCEEDED (whose message carries
 # no verdict) without reading its log: the driver of an app with retries keeps {"num_restarts": N}
+# (and, when a service has ports, "held": the [role, replica]s not started until the services are ready)
 # in this file beside its job log (Ray's log directory of its node), which the client reads through
 # the dashboard's state API (GET /api/v0/logs/file?node_id=<driver node>&filename=...)
 RESTARTS_FILE = "torchx-ext-{}.restarts.json"

@@ -67,19 +67,26 @@ class Output:
     def __init__(self, restarts_path: Optional[str] = None) -> None:
         self._lock = threading.Lock()
         self.restarts_path = restarts_path
+        self.published: Dict[str, Any] = {"num_restarts": 0}
 
     def restarts(self, count: int) -> None:
-        """Publishes the app's restart count (see ``RESTARTS_FILE``): written whole, then renamed,
-        so the dashboard never serves half of it. A failure costs describe the count, not the app."""
+        """Publishes the app's restart count (see ``RESTARTS_FILE``)."""
+        self.publish(num_restarts=count)
+
+    def publish(self, **fields: Any) -> None:
+        """Publishes ``fields`` with those published before (``RESTARTS_FILE``: the restart count,
+        the replicas held for the services): written whole, then renamed, so the dashboard never
+        serves half of it. A failure costs describe what it would have read, not the app."""
+        self.published.update(fields)
         if not self.restarts_path:
             return
         tmp = f"{self.restarts_path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as f:
-                f.write(json.dumps({"num_restarts": count}) + "\n")
+                f.write(json.dumps(self.published) + "\n")
             os.replace(tmp, self.restarts_path)
         except OSError as e:
-            print(f"torchx-ext: could not publish the restart count to {self.restarts_path}: {e}",
+            print(f"torchx-ext: could not publish the app's state to {self.restarts_path}: {e}",
                   file=sys.stderr, flush=True)
 
     def lines(self, role: str, replica: int, lines: List[Line]) -> None:
@@ -134,6 +141,7 @@ class Launcher:
         self.hosts: List[str] = [""] * len(self.replicas)
         self.cmds: List[Tuple[List[str], Dict[str, str]]] = []
         self.verdict: Optional[engine.Verdict] = None
+        self.held: Optional[List[List[Any]]] = None  # as last published
 
     def commands(self, ips: List[str]) -> None:
         """Each replica's argv and env, its discovery variables naming the nodes ``ips``."""
@@ -263,8 +271,20 @@ class Launcher:
             out.append({**view.outcome(), "host": self.hosts[i], "attempt": view.attempt})
         return out
 
+    def publish_held(self) -> None:
+        """Publishes which replicas wait for the services (not started: describe shows them
+        PENDING while Ray has the job RUNNING), when that changed; only for an app whose services
+        declare ports (no other app holds any)."""
+        if not self.engine.spec.gated:
+            return
+        held = [[role, k] for (role, k), v in self.engine.replicas.items() if v.held]
+        if held != self.held:
+            self.held = held
+            self.out.publish(held=held)
+
     def finish(self) -> int:
         assert self.verdict is not None
+        self.publish_held()  # none is held once decided
         return self.out.verdict(self.verdict.state, self.verdict.msg, self.outcomes(), self.engine.num_restarts)
 
 
@@ -297,6 +317,7 @@ def run(spec: Dict[str, Any], out: Output, stopping: threading.Event,
             me.poll()
             if me.verdict is None:
                 me.ready()
+            me.publish_held()
             event = stopped()
             if me.verdict is None and event is not None:
                 me.report(event)
