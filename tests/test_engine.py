@@ -546,7 +546,7 @@ def test_a_service_not_ready_in_time_fails_the_app_naming_it() -> None:
     msg = ("service role 'server' replica 0 was not ready: ports 8000, 8001 did not accept connections "
            "within 30 s (run option ready_timeout_s); the other roles were not started")
     assert actions == [E.Stop((("server", 0),), final=True), E.Verdict("FAILED", msg)]
-    assert [v.state for v in eng.replicas.values()] == ["CANCELLED", "CANCELLED", "CANCELLED"]
+    assert [v.state for v in eng.replicas.values()] == ["CANCELLED", "CANCELLED", "FAILED"]
     assert eng.on(E.Ready(("server", 0), 1), 32.0) == []
 
 

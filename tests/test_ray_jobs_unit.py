@@ -690,8 +690,8 @@ def test_a_service_not_ready_in_time_fails_the_app_and_the_held_client_never_sta
         f"service role 'server' replica 0 was not ready: port {port} did not accept connections within "
         "0.5 s (run option ready_timeout_s); the other roles were not started"), verdict
     assert time.time() - t0 < 5 and gang.started == [(0, 1)] and gang.stopped == [0]
-    # (the engine's record: the service was stopped by the verdict, its reason says why)
-    assert [r["state"] for r in verdict["replicas"]] == ["CANCELLED", "CANCELLED"], verdict
+    # (the engine's record: the service is the culprit, its reason says why; the held client never ran)
+    assert [r["state"] for r in verdict["replicas"]] == ["FAILED", "CANCELLED"], verdict
 
 
 def test_a_service_that_ends_before_it_is_ready_is_no_longer_probed_and_a_cancel_while_held_works() -> None:

@@ -362,7 +362,9 @@ class Engine:
             if v.ready_by is not None and v.ready_by <= now and not v.ready:
                 s = v.spec
                 v.reason = rules.not_ready_reason(s.ports, self.spec.ready_timeout_s)
-                return self._decide("FAILED", rules.not_ready_message(s.role, s.replica_id, v.reason))
+                actions = self._decide("FAILED", rules.not_ready_message(s.role, s.replica_id, v.reason))
+                v.state = "FAILED"  # the culprit, not one the verdict stopped (it is stopped all the same)
+                return actions
         return []
 
     def _start_failed(self, view: ReplicaView, error: str) -> List[Action]:
@@ -420,8 +422,7 @@ class Engine:
         return actions + self._start_due(now)
 
     def _start_due(self, now: float) -> List[Action]:
-        """Starts what is due (services first), holding the others while a service is not
-        ready, and starts the held ones once every service is."""
+        """Starts what is due, services first; holds the others until every service is ready."""
         actions: List[Action] = []
         ready = self.services_ready
         for service in (True, False):
@@ -441,8 +442,7 @@ class Engine:
     def _decide(self, state: str, msg: str) -> List[Action]:
         """The verdict: stop everything ever started, then say it (once)."""
         for v in self.replicas.values():
-            if v.state == "RUNNING" or v.due is not None or v.held:
-                # stopped by the verdict, or its restart (or its start, held) never came
+            if v.state == "RUNNING" or v.due is not None or v.held:  # stopped, or never (re)started
                 v.state, v.due, v.held = "CANCELLED", None, False
             v.ready_by = None
         self.verdict = Verdict(state, msg)

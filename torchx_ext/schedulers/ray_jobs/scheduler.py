@@ -49,6 +49,7 @@ from torchx_ext.errors import (
     SchedulerUnavailable,
     TorchxExtError,
 )
+from torchx_ext.executors import engine_timings
 from torchx_ext.groups import discovery_env, hosts_env_name, is_service, service_ports
 from torchx_ext.progress import Progress
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response
@@ -132,15 +133,12 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
                 f"env_forward names variable(s) not set in this shell: {', '.join(missing)}; "
                 "export them or remove them from env_forward")
         single = len(app.roles) == 1 and app.roles[0].num_replicas == 1
+        backoff, ready = engine_timings(ex)
         spec: dict[str, Any] = {
             "version": 1, "app_id": app_id, "mode": "local" if single else "gang", "strategy": strategy,
             "placement_timeout_s": float(ex.placement_timeout_s), "label_selector": dict(ex.label_selector or {}),
-            "retry_backoff_s": float(ex.retry_backoff_s), "ready_timeout_s": float(ex.ready_timeout_s), "roles": [],
+            "retry_backoff_s": backoff, "ready_timeout_s": ready, "roles": [],
         }
-        if ex.retry_backoff_s < 0:
-            raise InvalidOptionError(f"retry_backoff_s={ex.retry_backoff_s}: a delay in seconds, >= 0")
-        if not ex.ready_timeout_s > 0:
-            raise InvalidOptionError(f"ready_timeout_s={ex.ready_timeout_s}: a time in seconds, > 0")
         if not single:
             spec["placement_group"] = cluster.PG_PREFIX + sid
         for role in app.roles:
