@@ -56,3 +56,19 @@ dist.all_reduce(x)
 print("sum", int(x.item()), flush=True)
 dist.destroy_process_group()
 """
+
+# the service listens 2 s late; the client connects once, at its start
+LATE_SERVER = WHERE + f"PORT = {PORT}\n" + r"""
+import socket, time
+print("ran-on", me(), flush=True)
+time.sleep(2)
+srv = socket.create_server(("0.0.0.0", PORT))
+while True:
+    c, _ = srv.accept(); c.sendall(b"hello"); c.close()
+"""
+CONNECT_ONCE = WHERE + f"PORT = {PORT}\n" + r"""
+import os, socket
+print("ran-on", me(), flush=True)
+host = os.environ["TORCHX_EXT_HOSTS_SERVER"]
+print("GOT", socket.create_connection((host, PORT), timeout=10).recv(100).decode(), "from", host, flush=True)
+"""

@@ -23,7 +23,8 @@ from torchx.specs import AppDef, AppState, Resource, RetryPolicy, Role
 
 from conftest import live_processes, process_lineage, require_backend
 from contract import logs, wait_terminal
-from multinode import ALLREDUCE, DISCOVERY, WHERE
+from multinode import ALLREDUCE, CONNECT_ONCE, DISCOVERY, LATE_SERVER, PORT, WHERE
+from torchx_ext.groups import mark_service
 
 SMALL = Resource(cpu=1, gpu=0, memMB=64)
 TIMEOUT = 90.0
@@ -120,6 +121,23 @@ def poll_until_terminal(runner: Runner, handle: str, timeout: float, record: lis
             return status
         time.sleep(0.5)
     raise AssertionError(f"{handle} not terminal after {timeout:.0f} s; states {record}")
+
+
+# ------------------------------------------------------------------------------ readiness ----
+def test_a_service_on_another_node_is_probed_at_its_node_address(runner: Runner) -> None:
+    """STRICT_SPREAD: the server and the client on two nodes; the driver (on the head) probes the
+    server's port at its node's address, and the client, which connects once at its start, gets
+    the answer only because it started after the server listened there."""
+    server = mark_service(role("server", LATE_SERVER, port_map={"p": PORT}))
+    app = AppDef(f"mn-ready-{uuid.uuid4().hex[:4]}", roles=[server, role("client", CONNECT_ONCE)])
+    handle = run(runner, app, "STRICT_SPREAD")
+    status = wait_terminal(runner, handle, TIMEOUT)
+    out = {r: logs(runner, handle, r, 0) for r in ("server", "client")}
+    print(f"\n[ray readiness] {handle}: {status.state.name}: {out}")
+    assert status.state == AppState.SUCCEEDED, f"{status}\n{out}"
+    where = {r: next(line.split()[1] for line in out[r].splitlines() if line.startswith("ran-on ")) for r in out}
+    assert where["server"] != where["client"] and all(ip.startswith("198.18.0.") for ip in where.values()), where
+    assert f"GOT hello from {where['server']}" in out["client"], out
 
 
 # ------------------------------------------------------------------------------ discovery ----

@@ -24,7 +24,7 @@ from torchx.specs import AppDef, AppState, Resource, RetryPolicy, Role
 
 from conftest import require_backend
 from contract import logs, wait_terminal
-from multinode import ALLREDUCE, DISCOVERY, PORT, WHERE
+from multinode import ALLREDUCE, CONNECT_ONCE, DISCOVERY, LATE_SERVER, PORT, WHERE
 from torchx_ext.groups import mark_service
 
 SMALL = Resource(cpu=1, gpu=0, memMB=300)
@@ -137,23 +137,6 @@ def test_discovery_two_roles_across_node_addresses(runner: Runner, tmp_path: Any
 
 
 # ------------------------------------------------------------------------------ readiness ----
-# the service listens 2 s late; the client connects once, at its start
-LATE_SERVER = WHERE + f"PORT = {PORT}\n" + r"""
-import socket, time
-print("ran-on", me(), flush=True)
-time.sleep(2)
-srv = socket.create_server(("0.0.0.0", PORT))
-while True:
-    c, _ = srv.accept(); c.sendall(b"hello"); c.close()
-"""
-CONNECT_ONCE = WHERE + f"PORT = {PORT}\n" + r"""
-import os, socket
-print("ran-on", me(), flush=True)
-host = os.environ["TORCHX_EXT_HOSTS_SERVER"]
-print("GOT", socket.create_connection((host, PORT), timeout=10).recv(100).decode(), "from", host, flush=True)
-"""
-
-
 def test_a_service_on_another_node_is_probed_at_its_node_address(runner: Runner, tmp_path: Any,
                                                                   cluster: dict[str, tuple[str, str]]) -> None:
     """The launcher runs on the client's node (the job's first component); the server's port is
