@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from restart_timing import RESTART_CODE, restart_gap
@@ -40,7 +39,6 @@ from torchx.runner import get_runner
 from torchx.specs import AppDef, Resource, Role
 
 from torchx_ext.schedulers.slurm_jobs.scheduler import create_scheduler
-from torchx_ext.schedulers.slurm_jobs.script import MARKER
 
 
 def _sbatch(script: str, *extra: str) -> str:
@@ -114,19 +112,11 @@ def bench_ssh(args: argparse.Namespace, rows: list[tuple[str, float, float]]) ->
         submitted += raw_ids
         rows.append((f"submit over SSH, median of {args.submits}", statistics.median(ours), statistics.median(raw)))
 
-        more = args.jobs - len(submitted)
-        print(f"submitting {more} more held jobs on {login.name} ...", file=sys.stderr)
-        loop = f"for i in $(seq {more}); do sbatch --parsable --hold --comment={MARKER} <<'EOS'\n{script}EOS\ndone"
-        out = login.run(["bash", "-c", loop], timeout=600)
-        new = [x.split(";")[0] for x in out.stdout.split()]
-        submitted += new
-        for job_id in raw_ids + new:  # records, as if submitted by slurm_jobs: list() covers recorded apps
-            d = state.scheduler_dir("slurm_jobs", f"{login.name}:{job_id}")
-            os.makedirs(d, exist_ok=True)
-            state.write_json(os.path.join(d, "app.json"), {"app_id": f"{login.name}:{job_id}", "app_name": "bench",
-                                                           "login": login.name, "identity_file": None,
-                                                           "ssh_config": args.ssh_config, "roles": []})
-        ids = {f"{login.name}:{j}" for j in submitted}
+        # list() shows the apps this home submitted (its index): the held jobs are submitted as apps
+        more = args.jobs - len(submitted) + len(raw_ids)
+        print(f"submitting {more} more held apps on {login.name} ...", file=sys.stderr)
+        submitted += [runner.run(app, "slurm_jobs", cfg).rsplit(":", 1)[-1] for _ in range(more)]
+        ids = {f"{login.name}:{j}" for j in submitted if j not in raw_ids}
         fresh = create_scheduler("bench")
         # as on a laptop: Slurm's commands are not on PATH here, so list() asks the cluster only
         bin_dir = tempfile.mkdtemp(prefix="bench-ssh-bin-")
@@ -214,11 +204,12 @@ def main() -> int:
                                  lambda: submitted.append(_sbatch(script)))
         rows = [(f"submit, median of {args.submits}", statistics.median(ours), statistics.median(raw))]
 
-        more = args.jobs - len(submitted)
-        print(f"submitting {more} more held jobs ...", file=sys.stderr)
-        with ThreadPoolExecutor(8) as pool:
-            submitted += pool.map(lambda _: _sbatch(script, "--hold", f"--comment={MARKER}"), range(more))
-        ids = set(submitted)
+        # list() shows the apps this home submitted (its index): the held jobs are submitted as apps
+        raw_ids = set(submitted[1::2])  # (_interleaved: ours, then raw)
+        more = args.jobs - len(submitted) + len(raw_ids)
+        print(f"submitting {more} more held apps ...", file=sys.stderr)
+        submitted += [runner.run(app, "slurm_jobs", cfg).rsplit("/", 1)[-1] for _ in range(more)]
+        ids = {j for j in submitted if j not in raw_ids}
 
         t0 = time.perf_counter()
         listed = {a.app_id for a in sched.list()}
