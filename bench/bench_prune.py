@@ -82,6 +82,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,21 @@ class Run(NamedTuple):
 
 def timed(cmd: list[str], home: str) -> Run:
     return Run(*_run(cmd, home, ROOT))
+
+
+def median_wall(cmd: list[str], home: str, n: int = 3) -> float:
+    return statistics.median(timed(cmd, home).wall for _ in range(n))
+
+
+def list_and_status(scheduler: str, home: str, one_app_status: float, live: str, ended: str) -> None:
+    """Issue 24's list/status measure with the ended apps in place (``bench_list.py`` covers host and
+    slurm_jobs): ``torchx list`` (goal <= 1 s) and ``torchx status`` of a live and of an ended app
+    (goal <= 1.1x the status of this home when it held one app), median of 3 new processes each."""
+    listed = median_wall([TORCHX, "list", "-s", scheduler], home)
+    st_live, st_ended = median_wall([TORCHX, "status", live], home), median_wall([TORCHX, "status", ended], home)
+    print(f"{scheduler}: torchx list {listed:.3f} s (goal <= 1 s); torchx status: a live app {st_live:.3f} s, "
+          f"an ended one {st_ended:.3f} s, against {one_app_status:.3f} s in the one-app home "
+          f"({st_live / one_app_status:.2f}x, {st_ended / one_app_status:.2f}x; goal <= 1.1x)")
 
 
 def file_bytes(path: str) -> int:
@@ -461,6 +477,7 @@ def bench_docker(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[
         if vols == [d.verdict_volume(tid)]:
             break
         time.sleep(0.2)
+    one_app_status = median_wall([TORCHX, "status", template], home)  # the home holds this app alone
     tpl = DockerTemplate(tid, {k: v for k, v in cs[0]["Labels"].items() if k.startswith(d.P)},
                          api.inspect_volume(d.verdict_volume(tid))["Labels"],
                          open(os.path.join(root, f"{tid}.request.json")).read())
@@ -497,6 +514,7 @@ def bench_docker(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[
     print(f"{scheduler}: {a.ended} ended apps fabricated in {fab_s:.1f} s ({fab_s / a.ended * 1000:.0f} ms an app: "
           f"docker create + a verdict volume + a request file, {WORKERS} at once), {a.running} RUNNING")
     check(all(s == AppState.RUNNING for s in before_states.values()), f"all {a.running} live apps RUNNING")
+    list_and_status(scheduler, home, one_app_status, live[0], f"{template.rsplit('/', 1)[0]}/{ids[0]}")
 
     fab = set(ids)
     cs0, vols0 = docker_objects(api, fab)
@@ -649,6 +667,7 @@ def bench_ray(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[], 
     mine.append(tid)
     real_ids.append(tid)
     _wait_ended(runner, template)
+    one_app_status = median_wall([TORCHX, "status", template], home)  # the home holds this app alone
     live_app = AppDef("live", roles=[Role("live", image="", entrypoint="python",
                                           args=["-c", "import time; time.sleep(600)"], resource=res)])
     live: list[str] = []
@@ -676,6 +695,8 @@ def bench_ray(a: argparse.Namespace, runner: Runner, cleanup: list[Callable[[], 
     print(f"{scheduler}: {a.ended} ended apps fabricated in {fab_s:.2f} s ({fab_s / a.ended * 1000:.2f} ms an app: "
           f"one GCS KV put + a manifest line), {running} RUNNING")
     check(all(s == AppState.RUNNING for s in before_states.values()), f"all {running} live apps RUNNING")
+    list_and_status(scheduler, home, one_app_status, live[0],
+                    f"{template.rsplit('/', 1)[0]}/{rc.make_app_id(url, ids[0])}")
 
     kv0 = job_records(gcs, ids)
     kv_bytes = sum(len(JOB_KEY) + len(k) + len(v) for k, v in kv0.items())

@@ -313,8 +313,17 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         return sorted(i for i in ids if i)
 
     def _list(self, cfg: Any) -> list[ListAppResponse]:
+        """An app that is over is listed from two daemon reads for all (its verdict, the name on
+        its containers); the others are each reconciled, as describe does (which heals a dead
+        watcher)."""
+        app_ids = d.retrying(self.app_ids)
+        over = retention.ended_apps(self._api(), app_ids)
         out = []
-        for app_id in d.retrying(self.app_ids):
+        for app_id in app_ids:
+            e = over.get(app_id)
+            if e is not None and e.verdict.get(d.L_APP_NAME) is not None:  # (the verdict names the app)
+                out.append(self.listed(app_id, e.state, e.verdict[d.L_APP_NAME]))
+                continue
             st = self._status(app_id)  # heals: at most one watcher (of this home) starts
             if st is not None:
                 out.append(self.listed(app_id, st.state, st.snapshot.app_name))
