@@ -24,6 +24,7 @@ from contract import Backend, SchedulerContract, logs, wait_state, wait_terminal
 from torchx_ext.groups import mark_service
 from torchx_ext.schedulers.docker_jobs import daemon as d
 from torchx_ext.schedulers.docker_jobs.scheduler import DockerJobsScheduler, create_scheduler
+from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 
 TORCHX = os.path.join(os.path.dirname(sys.executable), "torchx")
 SMALL = Resource(cpu=1, gpu=0, memMB=256)
@@ -167,7 +168,7 @@ def test_cli_end_to_end_from_new_processes() -> None:
     assert "first-done-main" in out.stdout, out.stdout + out.stderr
     t_second = float(cli("log", "--regex", "^T ", f"{second}/main/0").stdout.split()[-1])
     finished = d.client().inspect_container(f"{app_id(first)}-main-0")["State"]["FinishedAt"]
-    assert t_second > d.parse_ts(finished), "the dependant started before its dependency ended"  # type: ignore[operator]
+    assert t_second > parse_ts(finished), "the dependant started before its dependency ended"  # type: ignore[operator]
     assert "up" in cli("log", f"{sleeper}/main/0").stdout
 
 
@@ -204,7 +205,7 @@ def test_logs_streams_since_until_and_tail(runner: Runner) -> None:
     assert logs(runner, handle, "main", streams=Stream.STDERR).split() == ["err1"]
     assert logs(runner, handle, "main", streams=Stream.STDOUT).split() == ["out1", "out2"]
     raw = d.client().logs(f"{app_id(handle)}-main-0", timestamps=True).decode().splitlines()
-    t_out2 = d.parse_ts(next(x for x in raw if x.endswith(" out2")).split()[0])
+    t_out2 = parse_ts(next(x for x in raw if x.endswith(" out2")).split()[0])
     assert t_out2 is not None
     middle = datetime.fromtimestamp(t_out2 - 0.5)
     assert logs(runner, handle, "main", since=middle).split() == ["out2"]

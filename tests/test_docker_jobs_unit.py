@@ -21,7 +21,7 @@ from torchx_ext import engine
 from torchx_ext.errors import DependencyError
 from torchx_ext.executors import capabilities, scheduler_for
 from torchx_ext.groups import mark_service
-from torchx_ext.schedulers.docker_jobs import daemon, launcher, readiness, watching
+from torchx_ext.schedulers.docker_jobs import daemon, inventory, launcher, readiness, timestamps, watching
 from torchx_ext.schedulers.docker_jobs import lease as leases
 from torchx_ext.schedulers.docker_jobs import watcher as w
 from torchx_ext.schedulers.docker_jobs.logs import LogReader
@@ -140,10 +140,10 @@ def test_container_options_reach_the_daemon_call() -> None:
 
 
 def test_parse_ts() -> None:
-    assert daemon.parse_ts("1970-01-01T00:00:01.5Z") == 1.5
-    assert daemon.parse_ts("2026-11-21T09:54:37.113819260Z") == pytest.approx(1795254877.113819, abs=1e-6)
-    assert daemon.parse_ts("2026-11-21T10:54:37+01:00") == daemon.parse_ts("2026-11-21T09:54:37Z")
-    assert daemon.parse_ts("0001-01-01T00:00:00Z") is None and daemon.parse_ts("garbage") is None
+    assert timestamps.parse_ts("1970-01-01T00:00:01.5Z") == 1.5
+    assert timestamps.parse_ts("2026-11-21T09:54:37.113819260Z") == pytest.approx(1795254877.113819, abs=1e-6)
+    assert timestamps.parse_ts("2026-11-21T10:54:37+01:00") == timestamps.parse_ts("2026-11-21T09:54:37Z")
+    assert timestamps.parse_ts("0001-01-01T00:00:00Z") is None and timestamps.parse_ts("garbage") is None
 
 
 # ----------------------------------------------------------------------- group rules ------
@@ -186,9 +186,9 @@ class FakeDaemon:
         return self.vols.setdefault(name, {"Name": name, "Labels": dict(labels or {})})
 
     def volumes(self, filters: dict[str, list[str]]) -> dict[str, Any]:
-        want = dict(x.split("=", 1) for x in filters["label"])
+        want = [x.split("=", 1) for x in filters["label"]]  # "key=value", or "key": has the label
         return {"Volumes": [v for v in self.vols.values() if builtins.all(
-            v["Labels"].get(k) == x for k, x in want.items())]}
+            v["Labels"].get(k[0]) == k[1] if len(k) == 2 else k[0] in v["Labels"] for k in want)]}
 
     def remove_volume(self, name: str) -> None:
         if self.vols.pop(name, None) is None:
@@ -321,7 +321,7 @@ def test_log_reader_resumes_without_duplicates_or_losses() -> None:
     assert [x[1] for x in reader.read_new()] == ["a", "b"]
     assert [x[1] for x in reader.read_new()] == ["b2 same instant", "c", "no timestamp"]
     assert list(reader.read_new()) == []
-    assert fake.calls[1]["since"] == pytest.approx(daemon.parse_ts(f"{t}2.000000001Z") - 0.005)  # type: ignore[operator]
+    assert fake.calls[1]["since"] == pytest.approx(timestamps.parse_ts(f"{t}2.000000001Z") - 0.005)  # type: ignore[operator]
     assert fake.calls[0]["stdout"] and fake.calls[0]["stderr"] and fake.calls[0]["timestamps"]
 
 
@@ -428,7 +428,7 @@ def test_a_pass_cut_short_is_finished_by_the_next_and_a_backoff_counts_from_the_
     for c in d.containers_.values():
         c["Labels"][daemon.L_RETRY_BACKOFF] = "30"
     st = w.reconcile(d, "x", acting=True)  # APPLICATION: both restart, after 30 s from the exit
-    due = daemon.parse_ts(just_now) + 30  # type: ignore[operator]
+    due = timestamps.parse_ts(just_now) + 30  # type: ignore[operator]
     assert st is not None and st.state == AppState.PENDING and st.next_due == pytest.approx(due), st
     assert d.containers_["x-a-1-a2"]["Labels"][daemon.L_START_AFTER] == f"{due:.3f}"
     assert ("stop", "x-a-1", 5) in d.calls and not [c for c in d.calls if c[0] == "start"]
@@ -679,3 +679,34 @@ def test_where_a_service_is_probed(monkeypatch: pytest.MonkeyPatch) -> None:
         port = srv.getsockname()[1]
         assert readiness.accepts("127.0.0.1", port)
     assert not readiness.accepts("127.0.0.1", port)
+
+
+def test_inventory_is_what_fetch_reads_app_by_app_in_two_reads() -> None:
+    """list and prune read every app at once (inventory): the same snapshots and states as a
+    fetch per app, from one volumes and one containers read, whatever the number of apps."""
+    d = FakeDaemon()
+    one = [{"name": "main", "num_replicas": 1}]
+    d.add("live", "server", 0, "running", service=True, roles=ROLES)
+    d.add("live", "client", 0, "exited", 0, roles=ROLES)
+    d.add("over", "main", 0, "exited", 3, roles=one)
+    w.reconcile(d, "over", acting=True)  # pins its verdict
+    d.add("stopping", "main", 0, "running", roles=one)
+    daemon.pin_verdict(d, daemon.fetch(d, "stopping"), AppState.CANCELLED, "cancelled by user")  # type: ignore[arg-type]
+    d.add("waiting", "main", 0, "created", roles=one, deps="live", started=False)
+    d.create_volume("x.verdict", labels={daemon.L_SCHEDULER: daemon.SCHEDULER, daemon.L_APP_ID: "y",
+                                         daemon.L_VERDICT: "true"})  # a name that is not y's: not read as y's
+    reads: list[str] = []
+    real_containers, real_volumes = d.containers, d.volumes
+    d.containers = lambda **kw: reads.append("containers") or real_containers(**kw)  # type: ignore[method-assign]
+    d.volumes = lambda **kw: reads.append("volumes") or real_volumes(**kw)  # type: ignore[method-assign]
+    inv = inventory.read(d)
+    assert reads == ["volumes", "containers"]
+    assert inv.app_ids == ["live", "over", "stopping", "waiting"]
+    assert sorted(inv.ended()) == ["over"] and inv.ended()["over"].state == AppState.FAILED
+    for app in inv.app_ids:
+        assert inv.snapshot(d, app) == daemon.fetch(d, app)
+        by_inventory = w.reconcile(d, app, acting=False, snap=inv.snapshot(d, app))
+        alone = w.reconcile(d, app, acting=False)
+        assert by_inventory is not None and alone is not None
+        assert (by_inventory.state, by_inventory.msg) == (alone.state, alone.msg), app
+    assert inv.snapshot(d, "nope") is None

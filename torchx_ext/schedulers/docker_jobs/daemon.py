@@ -19,7 +19,6 @@ with them, in the watcher. Errors of the SDK become ours in
 
 from __future__ import annotations
 
-import calendar
 import json
 import os
 import socket
@@ -33,6 +32,7 @@ from torchx.specs import AppState
 from torchx_ext import state as local_state
 from torchx_ext.engine.rules import READY_TIMEOUT_S
 from torchx_ext.errors import BackendError, MissingExtraError, SchedulerUnavailable, TorchxExtError
+from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 
 SCHEDULER = "docker_jobs"
 P = "torchx-ext."
@@ -125,38 +125,6 @@ def retrying(fn: Callable[[], T], seconds: float = 10.0) -> T:
             time.sleep(0.3)
 
 
-# --------------------------------------------------------------------------- timestamps ----
-_EPOCH: dict[str, int] = {}
-
-
-def parse_ts(text: str) -> Optional[float]:
-    """Unix time of a daemon timestamp (``2026-11-21T09:54:37.113819260Z``); None if unset.
-
-    Hand-rolled because log lines carry nanoseconds (``fromisoformat`` wants at most 6 digits)
-    and it is called once per log line: the whole-second part is cached.
-    """
-    if len(text) < 20 or text.startswith("0001-"):
-        return None
-    base, rest = text[:19], text[19:]
-    secs = _EPOCH.get(base)
-    if secs is None:
-        try:
-            secs = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S"))
-        except ValueError:
-            return None
-        if len(_EPOCH) > 4096:
-            _EPOCH.clear()
-        _EPOCH[base] = secs
-    offset = 0
-    if rest[-6:-5] in ("+", "-") and rest[-3:-2] == ":":  # only UTC "Z" from dockerd, but be lenient
-        sign = 1 if rest[-6] == "+" else -1
-        offset = sign * (int(rest[-5:-3]) * 3600 + int(rest[-2:]) * 60)
-        rest = rest[:-6]
-    rest = rest.rstrip("Z")
-    frac = float("0" + rest) if rest.startswith(".") and rest[1:].isdigit() else 0.0
-    return secs + frac - offset
-
-
 # ------------------------------------------------------------------------------ truth -----
 @dataclass
 class Replica:
@@ -245,23 +213,33 @@ def _read_verdict(api: Any) -> Callable[[str], Optional[tuple[Verdict, dict[str,
         labels = vol.get("Labels") or {}
         if labels.get(L_SCHEDULER) != SCHEDULER or labels.get(L_APP_ID) != app_id:
             return None  # someone else's volume with a colliding name: not ours to read
-        state = AppState.__members__.get(labels.get(L_STATE, ""), AppState.UNKNOWN)
-        return Verdict(state, labels.get(L_MSG, ""), float(labels.get(L_TIME) or 0)), labels
+        return verdict_of(labels), labels
     return read
 
 
-# Over 60 lines: the order of the daemon reads is the point (the verdict volume before the
-# containers, see the comments inside), so it is kept in one function.
+def verdict_of(labels: dict[str, str]) -> Verdict:
+    """The verdict a verdict volume's labels hold."""
+    state = AppState.__members__.get(labels.get(L_STATE, ""), AppState.UNKNOWN)
+    return Verdict(state, labels.get(L_MSG, ""), float(labels.get(L_TIME) or 0))
+
+
 def fetch(api: Any, app_id: str) -> Optional[Snapshot]:
     """The app's snapshot from the daemon, or None if the daemon knows no such app."""
-    import docker
-
     if not app_id or "/" in app_id:
         return None
     # verdict first: ``delete`` removes containers before the verdict, so a reader that finds no
     # verdict finds no containers either, and cannot re-pin a verdict for a half-deleted app
     found = _read_verdict(api)(app_id)
-    summaries = api.containers(all=True, filters=app_filter(app_id))
+    return snapshot(api, app_id, found, api.containers(all=True, filters=app_filter(app_id)))
+
+
+def snapshot(api: Any, app_id: str, found: Optional[tuple[Verdict, dict[str, str]]],
+             summaries: list[dict[str, Any]]) -> Optional[Snapshot]:
+    """The app's snapshot from its verdict (and the volume's labels) and its containers' summaries,
+    read in that order (:func:`fetch`, or :mod:`.inventory` for all apps at once); inspects the
+    containers whose details a summary lacks. None if both are empty."""
+    import docker
+
     if not summaries and found is None:
         return None
     labels = summaries[0]["Labels"] if summaries else found[1]  # type: ignore[index]

@@ -403,20 +403,20 @@ def _begin(p: Pass) -> Optional[AppStatus]:
     return None
 
 
-def reconcile(api: Any, app_id: str, acting: bool,
-              died: Optional[dict[str, tuple[int, float]]] = None) -> Optional[AppStatus]:
+def reconcile(api: Any, app_id: str, acting: bool, died: Optional[dict[str, tuple[int, float]]] = None,
+              snap: Optional[Snapshot] = None) -> Optional[AppStatus]:
     """Reads the app from the daemon, lets the engine decide, and reports its state.
 
     Args:
         api: a docker ``APIClient``
-        app_id: the app
+        app_id: the app; ``snap``: it as just read (``list``: :mod:`.inventory`), else read here
         acting: True in the watcher: perform what the engine decides (start, restart, pin, stop)
             and clean up. False in describe: the same decisions, computed only; nothing on the
             daemon changes
         died: container id -> (exit code, unix time), from the daemon's "die" events: the daemon
             sends them some 50-90 ms before a snapshot shows those containers exited
     """
-    snap = fetch(api, app_id)
+    snap = snap or fetch(api, app_id)
     if snap is None:
         return None
     verdict = snap.verdict

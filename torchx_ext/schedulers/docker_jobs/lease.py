@@ -28,7 +28,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Collection, Optional
 
-from torchx_ext.schedulers.docker_jobs.daemon import P, parse_ts
+from torchx_ext.schedulers.docker_jobs.daemon import P
+from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 
 LEASE_TTL_S = 10.0  # a lease not renewed for this long, by the daemon's clock, may be taken over
 RENEW_EVERY_S = 2.0

@@ -15,9 +15,9 @@ from torchx_ext.schedulers.docker_jobs.daemon import (
     L_RESTART_WHY,
     L_ROLE,
     app_filter,
-    parse_ts,
     retrying,
 )
+from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 
 
 class LogReader:

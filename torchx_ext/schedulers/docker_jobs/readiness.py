@@ -41,7 +41,8 @@ import socket
 from typing import Any, Mapping, Optional
 from urllib.parse import urlparse
 
-from torchx_ext.schedulers.docker_jobs.daemon import P, Replica, Snapshot, parse_ts
+from torchx_ext.schedulers.docker_jobs.daemon import P, Replica, Snapshot
+from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 
 CONNECT_TIMEOUT_S = 0.2
 L_READY = P + "ready"  # the app id (records carry no scheduler label: they are no app)

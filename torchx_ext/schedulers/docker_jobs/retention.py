@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterable, NamedTuple
-
-from torchx.specs import AppState
+from typing import Any, Iterable
 
 from torchx_ext import state
 from torchx_ext.schedulers.docker_jobs import daemon as d
 from torchx_ext.schedulers.docker_jobs import lease as leases
+from torchx_ext.schedulers.docker_jobs.inventory import Inventory
+from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 from torchx_ext.schedulers.retention import IN_FLIGHT_S, Leftover, Prunable, Warn
 
 SCHEDULER = d.SCHEDULER
@@ -64,48 +64,11 @@ def remove_local_files(app_id: str) -> None:
             pass
 
 
-class Ended(NamedTuple):
-    """An app with a verdict and no running container: its verdict volume's labels, its containers."""
-    verdict: dict[str, str]
-    containers: list[dict[str, Any]]
-
-    @property
-    def state(self) -> AppState:
-        return AppState.__members__.get(self.verdict.get(d.L_STATE, ""), AppState.UNKNOWN)
-
-
-def ended_apps(api: Any, app_ids: Iterable[str]) -> dict[str, Ended]:
-    """The apps of ``app_ids`` that are over: a verdict, and no container running.
-
-    Two daemon reads for all the apps: the scheduler's containers, then its verdict volumes (a
-    snapshot per app made the daemon scan every container once per app, so a dry run over 2,000
-    ended apps took 32 s, and ``list`` 24 s, growing with the square of the apps kept;
-    bench/bench_prune.py). An app that starts or ends between the reads reads as not over.
-    """
-    marker = f"{d.L_SCHEDULER}={SCHEDULER}"
-    containers: dict[str, list[dict[str, Any]]] = {}
-    for c in d.retrying(lambda: api.containers(all=True, filters={"label": [marker]})):
-        containers.setdefault((c.get("Labels") or {}).get(d.L_APP_ID, ""), []).append(c)
-    verdicts: dict[str, dict[str, str]] = {}
-    vols = d.retrying(lambda: api.volumes(filters={"label": [marker, d.L_VERDICT]}).get("Volumes") or [])
-    for v in vols:
-        labels = v.get("Labels") or {}
-        app_id = labels.get(d.L_APP_ID, "")
-        if app_id and v.get("Name") == d.verdict_volume(app_id):  # not a colliding name of someone else's
-            verdicts[app_id] = labels
-    out = {}
-    for app_id in app_ids:
-        labels, mine = verdicts.get(app_id), containers.get(app_id, [])
-        if labels is not None and not any(c.get("State") in d.RUNNING for c in mine):
-            out[app_id] = Ended(labels, mine)
-    return out
-
-
-def prunable(api: Any, app_ids: Iterable[str], cutoff: float) -> list[Prunable]:
-    """This caller's apps that are over (:func:`ended_apps`), decided before ``cutoff``."""
+def prunable(inv: Inventory, cutoff: float) -> list[Prunable]:
+    """This caller's apps that are over (:meth:`.inventory.Inventory.ended`), decided before ``cutoff``."""
     me = d.submitter()
     out = []
-    for app_id, e in ended_apps(api, app_ids).items():
+    for app_id, e in inv.ended().items():
         # the submitter is on the containers (a verdict alone, its containers removed: not ours to judge)
         if ((e.containers[0].get("Labels") or {}) if e.containers else e.verdict).get(d.L_SUBMITTER, "") != me:
             continue
@@ -135,7 +98,7 @@ def leftovers(api: Any, known: set[str], cutoff: float, warn: Warn) -> list[Left
     orphans: dict[str, float] = {}
     for v in vols:
         app_id = (v.get("Labels") or {}).get(leases.L_LEASE, "")
-        created = d.parse_ts(str(v.get("CreatedAt") or "")) or time.time()
+        created = parse_ts(str(v.get("CreatedAt") or "")) or time.time()
         if app_id and app_id not in known:
             orphans[app_id] = max(orphans.get(app_id, 0.0), created)
     for app_id, created in sorted(orphans.items()):

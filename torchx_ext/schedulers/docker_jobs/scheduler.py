@@ -53,8 +53,8 @@ from torchx_ext.executors import engine_timings
 from torchx_ext.groups import ENV_ATTEMPT, discovery_env, is_service
 from torchx_ext.schedulers.base import ExtScheduler, ReadNew, describe_response, role_summaries
 from torchx_ext.schedulers.docker_jobs import daemon as d
+from torchx_ext.schedulers.docker_jobs import inventory, retention, retries, watching
 from torchx_ext.schedulers.docker_jobs import lease as leases
-from torchx_ext.schedulers.docker_jobs import retention, retries, watching
 from torchx_ext.schedulers.docker_jobs import watcher as w
 from torchx_ext.schedulers.docker_jobs.images import build_workspace, ensure_image
 from torchx_ext.schedulers.docker_jobs.logs import AttemptsReader
@@ -267,11 +267,12 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         return str(out["Id"])
 
     # ------------------------------------------------------------------ queries -----
-    def _status(self, app_id: str, heal: bool = True) -> Optional[w.AppStatus]:
-        """The app's state by the group rules, computed only; with ``heal``, restarts a dead watcher
-        of an app this caller submitted (see :func:`watching.ensure_watcher`)."""
+    def _status(self, app_id: str, heal: bool = True, snap: Optional[d.Snapshot] = None) -> Optional[w.AppStatus]:
+        """The app's state by the group rules, computed only (from ``snap`` if given, just read);
+        with ``heal``, restarts a dead watcher of an app this caller submitted (see
+        :func:`watching.ensure_watcher`)."""
         api = self._api()
-        st = d.retrying(lambda: w.reconcile(api, app_id, acting=False))
+        st = d.retrying(lambda: w.reconcile(api, app_id, acting=False, snap=snap))
         if st is not None and heal:
             watching.ensure_watcher(st)
         return st
@@ -305,26 +306,22 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
 
     def app_ids(self) -> list[str]:
         """Ids of every docker_jobs app the daemon knows (containers or a verdict)."""
-        api = self._api()
-        marker = {"label": [f"{d.L_SCHEDULER}={SCHEDULER}"]}
-        ids = {s["Labels"].get(d.L_APP_ID) for s in api.containers(all=True, filters=marker)}
-        vols = api.volumes(filters={"label": f"{d.L_SCHEDULER}={SCHEDULER}"}).get("Volumes") or []
-        ids |= {(v.get("Labels") or {}).get(d.L_APP_ID) for v in vols}
-        return sorted(i for i in ids if i)
+        return inventory.read(self._api()).app_ids
 
     def _list(self, cfg: Any) -> list[ListAppResponse]:
-        """An app that is over is listed from two daemon reads for all (its verdict, the name on
-        its containers); the others are each reconciled, as describe does (which heals a dead
-        watcher)."""
-        app_ids = d.retrying(self.app_ids)
-        over = retention.ended_apps(self._api(), app_ids)
+        """Every app from the daemon's two reads for all (:mod:`.inventory`): one that is over from
+        its verdict; the others reconciled from their part of the reads, as describe does (which
+        heals a dead watcher)."""
+        api = self._api()
+        inv = inventory.read(api)
+        over = inv.ended()
         out = []
-        for app_id in app_ids:
+        for app_id in inv.app_ids:
             e = over.get(app_id)
             if e is not None and e.verdict.get(d.L_APP_NAME) is not None:  # (the verdict names the app)
                 out.append(self.listed(app_id, e.state, e.verdict[d.L_APP_NAME]))
                 continue
-            st = self._status(app_id)  # heals: at most one watcher (of this home) starts
+            st = self._status(app_id, snap=inv.snapshot(api, app_id))  # heals: at most one watcher starts
             if st is not None:
                 out.append(self.listed(app_id, st.state, st.snapshot.app_name))
         return out
@@ -359,10 +356,10 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         retention.remove_local_files(app_id)
 
     def _prunable(self, cutoff: float, warn: Warn) -> list[Prunable]:
-        return retention.prunable(self._api(), d.retrying(self.app_ids), cutoff)
+        return retention.prunable(inventory.read(self._api()), cutoff)
 
     def _leftovers(self, cutoff: float, warn: Warn) -> list[Leftover]:
-        return retention.leftovers(self._api(), set(d.retrying(self.app_ids)), cutoff, warn)
+        return retention.leftovers(self._api(), set(self.app_ids()), cutoff, warn)
 
     # ------------------------------------------------------------------ logs --------
     def _replica_counts(self, app_id: str) -> Optional[dict[str, int]]:
