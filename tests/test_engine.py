@@ -11,14 +11,16 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
 from torchx_ext import engine as E
-from torchx_ext.engine import rules
+from torchx_ext.engine import probe, rules
 
 Key = Tuple[str, int]
 ENGINE_DIR = os.path.join(os.path.dirname(__file__), "..", "torchx_ext", "engine")
@@ -184,6 +186,36 @@ def test_engine_runs_as_a_top_level_package_of_any_name(tmp_path: pathlib.Path) 
     out = subprocess.run([sys.executable, "-E", "-s", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "Verdict(state='SUCCEEDED', msg='')", out
+
+
+def test_the_connect_check_says_whether_a_port_accepts_now() -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        assert probe.accepts("127.0.0.1", port, 1.0)
+    assert not probe.accepts("127.0.0.1", port, 1.0)
+
+
+def test_a_probe_asks_each_port_until_it_accepted_once_and_gives_up_when_stopped() -> None:
+    asked: List[Tuple[str, int, float]] = []
+    pauses: List[float] = []
+
+    def connect(host: str, port: int, timeout: float) -> bool:
+        asked.append((host, port, timeout))
+        return port == 2 or len(asked) > 2  # port 2 at once, port 1 in the second round
+
+    assert probe.until_accepting("h", (1, 2), 0.5, 0.1, lambda: False, pauses.append, connect)
+    assert asked == [("h", 1, 0.5), ("h", 2, 0.5), ("h", 1, 0.5)] and pauses == [0.1]
+    assert not probe.until_accepting("h", (1,), 0.5, 0.1, lambda: True, pauses.append, connect)
+    assert len(asked) == 3  # stopped: asked before the first round, so nothing connected
+    ready = threading.Event()
+    thread = probe.start_probe("h", (1,), 0.5, 0.1, lambda: False, ready.set, connect=connect, name="p-1")
+    thread.join(5)
+    assert ready.is_set() and thread.name == "p-1" and thread.daemon
+    ready.clear()
+    probe.start_probe("h", (1,), 0.5, 0.1, lambda: True, ready.set, connect=connect).join(5)
+    assert not ready.is_set()
 
 
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
