@@ -255,16 +255,16 @@ def test_a_probe_gives_up_once_its_attempt_is_over(tmp_path: Any) -> None:
         r, probe = la.by_key[("srv", 0)], node.engine.Probe(("srv", 0), 1, (sock.getsockname()[1],), 0.0)
         step = r.step
         _current(la, ("srv", 0)).end(1)  # ended (or stopped): its port is no news
-        la.probe(r, step, "127.0.0.1", probe)
+        la.probe(r, step, "127.0.0.1", probe).join(5)
         r.step = None  # superseded by another attempt
-        la.probe(r, step, "127.0.0.1", probe)
+        la.probe(r, step, "127.0.0.1", probe).join(5)
         r.step = step
         step.done.clear()  # type: ignore[union-attr]
         la.engine.verdict = node.engine.Verdict("FAILED", "x")  # decided
-        la.probe(r, step, "127.0.0.1", probe)
+        la.probe(r, step, "127.0.0.1", probe).join(5)
         assert la.readies.empty()
         la.engine.verdict = None
-        la.probe(r, step, "127.0.0.1", probe)  # its own attempt, listening: Ready
+        la.probe(r, step, "127.0.0.1", probe).join(5)  # its own attempt, listening: Ready
         assert la.readies.get_nowait() == node.engine.Ready(("srv", 0), 1)
 
 

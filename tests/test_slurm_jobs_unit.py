@@ -96,6 +96,14 @@ def test_reference_script(case: str) -> None:
     )
 
 
+def test_the_script_ships_every_module_of_the_engine() -> None:
+    """node.py may import any of them (engine/probe.py: the readiness connect); one left out would
+    fail only on a Slurm node."""
+    engine_dir = os.path.join(os.path.dirname(script.__file__), "..", "..", "engine")
+    shipped = {os.path.basename(src) for rel, src in script.SHIPPED.items() if rel.startswith("txe_node/engine/")}
+    assert shipped == {n for n in os.listdir(engine_dir) if n.endswith(".py")}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_reference_script_is_valid_bash(case: str) -> None:
     proc = subprocess.run(["bash", "-n"], input=CASES[case](), capture_output=True, text=True)

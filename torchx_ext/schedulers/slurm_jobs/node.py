@@ -21,7 +21,6 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import time
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ... import engine
+from ...engine.probe import start_probe
 
 # Stands for the Slurm job id in argv/env until the job runs (TorchX's ${app_id} macro): the id
 # only exists once sbatch has answered, so the launcher reads it from $SLURM_JOB_ID.
@@ -132,15 +132,6 @@ def read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
-
-
-def accepts(host: str, port: int) -> bool:
-    """Does ``host`` accept a TCP connection on ``port`` now?"""
-    try:
-        socket.create_connection((host, port), CONNECT_S).close()
-    except OSError:
-        return False
-    return True
 
 
 def end_event(key: Key, returncode: int, attempt: int) -> Tuple[int, engine.Event]:
@@ -310,7 +301,7 @@ class Launcher:
             self.by_key[action.key].log.write(b"%.6f E %s\n" % (time.time(), action.line.encode()))
         elif isinstance(action, engine.Probe):
             r = self.by_key[action.key]
-            threading.Thread(target=self.probe, args=(r, r.step, address(r.node), action), daemon=True).start()
+            self.probe(r, r.step, address(r.node), action)
         elif isinstance(action, engine.Verdict):
             self.conclude(action)
         # Wait: the main loop never sleeps past engine.next_due
@@ -327,20 +318,19 @@ class Launcher:
             return str(e)
         return None
 
-    def probe(self, r: Replica, step: Optional[Step], host: str, probe: engine.Probe) -> None:
-        """(A thread) Connects to the probe's ports at ``host`` (the node's address, as the other
-        replicas reach it) until each accepts, then hands ``Ready`` to the main loop (it alone reports
-        to the engine, and Ticks at the deadline); gives up once the attempt ended, was stopped or
-        superseded, or the group is decided."""
-        left = list(probe.ports)
-        while left:
-            if step is None or step.done.is_set() or r.step is not step or self.engine.verdict is not None:
-                return
-            left = [p for p in left if not accepts(host, p)]
-            if left:
-                time.sleep(PROBE_S)
-        self.readies.put(engine.Ready(r.key, probe.attempt))
-        self.ended.set()
+    def probe(self, r: Replica, step: Optional[Step], host: str, probe: engine.Probe) -> threading.Thread:
+        """Starts a thread that connects to the probe's ports at ``host`` (the node's address, as the
+        other replicas reach it) until each accepts, then hands ``Ready`` to the main loop (it alone
+        reports to the engine, and Ticks at the deadline); it gives up once the attempt ended, was
+        stopped or superseded, or the group is decided."""
+        def over() -> bool:
+            return step is None or step.done.is_set() or r.step is not step or self.engine.verdict is not None
+
+        def ready() -> None:
+            self.readies.put(engine.Ready(r.key, probe.attempt))
+            self.ended.set()
+
+        return start_probe(host, probe.ports, CONNECT_S, PROBE_S, over, ready)
 
     def stop(self, scope: List[Replica], final: bool) -> None:
         """Ends these replicas' steps (SIGTERM to srun, which ends the step) and waits for them.

@@ -138,14 +138,16 @@ class ScriptSpec:
         return len(self.components) > 1
 
 
-# What the batch script ships to the node, by its path under <job dir>/node/: the group engine and
-# its Slurm launcher, standard library only, run by the node's Python (nothing of torchx-ext need be
-# installed there). The script holds their text, so a user reads (and can re-submit) exactly what ran.
+# What the batch script ships to the node, by its path under <job dir>/node/: the group engine (with
+# probe.py, the readiness connect) and its Slurm launcher, standard library only, run by the node's
+# Python (nothing of torchx-ext need be installed there). The script holds their text, so a user reads
+# (and can re-submit) exactly what ran.
 _PKG = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # torchx_ext/
 SHIPPED = {
     "txe_node/__init__.py": None,
     "txe_node/engine/__init__.py": os.path.join(_PKG, "engine", "__init__.py"),
     "txe_node/engine/machine.py": os.path.join(_PKG, "engine", "machine.py"),
+    "txe_node/engine/probe.py": os.path.join(_PKG, "engine", "probe.py"),
     "txe_node/engine/rules.py": os.path.join(_PKG, "engine", "rules.py"),
     "txe_node/schedulers/__init__.py": None,
     "txe_node/schedulers/slurm_jobs/__init__.py": None,
