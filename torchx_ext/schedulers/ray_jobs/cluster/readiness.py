@@ -6,33 +6,29 @@ the driver (on the head) connects there, so a service that listens only on its n
 not ready, as it would not be for the replicas on other nodes. Each probe runs in a thread of its
 own (a connection attempt may take its whole timeout on an unroutable address); the driver's loop
 takes what was found with :meth:`Probes.ready` and tells the engine, so the engine is only ever
-called from that loop. Standard library only, as everything in this package.
+called from that loop. Standard library only, as everything in this package; the connect and the
+probe's thread are every launcher's (:mod:`torchx_ext.engine.probe`, which travels inside the engine).
 """
 
 from __future__ import annotations
 
 import queue
-import socket
 import threading
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
+
+try:  # on the cluster: the group engine travels inside this package (ray_jobs.local.cluster_package)
+    from .engine.probe import Connect, accepts, start_probe  # type: ignore[import-not-found,unused-ignore]
+except ImportError:
+    from torchx_ext.engine.probe import Connect, accepts, start_probe  # type: ignore[no-redef,unused-ignore]
 
 RETRY_S = 0.1  # between two rounds of connection attempts
 CONNECT_TIMEOUT_S = 0.5  # per attempt: a dropped SYN must not hold the round for the OS's minutes
 
 
-def accepts(host: str, port: int, timeout: float) -> bool:
-    """Does ``host:port`` accept a TCP connection now? (closed again at once)"""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 class Probes:
     """The running probes, by replica index; each knows its replica's attempt."""
 
-    def __init__(self, connect: Callable[[str, int, float], bool] = accepts) -> None:
+    def __init__(self, connect: Connect = accepts) -> None:
         self._connect = connect
         self._found: queue.Queue[Tuple[int, int]] = queue.Queue()
         self._running: Dict[int, Tuple[int, threading.Event]] = {}  # replica -> (attempt, its stop)
@@ -43,17 +39,14 @@ class Probes:
         self.cancel([i])
         stop = threading.Event()
         self._running[i] = (attempt, stop)
-        threading.Thread(target=self._probe, args=(i, attempt, host, tuple(ports), stop), daemon=True,
-                         name=f"torchx-ext-probe-{i}-{attempt}").start()
 
-    def _probe(self, i: int, attempt: int, host: str, ports: Tuple[int, ...], stop: threading.Event) -> None:
-        left = list(ports)  # a port that accepted once counts: a server need not keep it free for us
-        while left and not stop.is_set():
-            left = [p for p in left if not self._connect(host, p, CONNECT_TIMEOUT_S)]
-            if left:
-                stop.wait(RETRY_S)
-        if not left and not stop.is_set():
-            self._found.put((i, attempt))
+        def found() -> None:
+            if not stop.is_set():  # cancelled as its last round succeeded
+                self._found.put((i, attempt))
+
+        # stop.wait: a cancel ends the pause between two rounds at once
+        start_probe(host, tuple(ports), CONNECT_TIMEOUT_S, RETRY_S, stop.is_set, found, pause=stop.wait,
+                    connect=self._connect, name=f"torchx-ext-probe-{i}-{attempt}")
 
     def cancel(self, indices: Sequence[int]) -> None:
         """Ends the probes of these replicas (their attempts were stopped or ended)."""
