@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import traceback
 from typing import IO, Any, Optional, cast
 
 from torchx_ext import engine
+from torchx_ext.engine.probe import accepts
 from torchx_ext.engine.rules import CANCELLED_BEFORE_START, CANCELLED_WAITING, TERMINAL
 from torchx_ext.errors import StateError
 from torchx_ext.groups import ENV_ATTEMPT
@@ -50,6 +50,7 @@ from torchx_ext.state import makedirs, read_json
 STOP_GRACE_S = 3.0
 POLL_S = 0.2
 PROBE_S = 0.05
+CONNECT_S = 1.0  # a probe's connect (to loopback: answered at once, accepted or refused)
 
 
 # ---------------------------------------------------------------------- the supervisor ----
@@ -202,7 +203,7 @@ class Supervisor:
             if self.engine.verdict is not None or v.state != "RUNNING" or v.attempt != probe.attempt:
                 del self.probes[key]
                 continue
-            if all(_accepts("127.0.0.1", port) for port in probe.ports):
+            if all(accepts("127.0.0.1", port, CONNECT_S) for port in probe.ports):
                 del self.probes[key]
                 self._report(engine.Ready(key, probe.attempt))
 
@@ -372,14 +373,6 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(w)
         self.sel.register(r, selectors.EVENT_READ, None)
-
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=1.0).close()
-        return True
-    except OSError:
-        return False
 
 
 def main(argv: list[str]) -> int:
