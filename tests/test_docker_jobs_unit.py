@@ -9,7 +9,6 @@ import email.utils
 import json
 import os
 import re
-import socket
 import time
 from typing import Any, Optional
 
@@ -673,12 +672,6 @@ def test_where_a_service_is_probed(monkeypatch: pytest.MonkeyPatch) -> None:
     api.mode = "app"
     assert readiness.endpoints(api, rep, (8000, 9000), "app") == [("docker.example", 32768), ("10.1.1.1", 32769)]
     assert readiness.endpoints(api, rep, (7000,), "app") == []  # not published: never reachable from here
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        srv.listen()
-        port = srv.getsockname()[1]
-        assert readiness.accepts("127.0.0.1", port)
-    assert not readiness.accepts("127.0.0.1", port)
 
 
 def test_inventory_is_what_fetch_reads_app_by_app_in_two_reads() -> None:

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from typing import Any, Mapping, Optional
 from urllib.parse import urlparse
 
+from torchx_ext.engine.probe import accepts
 from torchx_ext.schedulers.docker_jobs.daemon import P, Replica, Snapshot
 from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 
@@ -135,14 +135,6 @@ def endpoints(api: Any, rep: Replica, ports: tuple[int, ...], network: str) -> l
     return [(addr, p) for p in ports] if addr else []
 
 
-def accepts(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def check(api: Any, rep: Replica, ports: tuple[int, ...], network: str) -> bool:
     """Does every one of ``ports`` of ``rep``'s container accept a connection now?"""
     import docker
@@ -151,7 +143,7 @@ def check(api: Any, rep: Replica, ports: tuple[int, ...], network: str) -> bool:
         where = endpoints(api, rep, ports, network)
     except docker.errors.NotFound:
         return False  # removed meanwhile: the replay reports it lost
-    return bool(where) and all(accepts(h, p) for h, p in where)
+    return bool(where) and all(accepts(h, p, CONNECT_TIMEOUT_S) for h, p in where)
 
 
 class Readiness:
