@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from torchx.specs import AppDef, AppState, Role
 
@@ -53,9 +53,20 @@ def is_service(role: Role) -> bool:
 
 
 def service_ports(role: Role) -> tuple[int, ...]:
-    """The ports the group engine waits on before it starts the other roles: a service role's
-    ``port_map`` (none for any other role)."""
-    return tuple(sorted(set(int(p) for p in role.port_map.values()))) if is_service(role) else ()
+    """The ports the group engine waits on before it starts the other roles (see :func:`ports_waited_on`)."""
+    return ports_waited_on(is_service(role), role.port_map)
+
+
+def ports_waited_on(service: bool, port_map: Mapping[str, Any]) -> tuple[int, ...]:
+    """The rule of :func:`service_ports`, for a role known only by what a backend recorded of it
+    (docker_jobs' role summary): a service role's ``port_map`` ports, sorted, each once; none for
+    any other role.
+
+    Args:
+        service: whether the role is a service (:func:`mark_service`).
+        port_map: the role's ``port_map`` (name -> port; a port may be recorded as text).
+    """
+    return tuple(sorted({int(p) for p in port_map.values()})) if service else ()
 
 
 def role_env_suffix(role_name: str) -> str:

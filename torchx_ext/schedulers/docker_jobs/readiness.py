@@ -41,6 +41,7 @@ from typing import Any, Mapping, Optional
 from urllib.parse import urlparse
 
 from torchx_ext.engine.probe import accepts
+from torchx_ext.groups import ports_waited_on
 from torchx_ext.schedulers.docker_jobs.daemon import P, Replica, Snapshot
 from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 
@@ -56,9 +57,9 @@ Key = tuple[str, int]
 
 
 def ports(summary: Mapping[str, Any]) -> tuple[int, ...]:
-    """A role's ports to wait on, from its summary (the L_ROLES label), as
-    :func:`torchx_ext.groups.service_ports` gives them for a Role: a service's port_map."""
-    return tuple(sorted({int(p) for p in (summary.get("port_map") or {}).values()})) if summary.get("service") else ()
+    """A role's ports to wait on, from its summary (the L_ROLES label), by the rule of
+    :func:`torchx_ext.groups.service_ports`."""
+    return ports_waited_on(bool(summary.get("service")), summary.get("port_map") or {})
 
 
 def record_name(app_id: str, role: str, replica_id: int, attempt: int) -> str:
