@@ -753,6 +753,20 @@ def test_the_probes_say_only_what_is_still_wanted() -> None:
     assert probes.ready() == []
 
 
+def test_the_shipped_package_probes_with_the_engine_it_carries() -> None:
+    """On the cluster there is no torchx_ext: readiness takes the probe from the engine copied into
+    ray_jobs_cluster (ray_jobs.local.cluster_package)."""
+    import subprocess
+
+    from torchx_ext.schedulers.ray_jobs.local import cluster_package
+
+    code = ("import sys; sys.modules['torchx_ext'] = sys.modules['torchx'] = None; "
+            "import ray_jobs_cluster.readiness as r; print(r.start_probe.__module__, r.accepts.__module__)")
+    out = subprocess.run([sys.executable, "-E", "-s", "-c", code], cwd=os.path.dirname(cluster_package()),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ray_jobs_cluster.engine.probe"] * 2, out
+
+
 def test_delete_jobs_reads_the_listing_first_and_says_what_ray_kept() -> None:
     """One GET per job only after the first pass (which reads the listing); a job Ray keeps is
     returned once the patience runs out without progress, not reported as deleted."""
