@@ -5,7 +5,8 @@ Ray uploads it once per version) and imported there as ``ray_jobs_cluster``, wit
 (:mod:`torchx_ext.engine`, standard library only) inside it as ``ray_jobs_cluster.engine``
 (``ray_jobs.local.cluster_package``): the cluster needs Ray and nothing of torchx or torchx-ext.
 Hence the rule for every module here: standard library and ``ray`` only, and relative imports
-between these modules (the driver's one exception: the engine, from here or from torchx_ext).
+between these modules (the one exception, in the driver and :mod:`.readiness`: the engine, from here
+or from torchx_ext).
 
 * :mod:`.driver` — the job entrypoint of every app: reserves the gang, starts one process per
   replica, performs the group engine's decisions, multiplexes the replicas' output into the job log;
