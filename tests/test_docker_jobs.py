@@ -158,6 +158,7 @@ def test_cli_end_to_end_from_new_processes() -> None:
     cli_wait(sleeper, "RUNNING")
     listed = cli("list", "-s", "docker_jobs").stdout
     assert first in listed and second in listed and sleeper in listed, listed
+    assert listed.index(sleeper) < listed.index(second) < listed.index(first), f"not the newest first: {listed}"
     assert cli("cancel", sleeper).returncode == 0
     assert cli_state(sleeper) == "CANCELLED"
     assert cli("cancel", sleeper).returncode == 0  # idempotent

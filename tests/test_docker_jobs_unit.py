@@ -162,14 +162,14 @@ class FakeDaemon:
         labels = {daemon.L_SCHEDULER: daemon.SCHEDULER, daemon.L_APP_ID: app, daemon.L_ROLE: role, daemon.L_REPLICA: str(i),
                   daemon.L_SERVICE: "true" if service else "false", daemon.L_DEPENDENCIES: deps, daemon.L_STOP_TIMEOUT: "5",
                   daemon.L_ROLES: json.dumps(roles or []), daemon.L_HOST: f"{role}-{i}"}
-        self.containers_[cid] = {"Id": cid, "Names": [f"/{cid}"], "Labels": labels, "State": {
+        self.containers_[cid] = {"Id": cid, "Names": [f"/{cid}"], "Labels": labels, "Created": len(self.containers_), "State": {
             "Status": status, "ExitCode": code, "OOMKilled": oom, "Error": "",
             "StartedAt": "2026-01-01T00:00:00Z" if started else "0001-01-01T00:00:00Z", "FinishedAt": finished}}
         return cid
 
     def containers(self, all: bool = False, filters: Optional[dict[str, list[str]]] = None) -> list[dict[str, Any]]:
         want = dict(x.split("=", 1) for x in (filters or {}).get("label", []))
-        return [{"Id": c["Id"], "Names": c["Names"], "Labels": c["Labels"], "State": c["State"]["Status"]}
+        return [{"Id": c["Id"], "Names": c["Names"], "Labels": c["Labels"], "State": c["State"]["Status"], "Created": c.get("Created", 0)}
                 for c in self.containers_.values() if builtins.all(c["Labels"].get(k) == v for k, v in want.items())]
 
     def inspect_container(self, cid: str) -> dict[str, Any]:
@@ -694,7 +694,7 @@ def test_inventory_is_what_fetch_reads_app_by_app_in_two_reads() -> None:
     d.volumes = lambda **kw: reads.append("volumes") or real_volumes(**kw)  # type: ignore[method-assign]
     inv = inventory.read(d)
     assert reads == ["volumes", "containers"]
-    assert inv.app_ids == ["live", "over", "stopping", "waiting"]
+    assert inv.app_ids == ["waiting", "stopping", "over", "live"]  # the newest first
     assert sorted(inv.ended()) == ["over"] and inv.ended()["over"].state == AppState.FAILED
     for app in inv.app_ids:
         assert inv.snapshot(d, app) == daemon.fetch(d, app)

@@ -35,8 +35,15 @@ class Inventory(NamedTuple):
 
     @property
     def app_ids(self) -> list[str]:
-        """Every app the daemon knows (containers or a verdict), sorted."""
-        return sorted({*self.verdicts, *self.containers} - {""})
+        """Every app the daemon knows (containers or a verdict), the newest submission first."""
+        return sorted({*self.verdicts, *self.containers} - {""}, key=lambda a: (-self.submitted(a), a))
+
+    def submitted(self, app_id: str) -> float:
+        """When the app was submitted: the label its containers were created with (the container's
+        own creation time for one without it); the verdict's time if its containers were removed."""
+        for c in self.containers.get(app_id, []):
+            return float((c.get("Labels") or {}).get(d.L_CREATED) or c.get("Created") or 0)
+        return float(self.verdicts.get(app_id, {}).get(d.L_TIME) or 0)
 
     def ended(self) -> dict[str, Ended]:
         """The apps that are over: a verdict, and no container running. An app that starts or ends

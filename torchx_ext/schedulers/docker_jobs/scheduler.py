@@ -171,7 +171,7 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             # checked here, not in the dry-run (which stays pure); a new app can only name
             # existing apps, so dependency cycles cannot form
             if d.fetch(api, dep) is None:
-                known = self.app_ids()[-10:]
+                known = self.app_ids()[:10]
                 raise DependencyError(f"dependency '{dep}' is not a {SCHEDULER} app on this Docker "
                                       f"daemon; known apps: {', '.join(known) or 'none'}")
         if req.builds:
