@@ -212,6 +212,11 @@ class FakeDaemon:
     def remove_network(self, name: str) -> None:
         self.calls.append(("remove_network", name, None))
 
+    def remove_container(self, cid: str, force: bool = False) -> None:
+        self.calls.append(("remove_container", cid, None))
+        if self.containers_.pop(cid, None) is None:
+            raise docker.errors.NotFound("no container")
+
 
 ROLES = [{"name": "server", "num_replicas": 1, "service": True},
          {"name": "client", "num_replicas": 1, "service": False}]
@@ -703,3 +708,32 @@ def test_inventory_is_what_fetch_reads_app_by_app_in_two_reads() -> None:
         assert by_inventory is not None and alone is not None
         assert (by_inventory.state, by_inventory.msg) == (alone.state, alone.msg), app
     assert inv.snapshot(d, "nope") is None
+
+
+def test_prune_deletes_apps_that_are_over_from_one_read_and_the_others_as_delete_does(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """delete_apps (prune): an app that is over loses its containers, verdict, leases and readiness
+    records by the ids of one read of the daemon; a live one is cancelled first, as delete does;
+    someone else's volume whose name collides stays."""
+    monkeypatch.setenv("TORCHX_EXT_HOME", str(tmp_path))
+    d = FakeDaemon()
+    one = [{"name": "main", "num_replicas": 1}]
+    d.add("over", "main", 0, "exited", 3, roles=one)
+    w.reconcile(d, "over", acting=True)
+    d.create_volume("over.watcher-3", labels={leases.L_LEASE: "over", leases.L_EPOCH: "3"})
+    d.create_volume(readiness.record_name("over", "main", 0, 1), labels={readiness.L_READY: "over"})
+    d.create_volume("theirs", labels={leases.L_LEASE: "over"})  # not named as the app's: not ours
+    d.add("live", "main", 0, "running", roles=one)
+    s = DockerJobsScheduler("s")
+    s._client = d
+    reads: list[str] = []
+    real_containers = d.containers
+    d.containers = lambda **kw: reads.append("containers") or real_containers(**kw)  # type: ignore[method-assign]
+    outcome: dict[str, Optional[Exception]] = {}
+    s.delete_apps(["over"], lambda a, e: outcome.setdefault(a, e))
+    assert reads == ["containers"]  # one read for all the apps that are over, whatever their number
+    assert "over-main-0" not in d.containers_ and sorted(d.vols) == ["theirs"]
+    s.delete_apps(["live", "gone"], lambda a, e: outcome.setdefault(a, e))
+    assert outcome == {"over": None, "live": None, "gone": None}
+    assert not d.containers_ and sorted(d.vols) == ["theirs"]
+    assert ("stop", "live-main-0", 5) in d.calls  # the live one was cancelled before its removal

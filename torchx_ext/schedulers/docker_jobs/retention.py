@@ -19,7 +19,8 @@ from typing import Any, Iterable
 from torchx_ext import state
 from torchx_ext.schedulers.docker_jobs import daemon as d
 from torchx_ext.schedulers.docker_jobs import lease as leases
-from torchx_ext.schedulers.docker_jobs.inventory import Inventory
+from torchx_ext.schedulers.docker_jobs import readiness, watching
+from torchx_ext.schedulers.docker_jobs.inventory import Ended, Inventory
 from torchx_ext.schedulers.docker_jobs.timestamps import parse_ts
 from torchx_ext.schedulers.retention import IN_FLIGHT_S, Leftover, Prunable, Warn
 
@@ -62,6 +63,45 @@ def remove_local_files(app_id: str) -> None:
             os.remove(path)
         except FileNotFoundError:
             pass
+
+
+def app_volumes(api: Any) -> dict[str, list[str]]:
+    """The watcher lease volumes and readiness records of every app, by app id (two daemon reads:
+    they carry no scheduler label, so each kind is read by its own label)."""
+    def labelled(label: str) -> list[dict[str, Any]]:
+        return d.retrying(lambda: api.volumes(filters={"label": [label]}).get("Volumes") or [])
+
+    out: dict[str, list[str]] = {}
+    for label in (leases.L_LEASE, readiness.L_READY):
+        for v in labelled(label):
+            app_id = (v.get("Labels") or {}).get(label, "")
+            if app_id and str(v.get("Name", "")).startswith(app_id + "."):  # not a colliding name of someone else's
+                out.setdefault(app_id, []).append(v["Name"])
+    return out
+
+
+def remove_ended(api: Any, app_id: str, ended: Ended, volumes: list[str]) -> None:
+    """Removes what an app that is over left (as ``delete`` does, in the same order: its containers
+    before its verdict), by the ids already read: ``ended`` (:meth:`.inventory.Inventory.ended`)
+    and its ``volumes`` (:func:`app_volumes`). Nothing of an app that is over starts again."""
+    import docker
+
+    images = sorted({c.get("ImageID", "") for c in ended.containers} - {""})
+    for c in ended.containers:
+        try:
+            api.remove_container(c["Id"], force=True)
+        except docker.errors.NotFound:
+            pass
+    if ended.verdict.get(d.L_NETWORK):
+        d.remove_network(api, ended.verdict[d.L_NETWORK])
+    for name in [d.verdict_volume(app_id), *volumes]:
+        try:
+            api.remove_volume(name)
+        except docker.errors.NotFound:
+            pass
+    watching.unrequest(app_id)
+    remove_workspace_images(api, images)
+    remove_local_files(app_id)
 
 
 def prunable(inv: Inventory, cutoff: float) -> list[Prunable]:

@@ -40,7 +40,7 @@ import os
 import time
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
 from torchx.specs import AppDef, AppState, Role, macros
@@ -354,6 +354,31 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
         watching.unrequest(app_id)
         retention.remove_workspace_images(api, images)
         retention.remove_local_files(app_id)
+
+    def delete_apps(self, app_ids: Sequence[str], done: Callable[[str, Optional[Exception]], None]) -> None:
+        """Prune's deletes from one read of the daemon (:mod:`.inventory`, ``retention.app_volumes``):
+        an app that is over has its objects removed by the ids read; any other is deleted as
+        ``delete`` does. A ``delete`` each re-reads the app's containers three times and its volumes
+        twice, scans of everything the daemon keeps: 2,000 apps took 89 s (``bench_prune.py``)."""
+        try:
+            with self._translated("delete"):
+                api = self._api()
+                over, volumes = inventory.read(api).ended(), retention.app_volumes(api)
+        except TorchxExtError as e:  # the daemon cannot be asked: none is touched
+            for app_id in app_ids:
+                done(app_id, e)
+            return
+        for app_id in app_ids:
+            try:
+                with self._translated("delete"):
+                    if app_id in over:
+                        retention.remove_ended(api, app_id, over[app_id], volumes.get(app_id, []))
+                    else:
+                        self._delete(app_id)
+            except TorchxExtError as e:
+                done(app_id, e)
+                continue
+            done(app_id, None)
 
     def _prunable(self, cutoff: float, warn: Warn) -> list[Prunable]:
         return retention.prunable(inventory.read(self._api()), cutoff)
