@@ -15,7 +15,7 @@ import json
 import os
 import time
 import urllib.parse
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from torchx.specs import AppState
 
@@ -172,7 +172,7 @@ def job_state(client: Any, job: Any, marker: Optional[bool] = None) -> tuple[App
     return st, msg, verdict
 
 
-def listed_apps(jobs: list[Any]) -> list[tuple[str, AppState, str]]:
+def listed_apps(jobs: Sequence[Any]) -> list[tuple[str, AppState, str]]:
     """(submission id, state, app name) of every torchx-ext app among a cluster's jobs (waiting ones too)."""
     ids = {j.submission_id for j in jobs}
     out = []

@@ -79,6 +79,10 @@ class Connections:
                 client = self._clients.setdefault(key, client)
         return client
 
+    def token_env(self, url: str) -> Optional[str]:
+        """The token variable a query of ``url`` sends (see :func:`token_env_for`)."""
+        return self._remembered_token_env(url)
+
     def _remembered_token_env(self, url: str) -> Optional[str]:
         """The token variable bound to ``url`` (see :func:`token_env_for`); read once per FILES_S:
         two files and a config parse are a third of a submission's client time, and a fan-out
