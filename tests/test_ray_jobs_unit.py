@@ -260,6 +260,16 @@ def test_demultiplexing_random_logs_in_random_pieces() -> None:
             assert got == lines, (role, replica, stream)
 
 
+def test_whole_lines_split_at_newlines_only() -> None:
+    # the cheap split (str.splitlines) for plain ASCII; every other text by the regex, as before
+    plain = "".join(f"{i:08d} {'x' * 90}\n" for i in range(1000))
+    assert ray_logs.whole_lines(plain, len(plain)) == plain.splitlines(True) and len(plain.splitlines()) == 1000
+    assert ray_logs.whole_lines(plain + "part", len(plain)) == plain.splitlines(True)
+    for odd in ("a\rb\n", "a\x0bb\x0cc\n", "\x1etxf x\x1cy\x1dz\n", "é\x85f\u2028g\u2029h\n"):
+        text = "first\n" + odd
+        assert ray_logs.whole_lines(text + "rest", len(text)) == ["first\n", odd], repr(odd)
+
+
 def numbered(n: int, start: int = 0, replica: int = 0) -> str:
     return "".join(frame("0", replica, "o", 1000 + i, f"line {i}\n") for i in range(start, start + n))
 

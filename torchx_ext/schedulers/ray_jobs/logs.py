@@ -17,8 +17,22 @@ from torchx_ext.schedulers.ray_jobs import cluster as cluster
 from torchx_ext.schedulers.ray_jobs.client import get_job, get_json
 from torchx_ext.schedulers.ray_jobs.cluster.broker import KIND
 
-
 # ---------------------------------------------------------------------------- jobs, logs ---
+_LINES = re.compile(".*\n")  # whole lines; "." is anything but "\n"
+_OTHER_BREAKS = ("\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e")  # where ASCII text's splitlines also splits
+
+
+def whole_lines(text: str, end: int) -> list[str]:
+    r"""The lines of ``text[:end]`` (which ends with a newline), split at newlines only, each with its own.
+
+    ``str.splitlines`` is the cheaper split (~15% of a follow's line splitting) but also splits
+    at ``\r``, ``\x0b``... and, in non-ASCII text, ``\x85``, ``\u2028``...: it is used only for ASCII
+    text without those (``isascii`` is O(1); the scans cost ~5% of the split), else the regex."""
+    if text.isascii() and not any(c in text for c in _OTHER_BREAKS):
+        return (text if end == len(text) else text[:end]).splitlines(True)
+    return _LINES.findall(text, 0, end)
+
+
 class LogDemux:
     """Turns the job log's text, fed in pieces, into the lines of one replica (or of the driver).
 
@@ -30,8 +44,6 @@ class LogDemux:
     or skipped by its length, so the cost is per frame and per piece, not per line of the log.
     A replica line's text keeps its newline (``filter_lines`` adds one only where it is missing).
     """
-
-    _LINES = re.compile(".*\n")  # whole lines; "." is anything but "\n" (splitlines also splits at \x1e...)
 
     def __init__(self, key: Optional[tuple[str, int]], stream: Optional[str], timed: bool = True) -> None:
         self.key, self.stream, self.timed = key, stream, timed
@@ -94,7 +106,7 @@ class LogDemux:
             self._held = piece[cut:]
         if not cut:
             return
-        lines = self._LINES.findall(piece, 0, cut)
+        lines = whole_lines(piece, cut)
         if self.key is not None and not self.timed:
             out.append(PlainLines(lines))
         else:
@@ -143,15 +155,28 @@ class _Pump:
             self._cond.notify_all()
             return pieces, self._finished
 
-    def _put(self, piece: str) -> None:
+    def _put(self, pieces: list[str]) -> None:
         with self._cond:
             while self._size >= self.LIMIT and not self.stopped.is_set():
                 self._cond.wait(0.5)  # blocks this loop while the reader lags
-            self._pieces.append(piece)
-            self._size += len(piece)
+            self._pieces += pieces
+            self._size += sum(map(len, pieces))
 
     async def _tail(self, client: Any, sid: str, skip: int) -> None:
+        # Ray's tail sends the log in messages of at most ~1,000 characters (200,000 for 200 MB):
+        # they are handed to the reader in batches, not one at a time under the lock (that cost
+        # a 200 MB follow ~0.25 s of CPU). A batch is handed on once the loop is idle (call_soon
+        # runs after the messages already received are consumed), so it never waits for a
+        # message that has not come.
         _quiet_tail_close()
+        loop = asyncio.get_running_loop()
+        batch: list[str] = []
+
+        def flush() -> None:
+            if batch:
+                self._put(batch[:])
+                batch.clear()
+
         tail = client.tail_job_logs(sid)
         try:
             async for piece in tail:
@@ -159,10 +184,13 @@ class _Pump:
                     cut = min(skip, len(piece))
                     piece, skip = piece[cut:], skip - cut
                 if piece:
-                    self._put(piece)
+                    if not batch:
+                        loop.call_soon(flush)
+                    batch.append(piece)
                 if self.stopped.is_set():
                     return
         finally:
+            flush()
             await tail.aclose()
 
     def _run(self, client: Any, sid: str, skip: int) -> None:
