@@ -127,6 +127,7 @@ def test_cli_end_to_end(tmp_path: str) -> None:
     listed = cli("list", "-s", "ray_jobs")  # no -cfg: the clusters this user submitted to
     assert listed.returncode == 0, listed.stderr
     assert handle.rsplit("/", 1)[-1] in listed.stdout and sid(sleeper) in listed.stdout
+    assert listed.stdout.index(sid(sleeper)) < listed.stdout.index(handle.rsplit("/", 1)[-1]), "not the newest first"
     assert cli("cancel", sleeper).returncode == 0
     cli_wait(sleeper, "CANCELLED")
     assert cli("cancel", sleeper).returncode == 0  # idempotent

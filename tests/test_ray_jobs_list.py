@@ -24,13 +24,13 @@ from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsScheduler
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 JOBS = [  # as Ray 2.60's dashboard answers (other fields of JobDetails left out)
-    {"type": "SUBMISSION", "submission_id": "app-1", "status": "RUNNING", "metadata": {"torchx_ext_kind": "app",
+    {"type": "SUBMISSION", "submission_id": "app-1", "status": "RUNNING", "start_time": 3000, "metadata": {"torchx_ext_kind": "app",
                                                                                        "torchx_ext_app": "a"}},
-    {"type": "SUBMISSION", "submission_id": "app-2", "status": "STOPPED", "metadata": {"torchx_ext_kind": "app",
+    {"type": "SUBMISSION", "submission_id": "app-2", "status": "STOPPED", "start_time": 5000, "metadata": {"torchx_ext_kind": "app",
                                                                                        "torchx_ext_app": "b"}},
-    {"type": "SUBMISSION", "submission_id": "app-3", "status": "SUCCEEDED",
+    {"type": "SUBMISSION", "submission_id": "app-3", "status": "SUCCEEDED", "start_time": 1000,
      "metadata": {"torchx_ext_kind": "verdict", "torchx_ext_verdict": "CANCELLED", "torchx_ext_app": "c"}},
-    {"type": "SUBMISSION", "submission_id": "app-4--waiting", "status": "SUCCEEDED",
+    {"type": "SUBMISSION", "submission_id": "app-4--waiting", "status": "SUCCEEDED", "start_time": 4000,
      "metadata": {"torchx_ext_kind": "waiting", "torchx_ext_submission_id": "app-4", "torchx_ext_app": "d"}},
     {"type": "SUBMISSION", "submission_id": "other", "status": "RUNNING", "metadata": {}},
     {"type": "DRIVER", "submission_id": None, "status": "SUCCEEDED", "metadata": None},
@@ -90,9 +90,9 @@ def closed_port_url() -> str:
 def test_list_reads_the_rest_api_and_states_every_app(stub: StubJobsApi, home: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", stub.url)
-    listed = {a.app_id.rsplit("~", 1)[1]: a.state for a in RayJobsScheduler("t").list()}
-    assert listed == {"app-1": AppState.RUNNING, "app-2": AppState.CANCELLED, "app-3": AppState.CANCELLED,
-                      "app-4": AppState.PENDING}
+    listed = [(a.app_id.rsplit("~", 1)[1], a.state) for a in RayJobsScheduler("t").list()]
+    assert listed == [("app-2", AppState.CANCELLED), ("app-4", AppState.PENDING), ("app-1", AppState.RUNNING),
+                      ("app-3", AppState.CANCELLED)]  # the newest submission first
     assert stub.seen == ["/api/jobs/"]  # one request: no version check, no job by job
 
 

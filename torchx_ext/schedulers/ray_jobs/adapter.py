@@ -170,6 +170,7 @@ class ListedJob(NamedTuple):
     submission_id: Optional[str]
     status: str
     metadata: Dict[str, str]
+    start_time: Optional[int] = None  # ms since the epoch
 
 
 def list_jobs(url: str, token_env: Optional[str], timeout: float) -> Optional[list[ListedJob]]:
@@ -197,7 +198,8 @@ def list_jobs(url: str, token_env: Optional[str], timeout: float) -> Optional[li
         return None
     if not isinstance(rows, list) or not all(isinstance(j, dict) for j in rows):
         return None
-    return [ListedJob(j.get("submission_id"), str(j.get("status", "")), j.get("metadata") or {}) for j in rows]
+    return [ListedJob(j.get("submission_id"), str(j.get("status", "")), j.get("metadata") or {}, j.get("start_time"))
+            for j in rows]
 
 
 def package_uris(client: Any, paths: list[str]) -> list[str]:

@@ -173,10 +173,11 @@ def job_state(client: Any, job: Any, marker: Optional[bool] = None) -> tuple[App
 
 
 def listed_apps(jobs: Sequence[Any]) -> list[tuple[str, AppState, str]]:
-    """(submission id, state, app name) of every torchx-ext app among a cluster's jobs (waiting ones too)."""
+    """(submission id, state, app name) of every torchx-ext app among a cluster's jobs (waiting ones
+    too), the newest submission first (a waiting app's record was made when it was submitted)."""
     ids = {j.submission_id for j in jobs}
     out = []
-    for job in jobs:
+    for job in sorted(jobs, key=lambda j: -(j.start_time or 0)):
         meta = job.metadata or {}
         kind, name = meta.get(KIND), str(meta.get("torchx_ext_app", ""))
         if kind == "verdict":
