@@ -5,19 +5,17 @@ API on a loopback port stands for the dashboard: no cluster is needed."""
 
 from __future__ import annotations
 
-import http.server
-import json
 import logging
 import os
 import socket
 import subprocess
 import sys
-import threading
 from typing import Any, Iterator
 
 import pytest
 from torchx.specs import AppState
 
+from stub_http import StubHttp
 from torchx_ext.schedulers.ray_jobs import adapter
 from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsScheduler
 
@@ -37,38 +35,14 @@ JOBS = [  # as Ray 2.60's dashboard answers (other fields of JobDetails left out
 ]
 
 
-class StubJobsApi:
-    """Answers ``GET /api/jobs/`` with ``body`` and ``code``; records each path asked."""
-
-    def __init__(self, body: Any, code: int = 200) -> None:
-        self.seen: list[str] = []
-        stub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                stub.seen.append(self.path)
-                data = json.dumps(body).encode() if self.path == "/api/jobs/" else b'{"detail": "not found"}'
-                self.send_response(code if self.path == "/api/jobs/" else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def jobs_api(body: Any, code: int = 200) -> StubHttp:
+    """A stub dashboard answering ``GET /api/jobs/`` with ``body`` and ``code`` (404 elsewhere)."""
+    return StubHttp(lambda method, path: (code, body) if path == "/api/jobs/" else (404, {"detail": "not found"}))
 
 
 @pytest.fixture
-def stub() -> Iterator[StubJobsApi]:
-    s = StubJobsApi(JOBS)
+def stub() -> Iterator[StubHttp]:
+    s = jobs_api(JOBS)
     yield s
     s.close()
 
@@ -87,17 +61,17 @@ def closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once closed
 
 
-def test_list_reads_the_rest_api_and_states_every_app(stub: StubJobsApi, home: str,
+def test_list_reads_the_rest_api_and_states_every_app(stub: StubHttp, home: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", stub.url)
     listed = [(a.app_id.rsplit("~", 1)[1], a.state) for a in RayJobsScheduler("t").list()]
     assert listed == [("app-2", AppState.CANCELLED), ("app-4", AppState.PENDING), ("app-1", AppState.RUNNING),
                       ("app-3", AppState.CANCELLED)]  # the newest submission first
-    assert stub.seen == ["/api/jobs/"]  # one request: no version check, no job by job
+    assert stub.paths == ["/api/jobs/"]  # one request: no version check, no job by job
 
 
 def test_an_unreachable_dashboard_is_warned_once_and_the_others_listed(
-        stub: StubJobsApi, home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        stub: StubHttp, home: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from torchx_ext.schedulers.ray_jobs import local as rl
 
     dead = closed_port_url()
@@ -112,7 +86,7 @@ def test_an_unreachable_dashboard_is_warned_once_and_the_others_listed(
 
 def test_what_is_not_the_jobs_api_goes_to_rays_client(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for body, code in ((JOBS, 404), ({"detail": "x"}, 200), (["not a job"], 200)):
-        s = StubJobsApi(body, code)
+        s = jobs_api(body, code)
         try:
             assert adapter.list_jobs(s.url, None, 5) is None, (body, code)
         finally:
@@ -122,31 +96,16 @@ def test_what_is_not_the_jobs_api_goes_to_rays_client(home: str, monkeypatch: py
 
 
 def test_the_token_variable_is_sent(home: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            seen.append(self.headers.get("Authorization", ""))
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"[]")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = jobs_api([])
     monkeypatch.setenv("T_TOKEN", "tok")
     try:
-        assert adapter.list_jobs(f"http://127.0.0.1:{server.server_address[1]}", "T_TOKEN", 5) == []
+        assert adapter.list_jobs(server.url, "T_TOKEN", 5) == []
     finally:
-        server.shutdown()
-        server.server_close()
-    assert seen == ["Bearer tok"]
+        server.close()
+    assert [auth for _, _, auth in server.seen] == ["Bearer tok"]
 
 
-def test_list_does_not_import_ray(stub: StubJobsApi, home: str) -> None:
+def test_list_does_not_import_ray(stub: StubHttp, home: str) -> None:
     # importing ray is most of a `torchx list`'s client time (~0.35 s of ~0.6 s with 2,000 jobs)
     code = ("import sys; from torchx_ext.schedulers.ray_jobs.scheduler import RayJobsScheduler; "
             "n = len(RayJobsScheduler('t').list()); print(n, 'ray' in sys.modules)")
