@@ -10,6 +10,7 @@ import inspect
 import os
 import threading
 import time
+import urllib.parse
 from typing import Any, Dict, NamedTuple, Optional
 
 from torchx_ext.errors import InvalidOptionError, MissingExtraError, SchedulerUnavailable
@@ -161,6 +162,61 @@ def new_session(requests: Any, address: str, verify: Any = True) -> Any:
     session.auth = requests.utils.get_netrc_auth(address)
     session.trust_env = False
     return session
+
+
+LOG_STREAM_INTERVAL_S = 0.5  # how often Ray's agent looks again at the end of a growing log (its default: 1 s)
+
+
+def has_log_stream(client: Any) -> bool:
+    """Can :func:`open_log_stream` ask ``client``'s dashboard (a Jobs API client, not a test's)?"""
+    return isinstance(getattr(client, "_address", None), str)
+
+
+def open_log_stream(client: Any, sid: str, node_id: str, timeout: float) -> Any:
+    """The job's log as the dashboard's state API streams it (``GET /api/v0/logs/stream``, what
+    ``ray.util.state.get_log(submission_id=..., follow=True)`` asks): the whole log from its first
+    byte in chunks of up to 64 KiB, then what is appended; it never ends by itself.
+
+    Asked with the client's own address, headers (its token), cookies and TLS settings: the
+    token goes only to the dashboard it was given for. Returns the streaming ``requests``
+    response with no read timeout left (the log may stay quiet for hours), or None where there
+    is no such stream: a client without those fields (a test's), or an answer other than 200 (a
+    Ray without the endpoint, a log the agent cannot find); the caller then uses Ray's tail.
+    Raises what requests raises: unreachable, or ``ReadTimeout`` within ``timeout`` while the
+    log has no byte yet (the dashboard answers with the first chunk).
+    """
+    if not has_log_stream(client):
+        return None
+    address = client._address  # noqa: SLF001 - the one adapter (RAY_CHECKED)
+    import requests
+
+    query = urllib.parse.urlencode({"node_id": node_id, "submission_id": sid, "lines": -1,
+                                    "interval": LOG_STREAM_INTERVAL_S})
+    # the session is not closed here: the response's connection is still in use (it goes with the response)
+    session = new_session(requests, address, client._verify)  # noqa: SLF001 - the one adapter (RAY_CHECKED)
+    r = session.get(f"{address}/api/v0/logs/stream?{query}", headers=client._headers,  # noqa: SLF001
+                    cookies=client._cookies, stream=True, timeout=(timeout, timeout))  # noqa: SLF001
+    if r.status_code != 200:
+        r.close()
+        session.close()
+        return None
+    sock = getattr(getattr(r.raw, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(None)  # the timeout was for the answer; the body comes when the log grows
+    return r
+
+
+def close_log_stream(response: Any) -> None:
+    """Ends a stream of :func:`open_log_stream` now, also while another thread waits in its read
+    (closing the response alone would leave that read waiting for the log's next chunk)."""
+    import socket
+
+    sock = getattr(getattr(getattr(response, "raw", None), "connection", None), "sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
 
 
 class ListedJob(NamedTuple):

@@ -11,7 +11,8 @@ driver of :mod:`ray_jobs_cluster <torchx_ext.schedulers.ray_jobs.cluster>`, uplo
   variables filled with the node addresses Ray chose, services, and the group rules;
 * replica output goes to the job log as marked lines; ``torchx log`` shows each replica's own
   stdout/stderr (and ``ray-driver`` the driver's), with regex and since/until; ``-t`` follows
-  Ray's log tail, each byte of the log read once (:class:`.logs.JobLogReader`);
+  the dashboard's log stream (else Ray's log tail), each byte of the log read once
+  (:class:`.logs.JobLogReader`);
 * the restart count of an app with retries, and the replicas held until its services are ready,
   are published by its driver in a small file that describe reads through the dashboard's state
   API, not from the log (``RESTARTS_FILE``);
@@ -413,7 +414,7 @@ class RayJobsScheduler(WorkspaceMixin[None], ExtScheduler[RayJobsExecutor]):
         key = None if role_name == DRIVER_ROLE else (str(list(counts).index(role_name)), k)
         wanted = {Stream.STDOUT: "o", Stream.STDERR: "e"}.get(streams)
 
-        # a follow reads Ray's log tail, each byte once; a read without it, the log as it is now
+        # a follow streams the log (or Ray's tail), each byte once; a read without it, the log as it is now
         reader = ray_logs.JobLogReader(self._client(url or ""), sid, key, wanted, is_over=self._over_check(app_id),
                                  timed=since is not None or until is not None)
         return reader.read_new, reader.is_done
