@@ -7,15 +7,15 @@ chat would be. Each verb of the CLI is run against both, through TorchX's real C
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from typing import Any, Iterator
 
 import pytest
+
+from stub_http import StubHttp
 
 ray = pytest.importorskip("ray")
 TOKEN = "sekrit-token-value"
@@ -27,47 +27,28 @@ class StubJobsApi:
     list to ask it, and for ``log -t`` to ask for Ray's log tail."""
 
     def __init__(self, running: bool = False) -> None:
-        self.seen: list[tuple[str, str, str]] = []  # (method, path, Authorization header)
         self.status = "RUNNING" if running else ""
-        stub = self
+        self.http = StubHttp(self.answer)
+        self.url, self.seen = self.http.url, self.http.seen  # seen: (method, path, Authorization header)
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self) -> None:
-                stub.seen.append((self.command, self.path, self.headers.get("Authorization", "")))
-                if self.path.startswith("/api/version"):
-                    body, code = {"version": "4", "ray_version": ray.__version__, "ray_commit": "stub"}, 200
-                elif self.path.rstrip("/") == "/api/jobs":
-                    body, code = [], 200  # type: ignore[assignment]
-                elif stub.status and self.path == "/api/jobs/job-1":
-                    body, code = {"type": "SUBMISSION", "submission_id": "job-1", "entrypoint": "e",
-                                  "status": stub.status, "metadata": {
-                                      "torchx_ext_kind": "app",
-                                      "torchx_ext_roles": json.dumps([{"name": "main", "num_replicas": 1}])}}, 200
-                elif stub.status and self.path == "/api/jobs/job-1/logs/tail":
-                    body, code, stub.status = {"detail": "no tail here"}, 404, "SUCCEEDED"
-                elif stub.status and self.path == "/api/jobs/job-1/logs":
-                    body, code = {"logs": ""}, 200
-                else:
-                    body, code = {"detail": "not found"}, 404
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = _answer
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def answer(self, method: str, path: str) -> tuple[int, Any]:
+        if path.startswith("/api/version"):
+            return 200, {"version": "4", "ray_version": ray.__version__, "ray_commit": "stub"}
+        if path.rstrip("/") == "/api/jobs":
+            return 200, []
+        if self.status and path == "/api/jobs/job-1":
+            return 200, {"type": "SUBMISSION", "submission_id": "job-1", "entrypoint": "e", "status": self.status,
+                         "metadata": {"torchx_ext_kind": "app",
+                                      "torchx_ext_roles": json.dumps([{"name": "main", "num_replicas": 1}])}}
+        if self.status and path == "/api/jobs/job-1/logs/tail":
+            self.status = "SUCCEEDED"
+            return 404, {"detail": "no tail here"}
+        if self.status and path == "/api/jobs/job-1/logs":
+            return 200, {"logs": ""}
+        return 404, {"detail": "not found"}
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture

@@ -309,11 +309,12 @@ class JobLogReader:
     Where the follow ends: Ray's tail ends by itself once the job is over and its log read. The
     log stream never ends, so the end is decided here: the job is over (its driver has exited,
     the log is complete) and the driver's verdict line, which it writes last, after every
-    replica line, has been read: then a quiet ``END_GAP_S`` (longer than the agent's look at the
-    file's end, ``adapter.LOG_STREAM_INTERVAL_S``) only lets Ray's own trailing lines of the
-    driver's log arrive. A driver that was lost writes no verdict: the job over and ``QUIET_S``
-    without a byte end it, as for a tail Ray does not end. (The state API tells neither a log's
-    size nor where a stream is, so a byte count cannot say it; the verdict can.)
+    replica line, has been read: a replica's follow ends then, and the driver's own after a quiet
+    ``END_GAP_S`` (longer than the agent's look at the file's end,
+    ``adapter.LOG_STREAM_INTERVAL_S``) that lets Ray's own trailing lines of its log arrive. A
+    driver that was lost writes no verdict: the job over and ``QUIET_S`` without a byte end it, as
+    for a tail Ray does not end. (The state API tells neither a log's size nor where a stream is,
+    so a byte count cannot say it; the verdict can.)
     """
 
     CHECK_S = 2.0  # while the log streams, the app's state is asked this often
@@ -396,8 +397,8 @@ class JobLogReader:
         if now - self._last_check < self.CHECK_S and not self.demux.verdict:
             return False
         quiet = now - self._last_data
-        if self.demux.verdict and quiet < self.END_GAP_S:
-            return False
+        if self.demux.verdict and self.demux.key is None and quiet < self.END_GAP_S:
+            return False  # the driver's log: Ray's own lines may follow the verdict (a replica's never do)
         self._last_check = now
         return self.is_over() and (self.demux.verdict or quiet >= self.QUIET_S)
 
