@@ -193,9 +193,15 @@ class ExtScheduler(Scheduler[Mapping[str, Any]], Generic[E]):
     def delete_apps(self, app_ids: Sequence[str], done: Callable[[str, Optional[Exception]], None]) -> None:
         """Deletes each app (``delete``), calling ``done(app_id, error or None)`` after each; a
         backend that can remove many at once for less overrides it."""
+        self._each(app_ids, done, self.delete)
+
+    def _each(self, app_ids: Sequence[str], done: Callable[[str, Optional[Exception]], None],
+              delete: Callable[[str], None]) -> None:
+        """``delete(app_id)`` of each app, in the delete verb's error contract, then ``done``."""
         for app_id in app_ids:
             try:
-                self.delete(app_id)
+                with self._translated("delete"):
+                    delete(app_id)
             except TorchxExtError as e:
                 done(app_id, e)
                 continue

@@ -368,17 +368,14 @@ class DockerJobsScheduler(WorkspaceMixin[None], ExtScheduler[DockerJobsExecutor]
             for app_id in app_ids:
                 done(app_id, e)
             return
-        for app_id in app_ids:
-            try:
-                with self._translated("delete"):
-                    if app_id in over:
-                        retention.remove_ended(api, app_id, over[app_id], volumes.get(app_id, []))
-                    else:
-                        self._delete(app_id)
-            except TorchxExtError as e:
-                done(app_id, e)
-                continue
-            done(app_id, None)
+
+        def delete(app_id: str) -> None:
+            if app_id in over:
+                retention.remove_ended(api, app_id, over[app_id], volumes.get(app_id, []))
+            else:
+                self._delete(app_id)
+
+        self._each(app_ids, done, delete)
 
     def _prunable(self, cutoff: float, warn: Warn) -> list[Prunable]:
         return retention.prunable(inventory.read(self._api()), cutoff)
