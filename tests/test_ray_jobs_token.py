@@ -23,8 +23,8 @@ TOKEN = "sekrit-token-value"
 
 class StubJobsApi:
     """A Jobs API that knows no job, or one running job (``job-1``, with one replica of role
-    ``main``) whose log tail is refused (404) and which ends then: enough for status/log/cancel/
-    list to ask it, and for ``log -t`` to ask for Ray's log tail."""
+    ``main``) whose log stream and tail are refused (404) and which ends then: enough for
+    status/log/cancel/list to ask it, and for ``log -t`` to ask for both of a follow's transports."""
 
     def __init__(self, running: bool = False) -> None:
         self.status = "RUNNING" if running else ""
@@ -38,7 +38,7 @@ class StubJobsApi:
             return 200, []
         if self.status and path == "/api/jobs/job-1":
             return 200, {"type": "SUBMISSION", "submission_id": "job-1", "entrypoint": "e", "status": self.status,
-                         "metadata": {"torchx_ext_kind": "app",
+                         "driver_node_id": "n1", "metadata": {"torchx_ext_kind": "app",
                                       "torchx_ext_roles": json.dumps([{"name": "main", "num_replicas": 1}])}}
         if self.status and path == "/api/jobs/job-1/logs/tail":
             self.status = "SUCCEEDED"
@@ -80,17 +80,19 @@ def test_a_handle_naming_another_dashboard_never_gets_the_token(
     for verb in ("status", "cancel"):
         out = torchx(cwd, home, verb, handle(foreign.url))
         assert "Traceback" not in out.stderr, out.stderr
-    # a follow asks for Ray's log tail (a websocket, made by Ray's client, not ours)
+    # a follow asks for the log stream (our request), then Ray's log tail (a websocket of Ray's client)
     out = torchx(cwd, home, "log", "-t", handle(foreign.url) + "/main/0")
     assert "Traceback" not in out.stderr, out.stderr
     torchx(cwd, home, "list", "-s", "ray_jobs")
     assert foreign.seen, "the foreign dashboard was never asked: the test proves nothing"
     assert ("GET", "/api/jobs/job-1/logs/tail", "") in foreign.seen, foreign.seen
+    assert any(path.startswith("/api/v0/logs/stream?") for _, path, _ in foreign.seen), foreign.seen
     assert all(auth == "" for _, _, auth in foreign.seen), foreign.seen
     # the configured dashboard is still asked with its token (list asks it, and its own handles)
     torchx(cwd, home, "status", handle(configured.url))
     torchx(cwd, home, "log", "-t", handle(configured.url) + "/main/0")
     assert ("GET", "/api/jobs/job-1/logs/tail", f"Bearer {TOKEN}") in configured.seen, configured.seen
+    assert any(path.startswith("/api/v0/logs/stream?") for _, path, _ in configured.seen), configured.seen
     assert configured.seen and all(auth == f"Bearer {TOKEN}" for _, _, auth in configured.seen), configured.seen
     # a foreign handle is never remembered: list asks only dashboards of this user
     clusters = os.path.join(home, "ray_jobs", "clusters.json")
